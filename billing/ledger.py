@@ -1,0 +1,203 @@
+"""The double-entry credit ledger (pgledger style) in integer nano-dollars.
+
+A transfer moves amounts between ledger accounts in one or more legs; each leg writes two
+entries (−amount on the debited account, +amount on the credited one), so the entries of
+every transfer, and of the whole ledger, sum to zero. Ledger accounts carry a running
+balance and version, changed only here, under row locks taken in id order (no deadlocks).
+Customer credits may never go negative (checked here and by a CHECK constraint); the
+promotional-grants and payment-clearing accounts are the sources money comes from, so they
+run negative by design.
+
+Chart of accounts: `customer:<id>:credits`, `provider:<id>:payable`, `platform:revenue`,
+`platform:promotional_grants`, `platform:payment_clearing`. A transfer's idempotency key is
+unique: posting it again does nothing and returns None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from billing.schema import LedgerAccount, LedgerEntry, LedgerKind, LedgerTransfer, utcnow
+
+
+class LedgerError(ValueError):
+    pass
+
+
+class InsufficientFunds(LedgerError):
+    pass
+
+
+@dataclass(frozen=True)
+class AccountSpec:
+    name: str
+    kind: LedgerKind
+    allow_negative: bool
+    account_id: int | None = None
+    provider_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Leg:
+    debit: AccountSpec  # money leaves this account
+    credit: AccountSpec  # and arrives here
+    amount: int
+
+
+PLATFORM_REVENUE = AccountSpec("platform:revenue", LedgerKind.platform_revenue, False)
+PROMOTIONAL_GRANTS = AccountSpec(
+    "platform:promotional_grants", LedgerKind.promotional_grants, True
+)
+PAYMENT_CLEARING = AccountSpec("platform:payment_clearing", LedgerKind.payment_clearing, True)
+
+
+def customer_credits(account_id: int) -> AccountSpec:
+    return AccountSpec(
+        f"customer:{account_id}:credits",
+        LedgerKind.customer_credits,
+        False,
+        account_id=account_id,
+    )
+
+
+def provider_payable(provider_id: str) -> AccountSpec:
+    provider_id = provider_id or "unassigned"
+    return AccountSpec(
+        f"provider:{provider_id}:payable",
+        LedgerKind.provider_payable,
+        False,
+        provider_id=provider_id,
+    )
+
+
+def ensure_account(session: Session, spec: AccountSpec) -> int:
+    """The id of the ledger account `spec.name`, created if missing (race-safe)."""
+    found = session.scalar(select(LedgerAccount.id).where(LedgerAccount.name == spec.name))
+    if found is not None:
+        return found
+    row = LedgerAccount(
+        name=spec.name,
+        kind=spec.kind.value,
+        account_id=spec.account_id,
+        provider_id=spec.provider_id,
+        balance=0,
+        version=0,
+        allow_negative=spec.allow_negative,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        found = session.scalar(select(LedgerAccount.id).where(LedgerAccount.name == spec.name))
+        if found is None:
+            raise
+        return found
+    return row.id
+
+
+def transfer_exists(session: Session, idempotency_key: str) -> bool:
+    query = select(LedgerTransfer.id).where(LedgerTransfer.idempotency_key == idempotency_key)
+    return session.scalar(query) is not None
+
+
+def post_transfer(
+    session: Session,
+    *,
+    idempotency_key: str,
+    kind: str,
+    legs: Sequence[Leg],
+    memo: str | None = None,
+    event_at: datetime | None = None,
+) -> int | None:
+    """Post a transfer inside the caller's transaction; returns its id, or None if a transfer
+    with this idempotency key already exists. Raises InsufficientFunds (and changes nothing)
+    if an account that may not go negative would."""
+    for leg in legs:
+        if leg.amount < 0:
+            raise LedgerError(f"negative leg amount {leg.amount}")
+    legs = [leg for leg in legs if leg.amount > 0]
+    if not legs:
+        raise LedgerError("a transfer needs at least one non-zero leg")
+    if transfer_exists(session, idempotency_key):
+        return None
+    ids = {}
+    for leg in legs:
+        for spec in (leg.debit, leg.credit):
+            if spec.name not in ids:
+                ids[spec.name] = ensure_account(session, spec)
+    locked = {
+        row.id: row
+        for row in session.scalars(
+            select(LedgerAccount)
+            .where(LedgerAccount.id.in_(sorted(ids.values())))
+            .order_by(LedgerAccount.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    }
+    moves: list[tuple[int, int]] = []
+    for leg in legs:
+        moves.append((ids[leg.debit.name], -leg.amount))
+        moves.append((ids[leg.credit.name], leg.amount))
+    balances = {acct_id: row.balance for acct_id, row in locked.items()}
+    for acct_id, amount in moves:
+        balances[acct_id] += amount
+    for acct_id, new_balance in balances.items():
+        row = locked[acct_id]
+        if new_balance < 0 and not row.allow_negative:
+            raise InsufficientFunds(
+                f"{row.name}: balance {row.balance} cannot cover {row.balance - new_balance}"
+            )
+    transfer = LedgerTransfer(
+        idempotency_key=idempotency_key,
+        kind=kind,
+        memo=memo,
+        event_at=event_at or utcnow(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(transfer)
+    except IntegrityError:
+        if transfer_exists(session, idempotency_key):
+            return None
+        raise
+    for acct_id, amount in moves:
+        row = locked[acct_id]
+        row.balance += amount
+        row.version += 1
+        session.add(
+            LedgerEntry(
+                transfer_id=transfer.id,
+                ledger_account_id=acct_id,
+                amount=amount,
+                balance_after=row.balance,
+                account_version=row.version,
+            )
+        )
+    session.flush()
+    return transfer.id
+
+
+def balance(session: Session, spec_or_name: AccountSpec | str) -> int:
+    name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name.name
+    found = session.scalar(select(LedgerAccount.balance).where(LedgerAccount.name == name))
+    return found or 0
+
+
+def customer_balances(session: Session) -> dict[int, int]:
+    rows = session.execute(
+        select(LedgerAccount.account_id, LedgerAccount.balance).where(
+            LedgerAccount.kind == LedgerKind.customer_credits.value
+        )
+    )
+    return {account_id: bal for account_id, bal in rows if account_id is not None}
+
+
+def entries_sum(session: Session) -> int:
+    return session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount), 0))) or 0

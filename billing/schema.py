@@ -1,0 +1,206 @@
+"""The SQL schema (SQLAlchemy 2): accounts, API keys, limits, the double-entry credit ledger
+and the hash-chained usage ledger. SQL is the truth; Redis holds a fast copy.
+
+Money columns are BIGINT nano-dollars. Usage timestamps are integer epoch milliseconds (UTC),
+so the hash chain covers exact values on every database. `usage_events`, `ledger_transfers`
+and `ledger_entries` are append-only: the migration installs triggers refusing UPDATE and
+DELETE (and TRUNCATE on PostgreSQL). `ledger_accounts` carries running balances (pgledger
+style), so it is updated in place, under row locks, and every change is an entry.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets BIGINT identities.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class AccountStatus(StrEnum):
+    active = "active"
+    suspended = "suspended"
+
+
+class LedgerKind(StrEnum):
+    customer_credits = "customer_credits"
+    provider_payable = "provider_payable"
+    platform_revenue = "platform_revenue"
+    promotional_grants = "promotional_grants"
+    payment_clearing = "payment_clearing"
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    plan: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default=AccountStatus.active.value)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AccountLimits(Base):
+    """Per-account overrides of the plan's limits; NULL keeps the plan's value."""
+
+    __tablename__ = "account_limits"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint("requests_per_minute IS NULL OR requests_per_minute > 0", name="rpm"),
+        CheckConstraint("tokens_per_day IS NULL OR tokens_per_day >= 0", name="tpd"),
+    )
+
+
+class CustomerCap(Base):
+    """A daily token cap for one customer tag (`X-Customer-Id`) of an account; the tag `*`
+    applies to every tag of that account without its own cap."""
+
+    __tablename__ = "customer_caps"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    customer_tag: Mapped[str] = mapped_column(String(256))
+    tokens_per_day: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("account_id", "customer_tag", name="uq_customer_caps_account_tag"),
+        CheckConstraint("tokens_per_day >= 0", name="tpd"),
+    )
+
+
+class LedgerAccount(Base):
+    __tablename__ = "ledger_accounts"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"), index=True)
+    provider_id: Mapped[str | None] = mapped_column(String(128))
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    allow_negative: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint("allow_negative OR balance >= 0", name="not_negative"),
+        CheckConstraint(
+            "kind IN (" + ", ".join(f"'{k.value}'" for k in LedgerKind) + ")", name="kind"
+        ),
+    )
+
+
+class LedgerTransfer(Base):
+    __tablename__ = "ledger_transfers"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    memo: Mapped[str | None] = mapped_column(String(500))
+    event_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LedgerEntry(Base):
+    """One leg of a transfer: `amount` is signed (the legs of a transfer sum to zero);
+    `balance_after` and `account_version` are the ledger account's state after it."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(ForeignKey("ledger_transfers.id"), index=True)
+    ledger_account_id: Mapped[int] = mapped_column(ForeignKey("ledger_accounts.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    account_version: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (CheckConstraint("amount <> 0", name="nonzero"),)
+
+
+class UsageEvent(Base):
+    """One settled request. `row_hash = sha256(prev_hash + canonical fields)` (billing.chain)."""
+
+    __tablename__ = "usage_events"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    key_id: Mapped[int | None] = mapped_column(BigInteger)
+    customer_tag: Mapped[str | None] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(128))
+    provider_id: Mapped[str] = mapped_column(String(128))
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    input_nusd_per_token: Mapped[int] = mapped_column(BigInteger)
+    output_nusd_per_token: Mapped[int] = mapped_column(BigInteger)
+    cost_nusd: Mapped[int] = mapped_column(BigInteger)
+    provider_share_nusd: Mapped[int] = mapped_column(BigInteger)
+    platform_share_nusd: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(String(16))  # settled | reaped
+    usage_day: Mapped[str] = mapped_column(String(10))  # UTC day of the reservation
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)  # admission (reservation)
+    settled_at_ms: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+    __table_args__ = (
+        Index("ix_usage_events_account_created", "account_id", "created_at_ms"),
+        Index("ix_usage_events_day", "usage_day", "account_id"),
+        CheckConstraint(
+            "prompt_tokens >= 0 AND completion_tokens >= 0 AND cost_nusd >= 0", name="nonneg"
+        ),
+        CheckConstraint(
+            "provider_share_nusd + platform_share_nusd = cost_nusd", name="split"
+        ),
+    )
+
+
+APPEND_ONLY_TABLES = ("usage_events", "ledger_transfers", "ledger_entries")

@@ -1,0 +1,1 @@
+"""The `darkgpu` command: operator and provider subcommands."""

@@ -1,0 +1,257 @@
+"""The ingress deployment: the OpenAI-compatible HTTP API in front of the model deployments.
+
+Routes are thin: parse and check the body (`schemas`), find the model's deployment, call
+it through its handle (replica choice happens in that handle: `router`), and relay the
+answer as JSON or server-sent events (`streaming`). Each response names the provider whose
+replica served it (`x-darkgpu-provider`); every response names the request
+(`x-darkgpu-request-id`, `middleware`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.llm.openai_api_models import ErrorResponse
+
+from cluster.catalog import Catalog, CatalogModel
+from serve_app.availability import ReplicaAvailability
+from serve_app.errors import APIError, install_error_handlers, model_not_found, no_replica
+from serve_app.metrics import IngressMetrics
+from serve_app.middleware import RequestIdMiddleware
+from serve_app.models import ServedBy
+from serve_app.schemas import client_wants_usage, decode_json, parse_chat, parse_completion, require_model
+from serve_app.streaming import SSERelay, Usage
+
+PROVIDER_HEADER = "x-darkgpu-provider"
+RETRY_AFTER_S = 10
+logger = logging.getLogger("darkgpu.ingress")
+
+api = FastAPI(title="DarkGPU", docs_url=None, redoc_url=None, openapi_url=None)
+api.add_middleware(RequestIdMiddleware)
+install_error_handlers(api)
+
+
+def model_card(model: CatalogModel, available: bool, created: int) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": created,
+        "owned_by": "darkgpu",
+        "class": model.model_class.value,
+        "context_length": model.context_length,
+        "quantization": model.quantization,
+        "min_vram_gb": model.min_vram_gb,
+        "pricing": {
+            "input_usd_per_1m": str(model.input_usd_per_1m),
+            "output_usd_per_1m": str(model.output_usd_per_1m),
+            "input_nusd_per_token": model.input_nusd_per_token,
+            "output_nusd_per_token": model.output_nusd_per_token,
+        },
+        "available": available,
+    }
+
+
+def engine_error(error: ErrorResponse) -> APIError:
+    status = error.error.code if 400 <= int(error.error.code or 0) < 600 else 500
+    message = error.error.message if status < 500 else "The model failed to process the request."
+    return APIError(status, message, param=getattr(error.error, "param", None))
+
+
+def _sse(items: Any) -> str:
+    """One engine stream item (a list of SSE strings when stream batching is off) as text."""
+    if not isinstance(items, list):
+        items = [items]
+    parts = []
+    for item in items:
+        if isinstance(item, ErrorResponse):
+            parts.append(f"data: {APIError(500, item.error.message).response().body.decode()}\n\n")
+        else:
+            parts.append(item)
+    return "".join(parts)
+
+
+@dataclass
+class Call:
+    """One generation request on its way through the ingress."""
+
+    endpoint: str
+    model: str = "unknown"
+    started: float = field(default_factory=time.perf_counter)
+    status: int = 500
+    usage: Usage = field(default_factory=Usage)
+
+
+@serve.deployment(name="ingress", max_ongoing_requests=1000)
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        catalog: Catalog,
+        models: dict[str, DeploymentHandle],
+        deployment_names: dict[str, str],
+    ) -> None:
+        self._catalog = catalog
+        self._handles = {model_id: h.options(stream=True) for model_id, h in models.items()}
+        app_name = serve.get_replica_context().app_name
+        self._availability = ReplicaAvailability(app_name, deployment_names)
+        self._metrics = IngressMetrics()
+        self._created = int(time.time())
+
+    # --- health -------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> dict[str, Any]:
+        online = await self._availability.online()
+        waiting = sorted(set(self._handles) - online)
+        if waiting or not self._handles:
+            raise APIError(
+                503,
+                "Not ready: no replica online for " + (", ".join(waiting) or "any model"),
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        return {"status": "ready", "models": sorted(online)}
+
+    # --- catalog ------------------------------------------------------------------------
+
+    def _listed(self, model: CatalogModel) -> bool:
+        """Local models are listed only where they are deployed (machines without a GPU)."""
+        return not model.is_local or model.id in self._handles
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        online = await self._availability.online()
+        data = [
+            model_card(m, m.id in online, self._created)
+            for m in self._catalog.models
+            if self._listed(m)
+        ]
+        return {"object": "list", "data": data}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        model = self._catalog.get(model_id)
+        if model is None or not self._listed(model):
+            raise model_not_found(model_id)
+        return model_card(model, await self._availability.is_online(model_id), self._created)
+
+    # --- generation ---------------------------------------------------------------------
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._generate(request, Call("chat"))
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._generate(request, Call("completions"))
+
+    async def _generate(self, request: Request, call: Call) -> Any:
+        streaming = False
+        try:
+            body = decode_json(await request.body())
+            model = self._model(require_model(body))
+            call.model = model.id
+            parse = parse_chat if call.endpoint == "chat" else parse_completion
+            parsed = parse(body, model, request.state.request_id)
+            handle = self._handles.get(model.id)
+            if handle is None or not await self._availability.is_online(model.id):
+                raise no_replica(model.id, RETRY_AFTER_S)
+            stream = getattr(handle, call.endpoint).remote(parsed)
+            served_by, first = await self._open(stream)
+            headers = {PROVIDER_HEADER: served_by.provider_id}
+            if not parsed.stream:
+                payload = first.model_dump(mode="json")
+                call.usage = Usage.from_dict(payload.get("usage"))
+                call.status = 200
+                return JSONResponse(payload, headers=headers)
+            relay = SSERelay(
+                include_usage=client_wants_usage(body),
+                continuous_usage=bool((body.get("stream_options") or {}).get("continuous_usage_stats")),
+            )
+            streaming = True
+            return StreamingResponse(
+                self._relay(call, relay, first, stream),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        except APIError as exc:
+            call.status = exc.status
+            raise
+        finally:
+            if not streaming:
+                self._observe(call)
+
+    def _model(self, model_id: str) -> CatalogModel:
+        model = self._catalog.get(model_id)
+        if model is None or not self._listed(model):
+            raise model_not_found(model_id)
+        return model
+
+    async def _open(self, stream: Any) -> tuple[ServedBy, Any]:
+        """The replica's provider, and the first answer item (an engine error raises)."""
+        try:
+            served_by = await stream.__anext__()
+            first = await stream.__anext__()
+        except (BackPressureError, RayError) as exc:
+            logger.warning("model call failed: %s", exc)
+            raise APIError(
+                503,
+                "The model is overloaded or its replica went away; retry shortly.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
+        item = first[0] if isinstance(first, list) and first else first
+        if isinstance(item, ErrorResponse):
+            raise engine_error(item)
+        return served_by, first if isinstance(first, list) else item
+
+    async def _relay(
+        self, call: Call, relay: SSERelay, first: Any, stream: Any
+    ) -> AsyncGenerator[str, None]:
+        try:
+            yield self._relayed(call, relay, first)
+            async for item in stream:
+                yield self._relayed(call, relay, item)
+            if not relay.done:
+                yield "data: [DONE]\n\n"
+            call.status = 500 if relay.error else 200
+        except asyncio.CancelledError:
+            call.status = 499  # the client went away; the engine request is cancelled with us
+            raise
+        except Exception:
+            logger.exception("stream failed")
+            yield f"data: {APIError(500, 'The stream was interrupted.').response().body.decode()}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            call.usage = relay.usage
+            self._observe(call)
+
+    def _relayed(self, call: Call, relay: SSERelay, item: Any) -> str:
+        had_token = relay.first_token_seen
+        text = relay.relay(_sse(item))
+        if relay.first_token_seen and not had_token:
+            self._metrics.observe_ttft(call.model, time.perf_counter() - call.started)
+        return text
+
+    def _observe(self, call: Call) -> None:
+        self._metrics.observe(
+            endpoint=call.endpoint,
+            model=call.model,
+            status=call.status,
+            seconds=time.perf_counter() - call.started,
+            prompt_tokens=call.usage.prompt_tokens,
+            completion_tokens=call.usage.completion_tokens,
+        )

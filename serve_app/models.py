@@ -1,0 +1,124 @@
+"""Model deployments: one Ray Serve LLM `LLMServer` (vLLM) deployment per deployed model.
+
+`ProviderLLMServer` is a thin shell over Ray Serve LLM's server: it reads its node's labels
+once (which provider's GPU it runs on, and that provider's trust tier), reports them and
+its load to the request router through routing stats, and announces them as the first item
+of every response stream so the ingress can say who served a request
+(`x-darkgpu-provider`) without another hop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
+
+from cluster.catalog import CatalogModel
+from cluster.labels import NodeIdentity
+from cluster.local_model import ensure_local_model
+from cluster.placement import replica_bundles
+from cluster.settings import Settings
+
+ROUTER_CLASS = "serve_app.router:ProviderRequestRouter"
+ROUTING_STATS_PERIOD_S = 1
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """First item of every response stream: the replica's provider."""
+
+    provider_id: str
+    trust_tier: str
+    replica: str
+
+
+class ProviderLLMServer(LLMServer):
+    async def __init__(self, llm_config: LLMConfig, **kwargs: Any) -> None:
+        await super().__init__(llm_config, **kwargs)
+        self._node = NodeIdentity.from_labels(ray.get_runtime_context().get_node_labels())
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._ongoing = 0
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        return {
+            "provider_id": self._node.provider_id,
+            "trust_tier": self._node.trust_tier.value,
+            "gpu_model": self._node.gpu_model,
+            "ongoing": self._ongoing,
+        }
+
+    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+        return self._announced(await super().chat(request, raw_request_info))
+
+    async def completions(
+        self, request: Any, raw_request_info: Any = None
+    ) -> AsyncGenerator[Any, None]:
+        return self._announced(await super().completions(request, raw_request_info))
+
+    async def _announced(self, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        self._ongoing += 1
+        try:
+            yield ServedBy(self._node.provider_id, self._node.trust_tier.value, self._replica)
+            async for item in stream:
+                yield item
+        finally:
+            self._ongoing -= 1
+            await stream.aclose()
+
+
+def llm_config_for(model: CatalogModel, settings: Settings) -> LLMConfig:
+    engine_kwargs: dict[str, Any] = {
+        "max_model_len": model.context_length,
+        "tensor_parallel_size": model.tensor_parallel_size,
+    }
+    runtime_env: dict[str, Any] = {}
+    if model.is_local:
+        source = str(ensure_local_model(Path(settings.resolved_data_dir) / "models"))
+        engine_kwargs.update(dtype="bfloat16", enforce_eager=True)
+        runtime_env["env_vars"] = {"VLLM_CPU_KVCACHE_SPACE": str(settings.local_kv_cache_gb)}
+    else:
+        source = model.source
+        if model.quantization in {"awq", "gptq", "fp8"}:
+            engine_kwargs["quantization"] = model.quantization
+    return LLMConfig(
+        model_loading_config={"model_id": model.id, "model_source": source},
+        engine_kwargs=engine_kwargs,
+        placement_group_config={"bundles": replica_bundles(model), "strategy": "PACK"},
+        runtime_env=runtime_env or None,
+        # Ray Serve LLM batches stream chunks every 50 ms by default: that is added
+        # straight onto time-to-first-token. Off.
+        experimental_configs={"stream_batching_interval_ms": 0},
+        deployment_config={
+            "max_ongoing_requests": settings.max_ongoing_requests,
+            # Its defaults (1e9 ongoing requests per replica) never scale up.
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "initial_replicas": 1,
+                "max_replicas": settings.max_replicas,
+                "target_ongoing_requests": settings.target_ongoing_requests,
+            },
+            "request_router_config": {
+                "request_router_class": ROUTER_CLASS,
+                "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+            },
+        },
+    )
+
+
+def deployment_name(model: CatalogModel) -> str:
+    return "llm-" + model.id.replace(".", "_")
+
+
+def build_model_deployment(model: CatalogModel, settings: Settings):
+    """A bound Serve deployment of one catalog model."""
+    return build_llm_deployment(
+        llm_config_for(model, settings),
+        name_prefix="",
+        override_serve_options={"name": deployment_name(model)},
+        deployment_cls=ProviderLLMServer,
+    )
