@@ -33,9 +33,7 @@ def cluster_capacity() -> list[NodeCapacity]:
     """The capacity of every alive node of the connected Ray cluster."""
     import ray
 
-    return [
-        NodeCapacity.from_resources(node["Resources"]) for node in ray.nodes() if node["Alive"]
-    ]
+    return [NodeCapacity.from_resources(node["Resources"]) for node in ray.nodes() if node["Alive"]]
 
 
 def deployable_models(catalog: Catalog, nodes: Iterable[NodeCapacity]) -> list[CatalogModel]:

@@ -7,6 +7,7 @@ else ever reaches a client: unexpected exceptions become a 500 without their tra
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -71,6 +72,10 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+    def sse(self) -> str:
+        """The error as one server-sent event, for a stream that has already begun."""
+        return f"data: {json.dumps(self.body())}\n\n"
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

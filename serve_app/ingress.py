@@ -20,9 +20,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayError
+from ray.llm._internal.serve.core.configs.openai_api_models import (  # the engine's own class
+    ErrorResponse,  # (ray.serve.llm's public ErrorResponse is a subclass the engine never yields)
+)
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.llm.openai_api_models import ErrorResponse
 
 from cluster.catalog import Catalog, CatalogModel
 from serve_app.availability import ReplicaAvailability
@@ -30,7 +32,12 @@ from serve_app.errors import APIError, install_error_handlers, model_not_found, 
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import RequestIdMiddleware
 from serve_app.models import ServedBy
-from serve_app.schemas import client_wants_usage, decode_json, parse_chat, parse_completion, require_model
+from serve_app.schemas import (
+    decode_json,
+    parse_chat,
+    parse_completion,
+    require_model,
+)
 from serve_app.streaming import SSERelay, Usage
 
 PROVIDER_HEADER = "x-darkgpu-provider"
@@ -75,7 +82,7 @@ def _sse(items: Any) -> str:
     parts = []
     for item in items:
         if isinstance(item, ErrorResponse):
-            parts.append(f"data: {APIError(500, item.error.message).response().body.decode()}\n\n")
+            parts.append(engine_error(item).sse())
         else:
             parts.append(item)
     return "".join(parts)
@@ -178,10 +185,7 @@ class Ingress:
                 call.usage = Usage.from_dict(payload.get("usage"))
                 call.status = 200
                 return JSONResponse(payload, headers=headers)
-            relay = SSERelay(
-                include_usage=client_wants_usage(body),
-                continuous_usage=bool((body.get("stream_options") or {}).get("continuous_usage_stats")),
-            )
+            relay = SSERelay.for_options(body.get("stream_options"))
             streaming = True
             return StreamingResponse(
                 self._relay(call, relay, first, stream),
@@ -233,7 +237,7 @@ class Ingress:
             raise
         except Exception:
             logger.exception("stream failed")
-            yield f"data: {APIError(500, 'The stream was interrupted.').response().body.decode()}\n\n"
+            yield APIError(500, "The stream was interrupted.").sse()
             yield "data: [DONE]\n\n"
         finally:
             call.usage = relay.usage

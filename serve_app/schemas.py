@@ -94,10 +94,6 @@ def _check_stream(body: dict[str, Any]) -> None:
         )
 
 
-def client_wants_usage(body: dict[str, Any]) -> bool:
-    return bool((body.get("stream_options") or {}).get("include_usage"))
-
-
 def _engine_body(body: dict[str, Any], request_id: str) -> dict[str, Any]:
     """The body sent to the engine: our request id, and usage always reported.
 
@@ -120,7 +116,9 @@ def parse_chat(body: dict[str, Any], model: CatalogModel, request_id: str) -> Ch
         raise validation_error(exc) from None
 
 
-def parse_completion(body: dict[str, Any], model: CatalogModel, request_id: str) -> CompletionRequest:
+def parse_completion(
+    body: dict[str, Any], model: CatalogModel, request_id: str
+) -> CompletionRequest:
     prompt = body.get("prompt")
     if prompt is None:
         raise invalid_request("Missing required parameter: 'prompt'.", param="prompt")

@@ -37,6 +37,15 @@ class SSERelay:
         self.error: dict[str, Any] | None = None
         self.done = False
 
+    @classmethod
+    def for_options(cls, stream_options: dict[str, Any] | None) -> SSERelay:
+        """A relay that gives the client the usage its `stream_options` asked for."""
+        options = stream_options or {}
+        return cls(
+            include_usage=bool(options.get("include_usage")),
+            continuous_usage=bool(options.get("continuous_usage_stats")),
+        )
+
     def relay(self, text: str) -> str:
         out = []
         for event in text.split("\n\n"):

@@ -1,0 +1,101 @@
+"""The local Ray head of `darkgpu up` / `darkgpu down`, for a development machine or CI.
+
+The head is labelled like a provider node (provider `local`, tier `basic`) and offers its
+GPUs' VRAM as the `vram_gb` resource, so the same placement rules apply as on a real
+cluster. Ray's token authentication is on; the token lives under the data directory (0600).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from cluster.gpu import local_gpus
+from cluster.labels import LOCAL_PROVIDER_ID, VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
+from cluster.settings import Settings
+
+
+class LocalCluster:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = settings.resolved_data_dir
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.settings.ray_port}"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "ray_auth_token"
+
+    def env(self) -> dict[str, str]:
+        """Environment for every process that talks to this cluster's control plane."""
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ADDRESS": self.address,
+        }
+
+    def apply_env(self) -> None:
+        os.environ.update(self.env())
+
+    def is_running(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.settings.ray_port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def _ensure_token(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.token_path.exists():
+            fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+
+    def start_head(self) -> None:
+        self._ensure_token()
+        gpus = local_gpus()
+        identity = NodeIdentity(
+            provider_id=LOCAL_PROVIDER_ID,
+            trust_tier=TrustTier.basic,
+            gpu_model=gpus[0].name.replace(" ", "_") if gpus else None,
+        )
+        resources = {VRAM_RESOURCE: sum(g.vram_gb for g in gpus)} if gpus else {}
+        command = [
+            _ray_executable(), "start", "--head",
+            "--port", str(self.settings.ray_port),
+            "--node-ip-address", "127.0.0.1",
+            "--num-cpus", str(self.settings.num_cpus),
+            "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(self.settings.dashboard_port),
+            "--metrics-export-port", str(self.settings.metrics_port),
+            "--labels", format_labels(identity.labels()),
+            "--resources", json.dumps(resources),
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        env = {**os.environ, **self.env()}
+        env.pop("RAY_ADDRESS")
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        env = {**os.environ, **self.env()}
+        subprocess.run(
+            [_ray_executable(), "stop", "--force"],
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
