@@ -51,9 +51,7 @@ class Leg:
 
 
 PLATFORM_REVENUE = AccountSpec("platform:revenue", LedgerKind.platform_revenue, False)
-PROMOTIONAL_GRANTS = AccountSpec(
-    "platform:promotional_grants", LedgerKind.promotional_grants, True
-)
+PROMOTIONAL_GRANTS = AccountSpec("platform:promotional_grants", LedgerKind.promotional_grants, True)
 PAYMENT_CLEARING = AccountSpec("platform:payment_clearing", LedgerKind.payment_clearing, True)
 
 

@@ -87,7 +87,5 @@ def load_plans(path: str | Path) -> Plans:
     try:
         return Plans.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        ]
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise PlansError(f"{path}: invalid plans file: " + "; ".join(problems)) from None

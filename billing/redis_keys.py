@@ -11,8 +11,9 @@
 - `dg:hold:<request_id>`        hash: one open reservation
 - `dg:holds`                    sorted set: request_id by expiry (ms), for the reaper
 - `dg:aholds:<id>`              set: the account's open request ids (for rebuild)
-- `dg:done:<request_id>`        marker that the request id was settled (refuses reuse)
-- `dg:settles`                  counter of settlements (rebuild's consistency check)
+- `dg:done:<request_id>`        marker that the id was settled (refuses reuse for 15 min)
+- `dg:settles:<id>`             the account's settlement count (rebuild's consistency check)
+- `dg:undrained:<id>`           the account's settled events not yet written to SQL
 - `dg:usage`                    stream of usage events, drained by the billing actor
 - `dg:usage:dead`               stream of events the meter could not record
 
@@ -25,11 +26,12 @@ from __future__ import annotations
 P = "dg:"
 READY = P + "ready"
 HOLDS = P + "holds"
-SETTLES = P + "settles"
 USAGE_STREAM = P + "usage"
 DEAD_STREAM = P + "usage:dead"
 METER_GROUP = "billing"
-DONE_TTL_MS = 7 * 86_400_000
+# How long a settled request id stays refused for reuse. Ids are made by the ingress, so reuse
+# is a bug; SQL's unique request_id is the lasting guard. Kept short: one key per request.
+DONE_TTL_MS = 15 * 60_000
 
 
 def api_key(key_hash: str) -> str:
@@ -70,3 +72,11 @@ def account_holds(account_id: int) -> str:
 
 def done(request_id: str) -> str:
     return f"{P}done:{request_id}"
+
+
+def settles(account_id: int) -> str:
+    return f"{P}settles:{account_id}"
+
+
+def undrained(account_id: int) -> str:
+    return f"{P}undrained:{account_id}"

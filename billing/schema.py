@@ -6,6 +6,10 @@ so the hash chain covers exact values on every database. `usage_events`, `ledger
 and `ledger_entries` are append-only: the migration installs triggers refusing UPDATE and
 DELETE (and TRUNCATE on PostgreSQL). `ledger_accounts` carries running balances (pgledger
 style), so it is updated in place, under row locks, and every change is an entry.
+
+A table's owner can disable triggers; in production run the application as a role that does
+not own these tables and `REVOKE UPDATE, DELETE, TRUNCATE` on them from it. The hash chain
+(billing.chain, checked by `darkgpu admin ledger verify`) detects what gets past that.
 """
 
 from __future__ import annotations
@@ -197,9 +201,7 @@ class UsageEvent(Base):
         CheckConstraint(
             "prompt_tokens >= 0 AND completion_tokens >= 0 AND cost_nusd >= 0", name="nonneg"
         ),
-        CheckConstraint(
-            "provider_share_nusd + platform_share_nusd = cost_nusd", name="split"
-        ),
+        CheckConstraint("provider_share_nusd + platform_share_nusd = cost_nusd", name="split"),
     )
 
 

@@ -20,7 +20,8 @@ class BillingSettings(BaseSettings):
 
     data_dir: Path = Field(default_factory=lambda: Path("~/.local/share/darkgpu").expanduser())
     database_url: str = ""  # empty: sqlite:///<data_dir>/darkgpu.db
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # The platform's own Redis: `darkgpu up` starts one there when nothing answers.
+    redis_url: str = "redis://127.0.0.1:6381/0"
     plans_file: Path = DEFAULT_PLANS_FILE
     # How long a reservation may stay open before the reaper settles it as zero usage.
     hold_ttl_s: int = Field(default=1800, ge=1)

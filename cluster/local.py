@@ -44,6 +44,8 @@ class LocalCluster:
         }
 
     def apply_env(self) -> None:
+        """Point this process at the cluster. Before Ray is imported: Ray reads these once."""
+        self._ensure_token()
         os.environ.update(self.env())
 
     def is_running(self) -> bool:

@@ -3,30 +3,70 @@
 `build_app` serves `darkgpu up` and `serve deploy configs/serve.yaml` alike
 (`import_path: serve_app.app:build_app`; the YAML's `args` override `DARKGPU_*` settings).
 It must run connected to the cluster: which models get a deployment depends on what the
-alive nodes offer (`cluster.placement`).
+alive nodes offer (`cluster.placement`). Besides the ingress and one deployment per model,
+the application holds the billing actor (`billing_meter`), so it lives and dies with it.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from ray import serve
 from ray.serve import Application
 
+from billing.meter import BillingLoop
+from billing.settings import BillingSettings
 from cluster.catalog import load_catalog
 from cluster.placement import cluster_capacity, deployable_models
 from cluster.settings import Settings
 from serve_app.ingress import Ingress
-from serve_app.models import build_model_deployment, deployment_name
+from serve_app.models import build_model_deployment, deployment_name, model_source
 
 APP_NAME = "darkgpu"
 
 
+@serve.deployment(name="billing-meter", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class BillingMeter:
+    """The billing actor: drains the usage stream into the SQL ledger, reaps stale holds,
+    and rebuilds Redis from SQL when Redis comes back empty (`billing.meter.BillingLoop`).
+    Serve restarts it if it dies; its consumer group hands a dead consumer's entries over."""
+
+    def __init__(self, billing: dict[str, Any]) -> None:
+        settings = BillingSettings(**billing)
+        consumer = f"meter-{serve.get_replica_context().replica_id.unique_id}"
+        self._loop = BillingLoop(settings.database_url, settings.redis_url, consumer=consumer)
+        self._thread = threading.Thread(target=self._loop.run, name="billing", daemon=True)
+        self._thread.start()
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the billing loop stopped")
+
+    def __del__(self) -> None:
+        self._loop.stop()
+
+
+def billing_args(settings: BillingSettings) -> dict[str, Any]:
+    return {
+        "database_url": settings.database_url,
+        "redis_url": settings.redis_url,
+        "plans_file": str(settings.plans_file),
+        "hold_ttl_s": settings.hold_ttl_s,
+    }
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    settings = Settings(**(args or {}))
+    args = args or {}
+    settings = Settings(**args)
+    billing = billing_args(BillingSettings(**args))
     catalog = load_catalog(settings.models_file)
     models = deployable_models(catalog, cluster_capacity())
     return Ingress.bind(
         catalog,
         {m.id: build_model_deployment(m, settings) for m in models},
         {m.id: deployment_name(m) for m in models},
+        {m.id: model_source(m, settings) for m in models},
+        billing,
+        BillingMeter.bind(billing),
     )

@@ -5,29 +5,24 @@ from __future__ import annotations
 import ray
 from ray import serve
 
+from billing.settings import BillingSettings
 from cluster.settings import Settings
-from serve_app.app import APP_NAME, build_app
+from serve_app.app import APP_NAME, billing_args, build_app
 
 
-def deploy(settings: Settings, address: str) -> None:
-    """Connect, start Serve's HTTP proxy, and run the application until it is ready."""
+def _connect(address: str) -> None:
     if not ray.is_initialized():
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+
+
+def deploy(settings: Settings, address: str, billing: BillingSettings) -> None:
+    """Connect, start Serve's HTTP proxy, and run the application until it is ready."""
+    _connect(address)
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
-    serve.run(
-        build_app(settings.model_dump(mode="json")),
-        name=APP_NAME,
-        route_prefix="/",
-        blocking=False,
-    )
+    args = {**settings.model_dump(mode="json"), **billing_args(billing)}
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
 
 
 def is_deployed(address: str) -> bool:
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    _connect(address)
     return APP_NAME in serve.status().applications
-
-
-def undeploy() -> None:
-    if ray.is_initialized():
-        serve.shutdown()

@@ -1,10 +1,11 @@
 """The ingress deployment: the OpenAI-compatible HTTP API in front of the model deployments.
 
-Routes are thin: parse and check the body (`schemas`), find the model's deployment, call
-it through its handle (replica choice happens in that handle: `router`), and relay the
-answer as JSON or server-sent events (`streaming`). Each response names the provider whose
-replica served it (`x-darkgpu-provider`); every response names the request
-(`x-darkgpu-request-id`, `middleware`).
+Routes are thin. A generation request is parsed and checked (`schemas`), admitted against
+the key, rate limit, daily caps and credits (`gate`, one Redis round trip), sent through its
+model's handle (the replica is chosen in that handle: `router`), relayed as JSON or
+server-sent events (`streaming`), and settled with the usage the engine reported. Each
+answer names the provider whose replica served it (`x-darkgpu-provider`); every response
+names the request (`x-darkgpu-request-id`, `middleware`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
+import redis as redis_sync
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -26,22 +29,31 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (  # the engi
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from billing.admission import Admission, Admitted, connect
+from billing.db import make_engine
+from billing.plans import load_plans
+from billing.reports import credits_summary, usage_report
+from billing.settings import BillingSettings
 from cluster.catalog import Catalog, CatalogModel
 from serve_app.availability import ReplicaAvailability
-from serve_app.errors import APIError, install_error_handlers, model_not_found, no_replica
+from serve_app.errors import (
+    APIError,
+    install_error_handlers,
+    invalid_request,
+    model_not_found,
+    no_replica,
+)
+from serve_app.gate import Gate
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import RequestIdMiddleware
 from serve_app.models import ServedBy
-from serve_app.schemas import (
-    decode_json,
-    parse_chat,
-    parse_completion,
-    require_model,
-)
+from serve_app.schemas import decode_json, parse_chat, parse_completion, require_model
 from serve_app.streaming import SSERelay, Usage
+from serve_app.tokens import PromptCounter
 
 PROVIDER_HEADER = "x-darkgpu-provider"
 RETRY_AFTER_S = 10
+NO_PROVIDER = ""
 logger = logging.getLogger("darkgpu.ingress")
 
 api = FastAPI(title="DarkGPU", docs_url=None, redoc_url=None, openapi_url=None)
@@ -79,13 +91,15 @@ def _sse(items: Any) -> str:
     """One engine stream item (a list of SSE strings when stream batching is off) as text."""
     if not isinstance(items, list):
         items = [items]
-    parts = []
-    for item in items:
-        if isinstance(item, ErrorResponse):
-            parts.append(engine_error(item).sse())
-        else:
-            parts.append(item)
-    return "".join(parts)
+    return "".join(engine_error(i).sse() if isinstance(i, ErrorResponse) else i for i in items)
+
+
+def _utc(value: str, name: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise invalid_request(f"'{name}' must be an ISO 8601 date or time.", param=name) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 @dataclass
@@ -93,10 +107,19 @@ class Call:
     """One generation request on its way through the ingress."""
 
     endpoint: str
+    request_id: str
     model: str = "unknown"
     started: float = field(default_factory=time.perf_counter)
     status: int = 500
     usage: Usage = field(default_factory=Usage)
+    admitted: Admitted | None = None
+    provider_id: str = NO_PROVIDER
+
+    def headers(self) -> dict[str, str]:
+        headers = dict(self.admitted.headers) if self.admitted else {}
+        if self.provider_id:
+            headers[PROVIDER_HEADER] = self.provider_id
+        return headers
 
 
 @serve.deployment(name="ingress", max_ongoing_requests=1000)
@@ -107,13 +130,31 @@ class Ingress:
         catalog: Catalog,
         models: dict[str, DeploymentHandle],
         deployment_names: dict[str, str],
+        model_sources: dict[str, str],
+        billing: dict[str, Any],
+        meter: DeploymentHandle,  # the billing actor: bound here so it is part of the app
     ) -> None:
         self._catalog = catalog
         self._handles = {model_id: h.options(stream=True) for model_id, h in models.items()}
+        self._counters = {
+            model_id: PromptCounter(source, catalog.by_id[model_id].context_length)
+            for model_id, source in model_sources.items()
+        }
         app_name = serve.get_replica_context().app_name
         self._availability = ReplicaAvailability(app_name, deployment_names)
         self._metrics = IngressMetrics()
         self._created = int(time.time())
+
+        settings = BillingSettings(**billing)
+        self._plans = load_plans(settings.plans_file)
+        self._redis = redis_sync.Redis.from_url(settings.redis_url)
+        self._db = make_engine(settings.database_url)
+        admission = Admission(
+            connect(settings.redis_url),
+            self._plans,
+            hold_ttl_s=settings.hold_ttl_s,
+        )
+        self._gate = Gate(admission)
 
     # --- health -------------------------------------------------------------------------
 
@@ -139,8 +180,15 @@ class Ingress:
         """Local models are listed only where they are deployed (machines without a GPU)."""
         return not model.is_local or model.id in self._handles
 
+    def _model(self, model_id: str) -> CatalogModel:
+        model = self._catalog.get(model_id)
+        if model is None or not self._listed(model):
+            raise model_not_found(model_id)
+        return model
+
     @api.get("/v1/models")
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        await self._gate.account(request)
         online = await self._availability.online()
         data = [
             model_card(m, m.id in online, self._created)
@@ -150,21 +198,56 @@ class Ingress:
         return {"object": "list", "data": data}
 
     @api.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str) -> dict[str, Any]:
-        model = self._catalog.get(model_id)
-        if model is None or not self._listed(model):
-            raise model_not_found(model_id)
+    async def get_model(self, request: Request, model_id: str) -> dict[str, Any]:
+        await self._gate.account(request)
+        model = self._model(model_id)
         return model_card(model, await self._availability.is_online(model_id), self._created)
+
+    # --- the account --------------------------------------------------------------------
+
+    @api.get("/v1/credits")
+    async def credits(self, request: Request) -> dict[str, Any]:
+        account_id = await self._gate.account(request)
+        summary = await asyncio.to_thread(
+            credits_summary, self._db, self._redis, self._plans, account_id
+        )
+        return {"object": "credits", **summary.to_json()}
+
+    @api.get("/v1/usage")
+    async def usage(
+        self,
+        request: Request,
+        start: str | None = None,
+        end: str | None = None,
+        group_by: Literal["day", "model", "customer"] = "day",
+    ) -> dict[str, Any]:
+        account_id = await self._gate.account(request)
+        now = datetime.now(UTC)
+        until = _utc(end, "end") if end else now
+        since = _utc(start, "start") if start else until - timedelta(days=30)
+        if since >= until:
+            raise invalid_request("'start' must be before 'end'.", param="start")
+        rows = await asyncio.to_thread(
+            usage_report, self._db, start=since, end=until, group_by=group_by,
+            account_id=account_id,
+        )  # fmt: skip
+        return {
+            "object": "list",
+            "start": since.isoformat(),
+            "end": until.isoformat(),
+            "group_by": group_by,
+            "data": [row.to_json() for row in rows],
+        }
 
     # --- generation ---------------------------------------------------------------------
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        return await self._generate(request, Call("chat"))
+        return await self._generate(request, Call("chat", request.state.request_id))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        return await self._generate(request, Call("completions"))
+        return await self._generate(request, Call("completions", request.state.request_id))
 
     async def _generate(self, request: Request, call: Call) -> Any:
         streaming = False
@@ -173,37 +256,49 @@ class Ingress:
             model = self._model(require_model(body))
             call.model = model.id
             parse = parse_chat if call.endpoint == "chat" else parse_completion
-            parsed = parse(body, model, request.state.request_id)
+            parsed = parse(body, model, call.request_id)
+            if (parsed.n or 1) > 1:
+                raise invalid_request("Only n=1 is supported.", param="n")
+            call.admitted = await self._admit(request, model, parsed)
             handle = self._handles.get(model.id)
             if handle is None or not await self._availability.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
             stream = getattr(handle, call.endpoint).remote(parsed)
             served_by, first = await self._open(stream)
-            headers = {PROVIDER_HEADER: served_by.provider_id}
+            call.provider_id = served_by.provider_id
             if not parsed.stream:
                 payload = first.model_dump(mode="json")
                 call.usage = Usage.from_dict(payload.get("usage"))
                 call.status = 200
-                return JSONResponse(payload, headers=headers)
+                return JSONResponse(payload, headers=call.headers())
             relay = SSERelay.for_options(body.get("stream_options"))
             streaming = True
             return StreamingResponse(
                 self._relay(call, relay, first, stream),
                 media_type="text/event-stream",
-                headers=headers,
+                headers=call.headers(),
             )
         except APIError as exc:
             call.status = exc.status
+            exc.headers = {**call.headers(), **exc.headers}
             raise
         finally:
             if not streaming:
-                self._observe(call)
+                self._finish(call)
 
-    def _model(self, model_id: str) -> CatalogModel:
-        model = self._catalog.get(model_id)
-        if model is None or not self._listed(model):
-            raise model_not_found(model_id)
-        return model
+    async def _admit(self, request: Request, model: CatalogModel, parsed: Any) -> Admitted:
+        """Reserve the prompt and max_tokens; the engine then gets at most what was granted."""
+        counter = self._counters.get(model.id) or PromptCounter(model.source, model.context_length)
+        if hasattr(parsed, "messages"):
+            prompt_tokens = counter.chat(parsed.messages)
+        else:
+            prompt_tokens = counter.completion(parsed.prompt)
+        limit_field = "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) \
+            else "max_tokens"  # fmt: skip
+        wanted = getattr(parsed, limit_field) or max(1, model.context_length - prompt_tokens)
+        admitted = await self._gate.admit(request, model, prompt_tokens, wanted)
+        setattr(parsed, limit_field, admitted.max_tokens)
+        return admitted
 
     async def _open(self, stream: Any) -> tuple[ServedBy, Any]:
         """The replica's provider, and the first answer item (an engine error raises)."""
@@ -240,8 +335,8 @@ class Ingress:
             yield APIError(500, "The stream was interrupted.").sse()
             yield "data: [DONE]\n\n"
         finally:
-            call.usage = relay.usage
-            self._observe(call)
+            call.usage = relay.usage  # what was processed and sent, up to the last chunk
+            self._finish(call)
 
     def _relayed(self, call: Call, relay: SSERelay, item: Any) -> str:
         had_token = relay.first_token_seen
@@ -250,7 +345,10 @@ class Ingress:
             self._metrics.observe_ttft(call.model, time.perf_counter() - call.started)
         return text
 
-    def _observe(self, call: Call) -> None:
+    def _finish(self, call: Call) -> None:
+        """Settle what was used (nothing, if the engine produced nothing) and record it."""
+        if call.admitted is not None:
+            self._gate.settle(call.request_id, call.usage, call.provider_id)
         self._metrics.observe(
             endpoint=call.endpoint,
             model=call.model,

@@ -71,18 +71,24 @@ class ProviderLLMServer(LLMServer):
             await stream.aclose()
 
 
+def model_source(model: CatalogModel, settings: Settings) -> str:
+    """Where the weights and tokenizer come from: the made folder for local models."""
+    if model.is_local:
+        return str(ensure_local_model(Path(settings.resolved_data_dir) / "models"))
+    return model.source
+
+
 def llm_config_for(model: CatalogModel, settings: Settings) -> LLMConfig:
     engine_kwargs: dict[str, Any] = {
         "max_model_len": model.context_length,
         "tensor_parallel_size": model.tensor_parallel_size,
     }
     runtime_env: dict[str, Any] = {}
+    source = model_source(model, settings)
     if model.is_local:
-        source = str(ensure_local_model(Path(settings.resolved_data_dir) / "models"))
         engine_kwargs.update(dtype="bfloat16", enforce_eager=True)
         runtime_env["env_vars"] = {"VLLM_CPU_KVCACHE_SPACE": str(settings.local_kv_cache_gb)}
     else:
-        source = model.source
         if model.quantization in {"awq", "gptq", "fp8"}:
             engine_kwargs["quantization"] = model.quantization
     return LLMConfig(

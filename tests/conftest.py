@@ -3,6 +3,8 @@ test session, through the README's own command (`darkgpu up`), on ports of its o
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+_emails = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,32 @@ class Platform:
             timeout=timeout,
         )
 
+    def admin(self, *args: str) -> dict:
+        """`darkgpu admin …`, as an operator runs it; its JSON answer."""
+        done = self.darkgpu("admin", *args, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def new_key(self, plan: str = "free", usd: str | None = None) -> tuple[int, str]:
+        """A new account on `plan` (with `usd` of credits granted) and an API key of it."""
+        account = self.admin("account", "create", "--email", f"user{next(_emails)}@example.com",
+                             "--plan", plan)  # fmt: skip
+        if usd is not None:
+            self.admin("credits", "grant", "--account", str(account["id"]), "--usd", usd)
+        key = self.admin("key", "create", "--account", str(account["id"]))
+        return account["id"], key["key"]
+
 
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     ports = {"RAY_PORT": "6390", "HTTP_PORT": "8010", "METRICS_PORT": "8090",
              "DASHBOARD_PORT": "8275"}  # fmt: skip
+    # Redis on a port where nothing runs: `darkgpu up` starts its own there, as on a bare
+    # machine; SQL is the default SQLite under the data directory.
     env = {**os.environ, "DARKGPU_DATA_DIR": str(tmp_path_factory.mktemp("darkgpu"))}
     env.update({f"DARKGPU_{k}": v for k, v in ports.items()})
+    env["DARKGPU_REDIS_URL"] = "redis://127.0.0.1:6392/0"
+    env.pop("DARKGPU_DATABASE_URL", None)
     platform = Platform(
         env=env,
         api_url=f"http://127.0.0.1:{ports['HTTP_PORT']}/v1",

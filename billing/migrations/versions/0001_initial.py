@@ -84,9 +84,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["account_id"], ["accounts.id"], name="fk_customer_caps_account_id_accounts"
         ),
-        sa.UniqueConstraint(
-            "account_id", "customer_tag", name="uq_customer_caps_account_tag"
-        ),
+        sa.UniqueConstraint("account_id", "customer_tag", name="uq_customer_caps_account_tag"),
         sa.CheckConstraint("tokens_per_day >= 0", name="ck_customer_caps_tpd"),
     )
     op.create_table(
@@ -146,9 +144,7 @@ def upgrade() -> None:
         sa.CheckConstraint("amount <> 0", name="ck_ledger_entries_nonzero"),
     )
     op.create_index("ix_ledger_entries_transfer_id", "ledger_entries", ["transfer_id"])
-    op.create_index(
-        "ix_ledger_entries_ledger_account_id", "ledger_entries", ["ledger_account_id"]
-    )
+    op.create_index("ix_ledger_entries_ledger_account_id", "ledger_entries", ["ledger_account_id"])
     op.create_table(
         "usage_events",
         sa.Column("id", Id, nullable=False),

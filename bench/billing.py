@@ -1,0 +1,284 @@
+"""What billing costs, measured side by side in one run against the same Redis:
+
+1. admission and settlement round trips (one Lua script each): operations per second and
+   p50/p99 latency, sequentially and with 16 concurrent callers;
+2. the usage meter: ledger rows per second flushed from the Redis stream into SQLite and
+   into PostgreSQL, at batch sizes 100 and 500.
+
+The serving path with billing on versus off is measured by `bench/serving_overhead.py`.
+
+It uses a Redis database of its own (default db 14; it refuses to run on a database that
+holds any key) and flushes it at the end; PostgreSQL gets a schema of its own, dropped at
+the end; SQLite a temporary file.
+
+    .venv/bin/python bench/billing.py [--requests 2000] [--events 5000] [--batches 100,500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from billing import accounts as svc  # noqa: E402
+from billing import redis_keys as rk  # noqa: E402
+from billing.admission import Admission, Admitted, connect  # noqa: E402
+from billing.db import make_engine, migrate  # noqa: E402
+from billing.meter import UsageMeter  # noqa: E402
+from billing.plans import load_plans  # noqa: E402
+from billing.reports import verify_ledger  # noqa: E402
+from billing.schema import UsageEvent  # noqa: E402
+from billing.settings import DEFAULT_PLANS_FILE  # noqa: E402
+from cluster.catalog import CatalogModel  # noqa: E402
+
+REDIS_URL = os.environ.get("DARKGPU_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+POSTGRES_URL = os.environ.get(
+    "DARKGPU_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+MODEL = CatalogModel.model_validate(
+    {
+        "id": "bench-model",
+        "source": "local:bench",
+        "input_usd_per_1m": "1",
+        "output_usd_per_1m": "2",
+        "min_vram_gb": 0,
+        "context_length": 4096,
+        "quantization": "bf16",
+        "class": "local",
+    }
+)
+USD = 10**9
+
+
+@dataclass
+class OpResult:
+    mode: str
+    op: str
+    count: int
+    ops_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
+class FlushResult:
+    database: str
+    batch: int
+    rows: int
+    rows_per_s: float
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def timed_phase(
+    name: str, mode: str, ids: list[str], concurrency: int, op: Callable[[str], Awaitable[None]]
+) -> OpResult:
+    latencies: list[float] = []
+    queue = iter(ids)
+
+    async def worker() -> None:
+        for rid in queue:
+            started = time.perf_counter()
+            await op(rid)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    return OpResult(
+        mode,
+        name,
+        len(ids),
+        len(ids) / wall,
+        pct(latencies, 0.5) * 1000,
+        pct(latencies, 0.99) * 1000,
+    )
+
+
+async def bench_admission(r: redis.Redis, redis_url: str, requests: int) -> list[OpResult]:
+    plans = load_plans(DEFAULT_PLANS_FILE)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/accounts.db")
+        migrate(engine)
+        account = svc.create_account(engine, r, plans, email="bench@example.com", plan="paid")
+        svc.grant_credits(engine, r, account_id=account.id, amount_nusd=10_000 * USD)
+        svc.set_limits(engine, r, account_id=account.id, requests_per_minute=10**9)
+        key = svc.create_key(engine, r, account_id=account.id).key
+        engine.dispose()
+    assert key is not None
+    client = connect(redis_url)
+    adm = Admission(client, plans)
+
+    async def admit(rid: str) -> None:
+        result = await adm.admit(
+            api_key=key,
+            request_id=rid,
+            model=MODEL,
+            prompt_tokens=50,
+            max_tokens=200,
+            customer_tag="bench",
+        )
+        assert isinstance(result, Admitted), result
+
+    async def settle(rid: str) -> None:
+        assert await adm.settle(
+            request_id=rid, prompt_tokens=50, completion_tokens=120, provider_id="bench"
+        )
+
+    results = []
+    try:
+        for mode, concurrency in (("sequential", 1), ("concurrency 16", 16)):
+            ids = [f"bench-{mode[0]}-{i}" for i in range(requests)]
+            results.append(await timed_phase("admit", mode, ids, concurrency, admit))
+            results.append(await timed_phase("settle", mode, ids, concurrency, settle))
+    finally:
+        await client.aclose()
+    return results
+
+
+def event_template(r: redis.Redis) -> dict[bytes, bytes]:
+    """One real usage event, as the settlement script wrote it to the stream."""
+    entries = r.xrange(rk.USAGE_STREAM, count=1)
+    if not entries:
+        raise RuntimeError("no usage event in the stream to copy")
+    return dict(entries[0][1])
+
+
+def bench_flush(
+    r: redis.Redis,
+    engine: Engine,
+    label: str,
+    template: dict[bytes, bytes],
+    events: int,
+    batch: int,
+) -> FlushResult:
+    account = svc.create_account(
+        engine, None, load_plans(DEFAULT_PLANS_FILE), email=f"{uuid.uuid4().hex}@x.io", plan="paid"
+    )
+    svc.grant_credits(engine, None, account_id=account.id, amount_nusd=10_000 * USD)
+    key = svc.create_key(engine, None, account_id=account.id)
+    r.delete(rk.USAGE_STREAM, rk.DEAD_STREAM)
+    tag = uuid.uuid4().hex[:8]
+    pipe = r.pipeline(transaction=False)
+    for i in range(events):
+        fields = {
+            **template,
+            b"request_id": f"flush-{tag}-{i}".encode(),
+            b"account_id": str(account.id).encode(),
+            b"key_id": str(key.id).encode(),
+        }
+        pipe.xadd(rk.USAGE_STREAM, fields)
+    pipe.execute()
+    meter = UsageMeter(engine, r, consumer=f"bench-{tag}")
+    meter.ensure_group()
+    started = time.perf_counter()
+    handled = meter.drain_all(batch)
+    wall = time.perf_counter() - started
+    with Session(engine) as session:
+        rows = session.scalar(
+            select(func.count()).where(UsageEvent.request_id.like(f"flush-{tag}-%"))
+        )
+    if handled != events or rows != events or r.xlen(rk.DEAD_STREAM):
+        raise RuntimeError(f"{label}: drained {handled}, recorded {rows} of {events}")
+    return FlushResult(label, batch, events, events / wall)
+
+
+def postgres_engine() -> tuple[Engine, Engine, str] | None:
+    admin = make_engine(POSTGRES_URL)
+    schema = "bench_" + uuid.uuid4().hex[:12]
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except Exception as exc:  # no PostgreSQL here: the table says so
+        print(f"PostgreSQL unavailable ({type(exc).__name__}); skipping it", file=sys.stderr)
+        admin.dispose()
+        return None
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    engine = make_engine(f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}")
+    migrate(engine)
+    return admin, engine, schema
+
+
+def bench_flushes(
+    r: redis.Redis, template: dict[bytes, bytes], events: int, batches: list[int]
+) -> list[FlushResult]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in batches:
+            engine = make_engine(f"sqlite:///{tmp}/ledger-{batch}.db")
+            migrate(engine)
+            results.append(bench_flush(r, engine, "SQLite", template, events, batch))
+            assert verify_ledger(engine).ok
+            engine.dispose()
+    for batch in batches:
+        pg = postgres_engine()
+        if pg is None:
+            break
+        admin, engine, schema = pg
+        try:
+            results.append(bench_flush(r, engine, "PostgreSQL", template, events, batch))
+            assert verify_ledger(engine).ok
+        finally:
+            engine.dispose()
+            with admin.begin() as conn:
+                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            admin.dispose()
+    return results
+
+
+def print_tables(ops: list[OpResult], flushes: list[FlushResult], redis_url: str) -> None:
+    print(f"\n### Admission and settlement (Redis {redis_url})\n")
+    print("| mode | operation | count | ops/s | p50 ms | p99 ms |")
+    print("|---|---|---:|---:|---:|---:|")
+    for o in ops:
+        print(
+            f"| {o.mode} | {o.op} | {o.count} | {o.ops_per_s:,.0f} | "
+            f"{o.p50_ms:.3f} | {o.p99_ms:.3f} |"
+        )
+    print("\n### Usage meter: ledger rows flushed from the stream into SQL\n")
+    print("| database | batch | rows | rows/s |")
+    print("|---|---:|---:|---:|")
+    for f in flushes:
+        print(f"| {f.database} | {f.batch} | {f.rows} | {f.rows_per_s:,.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", default=REDIS_URL)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--batches", default="100,500")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    r = redis.Redis.from_url(args.redis_url)
+    if r.dbsize():
+        sys.exit(f"{args.redis_url} holds keys; the benchmark needs an empty Redis database")
+    try:
+        ops = asyncio.run(bench_admission(r, args.redis_url, args.requests))
+        template = event_template(r)
+        flushes = bench_flushes(r, template, args.events, batches)
+    finally:
+        r.flushdb()
+        r.close()
+    print_tables(ops, flushes, args.redis_url)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""What the platform costs on top of the engine: the same small model served three ways.
+
+1. vLLM alone (its OpenAI server),
+2. a bare Ray Serve LLM app (`build_openai_app`, stream batching off as ours),
+3. this platform (`darkgpu up`: ingress, provider router, LLMServer deployment),
+
+each measured at concurrency 1 and 16 with the same client, one after the other in one run:
+p50/p99 latency of short completions, p50/p99 time to first token when streaming, and
+requests/s. Prints a table, then the ratios of the platform to the other two.
+
+    .venv/bin/python bench/serving_overhead.py [--requests 48] [--max-tokens 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+MODEL = "darkgpu-tiny"
+BIN = Path(sys.executable).parent
+PROMPT = [{"role": "user", "content": "Tell me a story about a small robot."}]
+
+
+@dataclass
+class Result:
+    server: str
+    concurrency: int
+    latency_p50: float
+    latency_p99: float
+    ttft_p50: float
+    ttft_p99: float
+    rps: float
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+async def _one(client: httpx.AsyncClient, url: str, max_tokens: int, stream: bool) -> float:
+    body = {"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "stream": stream,
+            "ignore_eos": True}  # fmt: skip
+    started = time.perf_counter()
+    if not stream:
+        response = await client.post(url, json=body)
+        response.raise_for_status()
+        assert response.json()["usage"]["completion_tokens"] == max_tokens
+        return time.perf_counter() - started
+    ttft = None
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():  # read to the end, as a client would
+            if ttft is None and line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or []
+                if choices and choices[0].get("delta", {}).get("content"):
+                    ttft = time.perf_counter() - started
+    if ttft is not None:
+        return ttft
+    raise RuntimeError("stream ended without a token")
+
+
+async def _run(url: str, n: int, concurrency: int, max_tokens: int, stream: bool):
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    samples: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                samples.append(await _one(client, url, max_tokens, stream))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return samples, n / elapsed
+
+
+def measure(server: str, base: str, n: int, max_tokens: int) -> list[Result]:
+    url = f"{base}/v1/chat/completions"
+    asyncio.run(_run(url, 8, 4, max_tokens, False))  # warm up
+    results = []
+    for concurrency in (1, 16):
+        count = n if concurrency == 1 else n * 4
+        latencies, rps = asyncio.run(_run(url, count, concurrency, max_tokens, False))
+        ttfts, _ = asyncio.run(_run(url, count, concurrency, max_tokens, True))
+        results.append(
+            Result(
+                server,
+                concurrency,
+                pct(latencies, 0.5),
+                pct(latencies, 0.99),
+                pct(ttfts, 0.5),
+                pct(ttfts, 0.99),
+                rps,
+            )
+        )
+        print(f"  {server} c={concurrency}: done", flush=True)
+    return results
+
+
+def wait_ready(url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def vllm_alone(model_dir: Path, port: int) -> Iterator[str]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
+         "--model", str(model_dir), "--served-model-name", MODEL, "--port", str(port),
+         "--max-model-len", "256", "--enforce-eager", "--dtype", "bfloat16"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@contextmanager
+def bare_serve_llm(model_dir: Path, port: int) -> Iterator[str]:
+    code = f"""
+import time, ray
+from ray import serve
+from ray.serve.llm import LLMConfig, build_openai_app
+if __name__ == "__main__":
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+    serve.start(http_options={{"host": "127.0.0.1", "port": {port}}})
+    config = LLMConfig(
+        model_loading_config={{"model_id": "{MODEL}", "model_source": "{model_dir}"}},
+        engine_kwargs={{"max_model_len": 256, "enforce_eager": True, "dtype": "bfloat16"}},
+        placement_group_config={{"bundles": [{{"CPU": 1}}]}},
+        runtime_env={{"env_vars": {{"VLLM_CPU_KVCACHE_SPACE": "1"}}}},
+        experimental_configs={{"stream_batching_interval_ms": 0}},
+        deployment_config={{"max_ongoing_requests": 64}},
+    )
+    serve.run(build_openai_app({{"llm_configs": [config]}}))
+    while True:
+        time.sleep(60)
+"""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-c", code],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+
+
+@contextmanager
+def platform(data_dir: Path, port: int) -> Iterator[str]:
+    env = {**os.environ, "DARKGPU_DATA_DIR": str(data_dir), "DARKGPU_HTTP_PORT": str(port),
+           "DARKGPU_RAY_PORT": "6395", "DARKGPU_METRICS_PORT": "8095",
+           "DARKGPU_DASHBOARD_PORT": "8285"}  # fmt: skip
+    subprocess.run([str(BIN / "darkgpu"), "up"], env=env, check=True, capture_output=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(BIN / "darkgpu"), "down"], env=env, capture_output=True)
+
+
+def table(results: list[Result]) -> str:
+    ms = 1000
+    header = (
+        "| served by | c | latency p50 ms | latency p99 ms | TTFT p50 ms | TTFT p99 ms | req/s |"
+    )
+    rows = [header, "|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(f"| {r.server} | {r.concurrency} | {r.latency_p50 * ms:.1f} | "
+                    f"{r.latency_p99 * ms:.1f} | {r.ttft_p50 * ms:.1f} | {r.ttft_p99 * ms:.1f} | "
+                    f"{r.rps:.1f} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def ratios(results: list[Result]) -> str:
+    by = {(r.server, r.concurrency): r for r in results}
+    fields: dict[str, Callable[[Result], float]] = {
+        "latency p50": lambda r: r.latency_p50, "latency p99": lambda r: r.latency_p99,
+        "TTFT p50": lambda r: r.ttft_p50, "TTFT p99": lambda r: r.ttft_p99,
+        "req/s": lambda r: r.rps,
+    }  # fmt: skip
+    rows = ["| platform ÷ | c | " + " | ".join(fields) + " |", "|---|---|" + "---|" * len(fields)]
+    for other in ("vllm", "serve-llm"):
+        for c in (1, 16):
+            mine, theirs = by[("platform", c)], by[(other, c)]
+            cells = " | ".join(f"{get(mine) / get(theirs):.2f}" for get in fields.values())
+            rows.append(f"| {other} | {c} | {cells} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=48, help="per measurement at c=1")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    args = parser.parse_args()
+
+    from cluster.local_model import ensure_local_model
+
+    with tempfile.TemporaryDirectory(prefix="darkgpu-bench-") as tmp:
+        data_dir = Path(tmp)
+        model_dir = ensure_local_model(data_dir / "models")
+        results: list[Result] = []
+        print("vLLM alone ...", flush=True)
+        with vllm_alone(model_dir, 8101) as base:
+            results += measure("vllm", base, args.requests, args.max_tokens)
+        print("bare Ray Serve LLM ...", flush=True)
+        with bare_serve_llm(model_dir, 8102) as base:
+            results += measure("serve-llm", base, args.requests, args.max_tokens)
+        print("this platform ...", flush=True)
+        with platform(data_dir, 8103) as base:
+            results += measure("platform", base, args.requests, args.max_tokens)
+    print(f"\n{args.max_tokens} output tokens per request, {os.cpu_count()} cores\n")
+    print(table(results))
+    print()
+    print(ratios(results))
+
+
+if __name__ == "__main__":
+    main()

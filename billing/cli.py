@@ -1,0 +1,306 @@
+"""`darkgpu admin …`: accounts, keys, credits, caps, the ledger and usage (Typer).
+
+Configuration comes from `DARKGPU_*` variables (billing.settings). Every command upgrades the
+database schema first if needed. SQL is written first; if Redis cannot be updated afterwards
+the command says so and exits 2 (`admin redis rebuild` repairs Redis from SQL).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+import redis
+import typer
+from sqlalchemy import Engine
+
+from billing import accounts as svc
+from billing import reports
+from billing.db import make_engine, migrate
+from billing.money import usd_to_nusd
+from billing.plans import Plans, load_plans
+from billing.settings import BillingSettings
+
+app = typer.Typer(
+    name="admin",
+    help="Operate billing: accounts, keys, credits, caps, ledger.",
+    no_args_is_help=True,
+)
+account_app = typer.Typer(help="Accounts.", no_args_is_help=True)
+key_app = typer.Typer(help="API keys.", no_args_is_help=True)
+credits_app = typer.Typer(help="Prepaid credits.", no_args_is_help=True)
+cap_app = typer.Typer(help="Daily token caps.", no_args_is_help=True)
+ledger_app = typer.Typer(help="The ledgers.", no_args_is_help=True)
+usage_app = typer.Typer(help="Usage reports.", no_args_is_help=True)
+redis_app = typer.Typer(help="The Redis copy of billing state.", no_args_is_help=True)
+db_app = typer.Typer(help="The SQL database.", no_args_is_help=True)
+for sub, name in (
+    (account_app, "account"),
+    (key_app, "key"),
+    (credits_app, "credits"),
+    (cap_app, "cap"),
+    (ledger_app, "ledger"),
+    (usage_app, "usage"),
+    (redis_app, "redis"),
+    (db_app, "db"),
+):
+    app.add_typer(sub, name=name)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Ctx:
+    settings: BillingSettings
+    engine: Engine
+    redis: redis.Redis
+    plans: Plans
+
+
+@contextmanager
+def _ctx() -> Iterator[Ctx]:
+    settings = BillingSettings()
+    engine = make_engine(settings.database_url)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+    try:
+        migrate(engine)
+        yield Ctx(settings, engine, client, load_plans(settings.plans_file))
+    finally:
+        client.close()
+        engine.dispose()
+
+
+def _run(action: Callable[[Ctx], T]) -> T:
+    try:
+        with _ctx() as ctx:
+            return action(ctx)
+    except (svc.AccountError, KeyError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except redis.RedisError as exc:
+        typer.echo(
+            f"error: Redis not updated ({exc}); SQL holds the change. "
+            "Run `darkgpu admin redis rebuild` once Redis is reachable.",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+
+
+def _print(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+AccountOpt = Annotated[int, typer.Option("--account", help="Account id.")]
+
+
+@account_app.command("create")
+def account_create(
+    email: Annotated[str, typer.Option(help="Unique email of the account.")],
+    plan: Annotated[str | None, typer.Option(help="Plan (default: the plans file's).")] = None,
+) -> None:
+    """Create an account (the free plan grants its signup credits once)."""
+    info = _run(lambda c: svc.create_account(c.engine, c.redis, c.plans, email=email, plan=plan))
+    _print(info.to_json())
+
+
+@account_app.command("show")
+def account_show(account: AccountOpt) -> None:
+    """The account with its credits summary."""
+
+    def show(c: Ctx) -> dict[str, Any]:
+        info = svc.get_account(c.engine, account).to_json()
+        info["credits"] = reports.credits_summary(c.engine, c.redis, c.plans, account).to_json()
+        return info
+
+    _print(_run(show))
+
+
+@account_app.command("update")
+def account_update(
+    account: AccountOpt,
+    plan: Annotated[str | None, typer.Option(help="Move to this plan.")] = None,
+    status: Annotated[str | None, typer.Option(help="active | suspended")] = None,
+    rpm: Annotated[int | None, typer.Option(help="Requests/min override.")] = None,
+    plan_rpm: Annotated[bool, typer.Option("--plan-rpm", help="Drop the rpm override.")] = False,
+) -> None:
+    """Change an account's plan, status or requests/min."""
+
+    def update(c: Ctx) -> dict[str, Any]:
+        if plan:
+            svc.set_plan(c.engine, c.redis, c.plans, account_id=account, plan=plan)
+        if status:
+            svc.set_status(c.engine, c.redis, account_id=account, status=status)
+        if rpm is not None or plan_rpm:
+            svc.set_limits(
+                c.engine, c.redis, account_id=account, requests_per_minute=None if plan_rpm else rpm
+            )
+        return svc.get_account(c.engine, account).to_json()
+
+    _print(_run(update))
+
+
+@key_app.command("create")
+def key_create(
+    account: AccountOpt,
+    name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
+) -> None:
+    """Create an API key. The key is printed once, here, and never again."""
+    info = _run(lambda c: svc.create_key(c.engine, c.redis, account_id=account, name=name))
+    _print(info.to_json())
+
+
+@key_app.command("list")
+def key_list(account: AccountOpt) -> None:
+    """The account's keys (prefixes only)."""
+    _print([k.to_json() for k in _run(lambda c: svc.list_keys(c.engine, account))])
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key_id: Annotated[int | None, typer.Option("--key-id", help="Key id.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="The key's display prefix.")] = None,
+) -> None:
+    """Revoke a key; every ingress refuses it from its next request on."""
+    info = _run(lambda c: svc.revoke_key(c.engine, c.redis, key_id=key_id, prefix=prefix))
+    _print(info.to_json())
+
+
+@credits_app.command("grant")
+def credits_grant(
+    account: AccountOpt,
+    usd: Annotated[str, typer.Option(help="Dollars, e.g. 25 or 12.50.")],
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Grant at most once per key (default: a new one).")
+    ] = None,
+    memo: Annotated[str | None, typer.Option(help="Why.")] = None,
+) -> None:
+    """Grant promotional credits."""
+
+    def grant(c: Ctx) -> dict[str, Any]:
+        transfer = svc.grant_credits(
+            c.engine,
+            c.redis,
+            account_id=account,
+            amount_nusd=usd_to_nusd(usd),
+            idempotency_key=idempotency_key,
+            memo=memo,
+        )
+        info = svc.get_account(c.engine, account).to_json()
+        info["transfer_id"] = transfer
+        info["granted"] = transfer is not None
+        return info
+
+    _print(_run(grant))
+
+
+@credits_app.command("show")
+def credits_show(account: AccountOpt) -> None:
+    """Balance, today's tokens and cap, and when the cap resets."""
+    _print(_run(lambda c: reports.credits_summary(c.engine, c.redis, c.plans, account).to_json()))
+
+
+@cap_app.command("set")
+def cap_set(
+    account: AccountOpt,
+    tokens_per_day: Annotated[
+        int | None, typer.Option("--tokens-per-day", help="Tokens per UTC day.")
+    ] = None,
+    customer: Annotated[
+        str | None, typer.Option(help="Cap this customer tag (X-Customer-Id; * = every tag).")
+    ] = None,
+    clear: Annotated[bool, typer.Option(help="Remove the cap (back to the plan's).")] = False,
+) -> None:
+    """Set the daily token cap of an account, or of one of its customer tags."""
+    if (tokens_per_day is not None) == clear:
+        typer.echo("error: give --tokens-per-day N or --clear", err=True)
+        raise typer.Exit(1)
+
+    def set_cap(c: Ctx) -> dict[str, Any]:
+        if customer:
+            svc.set_customer_cap(
+                c.engine,
+                c.redis,
+                account_id=account,
+                customer_tag=customer,
+                tokens_per_day=tokens_per_day,
+            )
+        else:
+            svc.set_limits(c.engine, c.redis, account_id=account, tokens_per_day=tokens_per_day)
+        return {"account_id": account, "customer_tag": customer, "tokens_per_day": tokens_per_day}
+
+    _print(_run(set_cap))
+
+
+@ledger_app.command("verify")
+def ledger_verify() -> None:
+    """Check the usage hash chain and that the double-entry ledger sums to zero (exit 1 if
+    not)."""
+    result = _run(lambda c: reports.verify_ledger(c.engine))
+    _print(result.to_json())
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _when(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"not an ISO date or time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@usage_app.command("export")
+def usage_export(
+    start: Annotated[str, typer.Option(help="From (inclusive), ISO date/time, UTC.")],
+    end: Annotated[str, typer.Option(help="To (exclusive), ISO date/time, UTC.")],
+    csv_out: Annotated[bool, typer.Option("--csv", help="One CSV row per request.")] = False,
+    account: Annotated[int | None, typer.Option("--account", help="Only this account.")] = None,
+    group_by: Annotated[str, typer.Option(help="day | model | customer (JSON output)")] = "day",
+) -> None:
+    """Usage in [start, end): per request as CSV, or grouped as JSON."""
+    begin, finish = _when(start), _when(end)
+    if group_by not in ("day", "model", "customer"):
+        raise typer.BadParameter("group-by is day, model or customer")
+    if csv_out:
+        _run(
+            lambda c: reports.export_usage_csv(
+                c.engine, sys.stdout, start=begin, end=finish, account_id=account
+            )
+        )
+        return
+    rows = _run(
+        lambda c: reports.usage_report(
+            c.engine,
+            start=begin,
+            end=finish,
+            group_by=group_by,  # type: ignore[arg-type]
+            account_id=account,
+        )
+    )
+    _print([row.to_json() for row in rows])
+
+
+@redis_app.command("rebuild")
+def redis_rebuild() -> None:
+    """Rebuild Redis (keys, limits, balances, today's use) from SQL."""
+    from billing.meter import UsageMeter
+    from billing.rebuild import rebuild
+
+    report = _run(lambda c: rebuild(c.engine, c.redis, meter=UsageMeter(c.engine, c.redis)))
+    _print(report.__dict__)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Upgrade the database schema to the newest revision."""
+    _run(lambda c: None)
+    typer.echo("database is at the newest revision")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

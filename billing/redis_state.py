@@ -1,0 +1,60 @@
+"""Writes of SQL state into Redis (the fast copy), shared by account services and rebuild."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from billing import redis_keys as rk
+
+if TYPE_CHECKING:
+    import redis
+
+
+def is_ready(r: redis.Redis) -> bool:
+    return bool(r.exists(rk.READY))
+
+
+def mark_ready(r: redis.Redis) -> None:
+    r.set(rk.READY, "1")
+
+
+def publish_account(
+    r: redis.Redis,
+    account_id: int,
+    *,
+    plan: str,
+    status: str,
+    requests_per_minute: int | None,
+    tokens_per_day: int | None,
+) -> None:
+    key = rk.account(account_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(key, mapping={"plan": plan, "status": status})
+    for name, value in (("rpm", requests_per_minute), ("tpd", tokens_per_day)):
+        if value is None:
+            pipe.hdel(key, name)
+        else:
+            pipe.hset(key, name, str(value))
+    pipe.execute()
+
+
+def publish_tag_caps(r: redis.Redis, account_id: int, caps: Mapping[str, int]) -> None:
+    key = rk.tag_caps(account_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(key)
+    if caps:
+        pipe.hset(key, mapping={tag: str(n) for tag, n in caps.items()})
+    pipe.execute()
+
+
+def publish_key(r: redis.Redis, key_hash: str, *, account_id: int, key_id: int) -> None:
+    r.hset(rk.api_key(key_hash), mapping={"account": str(account_id), "key_id": str(key_id)})
+
+
+def unpublish_key(r: redis.Redis, key_hash: str) -> None:
+    r.delete(rk.api_key(key_hash))
+
+
+def add_balance(r: redis.Redis, account_id: int, delta_nusd: int) -> None:
+    r.incrby(rk.balance(account_id), delta_nusd)

@@ -1,0 +1,314 @@
+"""Read-side reports: a credits summary, usage grouped by day / model / customer, CSV
+export, and `verify_ledger` (hash chain intact, double-entry ledger sums to zero, every paid
+request has its ledger transfer)."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, TextIO
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from billing import chain, ledger
+from billing import redis_keys as rk
+from billing import redis_state as rs
+from billing.admission import utc_day
+from billing.money import nusd_to_usd
+from billing.plans import Plans
+from billing.schema import (
+    Account,
+    AccountLimits,
+    LedgerAccount,
+    LedgerEntry,
+    LedgerTransfer,
+    UsageEvent,
+)
+
+if TYPE_CHECKING:
+    import redis
+
+GroupBy = Literal["day", "model", "customer"]
+
+
+@dataclass(frozen=True)
+class CreditsSummary:
+    account_id: int
+    plan: str
+    balance_nusd: int  # settled credits (SQL ledger)
+    available_nusd: int | None  # minus open reservations and undrained usage (Redis)
+    tokens_used_today: int
+    tokens_per_day: int | None  # None: no daily cap
+    resets_at: str  # next 00:00 UTC, ISO 8601
+
+    @property
+    def balance_usd(self) -> str:
+        return nusd_to_usd(self.balance_nusd)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "balance_usd": self.balance_usd}
+
+
+def credits_summary(
+    engine: Engine,
+    r: redis.Redis | None,
+    plans: Plans,
+    account_id: int,
+    *,
+    now: float | None = None,
+) -> CreditsSummary:
+    now = time.time() if now is None else now
+    day, day_end_ms = utc_day(now)
+    sql_day = f"{day[:4]}-{day[4:6]}-{day[6:8]}"
+    with Session(engine) as session:
+        account = session.get(Account, account_id)
+        if account is None:
+            raise KeyError(f"no account {account_id}")
+        limits = session.get(AccountLimits, account_id)
+        balance = ledger.balance(session, ledger.customer_credits(account_id))
+        used_sql = session.scalar(
+            select(
+                func.coalesce(func.sum(UsageEvent.prompt_tokens + UsageEvent.completion_tokens), 0)
+            ).where(UsageEvent.account_id == account_id, UsageEvent.usage_day == sql_day)
+        )
+        plan = account.plan
+    cap = limits.tokens_per_day if limits and limits.tokens_per_day is not None else None
+    if cap is None and plan in plans.plans:
+        cap = plans.plans[plan].tokens_per_day
+    available = None
+    used = int(used_sql or 0)
+    if r is not None and rs.is_ready(r):
+        bal_raw, day_raw = r.mget(rk.balance(account_id), rk.day(account_id, day))
+        available = int(bal_raw or 0)
+        used = int(day_raw or 0)
+    resets = datetime.fromtimestamp(day_end_ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+    return CreditsSummary(account_id, plan, balance, available, used, cap, resets)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    group: str | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nusd: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "total_tokens": self.total_tokens,
+            "cost_usd": nusd_to_usd(self.cost_nusd),
+        }
+
+
+def _ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def usage_report(
+    engine: Engine,
+    *,
+    start: datetime,
+    end: datetime,
+    group_by: GroupBy = "day",
+    account_id: int | None = None,
+) -> list[UsageRow]:
+    """Usage with its reservation time in [start, end), grouped; naive datetimes are UTC."""
+    column = {
+        "day": UsageEvent.usage_day,
+        "model": UsageEvent.model,
+        "customer": UsageEvent.customer_tag,
+    }[group_by]
+    query = (
+        select(
+            column,
+            func.count(),
+            func.sum(UsageEvent.prompt_tokens),
+            func.sum(UsageEvent.completion_tokens),
+            func.sum(UsageEvent.cost_nusd),
+        )
+        .where(UsageEvent.created_at_ms >= _ms(start), UsageEvent.created_at_ms < _ms(end))
+        .group_by(column)
+        .order_by(column)
+    )
+    if account_id is not None:
+        query = query.where(UsageEvent.account_id == account_id)
+    with Session(engine) as session:
+        return [
+            UsageRow(group, int(n), int(p or 0), int(c or 0), int(cost or 0))
+            for group, n, p, c, cost in session.execute(query)
+        ]
+
+
+EXPORT_COLUMNS = (
+    "request_id",
+    "created_at",
+    "settled_at",
+    "account_id",
+    "key_id",
+    "customer_tag",
+    "model",
+    "provider_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "input_nusd_per_token",
+    "output_nusd_per_token",
+    "cost_nusd",
+    "provider_share_nusd",
+    "platform_share_nusd",
+    "outcome",
+    "row_hash",
+)
+
+
+def _iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def export_usage_csv(
+    engine: Engine,
+    out: TextIO,
+    *,
+    start: datetime,
+    end: datetime,
+    account_id: int | None = None,
+) -> int:
+    """One CSV row per request reserved in [start, end); returns the number of rows."""
+    writer = csv.writer(out)
+    writer.writerow(EXPORT_COLUMNS)
+    query = (
+        select(UsageEvent)
+        .where(UsageEvent.created_at_ms >= _ms(start), UsageEvent.created_at_ms < _ms(end))
+        .order_by(UsageEvent.id)
+    )
+    if account_id is not None:
+        query = query.where(UsageEvent.account_id == account_id)
+    n = 0
+    with Session(engine) as session:
+        for row in session.scalars(query.execution_options(yield_per=1000)):
+            values = {c: getattr(row, c, None) for c in EXPORT_COLUMNS}
+            values["created_at"] = _iso_ms(row.created_at_ms)
+            values["settled_at"] = _iso_ms(row.settled_at_ms)
+            writer.writerow(["" if values[c] is None else values[c] for c in EXPORT_COLUMNS])
+            n += 1
+    return n
+
+
+@dataclass
+class VerifyResult:
+    usage_rows: int = 0
+    transfers: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "usage_rows": self.usage_rows,
+            "transfers": self.transfers,
+            "problems": self.problems,
+        }
+
+
+def _usage_rows(session: Session) -> Iterator[UsageEvent]:
+    yield from session.scalars(
+        select(UsageEvent).order_by(UsageEvent.id).execution_options(yield_per=1000)
+    )
+
+
+def verify_ledger(engine: Engine, *, max_problems: int = 100) -> VerifyResult:
+    result = VerifyResult()
+
+    def problem(text: str) -> None:
+        if len(result.problems) < max_problems:
+            result.problems.append(text)
+
+    with Session(engine) as session:
+        # 1. the usage hash chain, and each row's own arithmetic
+        prev = chain.GENESIS
+        costs: dict[str, int] = {}
+        for row in _usage_rows(session):
+            result.usage_rows += 1
+            fields = {name: getattr(row, name) for name in chain.HASHED_FIELDS}
+            if row.prev_hash != prev:
+                problem(f"usage row {row.id} ({row.request_id}): chain broken (prev_hash)")
+            if chain.row_hash(row.prev_hash, fields) != row.row_hash:
+                problem(f"usage row {row.id} ({row.request_id}): row_hash does not match")
+            expected = (
+                row.prompt_tokens * row.input_nusd_per_token
+                + row.completion_tokens * row.output_nusd_per_token
+            )
+            if row.cost_nusd != expected:
+                problem(f"usage row {row.id} ({row.request_id}): cost != tokens × prices")
+            if (row.provider_share_nusd, row.platform_share_nusd) != chain.split_cost(
+                row.cost_nusd
+            ):
+                problem(f"usage row {row.id} ({row.request_id}): split is not 95/5")
+            if row.cost_nusd:
+                costs[f"usage:{row.request_id}"] = row.cost_nusd
+            prev = row.row_hash
+
+        # 2. double entry: every transfer and the whole ledger sum to zero
+        result.transfers = session.scalar(select(func.count()).select_from(LedgerTransfer)) or 0
+        total = ledger.entries_sum(session)
+        if total != 0:
+            problem(f"ledger entries sum to {total}, not 0")
+        unbalanced = session.execute(
+            select(LedgerEntry.transfer_id, func.sum(LedgerEntry.amount))
+            .group_by(LedgerEntry.transfer_id)
+            .having(func.sum(LedgerEntry.amount) != 0)
+        ).all()
+        for transfer_id, amount in unbalanced:
+            problem(f"transfer {transfer_id}: entries sum to {amount}")
+        empty = session.scalars(
+            select(LedgerTransfer.id).where(
+                ~select(LedgerEntry.id).where(LedgerEntry.transfer_id == LedgerTransfer.id).exists()
+            )
+        ).all()
+        for transfer_id in empty:
+            problem(f"transfer {transfer_id} has no entries")
+        sums = dict(
+            session.execute(
+                select(LedgerEntry.ledger_account_id, func.sum(LedgerEntry.amount)).group_by(
+                    LedgerEntry.ledger_account_id
+                )
+            ).all()
+        )
+        for acct in session.scalars(select(LedgerAccount)):
+            if acct.balance != int(sums.get(acct.id) or 0):
+                problem(
+                    f"ledger account {acct.name}: balance {acct.balance} != entries "
+                    f"{int(sums.get(acct.id) or 0)}"
+                )
+            if acct.balance < 0 and not acct.allow_negative:
+                problem(f"ledger account {acct.name} is negative")
+
+        # 3. every paid request was charged exactly once, for its cost
+        charged = dict(
+            session.execute(
+                select(LedgerTransfer.idempotency_key, func.sum(LedgerEntry.amount))
+                .join(LedgerEntry, LedgerEntry.transfer_id == LedgerTransfer.id)
+                .join(LedgerAccount, LedgerAccount.id == LedgerEntry.ledger_account_id)
+                .where(LedgerTransfer.kind == "usage", LedgerAccount.kind == "customer_credits")
+                .group_by(LedgerTransfer.idempotency_key)
+            ).all()
+        )
+        for key, cost in costs.items():
+            if -int(charged.get(key) or 0) != cost:
+                problem(f"{key}: ledger charged {-int(charged.get(key) or 0)}, usage says {cost}")
+        for key in charged.keys() - costs.keys():
+            problem(f"{key}: a usage transfer without a usage row")
+    return result

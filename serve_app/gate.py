@@ -1,0 +1,82 @@
+"""Admission before inference and settlement after it, as the ingress sees them.
+
+`billing.admission` decides (one Redis round trip each way); this module reads the request's
+key and customer tag, turns a refusal into the OpenAI error with its headers, and settles in
+a task of its own: off the response's path, and never cancelled with the request, so a
+client that goes away is still billed what it was sent, and its reservation refunded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import Request
+
+from billing.admission import Admission, Admitted, Refused
+from cluster.catalog import CatalogModel
+from serve_app.errors import APIError
+from serve_app.streaming import Usage
+
+CUSTOMER_HEADER = "x-customer-id"
+logger = logging.getLogger("darkgpu.ingress")
+
+
+def bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
+def refusal(refused: Refused) -> APIError:
+    headers = dict(refused.headers)
+    if refused.retry_after_s is not None:
+        headers["Retry-After"] = str(refused.retry_after_s)
+    return APIError(
+        refused.status, refused.message, type=refused.type, code=refused.code, headers=headers
+    )
+
+
+class Gate:
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._settling: set[asyncio.Task[bool]] = set()
+
+    async def account(self, request: Request) -> int:
+        """The caller's account, for requests that run no inference."""
+        result = await self._admission.authenticate(bearer_key(request))
+        if isinstance(result, Refused):
+            raise refusal(result)
+        return result
+
+    async def admit(
+        self, request: Request, model: CatalogModel, prompt_tokens: int, max_tokens: int
+    ) -> Admitted:
+        result = await self._admission.admit(
+            api_key=bearer_key(request) or "",
+            request_id=request.state.request_id,
+            model=model,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            customer_tag=request.headers.get(CUSTOMER_HEADER),
+        )
+        if isinstance(result, Refused):
+            raise refusal(result)
+        return result
+
+    def settle(self, request_id: str, usage: Usage, provider_id: str) -> None:
+        task = asyncio.create_task(
+            self._admission.settle(
+                request_id=request_id,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                provider_id=provider_id,
+            )
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[bool]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The hold stays open; the billing actor's reaper settles it.
+            logger.error("settlement failed: %r", task.exception())
