@@ -29,7 +29,8 @@ def bearer_key(request: Request) -> str | None:
 
 def refusal(refused: Refused) -> APIError:
     headers = dict(refused.headers)
-    if refused.retry_after_s is not None:
+    has_retry_after = any(name.lower() == "retry-after" for name in headers)
+    if refused.retry_after_s is not None and not has_retry_after:
         headers["Retry-After"] = str(refused.retry_after_s)
     return APIError(
         refused.status, refused.message, type=refused.type, code=refused.code, headers=headers
