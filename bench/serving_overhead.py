@@ -2,7 +2,8 @@
 
 1. vLLM alone (its OpenAI server),
 2. a bare Ray Serve LLM app (`build_openai_app`, stream batching off as ours),
-3. this platform (`darkgpu up`: ingress, provider router, LLMServer deployment),
+3. this platform (`darkgpu up`: ingress with key check, admission and settlement in Redis,
+   provider router, LLMServer deployment; the billing actor draining into SQLite),
 
 each measured at concurrency 1 and 16 with the same client, one after the other in one run:
 p50/p99 latency of short completions, p50/p99 time to first token when streaming, and
@@ -71,13 +72,14 @@ async def _one(client: httpx.AsyncClient, url: str, max_tokens: int, stream: boo
     raise RuntimeError("stream ended without a token")
 
 
-async def _run(url: str, n: int, concurrency: int, max_tokens: int, stream: bool):
+async def _run(url: str, n: int, concurrency: int, max_tokens: int, stream: bool, key: str):
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
     samples: list[float] = []
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
 
         async def worker() -> None:
             while not queue.empty():
@@ -90,14 +92,14 @@ async def _run(url: str, n: int, concurrency: int, max_tokens: int, stream: bool
     return samples, n / elapsed
 
 
-def measure(server: str, base: str, n: int, max_tokens: int) -> list[Result]:
+def measure(server: str, base: str, n: int, max_tokens: int, key: str = "none") -> list[Result]:
     url = f"{base}/v1/chat/completions"
-    asyncio.run(_run(url, 8, 4, max_tokens, False))  # warm up
+    asyncio.run(_run(url, 8, 4, max_tokens, False, key))  # warm up
     results = []
     for concurrency in (1, 16):
         count = n if concurrency == 1 else n * 4
-        latencies, rps = asyncio.run(_run(url, count, concurrency, max_tokens, False))
-        ttfts, _ = asyncio.run(_run(url, count, concurrency, max_tokens, True))
+        latencies, rps = asyncio.run(_run(url, count, concurrency, max_tokens, False, key))
+        ttfts, _ = asyncio.run(_run(url, count, concurrency, max_tokens, True, key))
         results.append(
             Result(
                 server,
@@ -180,14 +182,33 @@ if __name__ == "__main__":
 
 
 @contextmanager
-def platform(data_dir: Path, port: int) -> Iterator[str]:
-    env = {**os.environ, "DARKGPU_DATA_DIR": str(data_dir), "DARKGPU_HTTP_PORT": str(port),
-           "DARKGPU_RAY_PORT": "6395", "DARKGPU_METRICS_PORT": "8095",
-           "DARKGPU_DASHBOARD_PORT": "8285"}  # fmt: skip
-    subprocess.run([str(BIN / "darkgpu"), "up"], env=env, check=True, capture_output=True)
+def platform(data_dir: Path, port: int) -> Iterator[tuple[str, str]]:
+    """The platform with billing on: a paid account with credits, and its key."""
+    env = {
+        **os.environ,
+        "DARKGPU_DATA_DIR": str(data_dir),
+        "DARKGPU_HTTP_PORT": str(port),
+        "DARKGPU_RAY_PORT": "6395",
+        "DARKGPU_METRICS_PORT": "8095",
+        "DARKGPU_DASHBOARD_PORT": "8285",
+        "DARKGPU_REDIS_URL": "redis://127.0.0.1:6396/0",
+    }
+    darkgpu = [str(BIN / "darkgpu")]
+
+    def admin(*args: str) -> dict:
+        done = subprocess.run(
+            [*darkgpu, "admin", *args], env=env, check=True, capture_output=True, text=True
+        )
+        return json.loads(done.stdout)
+
+    subprocess.run([*darkgpu, "up"], env=env, check=True, capture_output=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz")
-        yield f"http://127.0.0.1:{port}"
+        account = admin("account", "create", "--email", "bench@example.com", "--plan", "paid")
+        admin("credits", "grant", "--account", str(account["id"]), "--usd", "100")
+        admin("account", "update", "--account", str(account["id"]), "--rpm", "100000")
+        key = admin("key", "create", "--account", str(account["id"]))["key"]
+        yield f"http://127.0.0.1:{port}", key
     finally:
         subprocess.run([str(BIN / "darkgpu"), "down"], env=env, capture_output=True)
 
@@ -240,8 +261,8 @@ def main() -> None:
         with bare_serve_llm(model_dir, 8102) as base:
             results += measure("serve-llm", base, args.requests, args.max_tokens)
         print("this platform ...", flush=True)
-        with platform(data_dir, 8103) as base:
-            results += measure("platform", base, args.requests, args.max_tokens)
+        with platform(data_dir, 8103) as (base, key):
+            results += measure("platform", base, args.requests, args.max_tokens, key)
     print(f"\n{args.max_tokens} output tokens per request, {os.cpu_count()} cores\n")
     print(table(results))
     print()

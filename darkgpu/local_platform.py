@@ -70,7 +70,12 @@ class LocalPlatform:
         cluster.apply_env()
         running = cluster.is_running()
         if running:
-            cluster.stop()
+            from serve_app.deploy import undeploy
+
+            try:
+                undeploy(cluster.address)
+            finally:
+                cluster.stop()
         redis = self.own_redis()
         if redis is not None and redis.pid() is not None:
             redis.stop()

@@ -26,3 +26,10 @@ def deploy(settings: Settings, address: str, billing: BillingSettings) -> None:
 def is_deployed(address: str) -> bool:
     _connect(address)
     return APP_NAME in serve.status().applications
+
+
+def undeploy(address: str) -> None:
+    """Shut Serve down gracefully: each model replica stops its engine's processes, which
+    a forced `ray stop` would leave behind (vLLM's engine core outlives a killed replica)."""
+    _connect(address)
+    serve.shutdown()

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-import redis as redis_sync
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -29,11 +28,8 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (  # the engi
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from billing.admission import Admission, Admitted, connect
-from billing.db import make_engine
-from billing.plans import load_plans
+from billing.admission import Admitted
 from billing.reports import credits_summary, usage_report
-from billing.settings import BillingSettings
 from cluster.catalog import Catalog, CatalogModel
 from serve_app.availability import ReplicaAvailability
 from serve_app.errors import (
@@ -43,11 +39,11 @@ from serve_app.errors import (
     model_not_found,
     no_replica,
 )
-from serve_app.gate import Gate
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import RequestIdMiddleware
 from serve_app.models import ServedBy
 from serve_app.schemas import decode_json, parse_chat, parse_completion, require_model
+from serve_app.services import Services
 from serve_app.streaming import SSERelay, Usage
 from serve_app.tokens import PromptCounter
 
@@ -145,16 +141,9 @@ class Ingress:
         self._metrics = IngressMetrics()
         self._created = int(time.time())
 
-        settings = BillingSettings(**billing)
-        self._plans = load_plans(settings.plans_file)
-        self._redis = redis_sync.Redis.from_url(settings.redis_url)
-        self._db = make_engine(settings.database_url)
-        admission = Admission(
-            connect(settings.redis_url),
-            self._plans,
-            hold_ttl_s=settings.hold_ttl_s,
-        )
-        self._gate = Gate(admission)
+        self._services = Services.create(billing)
+        self._gate = self._services.gate
+        api.state.services = self._services
 
     # --- health -------------------------------------------------------------------------
 
@@ -209,7 +198,11 @@ class Ingress:
     async def credits(self, request: Request) -> dict[str, Any]:
         account_id = await self._gate.account(request)
         summary = await asyncio.to_thread(
-            credits_summary, self._db, self._redis, self._plans, account_id
+            credits_summary,
+            self._services.db,
+            self._services.redis,
+            self._services.plans,
+            account_id,
         )
         return {"object": "credits", **summary.to_json()}
 
@@ -228,7 +221,7 @@ class Ingress:
         if since >= until:
             raise invalid_request("'start' must be before 'end'.", param="start")
         rows = await asyncio.to_thread(
-            usage_report, self._db, start=since, end=until, group_by=group_by,
+            usage_report, self._services.db, start=since, end=until, group_by=group_by,
             account_id=account_id,
         )  # fmt: skip
         return {
