@@ -147,7 +147,7 @@ def vllm_alone(model_dir: Path, port: int) -> Iterator[str]:
 @contextmanager
 def bare_serve_llm(model_dir: Path, port: int) -> Iterator[str]:
     code = f"""
-import time, ray
+import signal, sys, time, ray
 from ray import serve
 from ray.serve.llm import LLMConfig, build_openai_app
 if __name__ == "__main__":
@@ -162,6 +162,8 @@ if __name__ == "__main__":
         deployment_config={{"max_ongoing_requests": 64}},
     )
     serve.run(build_openai_app({{"llm_configs": [config]}}))
+    stop = lambda *_: (serve.shutdown(), sys.exit(0))  # engines stop with their replicas
+    signal.signal(signal.SIGTERM, stop)
     while True:
         time.sleep(60)
 """
