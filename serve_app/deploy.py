@@ -33,3 +33,4 @@ def undeploy(address: str) -> None:
     a forced `ray stop` would leave behind (vLLM's engine core outlives a killed replica)."""
     _connect(address)
     serve.shutdown()
+    ray.shutdown()  # leave before the cluster stops, or the driver reports its death
