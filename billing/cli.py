@@ -302,5 +302,72 @@ def db_upgrade() -> None:
     typer.echo("database is at the newest revision")
 
 
+# --- payouts and reconciliation (issue 4) -------------------------------------------------
+
+payouts_app = typer.Typer(help="Weekly provider payouts (Stripe Connect).", no_args_is_help=True)
+app.add_typer(payouts_app, name="payouts")
+
+
+@payouts_app.command("run")
+def payouts_run(
+    week: Annotated[
+        str | None, typer.Option(help="ISO week YYYY-Www (default: the last week that ended).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be paid; change nothing.")
+    ] = False,
+) -> None:
+    """Pay providers for a week: one Stripe transfer each where at least $10 is due and payouts
+    are enabled (exit 1 if a transfer failed or went unanswered; rerunning is safe)."""
+    from billing.payouts import IsoWeek, run_payouts
+    from billing.stripe_client import maybe_stripe_client
+
+    def run(c: Ctx) -> Any:
+        client = None if dry_run else maybe_stripe_client(c.settings)
+        return run_payouts(
+            c.engine, client, week=IsoWeek.parse(week) if week else None, dry_run=dry_run
+        )
+
+    report = _run(run)
+    _print(report.to_json())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("reconcile")
+def reconcile_cmd(
+    date_: Annotated[str, typer.Option("--date", help="The UTC day to check, YYYY-MM-DD.")],
+    csv_path: Annotated[
+        str | None, typer.Option("--csv", help="Write the day's journal here (- for stdout).")
+    ] = None,
+) -> None:
+    """Check usage, the ledgers, Redis and Stripe against each other (exit 1 on a mismatch);
+    optionally write the day's balanced journal for bookkeeping software."""
+    from datetime import date as date_type
+
+    from billing.reconcile import reconcile, write_journal
+
+    try:
+        day = date_type.fromisoformat(date_)
+    except ValueError:
+        raise typer.BadParameter(f"not a date (YYYY-MM-DD): {date_!r}") from None
+
+    def run(c: Ctx) -> Any:
+        if csv_path == "-":
+            write_journal(c.engine, sys.stdout, start=day)
+        elif csv_path:
+            with open(csv_path, "w", newline="") as out:
+                write_journal(c.engine, out, start=day)
+        return reconcile(c.engine, c.redis, day=day)
+
+    report = _run(run)
+    if csv_path != "-":
+        _print(report.to_json())
+    else:
+        typer.echo(json.dumps(report.to_json(), sort_keys=True, default=str), err=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -38,6 +38,8 @@ from billing.schema import Account, ApiKey, UsageEvent
 if TYPE_CHECKING:
     import redis
 
+    from billing.settings import BillingSettings
+
 log = logging.getLogger(__name__)
 
 CHAIN_LOCK_ID = 0x6461726B677075  # "darkgpu": pg_advisory_xact_lock key for chain appends
@@ -317,13 +319,16 @@ class BillingLoop:
         max_batch: int = 500,
         block_ms: int = 1000,
         reap_every_s: float = 5.0,
+        payouts_every_s: float = 300.0,
+        settings: BillingSettings | None = None,
     ) -> None:
         import redis as redis_lib
 
         from billing.db import make_engine, migrate
         from billing.settings import BillingSettings
 
-        settings = BillingSettings()
+        settings = settings or BillingSettings()
+        self.settings = settings
         self.engine = make_engine(database_url or settings.database_url)
         migrate(self.engine)
         self.redis = redis_lib.Redis.from_url(redis_url or settings.redis_url)
@@ -331,6 +336,7 @@ class BillingLoop:
         self.max_batch = max_batch
         self.block_ms = block_ms
         self.reap_every_s = reap_every_s
+        self.payouts_every_s = payouts_every_s
         self._stop = threading.Event()
 
     def step(self) -> int:
@@ -342,7 +348,7 @@ class BillingLoop:
         return self.meter.drain_once(self.max_batch, block_ms=self.block_ms)
 
     def run(self, max_iterations: int | None = None) -> int:
-        handled, iterations, last_reap = 0, 0, 0.0
+        handled, iterations, last_reap, last_payouts = 0, 0, 0.0, 0.0
         while not self._stop.is_set():
             if max_iterations is not None and iterations >= max_iterations:
                 break
@@ -352,10 +358,22 @@ class BillingLoop:
                 if time.monotonic() - last_reap >= self.reap_every_s:
                     self.meter.reap()
                     last_reap = time.monotonic()
+                if time.monotonic() - last_payouts >= self.payouts_every_s:
+                    last_payouts = time.monotonic()
+                    self.pay_due_week()
             except Exception:  # keep metering through Redis or database outages
                 log.exception("billing loop step failed; retrying")
                 self._stop.wait(1.0)
         return handled
+
+    def pay_due_week(self) -> None:
+        """Monday's payouts for the week that ended, once (billing.payouts.run_due)."""
+        from billing.payouts import run_due
+        from billing.stripe_client import maybe_stripe_client
+
+        client = maybe_stripe_client(self.settings)
+        if client is not None:
+            run_due(self.engine, client)
 
     def stop(self) -> None:
         self._stop.set()

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -30,6 +33,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from cluster.nvml import CcState
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets BIGINT identities.
 Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -206,3 +211,219 @@ class UsageEvent(Base):
 
 
 APPEND_ONLY_TABLES = ("usage_events", "ledger_transfers", "ledger_entries")
+
+
+class ProviderStatus(StrEnum):
+    online = "online"  # in the cluster, taking requests
+    paused = "paused"  # outside its schedule, or its owner is using the GPU
+    draining = "draining"  # leaving: finishing in-flight requests
+    offline = "offline"  # no heartbeat (or never joined)
+
+
+class Provider(Base):
+    """A provider's node: the GPU it lends, its X25519 public key, trust tier and status.
+    The id (`prv_…`) is the `darkgpu.io/provider-id` node label and `usage_events.provider_id`."""
+
+    __tablename__ = "providers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    x25519_public_key: Mapped[str | None] = mapped_column(String(64))  # base64, 32 bytes
+    gpu_name: Mapped[str | None] = mapped_column(String(128))
+    vram_gb: Mapped[float | None] = mapped_column(Float)
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    driver_version: Mapped[str | None] = mapped_column(String(32))
+    cuda_version: Mapped[str | None] = mapped_column(String(16))
+    cc_state: Mapped[str] = mapped_column(String(16), default=CcState.unknown.value)
+    trust_tier: Mapped[str] = mapped_column(String(16), default="basic")
+    cc_evidence: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    price_floor_pct: Mapped[int] = mapped_column(Integer, default=0)
+    schedule: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=ProviderStatus.offline.value)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s.value}'" for s in ProviderStatus) + ")",
+            name="status",
+        ),
+        CheckConstraint("trust_tier IN ('basic', 'verified')", name="trust_tier"),
+        CheckConstraint(
+            "cc_state IN (" + ", ".join(f"'{s.value}'" for s in CcState) + ")", name="cc_state"
+        ),
+        CheckConstraint("price_floor_pct >= 0 AND price_floor_pct <= 1000", name="price_floor"),
+        CheckConstraint("gpu_count >= 0", name="gpu_count"),
+    )
+
+
+class ProviderToken(Base):
+    """A provider agent's credential (`dgpp-…`): only its SHA-256 is stored."""
+
+    __tablename__ = "provider_tokens"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    provider_id: Mapped[str] = mapped_column(ForeignKey("providers.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# --- Payments (issue 4): passwords, Stripe events and purchases, payouts -------------------
+
+
+class AccountPassword(Base):
+    """An account's console password, as an argon2id PHC string (never the password)."""
+
+    __tablename__ = "account_passwords"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StripeEvent(Base):
+    """A webhook event handled, written in the same transaction as its effects: an event whose
+    id is here is never applied again."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    stripe_created: Mapped[int] = mapped_column(BigInteger)  # the event's `created`, epoch s
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(String(500))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PaymentStatus(StrEnum):
+    open = "open"  # Checkout Session created, not paid yet
+    paid = "paid"  # credits granted
+    failed = "failed"  # the delayed payment failed
+
+
+class StripePayment(Base):
+    """One credit-bundle purchase (a Checkout Session and its PaymentIntent), with what was
+    refunded and disputed so far (cumulative cents) and what that took back."""
+
+    __tablename__ = "stripe_payments"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    bundle: Mapped[str] = mapped_column(String(32))
+    checkout_session_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    payment_intent_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), default=PaymentStatus.open.value)
+    refunded_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    disputed_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    clawed_back_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    unrecovered_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(
+            "amount_cents >= 0 AND refunded_cents >= 0 AND disputed_cents >= 0", name="amounts"
+        ),
+    )
+
+
+class StripeMovement(Base):
+    """Money that moved at Stripe (a charge, refund, dispute, reinstated dispute or Connect
+    transfer), as the webhooks and the payout run saw it. `clearing_nusd` is the change it
+    makes to the payment-clearing ledger account; `key` is its ledger transfer's key."""
+
+    __tablename__ = "stripe_movements"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    stripe_id: Mapped[str] = mapped_column(String(255))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    clearing_nusd: Mapped[int] = mapped_column(BigInteger)
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"))
+    provider_id: Mapped[str | None] = mapped_column(String(64))
+    event_id: Mapped[str | None] = mapped_column(String(255))
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (CheckConstraint("amount_cents > 0", name="positive"),)
+
+
+class AccountFlag(Base):
+    """Something an operator should look at: a refund or dispute that found the credits
+    already spent (`unrecovered_nusd` could not be clawed back)."""
+
+    __tablename__ = "account_flags"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    reason: Mapped[str] = mapped_column(String(32))
+    stripe_id: Mapped[str] = mapped_column(String(255))
+    unrecovered_nusd: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PayoutAccount(Base):
+    """The Stripe Connect (Express) account of an account that owns providers: one per owner,
+    paying every provider it owns. `stripe_updated_s` is the `created` time of the newest
+    `account.updated` event applied, so an older event arriving late changes nothing."""
+
+    __tablename__ = "payout_accounts"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    stripe_account_id: Mapped[str] = mapped_column(String(255), unique=True)
+    payouts_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    details_submitted: Mapped[bool] = mapped_column(Boolean, default=False)
+    stripe_updated_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PayoutStatus(StrEnum):
+    pending = "pending"  # money moved to payouts-pending; the transfer's outcome not known
+    paid = "paid"  # Stripe made the transfer
+    failed = "failed"  # Stripe refused it; the money is payable again
+
+
+class Payout(Base):
+    """A provider's payout for one ISO week (`2026-W03`). A refused transfer may be tried
+    again (`attempt` + 1, a new idempotency key); an unanswered one only with the same key."""
+
+    __tablename__ = "payouts"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    provider_id: Mapped[str] = mapped_column(ForeignKey("providers.id"), index=True)
+    week: Mapped[str] = mapped_column(String(8))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    stripe_account_id: Mapped[str] = mapped_column(String(255))
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16))
+    transfer_id: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("provider_id", "week", name="uq_payouts_provider_week"),
+        CheckConstraint("amount_cents > 0", name="positive"),
+    )
+
+
+class PayoutRun(Base):
+    """A weekly payout run (the automatic schedule runs each week once)."""
+
+    __tablename__ = "payout_runs"
+
+    week: Mapped[str] = mapped_column(String(8), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

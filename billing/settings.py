@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +25,19 @@ class BillingSettings(BaseSettings):
     plans_file: Path = DEFAULT_PLANS_FILE
     # How long a reservation may stay open before the reaper settles it as zero usage.
     hold_ttl_s: int = Field(default=1800, ge=1)
+
+    # Stripe (billing.stripe_client). Empty secrets: payments are off and their endpoints
+    # answer 503. `stripe_api_base` points the client elsewhere (a local Stripe stand-in).
+    stripe_secret_key: SecretStr = SecretStr("")
+    stripe_webhook_secret: SecretStr = SecretStr("")
+    stripe_webhook_tolerance_s: int = Field(default=300, ge=1)
+    stripe_api_base: str = ""
+    checkout_success_url: str = (
+        "https://console.darkgpu.ai/billing?checkout=success&session_id={CHECKOUT_SESSION_ID}"
+    )
+    checkout_cancel_url: str = "https://console.darkgpu.ai/billing?checkout=cancelled"
+    connect_refresh_url: str = "https://console.darkgpu.ai/provider/payouts?onboarding=refresh"
+    connect_return_url: str = "https://console.darkgpu.ai/provider/payouts?onboarding=done"
 
     @model_validator(mode="after")
     def _resolve(self) -> BillingSettings:

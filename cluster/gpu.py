@@ -1,40 +1,28 @@
-"""The GPUs of this machine, read with NVML (nvidia-ml-py); none where there is no driver."""
+"""The GPUs of this machine, read with NVML (cluster.nvml); none where there is no driver."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-GIB = 1024**3
+from cluster.nvml import GIB, GpuReader, NvmlReader
+
+__all__ = ["GIB", "GPU", "local_gpus"]
 
 
 @dataclass(frozen=True)
 class GPU:
     name: str
-    vram_gb: int
+    vram_gb: int  # to the nearest GiB, as the `vram_gb` resource counts it (cluster.nvml)
 
 
-def local_gpus() -> list[GPU]:
-    """The GPUs NVML sees, or none when NVML or its driver is missing."""
+def local_gpus(reader: GpuReader | None = None) -> list[GPU]:
+    """The GPUs NVML sees, or none when nvidia-ml-py, NVML or its driver is missing."""
     try:
         import pynvml
     except ImportError:
         return []
     try:
-        pynvml.nvmlInit()
+        reading = (reader or NvmlReader()).read()
     except pynvml.NVMLError:
         return []
-    try:
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(
-                GPU(
-                    name=name if isinstance(name, str) else name.decode(),
-                    vram_gb=int(memory.total // GIB),
-                )
-            )
-        return gpus
-    finally:
-        pynvml.nvmlShutdown()
+    return [GPU(name=d.name, vram_gb=round(d.vram_gib)) for d in reading.devices]

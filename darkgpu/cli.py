@@ -1,4 +1,5 @@
-"""`darkgpu`: the one command. Operators: `up`, `down`, `admin …`."""
+"""`darkgpu`: the one command. Operators: `up`, `down`, `admin …`; providers: `auth`, `serve`,
+`status`."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import time
 
 import typer
 
+from agent_bootstrap.cli import register_commands
 from billing.cli import app as admin_app
 from darkgpu.local_platform import LocalPlatform
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 app.add_typer(admin_app, name="admin", help="Accounts, keys, credits, caps and the ledger.")
+register_commands(app)
 
 
 @app.command()

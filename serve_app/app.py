@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from pydantic import SecretStr
 from ray import serve
 from ray.serve import Application
 
@@ -35,7 +36,9 @@ class BillingMeter:
     def __init__(self, billing: dict[str, Any]) -> None:
         settings = BillingSettings(**billing)
         consumer = f"meter-{serve.get_replica_context().replica_id.unique_id}"
-        self._loop = BillingLoop(settings.database_url, settings.redis_url, consumer=consumer)
+        self._loop = BillingLoop(
+            settings.database_url, settings.redis_url, consumer=consumer, settings=settings
+        )
         self._thread = threading.Thread(target=self._loop.run, name="billing", daemon=True)
         self._thread.start()
 
@@ -48,12 +51,13 @@ class BillingMeter:
 
 
 def billing_args(settings: BillingSettings) -> dict[str, Any]:
-    return {
-        "database_url": settings.database_url,
-        "redis_url": settings.redis_url,
-        "plans_file": str(settings.plans_file),
-        "hold_ttl_s": settings.hold_ttl_s,
-    }
+    """The billing settings, as the replicas' constructor arguments (not environment
+    variables: Ray shows a runtime environment in its dashboard, and these hold secrets)."""
+    args = settings.model_dump(mode="json")
+    for name, value in settings:
+        if isinstance(value, SecretStr):
+            args[name] = value.get_secret_value()
+    return args
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -31,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from billing.admission import Admitted
 from billing.reports import credits_summary, usage_report
 from cluster.catalog import Catalog, CatalogModel
+from serve_app import routes_payments, routes_providers
 from serve_app.availability import ReplicaAvailability
 from serve_app.errors import (
     APIError,
@@ -55,6 +56,8 @@ logger = logging.getLogger("darkgpu.ingress")
 api = FastAPI(title="DarkGPU", docs_url=None, redoc_url=None, openapi_url=None)
 api.add_middleware(RequestIdMiddleware)
 install_error_handlers(api)
+api.include_router(routes_providers.router)
+api.include_router(routes_payments.router)
 
 
 def model_card(model: CatalogModel, available: bool, created: int) -> dict[str, Any]:

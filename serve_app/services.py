@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis as redis_sync
+import stripe
 from fastapi import Request
 from sqlalchemy.engine import Engine
 
@@ -17,6 +18,7 @@ from billing.admission import Admission, connect
 from billing.db import make_engine
 from billing.plans import Plans, load_plans
 from billing.settings import BillingSettings
+from billing.stripe_client import maybe_stripe_client
 from cluster.registry import ProviderPlatform
 from serve_app.gate import Gate
 
@@ -28,6 +30,8 @@ class Services:
     redis: redis_sync.Redis
     plans: Plans
     gate: Gate
+    # None when DARKGPU_STRIPE_SECRET_KEY is not set: the payment routes answer 503.
+    stripe: stripe.StripeClient | None = None
     # the provider registry's settings and CC verifier (serve_app/routes_providers.py)
     providers: ProviderPlatform = field(default_factory=ProviderPlatform)
 
@@ -42,6 +46,7 @@ class Services:
             redis=redis_sync.Redis.from_url(settings.redis_url),
             plans=plans,
             gate=Gate(admission),
+            stripe=maybe_stripe_client(settings),
         )
 
 

@@ -1,0 +1,134 @@
+"""Buying a credit bundle: a Stripe Checkout Session (mode `payment`) for one bundle of
+`configs/plans.toml`, priced inline from it (no Price objects to keep in sync).
+
+Our account id and the bundle go into the metadata of the session and of its PaymentIntent
+(Stripe does not copy the session's metadata onto the PaymentIntent, and refunds and
+disputes only name the PaymentIntent), and the session is recorded in `stripe_payments`
+as `open`. Credits are granted only by the webhook (billing.webhooks), once Stripe says paid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import stripe
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from billing.money import nusd_to_usd
+from billing.plans import Plans
+from billing.schema import Account, AccountStatus, PaymentStatus, StripePayment
+from billing.settings import BillingSettings
+from billing.stripe_client import plain
+
+META_ACCOUNT = "darkgpu_account_id"
+META_BUNDLE = "darkgpu_bundle"
+CURRENCY = "usd"
+NUSD_PER_CENT = 10**7
+
+
+class CheckoutError(ValueError):
+    def __init__(self, message: str, *, status: int = 400, param: str | None, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    id: str
+    url: str
+    bundle: str
+    amount_cents: int
+    currency: str
+    expires_at: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "object": "checkout.session",
+            **asdict(self),
+            "amount_usd": nusd_to_usd(self.amount_cents * NUSD_PER_CENT),
+        }
+
+
+def metadata(account_id: int, bundle: str) -> dict[str, str]:
+    return {META_ACCOUNT: str(account_id), META_BUNDLE: bundle}
+
+
+def create_checkout(
+    engine: Engine,
+    client: stripe.StripeClient,
+    plans: Plans,
+    settings: BillingSettings,
+    *,
+    account_id: int,
+    bundle: str,
+) -> CheckoutResult:
+    offer = plans.bundles.get(bundle)
+    if offer is None:
+        names = ", ".join(sorted(plans.bundles)) or "none"
+        raise CheckoutError(
+            f"Unknown bundle {bundle!r}; bundles: {names}.", param="bundle", code="unknown_bundle"
+        )
+    with Session(engine) as session:
+        account = session.get(Account, account_id)
+        if account is None or account.status != AccountStatus.active.value:
+            raise CheckoutError(
+                "This account cannot buy credits.", status=403, param=None, code="account_inactive"
+            )
+        email = account.email
+    meta = metadata(account_id, bundle)
+    name = f"DarkGPU {bundle.title()} credits"
+    params: dict[str, Any] = {
+        "mode": "payment",
+        "line_items": [
+            {
+                "quantity": 1,
+                "price_data": {
+                    "currency": CURRENCY,
+                    "unit_amount": offer.price_cents,
+                    "product_data": {
+                        "name": name,
+                        "description": (
+                            f"${offer.price_usd} of prepaid inference credits; default daily "
+                            f"cap {offer.default_tokens_per_day:,} tokens"
+                        ),
+                    },
+                },
+            }
+        ],
+        "client_reference_id": str(account_id),
+        "customer_email": email,
+        "metadata": meta,
+        "payment_intent_data": {"metadata": meta, "description": name},
+        "success_url": settings.checkout_success_url,
+        "cancel_url": settings.checkout_cancel_url,
+    }
+    created = plain(client.v1.checkout.sessions.create(params=params))  # type: ignore[arg-type]
+    pi = created.get("payment_intent")
+    with Session(engine) as session, session.begin():
+        session.add(
+            StripePayment(
+                account_id=account_id,
+                bundle=bundle,
+                checkout_session_id=created["id"],
+                payment_intent_id=pi if isinstance(pi, str) else None,
+                amount_cents=int(created.get("amount_total") or offer.price_cents),
+                currency=str(created.get("currency") or CURRENCY),
+                status=PaymentStatus.open.value,
+                refunded_cents=0,
+                disputed_cents=0,
+                clawed_back_nusd=0,
+                unrecovered_nusd=0,
+            )
+        )
+    return CheckoutResult(
+        id=created["id"],
+        url=created["url"],
+        bundle=bundle,
+        amount_cents=offer.price_cents,
+        currency=CURRENCY,
+        expires_at=created.get("expires_at"),
+    )

@@ -1,0 +1,279 @@
+"""The provider routes on a small app, against real SQLite / PostgreSQL and Redis, called the
+way the agent calls them (agent_bootstrap.api / credentials over the TestClient)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from agent_bootstrap import credentials as creds
+from agent_bootstrap.agent import Agent, AgentDeps, NodeSpec, Phase
+from agent_bootstrap.api import PlatformClient
+from agent_bootstrap.config import ProviderConfig
+from agent_bootstrap.idle import StaticProcTable
+from agent_bootstrap.keys import load_or_create
+from agent_bootstrap.paths import mode_of
+from billing.plans import Plans
+from cluster.attestation import SignedReportVerifier, make_evidence
+from cluster.nvml import RecordedReader, detect
+from cluster.registry import ProviderPlatform, RegistrySettings
+from serve_app.errors import install_error_handlers
+from serve_app.routes_providers import router
+from serve_app.services import Services
+from tests.billing import conftest as billing
+from tests.cluster.cc_pki import DevicePki
+from tests.cluster.nvml_readings import H100, H100_CC_ON
+
+db_url = billing.db_url
+engine = billing.engine
+r = billing.r
+plans = billing.plans
+
+RAY_TOKEN = "ray-cluster-token-0123456789"
+
+
+@dataclass
+class Platform:
+    client: TestClient
+    services: Services
+    consumer_key: str
+    token_file: Path
+
+    def post(self, path: str, key: str | None = None, **kw):
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return self.client.post(path, headers=headers, **kw)
+
+    def get(self, path: str, key: str | None = None):
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return self.client.get(path, headers=headers)
+
+    def new_provider(self, name: str = "rig") -> tuple[str, str]:
+        response = self.post("/v1/providers", self.consumer_key, json={"name": name})
+        assert response.status_code == 201, response.text
+        return response.json()["id"], response.json()["token"]
+
+
+@pytest.fixture
+def platform(
+    db_url: str, engine: Engine, r: redis.Redis, plans: Plans, tmp_path: Path
+) -> Iterator[Platform]:
+    token_file = tmp_path / "ray_auth_token"
+    token_file.write_text(RAY_TOKEN + "\n")
+    services = Services.create({"database_url": db_url, "redis_url": billing.REDIS_URL})
+    services.providers = ProviderPlatform(
+        RegistrySettings(
+            cluster_address="10.8.0.1:6380",
+            ray_auth_token_path=token_file,
+            heartbeat_interval_s=7,
+        )
+    )
+    app = FastAPI()
+    install_error_handlers(app)
+    app.state.services = services
+    app.include_router(router)
+    customer = billing.make_customer(engine, r, plans, plan="paid")
+    with TestClient(app) as client:
+        yield Platform(client, services, customer.key, token_file)
+    services.db.dispose()
+
+
+def _public_key() -> str:
+    raw = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    return base64.b64encode(raw).decode()
+
+
+def _register_body(reading=H100) -> dict:
+    return {**detect(RecordedReader(reading)).facts(), "public_key": _public_key()}
+
+
+def test_creating_a_provider_needs_a_consumer_key(platform: Platform) -> None:
+    missing = platform.post("/v1/providers", json={"name": "x"})
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "auth"
+    provider_id, token = platform.new_provider("garage")
+    assert provider_id.startswith("prv_") and token.startswith("dgpp-")
+    as_consumer = platform.post("/v1/providers", token, json={"name": "y"})
+    assert as_consumer.status_code == 401  # a provider token is not a consumer key
+    listed = platform.get("/v1/providers", platform.consumer_key).json()["data"]
+    assert [p["id"] for p in listed] == [provider_id]
+    assert "token" not in listed[0]
+    default_name = platform.post("/v1/providers", platform.consumer_key)
+    assert default_name.status_code == 201 and default_name.json()["name"] == "my-gpu"
+
+
+@pytest.mark.parametrize("path", ["/auth", "/challenge", "/heartbeat", "/register"])
+def test_agent_endpoints_refuse_consumer_keys_and_junk(platform: Platform, path: str) -> None:
+    for key in (None, platform.consumer_key, "dgpp-" + "x" * 43):
+        response = platform.post(f"/v1/providers{path}", key, json={})
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["type"] == "auth"
+        assert response.json()["error"]["code"] == "invalid_provider_token"
+    assert platform.get("/v1/providers/me", platform.consumer_key).status_code == 401
+
+
+def test_darkgpu_auth_exchanges_the_token_for_private_credentials(
+    platform: Platform, tmp_path: Path
+) -> None:
+    provider_id, token = platform.new_provider()
+    got = creds.exchange("http://testserver", token, client=platform.client)
+    assert got.provider_id == provider_id
+    assert got.cluster_address == "10.8.0.1:6380"
+    assert got.ray_auth_token == RAY_TOKEN
+    assert got.heartbeat_interval_s == 7
+    home = tmp_path / "cfg"
+    saved = creds.save(got, home)
+    assert mode_of(saved) == 0o600 and mode_of(creds.ray_token_path(home)) == 0o600
+    assert mode_of(home) == 0o700
+    assert creds.ray_token_path(home).read_text() == RAY_TOKEN
+    assert creds.load(home) == got
+    with pytest.raises(creds.CredentialsError, match="refused"):
+        creds.exchange("http://testserver", "dgpp-" + "q" * 43, client=platform.client)
+
+
+def test_auth_is_503_while_the_cluster_has_no_token(platform: Platform) -> None:
+    _, token = platform.new_provider()
+    platform.token_file.unlink()
+    response = platform.post("/v1/providers/auth", token)
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "service_unavailable"
+    assert response.json()["error"]["code"] == "cluster_not_ready"
+
+
+def test_register_heartbeat_me_and_the_public_attestation(platform: Platform) -> None:
+    provider_id, token = platform.new_provider()
+    body = _register_body(H100) | {"price_floor_pct": 10}
+    registered = platform.post("/v1/providers/register", token, json=body)
+    assert registered.status_code == 200, registered.text
+    got = registered.json()
+    assert got["trust_tier"] == "basic" and got["tier_reason"] == "confidential computing is off"
+    assert got["status"] == "paused" and got["price_floor_pct"] == 10
+    assert got["node"] == {
+        "labels": {
+            "darkgpu.io/provider-id": provider_id,
+            "darkgpu.io/trust-tier": "basic",
+            "darkgpu.io/gpu-model": "NVIDIA_H100_80GB_HBM3",
+        },
+        "resources": {"vram_gb": 80},
+    }
+
+    beat = platform.post("/v1/providers/heartbeat", token, json={"status": "online"})
+    assert beat.status_code == 200 and beat.json()["status"] == "online"
+    assert beat.json()["heartbeat_interval_s"] == 7
+
+    doc = platform.get(f"/v1/providers/{provider_id}/attestation").json()  # no key needed
+    assert doc["object"] == "provider.attestation" and doc["provider_id"] == provider_id
+    assert doc["trust_tier"] == "basic" and doc["basis"].startswith("software")
+    assert doc["public_key"]["value"] == body["public_key"]
+    assert doc["public_key"]["type"] == "x25519"
+    assert doc["gpu"]["name"] == "NVIDIA H100 80GB HBM3" and doc["gpu"]["vram_gb"] == 79.6
+    assert doc["confidential_computing"] == {"state": "off", "evidence": None, "note": None}
+    assert doc["status"] == "online" and doc["last_heartbeat_at"]
+
+    me = platform.get("/v1/providers/me", token).json()
+    assert me["id"] == provider_id and me["status"] == "online"
+    assert me["earnings"] == {"requests": 0, "earned_nusd": 0, "payable_nusd": 0}
+
+
+def test_a_cc_provider_becomes_verified_through_the_routes(platform: Platform) -> None:
+    pki = DevicePki.make()
+    platform.services.providers.verifier = SignedReportVerifier([pki.root])
+    provider_id, token = platform.new_provider()
+    key = X25519PrivateKey.generate()
+    public = key.public_key().public_bytes_raw()
+    api = PlatformClient("http://testserver", token, platform.client)
+    reader = RecordedReader(H100_CC_ON, report_signer=pki.sign_report)
+    facts = detect(reader).facts()
+    evidence = make_evidence(reader, public, api.challenge(), 1)
+    body = {
+        **facts,
+        "public_key": base64.b64encode(public).decode(),
+        "cc_evidence": evidence.model_dump(),
+    }
+    got = api.register(body)
+    assert got["trust_tier"] == "verified", got["tier_reason"]
+    assert got["node"]["labels"]["darkgpu.io/trust-tier"] == "verified"
+    doc = platform.get(f"/v1/providers/{provider_id}/attestation").json()
+    assert doc["trust_tier"] == "verified"
+    assert doc["basis"] == "nvidia-confidential-computing"
+    assert doc["confidential_computing"]["state"] == "on"
+    assert doc["confidential_computing"]["evidence"]["nonce"] == evidence.nonce
+    assert doc["confidential_computing"]["evidence"]["gpus"][0]["report"] == (
+        evidence.gpus[0].report
+    )
+    # Without a configured verifier, the same kind of evidence leaves it basic.
+    platform.services.providers.verifier = ProviderPlatform().verifier
+    again = make_evidence(reader, public, api.challenge(), 1)
+    redone = api.register({**body, "cc_evidence": again.model_dump()})
+    assert redone["trust_tier"] == "basic"
+    doc = platform.get(f"/v1/providers/{provider_id}/attestation").json()
+    assert doc["confidential_computing"]["evidence"] is None
+
+
+def test_bad_requests_get_openai_shaped_errors(platform: Platform) -> None:
+    _, token = platform.new_provider()
+    no_gpu = platform.post("/v1/providers/register", token, json={"public_key": _public_key()})
+    assert no_gpu.status_code == 400
+    assert no_gpu.json()["error"]["type"] == "invalid_request"
+    assert no_gpu.json()["error"]["param"] == "gpu"
+    bad_key = platform.post(
+        "/v1/providers/register", token, json=_register_body() | {"public_key": "abc"}
+    )
+    assert bad_key.status_code == 400 and bad_key.json()["error"]["code"] == "invalid_public_key"
+    sleepy = platform.post("/v1/providers/heartbeat", token, json={"status": "sleeping"})
+    assert sleepy.status_code == 400
+    unknown = platform.get("/v1/providers/prv_0000/attestation")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found"
+    long_name = platform.post("/v1/providers", platform.consumer_key, json={"name": "x" * 101})
+    assert long_name.status_code == 400
+
+
+class RecordingRay:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def join(self, spec: NodeSpec) -> None:
+        self.calls.append(("join", spec))
+
+    def drain(self, message: str, deadline_s: int) -> None:
+        self.calls.append(("drain", message))
+
+    def leave(self) -> None:
+        self.calls.append(("leave", None))
+
+
+def test_the_agent_registers_and_heartbeats_through_the_routes(
+    platform: Platform, tmp_path: Path
+) -> None:
+    provider_id, token = platform.new_provider()
+    credentials = creds.exchange("http://testserver", token, client=platform.client)
+    ray = RecordingRay()
+    deps = AgentDeps(
+        gpu=RecordedReader(H100),
+        procs=StaticProcTable([]),
+        platform=PlatformClient("http://testserver", token, platform.client),
+        ray=ray,
+        now=lambda: datetime(2030, 1, 7, 12, 0, tzinfo=UTC),
+        log=lambda line: None,
+    )
+    config = ProviderConfig(api_url="http://testserver", price_floor_pct=5)
+    agent = Agent(config, credentials, load_or_create(tmp_path / "x25519.key"), deps)
+    agent.start()
+    assert agent.tick() is Phase.joined
+    spec = ray.calls[0][1]
+    assert isinstance(spec, NodeSpec) and spec.address == "10.8.0.1:6380"
+    me = platform.get("/v1/providers/me", token).json()
+    assert me["status"] == "online" and me["price_floor_pct"] == 5
+    assert me["public_key"] == agent.key.public_b64
+    agent.shutdown()
+    assert [c[0] for c in ray.calls] == ["join", "drain", "leave"]
+    assert platform.get("/v1/providers/me", token).json()["status"] == "offline"
+    assert platform.get(f"/v1/providers/{provider_id}/attestation").json()["status"] == "offline"
