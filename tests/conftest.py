@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.billing.fake_stripe import API_KEY, WEBHOOK_SECRET, FakeStripe, serve
+
 BIN = Path(sys.executable).parent
 _emails = itertools.count(1)
 
@@ -23,6 +25,7 @@ class Platform:
     env: dict[str, str]
     api_url: str
     metrics_url: str
+    stripe: FakeStripe  # Stripe's API as the platform sees it (over HTTP), for payments
 
     def darkgpu(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -50,7 +53,15 @@ class Platform:
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+def fake_stripe() -> Iterator[tuple[FakeStripe, str]]:
+    """Stripe's API cannot be reached from here: a fake that answers like it, over HTTP."""
+    fake = FakeStripe(available_cents=10**8)
+    with serve(fake) as url:
+        yield fake, url
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory: pytest.TempPathFactory, fake_stripe) -> Iterator[Platform]:
     ports = {"RAY_PORT": "6390", "HTTP_PORT": "8010", "METRICS_PORT": "8090",
              "DASHBOARD_PORT": "8275"}  # fmt: skip
     # Redis on a port where nothing runs: `darkgpu up` starts its own there, as on a bare
@@ -59,10 +70,13 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     env.update({f"DARKGPU_{k}": v for k, v in ports.items()})
     env["DARKGPU_REDIS_URL"] = "redis://127.0.0.1:6392/0"
     env.pop("DARKGPU_DATABASE_URL", None)
+    env.update(DARKGPU_STRIPE_SECRET_KEY=API_KEY, DARKGPU_STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+               DARKGPU_STRIPE_API_BASE=fake_stripe[1])  # fmt: skip
     platform = Platform(
         env=env,
         api_url=f"http://127.0.0.1:{ports['HTTP_PORT']}/v1",
         metrics_url=f"http://127.0.0.1:{ports['METRICS_PORT']}/metrics",
+        stripe=fake_stripe[0],
     )
     started = platform.darkgpu("up")
     if started.returncode != 0:
