@@ -11,15 +11,21 @@ run negative by design.
 Chart of accounts: `customer:<id>:credits`, `provider:<id>:payable`, `platform:revenue`,
 `platform:promotional_grants`, `platform:payment_clearing`. A transfer's idempotency key is
 unique: posting it again does nothing and returns None.
+
+`TransferBatch` posts many transfers in one go (the usage meter's batches): its ledger
+accounts are looked up or created once and locked once in id order, each transfer is checked
+against the running balances in memory, and `flush` writes the transfers and entries in bulk
+and each account's balance once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,6 +54,10 @@ class Leg:
     debit: AccountSpec  # money leaves this account
     credit: AccountSpec  # and arrives here
     amount: int
+
+    @property
+    def accounts(self) -> tuple[AccountSpec, AccountSpec]:
+        return self.debit, self.credit
 
 
 PLATFORM_REVENUE = AccountSpec("platform:revenue", LedgerKind.platform_revenue, False)
@@ -116,12 +126,7 @@ def post_transfer(
     """Post a transfer inside the caller's transaction; returns its id, or None if a transfer
     with this idempotency key already exists. Raises InsufficientFunds (and changes nothing)
     if an account that may not go negative would."""
-    for leg in legs:
-        if leg.amount < 0:
-            raise LedgerError(f"negative leg amount {leg.amount}")
-    legs = [leg for leg in legs if leg.amount > 0]
-    if not legs:
-        raise LedgerError("a transfer needs at least one non-zero leg")
+    legs = _nonzero_legs(legs)
     if transfer_exists(session, idempotency_key):
         return None
     ids = {}
@@ -180,6 +185,161 @@ def post_transfer(
         )
     session.flush()
     return transfer.id
+
+
+def _nonzero_legs(legs: Sequence[Leg]) -> list[Leg]:
+    for leg in legs:
+        if leg.amount < 0:
+            raise LedgerError(f"negative leg amount {leg.amount}")
+    nonzero = [leg for leg in legs if leg.amount > 0]
+    if not nonzero:
+        raise LedgerError("a transfer needs at least one non-zero leg")
+    return nonzero
+
+
+class TransferBatch:
+    """Many transfers posted together inside the caller's transaction.
+
+    Made with every ledger account its transfers may touch and (ideally) their idempotency
+    keys, it looks the accounts up, creating missing ones, locks them in id order, and learns
+    which keys are already posted, in a few statements for the whole batch. `post` then
+    checks and applies one transfer in memory, all or nothing, in order; `flush` writes what
+    was posted: the transfers and their entries in bulk, and each touched account's balance
+    and version once. The rows are the ones `post_transfer` would write one at a time: each
+    entry carries its account's running balance and version."""
+
+    def __init__(
+        self,
+        session: Session,
+        accounts: Iterable[AccountSpec],
+        idempotency_keys: Iterable[str] = (),
+    ) -> None:
+        self.session = session
+        specs = {spec.name: spec for spec in accounts}
+        self._ids: dict[str, int] = {}
+        if specs:
+            found = session.execute(
+                select(LedgerAccount.name, LedgerAccount.id).where(
+                    LedgerAccount.name.in_(sorted(specs))
+                )
+            )
+            self._ids = {name: acct_id for name, acct_id in found}
+            for name in sorted(specs.keys() - self._ids.keys()):
+                self._ids[name] = ensure_account(session, specs[name])
+        self._locked: dict[int, LedgerAccount] = {}
+        if self._ids:
+            self._locked = {
+                row.id: row
+                for row in session.scalars(
+                    select(LedgerAccount)
+                    .where(LedgerAccount.id.in_(sorted(self._ids.values())))
+                    .order_by(LedgerAccount.id)
+                    .with_for_update()
+                    .execution_options(populate_existing=True)
+                )
+            }
+        self._balances = {acct_id: row.balance for acct_id, row in self._locked.items()}
+        self._versions = {acct_id: row.version for acct_id, row in self._locked.items()}
+        self._checked = set(idempotency_keys)
+        self._posted: set[str] = set()
+        if self._checked:
+            self._posted = set(
+                session.scalars(
+                    select(LedgerTransfer.idempotency_key).where(
+                        LedgerTransfer.idempotency_key.in_(sorted(self._checked))
+                    )
+                )
+            )
+        self._transfers: list[dict[str, Any]] = []
+        self._entries: list[list[dict[str, Any]]] = []
+
+    def post(
+        self,
+        *,
+        idempotency_key: str,
+        kind: str,
+        legs: Sequence[Leg],
+        memo: str | None = None,
+        event_at: datetime | None = None,
+    ) -> bool:
+        """Post one transfer (written by the next `flush`); False if a transfer with this
+        key is already posted. Raises InsufficientFunds (and changes nothing) if an account
+        that may not go negative would, and LedgerError for an account not in the batch."""
+        legs = _nonzero_legs(legs)
+        if idempotency_key not in self._checked:
+            self._checked.add(idempotency_key)
+            if transfer_exists(self.session, idempotency_key):
+                self._posted.add(idempotency_key)
+        if idempotency_key in self._posted:
+            return False
+        moves: list[tuple[int, int]] = []
+        for leg in legs:
+            for spec, amount in ((leg.debit, -leg.amount), (leg.credit, leg.amount)):
+                acct_id = self._ids.get(spec.name)
+                if acct_id is None:
+                    raise LedgerError(f"{spec.name} is not an account of this batch")
+                moves.append((acct_id, amount))
+        after: dict[int, int] = {}
+        for acct_id, amount in moves:
+            after[acct_id] = after.get(acct_id, self._balances[acct_id]) + amount
+        for acct_id, new_balance in after.items():
+            row = self._locked[acct_id]
+            if new_balance < 0 and not row.allow_negative:
+                current = self._balances[acct_id]
+                raise InsufficientFunds(
+                    f"{row.name}: balance {current} cannot cover {current - new_balance}"
+                )
+        entries = []
+        for acct_id, amount in moves:
+            self._balances[acct_id] += amount
+            self._versions[acct_id] += 1
+            entries.append(
+                {
+                    "ledger_account_id": acct_id,
+                    "amount": amount,
+                    "balance_after": self._balances[acct_id],
+                    "account_version": self._versions[acct_id],
+                }
+            )
+        self._transfers.append(
+            {
+                "idempotency_key": idempotency_key,
+                "kind": kind,
+                "memo": memo,
+                "event_at": event_at or utcnow(),
+                "created_at": utcnow(),
+            }
+        )
+        self._entries.append(entries)
+        self._posted.add(idempotency_key)
+        return True
+
+    def flush(self) -> list[int]:
+        """Write the transfers posted since the last flush; returns their ids, in order."""
+        if not self._transfers:
+            return []
+        # RETURNING the key too: with sort_by_parameter_order SQLite would insert row by row
+        written = self.session.execute(
+            insert(LedgerTransfer).returning(LedgerTransfer.idempotency_key, LedgerTransfer.id),
+            self._transfers,
+        )
+        by_key = {key: transfer_id for key, transfer_id in written}
+        transfer_ids = [by_key[transfer["idempotency_key"]] for transfer in self._transfers]
+        self.session.execute(
+            insert(LedgerEntry),
+            [
+                {**entry, "transfer_id": transfer_id}
+                for transfer_id, entries in zip(transfer_ids, self._entries, strict=True)
+                for entry in entries
+            ],
+        )
+        for acct_id, row in self._locked.items():
+            if row.version != self._versions[acct_id]:
+                row.balance = self._balances[acct_id]
+                row.version = self._versions[acct_id]
+        self.session.flush()
+        self._transfers, self._entries = [], []
+        return transfer_ids
 
 
 def balance(session: Session, spec_or_name: AccountSpec | str) -> int:

@@ -4,7 +4,10 @@
 pending entries, then entries other consumers left pending longer than `claim_idle_ms`
 (XAUTOCLAIM), then new ones), writes it in one SQL transaction (usage rows on the hash chain
 plus one ledger transfer per paid request: customer credits → 95% provider payable, 5%
-platform revenue), commits, and only then acknowledges and deletes the entries. A crash
+platform revenue), commits, and only then acknowledges and deletes the entries. A batch's
+transfers go through one `ledger.TransferBatch`: its ledger accounts are looked up and locked
+once, each account's balance is written once, and transfers, entries and usage rows are
+inserted in bulk. A crash
 before the acknowledgement replays the batch; `request_id` is unique, so a replay records
 nothing twice. Events that cannot be recorded (malformed, unknown account, credits that
 would go negative) go to the `dg:usage:dead` stream for an operator instead of blocking.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from billing import chain, ledger
@@ -244,7 +247,7 @@ class UsageMeter:
                 session.scalar(select(UsageEvent.row_hash).order_by(UsageEvent.id.desc()).limit(1))
                 or chain.GENESIS
             )
-            last_used: dict[int, int] = {}
+            fresh: list[tuple[Entry, dict[str, Any]]] = []
             for entry, event in parsed:
                 if event["request_id"] in seen:
                     continue
@@ -252,19 +255,31 @@ class UsageMeter:
                     dead.append((entry, f"unknown account {event['account_id']}"))
                     continue
                 seen.add(event["request_id"])
+                fresh.append((entry, event))
+            paid = [event for _e, event in fresh if event["cost_nusd"] > 0]
+            batch = ledger.TransferBatch(
+                session,
+                [spec for event in paid for leg in _usage_legs(event) for spec in leg.accounts],
+                [_usage_key(event) for event in paid],
+            )
+            rows: list[dict[str, Any]] = []
+            last_used: dict[int, int] = {}
+            for entry, event in fresh:
                 if event["cost_nusd"] > 0:
                     try:
-                        _post_usage(session, event)
+                        _post_usage(batch, event)
                     except ledger.InsufficientFunds as exc:
                         dead.append((entry, str(exc)))
                         continue
                 digest = chain.row_hash(prev, event)
-                session.add(UsageEvent(**event, prev_hash=prev, row_hash=digest))
+                rows.append({**event, "prev_hash": prev, "row_hash": digest})
                 prev = digest
                 if event["key_id"] is not None:
                     key_id = event["key_id"]
                     last_used[key_id] = max(last_used.get(key_id, 0), event["created_at_ms"])
-            session.flush()
+            batch.flush()
+            if rows:
+                session.execute(insert(UsageEvent), rows)
             for key_id, ms in last_used.items():
                 moment = datetime.fromtimestamp(ms / 1000, UTC)
                 session.execute(
@@ -287,20 +302,28 @@ class UsageMeter:
                 return total
 
 
-def _post_usage(session: Session, event: dict[str, Any]) -> None:
+def _usage_key(event: dict[str, Any]) -> str:
+    return f"usage:{event['request_id']}"
+
+
+def _usage_legs(event: dict[str, Any]) -> list[ledger.Leg]:
+    """Customer credits → provider payable (95%) and platform revenue (5%); zero legs left out."""
     credits = ledger.customer_credits(event["account_id"])
-    ledger.post_transfer(
-        session,
-        idempotency_key=f"usage:{event['request_id']}",
+    legs = [
+        ledger.Leg(
+            credits, ledger.provider_payable(event["provider_id"]), event["provider_share_nusd"]
+        ),
+        ledger.Leg(credits, ledger.PLATFORM_REVENUE, event["platform_share_nusd"]),
+    ]
+    return [leg for leg in legs if leg.amount > 0]
+
+
+def _post_usage(batch: ledger.TransferBatch, event: dict[str, Any]) -> None:
+    """Post one paid request's transfer into the batch (raises ledger.InsufficientFunds)."""
+    batch.post(
+        idempotency_key=_usage_key(event),
         kind="usage",
-        legs=[
-            ledger.Leg(
-                credits,
-                ledger.provider_payable(event["provider_id"]),
-                event["provider_share_nusd"],
-            ),
-            ledger.Leg(credits, ledger.PLATFORM_REVENUE, event["platform_share_nusd"]),
-        ],
+        legs=_usage_legs(event),
         memo=f"{event['model']} {event['prompt_tokens']}+{event['completion_tokens']} tokens",
         event_at=datetime.fromtimestamp(event["settled_at_ms"] / 1000, UTC),
     )

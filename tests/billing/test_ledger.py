@@ -84,3 +84,70 @@ def test_legs_must_be_positive(engine: Engine) -> None:
             )
         with pytest.raises(ledger.LedgerError):
             ledger.post_transfer(session, idempotency_key="none", kind="x", legs=[])
+
+
+def test_transfer_batch_posts_like_one_at_a_time(
+    engine: Engine, r: redis.Redis, plans: Plans
+) -> None:
+    account = svc.create_account(engine, r, plans, email="b@example.com", plan="paid")
+    credits = ledger.customer_credits(account.id)
+    prov = ledger.provider_payable("prov-b")
+    with Session(engine) as session, session.begin():
+        ledger.post_transfer(
+            session,
+            idempotency_key="fund",
+            kind="grant",
+            legs=[ledger.Leg(ledger.PAYMENT_CLEARING, credits, 1000)],
+        )
+    with Session(engine) as session, session.begin():
+        batch = ledger.TransferBatch(
+            session, [credits, prov, ledger.PLATFORM_REVENUE], ["u1", "u2", "u3", "fund"]
+        )
+
+        def usage(key: str, amount: int) -> bool:
+            return batch.post(
+                idempotency_key=key,
+                kind="usage",
+                legs=[
+                    ledger.Leg(credits, prov, amount * 95 // 100),
+                    ledger.Leg(credits, ledger.PLATFORM_REVENUE, amount - amount * 95 // 100),
+                ],
+            )
+
+        assert usage("u1", 600)
+        with pytest.raises(ledger.InsufficientFunds):
+            usage("u2", 500)  # 400 left: refused, nothing changes
+        assert usage("u3", 400)
+        assert not usage("u1", 600)  # posted in this batch already
+        assert not batch.post(  # posted before the batch
+            idempotency_key="fund",
+            kind="grant",
+            legs=[ledger.Leg(ledger.PAYMENT_CLEARING, credits, 1000)],
+        )
+        with pytest.raises(ledger.LedgerError):
+            batch.post(
+                idempotency_key="elsewhere",
+                kind="x",
+                legs=[ledger.Leg(ledger.PAYMENT_CLEARING, ledger.PLATFORM_REVENUE, 1)],
+            )
+        ids = batch.flush()
+        assert batch.flush() == []
+    assert len(ids) == 2
+    with Session(engine) as session:
+        assert ledger.balance(session, credits) == 0
+        assert ledger.balance(session, prov) == 570 + 380
+        assert ledger.balance(session, ledger.PLATFORM_REVENUE) == 30 + 20
+        assert not ledger.transfer_exists(session, "u2")
+        assert ledger.entries_sum(session) == 0
+        entries = session.scalars(
+            select(LedgerEntry).where(LedgerEntry.transfer_id.in_(ids)).order_by(LedgerEntry.id)
+        ).all()
+        credit_rows = session.scalars(
+            select(ledger.LedgerAccount).where(ledger.LedgerAccount.name == credits.name)
+        ).one()
+    assert [e.transfer_id for e in entries] == [ids[0]] * 4 + [ids[1]] * 4
+    assert [e.amount for e in entries] == [-570, 570, -30, 30, -380, 380, -20, 20]
+    mine = [e for e in entries if e.ledger_account_id == credit_rows.id]
+    assert [e.balance_after for e in mine] == [430, 400, 20, 0]
+    assert [e.account_version for e in mine] == [2, 3, 4, 5]  # 1: the funding
+    assert credit_rows.version == 5

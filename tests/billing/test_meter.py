@@ -2,10 +2,10 @@ import asyncio
 
 import redis
 import redis.asyncio as aredis
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session
 
-from billing import ledger
+from billing import chain, ledger
 from billing import redis_keys as rk
 from billing.admission import Admission
 from billing.meter import BillingLoop, UsageMeter
@@ -192,3 +192,64 @@ def test_billing_loop_rebuilds_and_drains(engine: Engine, r: redis.Redis, plans:
     loop.stop()
     assert loop.run() == 0  # stopped
     loop.engine.dispose()
+
+
+def forged(good: dict[bytes, bytes], rid: str, completion: int) -> dict[bytes, bytes]:
+    """A copy of a real event with another request id and completion count, priced right."""
+    prompt = int(good[b"prompt_tokens"])
+    cost = prompt * IN + completion * OUT
+    provider, platform = chain.split_cost(cost)
+    return {
+        **good,
+        b"request_id": rid.encode(),
+        b"completion_tokens": str(completion).encode(),
+        b"cost_nusd": str(cost).encode(),
+        b"provider_share_nusd": str(provider).encode(),
+        b"platform_share_nusd": str(platform).encode(),
+    }
+
+
+async def test_credits_short_mid_batch_dead_letters_only_that_event(
+    engine: Engine, r: redis.Redis, plans: Plans, admission: Admission, meter: UsageMeter
+) -> None:
+    c = make_customer(engine, r, plans, usd=1)
+    first = await serve(admission, c, 1)
+    [(_id, good)] = r.xrange(rk.USAGE_STREAM)
+    left = USD - first
+    big = (left - 10 * IN) // OUT  # the most the rest of the credits pay for
+    for rid, completion in (("fits", big // 2), ("too-big", big), ("small", 1)):
+        r.xadd(rk.USAGE_STREAM, forged(good, rid, completion))
+    assert meter.drain_once() == 4
+    dead = {f[b"request_id"]: f[b"error"] for _i, f in r.xrange(rk.DEAD_STREAM)}
+    assert set(dead) == {b"too-big"} and b"cannot cover" in dead[b"too-big"]
+    with Session(engine) as session:
+        rows = session.scalars(select(UsageEvent).order_by(UsageEvent.id)).all()
+        credits = ledger.balance(session, ledger.customer_credits(c.account_id))
+    assert [row.request_id for row in rows] == ["req-0", "fits", "small"]
+    assert credits == USD - sum(row.cost_nusd for row in rows) >= 0
+    assert verify_ledger(engine).ok
+
+
+async def test_a_batch_costs_the_same_statements_whatever_its_size(
+    engine: Engine, r: redis.Redis, plans: Plans, admission: Admission, meter: UsageMeter
+) -> None:
+    c = make_customer(engine, r, plans, usd=1)
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, _params, _context, _many) -> None:  # noqa: ANN001
+        statements.append(statement.split()[0].upper())
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        per_batch = []
+        for start, n in ((0, 1), (1, 2), (3, 40)):  # the first creates the ledger accounts
+            await serve(admission, c, n, start=start)
+            statements.clear()
+            assert meter.drain_once() == n
+            per_batch.append(list(statements))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert per_batch[1] == per_batch[2]
+    assert per_batch[2].count("UPDATE") == 2  # ledger balances (one executemany), the key
+    assert usage_count(engine) == 43
+    assert verify_ledger(engine).ok
