@@ -138,7 +138,11 @@ class Admission:
         max_tokens: int,
         customer_tag: str | None,
         now: float | None = None,
+        price: tuple[int, int] | None = None,
     ) -> Admitted | Refused:
+        """`price`: (input, output) nano-dollars per token to reserve at, where the request
+        may be served above the catalog price (the highest its candidates bill); default the
+        model's catalog prices."""
         if prompt_tokens < 0 or max_tokens < 1:
             raise ValueError("prompt_tokens must be >= 0 and max_tokens >= 1")
         if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
@@ -170,8 +174,7 @@ class Admission:
             tag,
             prompt_tokens,
             max_tokens,
-            model.input_nusd_per_token,
-            model.output_nusd_per_token,
+            *(price or (model.input_nusd_per_token, model.output_nusd_per_token)),
             self._hold_ttl_ms,
             model.id,
             self._plans_json,
@@ -212,10 +215,12 @@ class Admission:
         completion_tokens: int,
         provider_id: str,
         now: float | None = None,
+        price: tuple[int, int] | None = None,
     ) -> bool:
         """Bill the reported usage (clamped to the reservation) and refund the rest. Retries
         on connection errors: a retry after a lost reply finds the hold gone and changes
-        nothing."""
+        nothing. `price`: (input, output) nano-dollars per token of the provider that served,
+        each capped at the reserved price; default the reserved prices."""
         now_ms = int((time.time() if now is None else now) * 1000)
         args = [
             request_id,
@@ -225,6 +230,8 @@ class Admission:
             now_ms,
             rk.DONE_TTL_MS,
         ]
+        if price is not None:
+            args += [max(0, int(price[0])), max(0, int(price[1]))]
         for delay in (*_SETTLE_RETRY_DELAYS_S, None):
             try:
                 return bool(await self._settle(keys=[], args=args))

@@ -129,13 +129,16 @@ return {'ok', acct, key_id, mt, rpm, rpm_rem, rpm_reset, tok_limit, tok_rem, day
 )
 
 SETTLE_FN = r"""
-local function settle_one(rid, prompt, completion, provider, now, outcome, done_ttl)
+local function settle_one(rid, prompt, completion, provider, now, outcome, done_ttl, bpin, bpout)
   local hk = 'dg:hold:' .. rid
   local h = redis.call('HMGET', hk, 'account', 'key_id', 'day', 'day_end', 'tag', 'model',
                        'pin', 'pout', 'prompt', 'max', 'cost', 'created')
   if not h[1] then return 0 end
   local acct, key_id, day, day_end, tag, model = h[1], h[2], h[3], tonumber(h[4]), h[5], h[6]
   local pin, pout = tonumber(h[7]), tonumber(h[8])
+  -- the serving provider's prices, never above the reserved ones (nil: the reserved ones)
+  if bpin and bpin >= 0 and bpin < pin then pin = bpin end
+  if bpout and bpout >= 0 and bpout < pout then pout = bpout end
   local rp, rm, rcost = tonumber(h[9]), tonumber(h[10]), tonumber(h[11])
   -- bill what the engine reported, never more than what was reserved
   local p = math.min(math.max(prompt, 0), rp)
@@ -172,13 +175,15 @@ local function settle_one(rid, prompt, completion, provider, now, outcome, done_
 end
 """
 
-# ARGV: 1 request id, 2 prompt tokens, 3 completion tokens, 4 provider, 5 now_ms, 6 done ttl
+# ARGV: 1 request id, 2 prompt tokens, 3 completion tokens, 4 provider, 5 now_ms, 6 done ttl,
+#       [7 input price, 8 output price: what the serving provider bills per token, each capped
+#       at the reserved price; absent: the reserved prices]
 SETTLE = (
     COMMON
     + SETTLE_FN
     + r"""
 return settle_one(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]),
-                  'settled', ARGV[6])
+                  'settled', ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]))
 """
 )
 

@@ -14,7 +14,13 @@ from enum import StrEnum
 PROVIDER_ID_LABEL = "darkgpu.io/provider-id"
 TRUST_TIER_LABEL = "darkgpu.io/trust-tier"
 GPU_MODEL_LABEL = "darkgpu.io/gpu-model"
+PRICE_FLOOR_LABEL = "darkgpu.io/price-floor-pct"
+"""The provider's price floor, percent above the catalog price (`price_floor_pct`)."""
 VRAM_RESOURCE = "vram_gb"
+ROLE_LABEL = "darkgpu.io/role"
+CONTROL_SELECTOR = {ROLE_LABEL: "control"}
+"""The operator's own nodes (the head): the only ones that run the ingress (it sees API keys)
+and the billing actor. Provider nodes are not trusted with either: they run model replicas."""
 
 LOCAL_PROVIDER_ID = "local"
 """The provider id of the operator's own head node (a development machine or CI)."""
@@ -30,6 +36,7 @@ class NodeIdentity:
     provider_id: str
     trust_tier: TrustTier
     gpu_model: str | None = None
+    price_floor_pct: int = 0
 
     @classmethod
     def from_labels(cls, labels: Mapping[str, str]) -> NodeIdentity:
@@ -38,13 +45,24 @@ class NodeIdentity:
             provider_id=labels.get(PROVIDER_ID_LABEL, LOCAL_PROVIDER_ID),
             trust_tier=TrustTier(tier) if tier in TrustTier.__members__ else TrustTier.basic,
             gpu_model=labels.get(GPU_MODEL_LABEL),
+            price_floor_pct=_pct(labels.get(PRICE_FLOOR_LABEL)),
         )
 
     def labels(self) -> dict[str, str]:
         out = {PROVIDER_ID_LABEL: self.provider_id, TRUST_TIER_LABEL: self.trust_tier.value}
         if self.gpu_model:
             out[GPU_MODEL_LABEL] = self.gpu_model
+        if self.price_floor_pct:
+            out[PRICE_FLOOR_LABEL] = str(self.price_floor_pct)
         return out
+
+
+def _pct(value: str | None) -> int:
+    """A price floor label as a whole percentage; missing or malformed is 0."""
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0
 
 
 def format_labels(labels: Mapping[str, str]) -> str:

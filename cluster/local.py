@@ -1,6 +1,8 @@
 """The local Ray head of `darkgpu up` / `darkgpu down`, for a development machine or CI.
 
-The head is labelled like a provider node (provider `local`, tier `basic`) and offers its
+The head is labelled like a provider node (provider `local`, tier `basic`), and as the
+control node (`darkgpu.io/role=control`: the ingress and the billing actor run only there),
+and offers its
 GPUs' VRAM as the `vram_gb` resource, so the same placement rules apply as on a real
 cluster. Ray's token authentication is on; the token lives under the data directory (0600).
 """
@@ -17,7 +19,14 @@ import sys
 from pathlib import Path
 
 from cluster.gpu import local_gpus
-from cluster.labels import LOCAL_PROVIDER_ID, VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
+from cluster.labels import (
+    CONTROL_SELECTOR,
+    LOCAL_PROVIDER_ID,
+    VRAM_RESOURCE,
+    NodeIdentity,
+    TrustTier,
+    format_labels,
+)
 from cluster.settings import Settings
 
 
@@ -79,7 +88,7 @@ class LocalCluster:
             "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.settings.dashboard_port),
             "--metrics-export-port", str(self.settings.metrics_port),
-            "--labels", format_labels(identity.labels()),
+            "--labels", format_labels({**identity.labels(), **CONTROL_SELECTOR}),
             "--resources", json.dumps(resources),
             "--disable-usage-stats",
         ]  # fmt: skip

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
 
     # Model deployments.
     max_ongoing_requests: int = 64
+    min_replicas: int = Field(default=1, ge=1, description="Replicas each model keeps up.")
     target_ongoing_requests: int = 16
     max_replicas: int = 4
     local_kv_cache_gb: int = 1

