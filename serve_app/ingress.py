@@ -307,6 +307,10 @@ class Ingress:
             parsed = parse(body, model, call.request_id)
             if (parsed.n or 1) > 1:
                 raise invalid_request("Only n=1 is supported.", param="n")
+            handle = self._handles.get(model.id)
+            if handle is None:  # listed, but no node can hold it: nothing to reserve for
+                await self._gate.account(request)  # a bad key is told so first
+                raise no_replica(model.id, RETRY_AFTER_S)
             ranked = await self._rank(model, requirements, catalog, restricted)
             if isinstance(ranked, NoCandidate):
                 await self._gate.account(request)  # a bad key is told so first
@@ -316,8 +320,7 @@ class Ingress:
                 highest = ranked.highest
                 reserve = (highest.input_nusd_per_token, highest.output_nusd_per_token)
             call.admitted = await self._admit(request, model, parsed, reserve)
-            handle = self._handles.get(model.id)
-            if handle is None or not await self._availability.is_online(model.id):
+            if not await self._availability.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
             method = getattr(handle, call.endpoint)
             if ranked is None:
@@ -368,7 +371,7 @@ class Ingress:
         price: tuple[int, int] | None = None,
     ) -> Admitted:
         """Reserve the prompt and max_tokens; the engine then gets at most what was granted."""
-        counter = self._counters.get(model.id) or PromptCounter(model.source, model.context_length)
+        counter = self._counters[model.id]  # every deployed model has one
         if hasattr(parsed, "messages"):
             prompt_tokens = counter.chat(parsed.messages)
         else:
