@@ -137,7 +137,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 address=local.address)  # fmt: skip
     for taken in (*PORTS.values(), str(REDIS_PORT)):
         if _listening(int(taken)):
-            pytest.fail(f"taken {taken} is taken: a previous run left something behind")
+            pytest.fail(f"port {taken} is taken: a previous run left something behind")
     try:
         local.start_head()
         c.session = session_of(int(PORTS["RAY_PORT"])) or ""
