@@ -69,6 +69,7 @@ class KeyInfo:
     created_at: str
     revoked_at: str | None
     key: str | None = None  # the secret: only in the answer to create_key, shown once
+    last_used_at: str | None = None  # the newest request billed to it (set by the meter)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "key" or v is not None}
@@ -101,6 +102,7 @@ def _key_info(row: ApiKey, secret: str | None = None) -> KeyInfo:
         created_at=_iso(row.created_at) or "",
         revoked_at=_iso(row.revoked_at),
         key=secret,
+        last_used_at=_iso(row.last_used_at),
     )
 
 
@@ -231,18 +233,23 @@ def revoke_key(
     *,
     key_id: int | None = None,
     prefix: str | None = None,
+    account_id: int | None = None,
 ) -> KeyInfo:
     """Revoke a key by id or by its display prefix (which must match exactly one key). The key
-    is removed from Redis at once, so every ingress refuses it on its next request."""
+    is removed from Redis at once, so every ingress refuses it on its next request. With
+    `account_id`, only a key of that account is revoked (another's is "no key")."""
     if (key_id is None) == (prefix is None):
         raise AccountError("give exactly one of key id or prefix")
     with Session(engine) as session, session.begin():
         if key_id is not None:
             row = session.get(ApiKey, key_id)
-            if row is None:
+            if row is None or account_id not in (None, row.account_id):
                 raise AccountError(f"no key {key_id}")
         else:
-            rows = list(session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)))
+            query = select(ApiKey).where(ApiKey.prefix == prefix)
+            if account_id is not None:
+                query = query.where(ApiKey.account_id == account_id)
+            rows = list(session.scalars(query))
             if len(rows) != 1:
                 raise AccountError(f"{len(rows)} keys have the prefix {prefix!r}")
             row = rows[0]
@@ -255,6 +262,17 @@ def revoke_key(
         assert r is not None
         rs.unpublish_key(r, key_hash)
     return info
+
+
+def requests_per_minute(engine: Engine, plans: Plans, account_id: int) -> int | None:
+    """The account's requests/min limit: its override, else its plan's."""
+    with Session(engine) as session:
+        account = _require_account(session, account_id)
+        limits = session.get(AccountLimits, account_id)
+        if limits is not None and limits.requests_per_minute is not None:
+            return limits.requests_per_minute
+        plan = plans.plans.get(account.plan)
+        return plan.requests_per_minute if plan else None
 
 
 def grant_credits(

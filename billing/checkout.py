@@ -10,10 +10,11 @@ as `open`. Credits are granted only by the webhook (billing.webhooks), once Stri
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import stripe
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from billing.money import nusd_to_usd
@@ -132,3 +133,47 @@ def create_checkout(
         currency=CURRENCY,
         expires_at=created.get("expires_at"),
     )
+
+
+@dataclass(frozen=True)
+class Purchase:
+    """A bundle bought (or being bought) by an account, as its purchase history shows it."""
+
+    id: int
+    bundle: str
+    amount_cents: int
+    currency: str
+    status: str
+    refunded_cents: int
+    disputed_cents: int
+    created_at: datetime
+    paid_at: datetime | None
+
+
+def purchases(engine: Engine, account_id: int, *, limit: int = 100) -> list[Purchase]:
+    """The account's Checkout purchases, newest first."""
+    query = (
+        select(StripePayment)
+        .where(StripePayment.account_id == account_id)
+        .order_by(StripePayment.id.desc())
+        .limit(limit)
+    )
+    with Session(engine) as session:
+        return [
+            Purchase(
+                id=p.id,
+                bundle=p.bundle,
+                amount_cents=p.amount_cents,
+                currency=p.currency,
+                status=p.status,
+                refunded_cents=p.refunded_cents,
+                disputed_cents=p.disputed_cents,
+                created_at=_aware(p.created_at),
+                paid_at=_aware(p.paid_at) if p.paid_at else None,
+            )
+            for p in session.scalars(query)
+        ]
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite drops the zone

@@ -145,6 +145,32 @@ class PayoutReport:
         }
 
 
+@dataclass(frozen=True)
+class PayoutRow:
+    """A payout as its provider's owner sees it."""
+
+    provider_id: str
+    week: str
+    amount_cents: int
+    status: str
+    transfer_id: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recent_payouts(engine: Engine, provider_ids: list[str], *, limit: int = 20) -> list[PayoutRow]:
+    """The providers' latest payouts, newest first."""
+    query = (
+        select(Payout).where(Payout.provider_id.in_(provider_ids)).order_by(Payout.id.desc())
+    ).limit(limit)
+    with Session(engine) as session:
+        return [
+            PayoutRow(p.provider_id, p.week, p.amount_cents, p.status, p.transfer_id)
+            for p in session.scalars(query)
+        ]
+
+
 def run_payouts(
     engine: Engine,
     client: stripe.StripeClient | None,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
 from billing import chain, ledger
@@ -129,20 +129,14 @@ def usage_report(
         "model": UsageEvent.model,
         "customer": UsageEvent.customer_tag,
     }[group_by]
-    query = (
-        select(
-            column,
-            func.count(),
-            func.sum(UsageEvent.prompt_tokens),
-            func.sum(UsageEvent.completion_tokens),
-            func.sum(UsageEvent.cost_nusd),
-        )
-        .where(UsageEvent.created_at_ms >= _ms(start), UsageEvent.created_at_ms < _ms(end))
-        .group_by(column)
-        .order_by(column)
+    totals = select(
+        column,
+        func.count(),
+        func.sum(UsageEvent.prompt_tokens),
+        func.sum(UsageEvent.completion_tokens),
+        func.sum(UsageEvent.cost_nusd),
     )
-    if account_id is not None:
-        query = query.where(UsageEvent.account_id == account_id)
+    query = UsageFilter(start, end, account_id).where(totals).group_by(column).order_by(column)
     with Session(engine) as session:
         return [
             UsageRow(group, int(n), int(p or 0), int(c or 0), int(cost or 0))
@@ -175,6 +169,30 @@ def _iso_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
+@dataclass(frozen=True)
+class UsageFilter:
+    """Which usage events: reserved in [start, end) (naive datetimes are UTC), optionally of
+    one account, model and customer tag."""
+
+    start: datetime
+    end: datetime
+    account_id: int | None = None
+    model: str | None = None
+    customer_tag: str | None = None
+
+    def where(self, query: Select[Any]) -> Select[Any]:
+        query = query.where(
+            UsageEvent.created_at_ms >= _ms(self.start), UsageEvent.created_at_ms < _ms(self.end)
+        )
+        if self.account_id is not None:
+            query = query.where(UsageEvent.account_id == self.account_id)
+        if self.model:
+            query = query.where(UsageEvent.model == self.model)
+        if self.customer_tag:
+            query = query.where(UsageEvent.customer_tag == self.customer_tag)
+        return query
+
+
 def export_usage_csv(
     engine: Engine,
     out: TextIO,
@@ -182,26 +200,72 @@ def export_usage_csv(
     start: datetime,
     end: datetime,
     account_id: int | None = None,
+    model: str | None = None,
+    customer_tag: str | None = None,
 ) -> int:
     """One CSV row per request reserved in [start, end); returns the number of rows."""
     writer = csv.writer(out)
     writer.writerow(EXPORT_COLUMNS)
-    query = (
-        select(UsageEvent)
-        .where(UsageEvent.created_at_ms >= _ms(start), UsageEvent.created_at_ms < _ms(end))
-        .order_by(UsageEvent.id)
-    )
-    if account_id is not None:
-        query = query.where(UsageEvent.account_id == account_id)
+    chosen = UsageFilter(start, end, account_id, model, customer_tag)
+    query = chosen.where(select(UsageEvent)).order_by(UsageEvent.id)
     n = 0
     with Session(engine) as session:
         for row in session.scalars(query.execution_options(yield_per=1000)):
-            values = {c: getattr(row, c, None) for c in EXPORT_COLUMNS}
-            values["created_at"] = _iso_ms(row.created_at_ms)
-            values["settled_at"] = _iso_ms(row.settled_at_ms)
-            writer.writerow(["" if values[c] is None else values[c] for c in EXPORT_COLUMNS])
+            writer.writerow(_export_row(row))
             n += 1
     return n
+
+
+def _export_row(row: UsageEvent) -> list[Any]:
+    values = {c: getattr(row, c, None) for c in EXPORT_COLUMNS}
+    values["created_at"] = _iso_ms(row.created_at_ms)
+    values["settled_at"] = _iso_ms(row.settled_at_ms)
+    return ["" if values[c] is None else values[c] for c in EXPORT_COLUMNS]
+
+
+@dataclass(frozen=True)
+class UsageEventRow:
+    """One request of the usage ledger, as an account sees it."""
+
+    request_id: str
+    created_at: str
+    model: str
+    customer_tag: str | None
+    key_id: int | None
+    provider_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nusd: int
+    outcome: str
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_events(
+    engine: Engine, chosen: UsageFilter, *, offset: int = 0, limit: int = 50
+) -> tuple[list[UsageEventRow], int]:
+    """A page of the chosen usage events, newest first, and how many there are in all."""
+    query = chosen.where(select(UsageEvent)).order_by(UsageEvent.id.desc())
+    with Session(engine) as session:
+        total = session.scalar(chosen.where(select(func.count()).select_from(UsageEvent)))
+        rows = [
+            UsageEventRow(
+                request_id=e.request_id,
+                created_at=_iso_ms(e.created_at_ms),
+                model=e.model,
+                customer_tag=e.customer_tag,
+                key_id=e.key_id,
+                provider_id=e.provider_id,
+                prompt_tokens=e.prompt_tokens,
+                completion_tokens=e.completion_tokens,
+                cost_nusd=e.cost_nusd,
+                outcome=e.outcome,
+            )
+            for e in session.scalars(query.offset(offset).limit(limit))
+        ]
+    return rows, int(total or 0)
 
 
 @dataclass

@@ -33,6 +33,7 @@ def up() -> None:
         raise typer.Exit(1) from None
     typer.echo(f"DarkGPU is up in {time.monotonic() - started:.0f} s.")
     typer.echo(f"  API:        {settings.api_url}")
+    typer.echo(f"  Console:    {settings.api_url.removesuffix('/v1')}/console")
     typer.echo(f"  Dashboard:  http://127.0.0.1:{settings.dashboard_port}")
     typer.echo(f"  Metrics:    http://127.0.0.1:{settings.metrics_port}/metrics")
     typer.echo("Create an account and a key: darkgpu admin account create --email E --plan free")

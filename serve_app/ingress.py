@@ -42,7 +42,7 @@ from billing.admission import Admitted, connect
 from billing.reports import credits_summary, usage_report
 from cluster.catalog import Catalog, CatalogModel
 from cluster.labels import CONTROL_SELECTOR
-from serve_app import routes_payments, routes_providers
+from serve_app import console, routes_payments, routes_providers
 from serve_app.availability import ReplicaAvailability
 from serve_app.errors import (
     APIError,
@@ -85,6 +85,7 @@ api.add_middleware(RequestIdMiddleware)
 install_error_handlers(api)
 api.include_router(routes_providers.router)
 api.include_router(routes_payments.router)
+api.include_router(console.router)  # the web console, /console
 
 
 def model_card(model: CatalogModel, available: bool, created: int) -> dict[str, Any]:
@@ -196,6 +197,7 @@ class Ingress:
             connect(self._services.settings.redis_url, max_connections=8)
         )
         api.state.services = self._services
+        api.state.model_cards = self.model_cards  # the console's models page
 
     # --- health -------------------------------------------------------------------------
 
@@ -227,16 +229,19 @@ class Ingress:
             raise model_not_found(model_id)
         return model
 
-    @api.get("/v1/models")
-    async def list_models(self, request: Request) -> dict[str, Any]:
-        await self._gate.account(request)
+    async def model_cards(self) -> list[dict[str, Any]]:
+        """The listed catalog, with which models have a replica online now."""
         online = await self._availability.online()
-        data = [
+        return [
             model_card(m, m.id in online, self._created)
             for m in self._catalog.models
             if self._listed(m)
         ]
-        return {"object": "list", "data": data}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        await self._gate.account(request)
+        return {"object": "list", "data": await self.model_cards()}
 
     @api.get("/v1/models/{model_id:path}")
     async def get_model(self, request: Request, model_id: str) -> dict[str, Any]:

@@ -25,13 +25,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing import connect, earnings, signup, webhooks
+from billing import connect, earnings, payouts, signup, webhooks
 from billing.checkout import CheckoutError, create_checkout
 from billing.money import nusd_to_usd
-from billing.schema import Payout
 from billing.stripe_client import error_text
 from serve_app.errors import APIError, invalid_request
 from serve_app.services import Services, services
@@ -188,19 +186,7 @@ def _earnings(svc: Services, account_id: int, first: date, last: date) -> dict[s
     target = connect.payout_account(svc.db, account_id)
     with Session(svc.db) as session:
         payable = earnings.payable_balances(session, ids)
-        payouts = session.scalars(
-            select(Payout).where(Payout.provider_id.in_(ids)).order_by(Payout.id.desc()).limit(20)
-        ).all()
-        recent = [
-            {
-                "provider_id": p.provider_id,
-                "week": p.week,
-                "amount_cents": p.amount_cents,
-                "status": p.status,
-                "transfer_id": p.transfer_id,
-            }
-            for p in payouts
-        ]
+    recent = [p.to_json() for p in payouts.recent_payouts(svc.db, ids)]
     total = sum(r.earned_nusd for r in rows)
     total_payable = sum(payable.values())
     return {

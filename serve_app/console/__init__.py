@@ -1,0 +1,28 @@
+"""The web console, served by the platform itself at `/console`: sign up and in, the
+account's overview, API keys, usage, billing and models, and the provider's pages.
+
+Server-rendered HTML (Jinja2 templates in `templates/`), one stylesheet and one small script
+in `static/`, served by these routes: nothing is fetched from the internet. Sessions and CSRF
+tokens: `sessions`; pages in words on every error: `web.ConsoleRoute`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from serve_app.console import account_routes, auth_routes, provider_routes
+from serve_app.console.web import PREFIX, ConsoleError, ConsoleRoute
+
+router = APIRouter()
+router.include_router(auth_routes.router)
+router.include_router(account_routes.router)
+router.include_router(provider_routes.router)
+unknown = APIRouter(route_class=ConsoleRoute)
+
+
+@unknown.api_route(PREFIX + "/{path:path}", methods=["GET", "POST"], include_in_schema=False)
+def not_found(path: str) -> None:
+    raise ConsoleError("There is no such page in the console.", status=404)
+
+
+router.include_router(unknown)  # last: after every real page
