@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -105,7 +105,13 @@ def parse_event(fields: dict[str, str]) -> dict[str, Any]:
     return event
 
 
+Recorded = Callable[[Sequence[dict[str, Any]]], None]
+
+
 class UsageMeter:
+    """`on_recorded`: called with the usage rows of each batch once they are committed (each
+    request once: replays are skipped), e.g. to count spend by model."""
+
     def __init__(
         self,
         engine: Engine,
@@ -114,8 +120,10 @@ class UsageMeter:
         consumer: str = "meter-1",
         group: str = rk.METER_GROUP,
         claim_idle_ms: int = 60_000,
+        on_recorded: Recorded | None = None,
     ) -> None:
         self.engine = engine
+        self.on_recorded = on_recorded
         self.redis = redis
         self.consumer = consumer
         self.group = group
@@ -288,6 +296,11 @@ class UsageMeter:
                     .where((ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < moment))
                     .values(last_used_at=moment)
                 )
+        if rows and self.on_recorded is not None:
+            try:  # committed: a failing observer must not replay the batch
+                self.on_recorded(rows)
+            except Exception:
+                log.exception("on_recorded failed")
         return dead
 
     def reap(self, now: float | None = None, *, limit: int = 1000) -> int:
@@ -344,6 +357,7 @@ class BillingLoop:
         reap_every_s: float = 5.0,
         payouts_every_s: float = 300.0,
         settings: BillingSettings | None = None,
+        on_recorded: Recorded | None = None,
     ) -> None:
         import redis as redis_lib
 
@@ -355,7 +369,7 @@ class BillingLoop:
         self.engine = make_engine(database_url or settings.database_url)
         migrate(self.engine)
         self.redis = redis_lib.Redis.from_url(redis_url or settings.redis_url)
-        self.meter = UsageMeter(self.engine, self.redis, consumer=consumer)
+        self.meter = UsageMeter(self.engine, self.redis, consumer=consumer, on_recorded=on_recorded)
         self.max_batch = max_batch
         self.block_ms = block_ms
         self.reap_every_s = reap_every_s

@@ -23,6 +23,7 @@ from cluster.labels import CONTROL_SELECTOR
 from cluster.placement import cluster_capacity, deployable_models
 from cluster.settings import Settings
 from serve_app.ingress import Ingress
+from serve_app.meter_metrics import MeterMetrics
 from serve_app.models import build_model_deployment, deployment_name, model_source
 
 APP_NAME = "darkgpu"
@@ -36,16 +37,24 @@ APP_NAME = "darkgpu"
 class BillingMeter:
     """The billing actor: drains the usage stream into the SQL ledger, reaps stale holds,
     and rebuilds Redis from SQL when Redis comes back empty (`billing.meter.BillingLoop`).
-    Serve restarts it if it dies; its consumer group hands a dead consumer's entries over."""
+    Serve restarts it if it dies; its consumer group hands a dead consumer's entries over.
+    It also exports the billing metrics: spend, the stream's backlog, providers, payouts
+    (`serve_app.meter_metrics`)."""
 
     def __init__(self, billing: dict[str, Any]) -> None:
         settings = BillingSettings(**billing)
         consumer = f"meter-{serve.get_replica_context().replica_id.unique_id}"
+        self._metrics = MeterMetrics()
         self._loop = BillingLoop(
-            settings.database_url, settings.redis_url, consumer=consumer, settings=settings
+            settings.database_url,
+            settings.redis_url,
+            consumer=consumer,
+            settings=settings,
+            on_recorded=self._metrics.recorded,
         )
         self._thread = threading.Thread(target=self._loop.run, name="billing", daemon=True)
         self._thread.start()
+        self._metrics.start(self._loop.engine, self._loop.redis)
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
@@ -53,6 +62,7 @@ class BillingMeter:
 
     def __del__(self) -> None:
         self._loop.stop()
+        self._metrics.stop()
 
 
 def billing_args(settings: BillingSettings) -> dict[str, Any]:

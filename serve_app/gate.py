@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from fastapi import Request
 
 from billing.admission import Admission, Admitted, Refused
 from cluster.catalog import CatalogModel
 from serve_app.errors import APIError
+from serve_app.metrics import IngressMetrics
 from serve_app.streaming import Usage
 
 CUSTOMER_HEADER = "x-customer-id"
@@ -38,8 +40,9 @@ def refusal(refused: Refused) -> APIError:
 
 
 class Gate:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, metrics: IngressMetrics | None = None) -> None:
         self._admission = admission
+        self._metrics = metrics  # admission and settlement latency
         self._settling: set[asyncio.Task[bool]] = set()
 
     async def account(self, request: Request) -> int:
@@ -59,6 +62,7 @@ class Gate:
     ) -> Admitted:
         """`price`: per-token (input, output) nano-dollars to reserve at; default the
         catalog's."""
+        started = time.perf_counter()
         result = await self._admission.admit(
             api_key=bearer_key(request) or "",
             request_id=request.state.request_id,
@@ -68,6 +72,9 @@ class Gate:
             customer_tag=request.headers.get(CUSTOMER_HEADER),
             price=price,
         )
+        if self._metrics is not None:
+            admitted = not isinstance(result, Refused)
+            self._metrics.observe_admission(time.perf_counter() - started, admitted)
         if isinstance(result, Refused):
             raise refusal(result)
         return result
@@ -80,17 +87,24 @@ class Gate:
         price: tuple[int, int] | None = None,
     ) -> None:
         """`price`: the serving provider's per-token prices (capped at the reserved ones)."""
-        task = asyncio.create_task(
-            self._admission.settle(
-                request_id=request_id,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                provider_id=provider_id,
-                price=price,
-            )
-        )
+        task = asyncio.create_task(self._settle(request_id, usage, provider_id, price))
         self._settling.add(task)
         task.add_done_callback(self._settled)
+
+    async def _settle(
+        self, request_id: str, usage: Usage, provider_id: str, price: tuple[int, int] | None
+    ) -> bool:
+        started = time.perf_counter()
+        settled = await self._admission.settle(
+            request_id=request_id,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            provider_id=provider_id,
+            price=price,
+        )
+        if self._metrics is not None:
+            self._metrics.observe_settlement(time.perf_counter() - started)
+        return settled
 
     def _settled(self, task: asyncio.Task[bool]) -> None:
         self._settling.discard(task)

@@ -191,7 +191,7 @@ class Ingress:
         self._metrics = IngressMetrics()
         self._created = int(time.time())
 
-        self._services = Services.create(billing)
+        self._services = Services.create(billing, self._metrics)
         self._gate = self._services.gate
         self._directory = ReplicaDirectory(
             connect(self._services.settings.redis_url, max_connections=8)
@@ -352,6 +352,7 @@ class Ingress:
             )
         except APIError as exc:
             call.status = exc.status
+            self._metrics.observe_error(call.model, exc)
             exc.headers = {**call.headers(), **exc.headers}
             raise
         finally:
@@ -479,6 +480,7 @@ class Ingress:
             model=call.model,
             status=call.status,
             seconds=time.perf_counter() - call.started,
+            provider=call.provider_id,
             prompt_tokens=call.usage.prompt_tokens,
             completion_tokens=call.usage.completion_tokens,
         )

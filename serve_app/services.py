@@ -21,6 +21,7 @@ from billing.settings import BillingSettings
 from billing.stripe_client import maybe_stripe_client
 from cluster.registry import ProviderPlatform
 from serve_app.gate import Gate
+from serve_app.metrics import IngressMetrics
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Services:
     providers: ProviderPlatform = field(default_factory=ProviderPlatform)
 
     @classmethod
-    def create(cls, billing: dict[str, Any]) -> Services:
+    def create(cls, billing: dict[str, Any], metrics: IngressMetrics | None = None) -> Services:
         settings = BillingSettings(**billing)
         plans = load_plans(settings.plans_file)
         admission = Admission(connect(settings.redis_url), plans, hold_ttl_s=settings.hold_ttl_s)
@@ -45,7 +46,7 @@ class Services:
             db=make_engine(settings.database_url),
             redis=redis_sync.Redis.from_url(settings.redis_url),
             plans=plans,
-            gate=Gate(admission),
+            gate=Gate(admission, metrics),
             stripe=maybe_stripe_client(settings),
         )
 
