@@ -1,21 +1,16 @@
-"""The billing actor's gauge readings, against a real Redis and real SQLite: the usage
+"""The billing actor's gauge readings, against a real Redis, SQLite and PostgreSQL: the usage
 stream's backlog and flush lag, providers by tier and status, providers serving, payouts."""
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from billing import redis_keys as rk
 from billing.accounts import create_account
-from billing.db import make_engine, migrate
 from billing.plans import load_plans
 from billing.schema import Payout, ProviderStatus
 from cluster.registry import create_provider, set_status
@@ -26,34 +21,20 @@ from serve_app.meter_metrics import (
     read_serving,
 )
 from serve_app.replica_stats import replicas_key
+from tests.billing import conftest as billing
 
-REDIS_URL = os.environ.get("DARKGPU_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-REPO = Path(__file__).resolve().parents[2]
+# a real Redis (a test database), and SQLite and PostgreSQL, as the billing tests have them
+db_url, engine, r = billing.db_url, billing.engine, billing.r
 NOW_MS = 1_800_000_000_000
 
 
-@pytest.fixture
-def r() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'metrics.db'}")
-    migrate(eng)
-    yield eng
-    eng.dispose()
-
-
-def test_backlog_of_an_empty_stream_is_zero(r):
+def test_backlog_of_an_empty_stream_is_zero(r: redis.Redis) -> None:
     assert read_backlog(r, NOW_MS) == (0, 0, 0, 0.0)
 
 
-def test_backlog_counts_unflushed_pending_and_dead_events_and_the_oldest_ones_age(r):
+def test_backlog_counts_unflushed_pending_and_dead_events_and_the_oldest_ones_age(
+    r: redis.Redis,
+) -> None:
     r.xgroup_create(rk.USAGE_STREAM, rk.METER_GROUP, id="0", mkstream=True)
     r.xadd(rk.USAGE_STREAM, {"request_id": "a"}, id=f"{NOW_MS - 7_500}-0")
     r.xadd(rk.USAGE_STREAM, {"request_id": "b"}, id=f"{NOW_MS - 1_000}-0")
@@ -69,8 +50,8 @@ def test_backlog_counts_unflushed_pending_and_dead_events_and_the_oldest_ones_ag
     assert read_backlog(r, NOW_MS) == (2, 1, 1, 1.0)
 
 
-def test_providers_by_tier_and_status_zeros_included(engine):
-    account = create_account(engine, None, load_plans(REPO / "configs" / "plans.toml"),
+def test_providers_and_payouts_by_tier_and_status_zeros_included(engine: Engine) -> None:
+    account = create_account(engine, None, load_plans(billing.REPO / "configs" / "plans.toml"),
                              email="owner@example.com", plan="free")  # fmt: skip
     ids = [create_provider(engine, account_id=account.id, name=f"gpu{i}").provider.id
            for i in range(3)]  # fmt: skip
@@ -98,7 +79,7 @@ def test_providers_by_tier_and_status_zeros_included(engine):
     assert read_payouts(engine) == {"paid": (2, 3_500), "failed": (1, 1_100), "pending": (0, 0)}
 
 
-def test_providers_serving_are_those_with_a_live_healthy_replica(r):
+def test_providers_serving_are_those_with_a_live_healthy_replica(r: redis.Redis) -> None:
     def replica(provider: str, tier: str, expires_ms: int, **extra: object) -> str:
         stats = {"provider_id": provider, "trust_tier": tier, "expires_ms": expires_ms}
         return json.dumps({**stats, **extra})
