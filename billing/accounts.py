@@ -31,6 +31,7 @@ from billing.schema import (
     CustomerCap,
     utcnow,
 )
+from cluster.labels import TrustTier
 
 if TYPE_CHECKING:
     import redis
@@ -55,6 +56,7 @@ class AccountInfo:
     status: str
     created_at: str
     balance_nusd: int
+    default_trust_tier: str | None = None  # what its requests inherit; None: any tier
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +92,7 @@ def _account_info(session: Session, account: Account) -> AccountInfo:
         status=account.status,
         created_at=_iso(account.created_at) or "",
         balance_nusd=ledger.balance(session, ledger.customer_credits(account.id)),
+        default_trust_tier=account.default_trust_tier,
     )
 
 
@@ -135,6 +138,7 @@ def publish_account_state(session: Session, r: redis.Redis, account_id: int) -> 
         status=account.status,
         requests_per_minute=limits.requests_per_minute if limits else None,
         tokens_per_day=limits.tokens_per_day if limits else None,
+        trust_tier=account.default_trust_tier,
     )
     caps = session.execute(
         select(CustomerCap.customer_tag, CustomerCap.tokens_per_day).where(
@@ -387,6 +391,16 @@ def set_status(engine: Engine, r: redis.Redis | None, *, account_id: int, status
     status = AccountStatus(status).value
     with Session(engine) as session, session.begin():
         _require_account(session, account_id).status = status
+    _publish(engine, r, account_id)
+
+
+def set_default_tier(
+    engine: Engine, r: redis.Redis | None, *, account_id: int, tier: str | None
+) -> None:
+    """The trust tier the account's requests inherit when they name none (None: any)."""
+    tier = None if tier is None else TrustTier(tier).value
+    with Session(engine) as session, session.begin():
+        _require_account(session, account_id).default_trust_tier = tier
     _publish(engine, r, account_id)
 
 

@@ -207,6 +207,16 @@ class Admission:
             return Refused(401, "auth", "account_disabled", "This account is disabled.")
         return int(account)
 
+    async def default_tier(self, api_key: str | None) -> str | None:
+        """The trust tier the key's account has its requests inherit (None: any, or an
+        unknown key: `admit` refuses that one)."""
+        if not api_key or not looks_like_key(api_key):
+            return None
+        account = await self._redis.hget(rk.api_key(hash_key(api_key)), "account")
+        if account is None:
+            return None
+        return _text(await self._redis.hget(rk.account(int(account)), "tier")) or None
+
     async def settle(
         self,
         *,

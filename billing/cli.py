@@ -127,8 +127,12 @@ def account_update(
     status: Annotated[str | None, typer.Option(help="active | suspended")] = None,
     rpm: Annotated[int | None, typer.Option(help="Requests/min override.")] = None,
     plan_rpm: Annotated[bool, typer.Option("--plan-rpm", help="Drop the rpm override.")] = False,
+    tier: Annotated[
+        str | None,
+        typer.Option(help="Trust tier its requests inherit: basic | verified | any."),
+    ] = None,
 ) -> None:
-    """Change an account's plan, status or requests/min."""
+    """Change an account's plan, status, requests/min or default trust tier."""
 
     def update(c: Ctx) -> dict[str, Any]:
         if plan:
@@ -139,6 +143,9 @@ def account_update(
             svc.set_limits(
                 c.engine, c.redis, account_id=account, requests_per_minute=None if plan_rpm else rpm
             )
+        if tier:
+            default = None if tier == "any" else tier
+            svc.set_default_tier(c.engine, c.redis, account_id=account, tier=default)
         return svc.get_account(c.engine, account).to_json()
 
     _print(_run(update))

@@ -343,8 +343,10 @@ def _post_usage(batch: ledger.TransferBatch, event: dict[str, Any]) -> None:
 
 
 class BillingLoop:
-    """The billing actor's body: drain the usage stream, reap expired holds, and rebuild Redis
-    from SQL when it comes back empty. Plain Python; `BillingActor` runs it under Ray."""
+    """The billing actor's body: drain the usage stream, reap expired holds, rebuild Redis
+    from SQL when it comes back empty, mark providers whose agent stopped heartbeating
+    `offline`, and run the week's payouts when due. Plain Python; `BillingActor` runs it
+    under Ray."""
 
     def __init__(
         self,
@@ -394,6 +396,7 @@ class BillingLoop:
                 handled += self.step()
                 if time.monotonic() - last_reap >= self.reap_every_s:
                     self.meter.reap()
+                    self.mark_stale_providers()
                     last_reap = time.monotonic()
                 if time.monotonic() - last_payouts >= self.payouts_every_s:
                     last_payouts = time.monotonic()
@@ -402,6 +405,13 @@ class BillingLoop:
                 log.exception("billing loop step failed; retrying")
                 self._stop.wait(1.0)
         return handled
+
+    def mark_stale_providers(self) -> int:
+        """Providers silent for `DARKGPU_OFFLINE_AFTER_S` become `offline` (cluster.registry)."""
+        from cluster.registry import RegistrySettings, mark_stale_offline
+
+        older_than_s = RegistrySettings().offline_after_s
+        return mark_stale_offline(self.engine, older_than_s=older_than_s)
 
     def pay_due_week(self) -> None:
         """Monday's payouts for the week that ended, once (billing.payouts.run_due)."""

@@ -69,6 +69,7 @@ def rebuild(
                 Account.status,
                 AccountLimits.requests_per_minute,
                 AccountLimits.tokens_per_day,
+                Account.default_trust_tier,
             ).outerjoin(AccountLimits, AccountLimits.account_id == Account.id)
         ).all()
         caps: dict[int, dict[str, int]] = {}
@@ -77,10 +78,11 @@ def rebuild(
         ):
             caps.setdefault(account_id, {})[tag] = n
 
-    for account_id, plan, status, rpm, tpd in accounts:
+    for account_id, plan, status, rpm, tpd, tier in accounts:
         rs.publish_account(
-            r, account_id, plan=plan, status=status, requests_per_minute=rpm, tokens_per_day=tpd
-        )
+            r, account_id, plan=plan, status=status, requests_per_minute=rpm, tokens_per_day=tpd,
+            trust_tier=tier,
+        )  # fmt: skip
         rs.publish_tag_caps(r, account_id, caps.get(account_id, {}))
     active = {rk.api_key(key_hash) for key_hash, _a, _k in keys}
     pipe = r.pipeline(transaction=False)

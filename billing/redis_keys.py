@@ -2,7 +2,8 @@
 
 - `dg:ready`                    set once Redis holds billing state (rebuild or first write)
 - `dg:key:<sha256>`             hash: account, key_id — present only while the key is valid
-- `dg:acct:<id>`                hash: plan, status, rpm / tpd (per-account overrides)
+- `dg:acct:<id>`                hash: plan, status, rpm / tpd (per-account overrides), tier
+                                (the trust tier its requests inherit, when set)
 - `dg:bal:<id>`                 available credits, nUSD (SQL balance − open holds − undrained)
 - `dg:day:<id>:<YYYYMMDD>`      tokens used or reserved that UTC day
 - `dg:tagcap:<id>`              hash: customer tag (or `*`) → tokens/day

@@ -27,11 +27,13 @@ def publish_account(
     status: str,
     requests_per_minute: int | None,
     tokens_per_day: int | None,
+    trust_tier: str | None = None,
 ) -> None:
     key = rk.account(account_id)
     pipe = r.pipeline(transaction=True)
     pipe.hset(key, mapping={"plan": plan, "status": status})
-    for name, value in (("rpm", requests_per_minute), ("tpd", tokens_per_day)):
+    optional = (("rpm", requests_per_minute), ("tpd", tokens_per_day), ("tier", trust_tier))
+    for name, value in optional:
         if value is None:
             pipe.hdel(key, name)
         else:

@@ -77,6 +77,8 @@ class Account(Base):
     plan: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=AccountStatus.active.value)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the trust tier a request inherits when it names none (`basic` | `verified`); None: any
+    default_trust_tier: Mapped[str | None] = mapped_column(String(16))
 
 
 class ApiKey(Base):

@@ -412,6 +412,31 @@ def list_providers(
         return [ProviderInfo.of(row) for row in session.scalars(query)]
 
 
+@dataclass(frozen=True)
+class ProviderTerms:
+    """What routing takes from the registry, not from a node's self-declared labels."""
+
+    trust_tier: TrustTier
+    price_floor_pct: int
+    status: ProviderStatus
+
+    @property
+    def takes_requests(self) -> bool:
+        """False once the agent said the provider is leaving or paused (its node may still
+        be in the cluster, finishing what it has)."""
+        return self.status not in (ProviderStatus.draining, ProviderStatus.paused)
+
+
+def provider_terms(engine: Engine) -> dict[str, ProviderTerms]:
+    """Every registered provider's trust tier, price floor and status, by provider id."""
+    query = select(Provider.id, Provider.trust_tier, Provider.price_floor_pct, Provider.status)
+    with Session(engine) as session:
+        return {
+            pid: ProviderTerms(TrustTier(tier), int(floor), ProviderStatus(status))
+            for pid, tier, floor, status in session.execute(query)
+        }
+
+
 def earnings(engine: Engine, provider_id: str) -> Earnings:
     """What the provider's GPU has earned (usage ledger) and what is still to be paid."""
     with Session(engine) as session, session.begin():

@@ -8,13 +8,16 @@ answer names the provider whose replica served it (`x-darkgpu-provider`); every 
 names the request (`x-darkgpu-request-id`, `middleware`).
 
 Routing among providers: before admission the ingress reads which replicas of the model are
-up, on which provider, tier and price floor (`replica_stats`, published by the replicas),
-and ranks them against the request's `"provider"` object (`provider_policy`). No candidate:
-503 `service_unavailable` with the reason, nothing reserved. Otherwise the reservation is
-made at the highest price a candidate bills, the allowed replicas travel to the request
-router in the call's `RawRequestInfo` headers (`router`), and settlement bills at the price
-of the provider that served. A request with no `"provider"` object, where every known
-replica is at the catalog price, is routed exactly as before (no restriction).
+up and on which provider's node (`replica_stats`, published by the replicas), takes each
+provider's trust tier, price floor and status from the provider registry (not from the
+node's own labels), and ranks them against the request's `"provider"` object, or the
+account's default tier (`account_tiers`), with `provider_policy`. No candidate: 503
+`service_unavailable` with the reason, nothing reserved. Otherwise the reservation is made
+at the highest price a candidate bills, the allowed replicas and providers travel to the
+request router in the call's `RawRequestInfo` headers (`router`), and settlement bills at
+the registry's price of the provider that served. A request with no `"provider"` object and
+no account default, where every known replica is at the catalog price and none is
+draining, is routed without restriction.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from billing.admission import Admitted, connect
 from billing.reports import credits_summary, usage_report
 from cluster.catalog import Catalog, CatalogModel
 from cluster.labels import CONTROL_SELECTOR
+from cluster.registry import provider_terms
 from serve_app import console, routes_payments, routes_providers
+from serve_app.account_tiers import AccountTiers
 from serve_app.availability import ReplicaAvailability
 from serve_app.errors import (
     APIError,
@@ -51,6 +56,7 @@ from serve_app.errors import (
     model_not_found,
     no_replica,
 )
+from serve_app.gate import bearer_key
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import RequestIdMiddleware
 from serve_app.models import ServedBy
@@ -59,12 +65,13 @@ from serve_app.provider_policy import (
     Price,
     Ranked,
     Requirements,
+    fitting_providers,
     no_candidate_error,
     parse_requirements,
     provider_price,
     rank,
 )
-from serve_app.replica_stats import ReplicaDirectory
+from serve_app.replica_stats import RegistryTerms, ReplicaDirectory
 from serve_app.router import Allowed
 from serve_app.schemas import decode_json, parse_chat, parse_completion, require_model
 from serve_app.services import Services
@@ -133,12 +140,11 @@ class RouteTimeout(Exception):
     """No allowed replica took a restricted request within one routing attempt."""
 
 
-def allowed_info(
-    ranked: Ranked, requirements: Requirements, catalog: Price, limit: Price
-) -> RawRequestInfo:
-    """What may serve a request, for the router: the tier, the price the reservation covers
-    (`limit`), and the replicas seen fit (best first)."""
-    allow = Allowed(tuple(ranked.replica_ids), requirements.trust_tier, catalog, limit)
+def allowed_info(ranked: Ranked, providers: set[str]) -> RawRequestInfo:
+    """What may serve a request, for the router: the replicas seen fit (best first), and
+    the providers that fit (a replica of theirs that starts meanwhile fits too)."""
+    providers = providers | {c.replica.provider_id for c in ranked.candidates}
+    allow = Allowed(tuple(ranked.replica_ids), frozenset(providers))
     return RawRequestInfo(headers=allow.headers())
 
 
@@ -193,9 +199,12 @@ class Ingress:
 
         self._services = Services.create(billing, self._metrics)
         self._gate = self._services.gate
+        db = self._services.db
         self._directory = ReplicaDirectory(
-            connect(self._services.settings.redis_url, max_connections=8)
+            connect(self._services.settings.redis_url, max_connections=8),
+            RegistryTerms(lambda: provider_terms(db)),
         )
+        self._tiers = AccountTiers(self._services.admission)
         api.state.services = self._services
         api.state.model_cards = self.model_cards  # the console's models page
 
@@ -305,9 +314,10 @@ class Ingress:
             body = decode_json(await request.body())
             model = self._model(require_model(body))
             call.model = model.id
-            restricted = "provider" in body
+            default_tier = await self._tiers.default_for(bearer_key(request))
+            restricted = "provider" in body or default_tier is not None
             catalog = Price(model.input_nusd_per_token, model.output_nusd_per_token)
-            requirements = parse_requirements(body.pop("provider", None), catalog)
+            requirements = parse_requirements(body.pop("provider", None), catalog, default_tier)
             parse = parse_chat if call.endpoint == "chat" else parse_completion
             parsed = parse(body, model, call.request_id)
             if (parsed.n or 1) > 1:
@@ -336,7 +346,10 @@ class Ingress:
                     method, parsed, model, requirements, catalog, ranked
                 )
             call.provider_id = served_by.provider_id
-            served = provider_price(catalog, max(0, served_by.price_floor_pct))
+            served = provider_price(
+                catalog,
+                self._directory.price_floor_pct(served_by.provider_id, served_by.price_floor_pct),
+            )
             call.price = (served.input_nusd_per_token, served.output_nusd_per_token)
             if not parsed.stream:
                 payload = first.model_dump(mode="json")
@@ -365,7 +378,7 @@ class Ingress:
         """The candidates for a request, best first; None: route as before, unrestricted
         (no `"provider"` object, and no known replica priced above the catalog)."""
         replicas = await self._directory.replicas(model.id)
-        if not restricted and all(r.price_floor_pct == 0 for r in replicas):
+        if not restricted and all(r.price_floor_pct == 0 and not r.draining for r in replicas):
             return None
         return rank(replicas, requirements, catalog, model.id)
 
@@ -401,16 +414,23 @@ class Ingress:
         """Send a restricted request; when no allowed replica takes it in time, route it
         again on a fresh reading of the replicas (never above the price reserved)."""
         limit = ranked.highest
-        for _ in range(ROUTE_ATTEMPTS):
-            stream = method.remote(parsed, allowed_info(ranked, requirements, catalog, limit))
+        capped = Requirements(requirements.trust_tier, limit)  # never above the reservation
+        for attempt in range(ROUTE_ATTEMPTS):
+            registry = await self._directory.registry()
+            providers = fitting_providers(registry, capped, catalog)
+            stream = method.remote(parsed, allowed_info(ranked, providers))
             try:
                 return (stream, *await self._open(stream, ROUTE_ATTEMPT_S))
             except RouteTimeout:
+                logger.warning(
+                    "no allowed replica took a restricted request in %.0f s (attempt %d; "
+                    "replicas %s, providers %s); routing it again",
+                    ROUTE_ATTEMPT_S, attempt + 1, ranked.replica_ids, sorted(providers),
+                )  # fmt: skip
                 replicas = await self._directory.refresh(model.id)
-                again = rank(replicas, requirements, catalog, model.id)
+                again = rank(replicas, capped, catalog, model.id)
                 if isinstance(again, Ranked):
-                    fits = tuple(c for c in again.candidates if c.price.within(limit))
-                    ranked = Ranked(fits) if fits else ranked
+                    ranked = again
         raise APIError(
             503,
             "No allowed provider took the request in time; retry shortly.",

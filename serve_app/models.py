@@ -1,16 +1,20 @@
 """Model deployments: one Ray Serve LLM `LLMServer` (vLLM) deployment per deployed model.
 
 `ProviderLLMServer` is a thin shell over Ray Serve LLM's server: it reads its node's labels
-once (which provider's GPU it runs on, and that provider's trust tier), reports them and
-its load to the request router through routing stats, and announces them as the first item
-of every response stream so the ingress can say who served a request
-(`x-darkgpu-provider`) and bill at that provider's price without another hop. The same stats
-go into Redis (`serve_app.replica_stats`), where the ingress reads them before routing.
+once (which provider's GPU it runs on, that provider's trust tier and price floor), and
+reports them, its load and whether its node is draining (`ray drain-node`: the provider's
+window ended or its owner wants the GPU back) to the request router through routing stats.
+It announces its provider as the first item of every response stream, so the ingress can
+say who served a request (`x-darkgpu-provider`) and bill at that provider's price without
+another hop. The same stats go into Redis (`serve_app.replica_stats`), where the ingress
+reads them before routing (and corrects them with the provider registry's terms).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray._raylet import GcsClient  # Serve's controller reads draining nodes the same way
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from cluster.catalog import CatalogModel
@@ -31,6 +36,7 @@ logger = logging.getLogger("darkgpu.models")
 
 ROUTER_CLASS = "serve_app.router:ProviderRequestRouter"
 ROUTING_STATS_PERIOD_S = 1
+DRAIN_CHECK_PERIOD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,27 +57,54 @@ class ProviderLLMServer(LLMServer):
         self._node = NodeIdentity.from_labels(ray.get_runtime_context().get_node_labels())
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._model_id = llm_config.model_id
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
+        self._draining = False
+        self._drain_checked = 0.0
         self._ongoing = 0
-        self._redis = None
+        self._publisher: asyncio.Task[None] | None = None
         if redis_url:
             from billing.admission import connect
 
-            self._redis = connect(redis_url, max_connections=4)
+            redis = connect(redis_url, max_connections=4)
+            self._publisher = asyncio.create_task(self._publish_forever(redis))
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        stats = {
+        return {
             "provider_id": self._node.provider_id,
             "trust_tier": self._node.trust_tier.value,
             "price_floor_pct": self._node.price_floor_pct,
             "gpu_model": self._node.gpu_model,
             "ongoing": self._ongoing,
+            "draining": await self._node_draining(),
         }
-        if self._redis is not None:
+
+    async def _publish_forever(self, redis: Any) -> None:
+        """The same stats into Redis for the ingress, every second from the moment the
+        replica is built: Serve's own polling reaches a new replica's stats to the router
+        only later, and a drained node's replacement must be routable at once."""
+        while True:
             try:
-                await replica_stats.publish(self._redis, self._model_id, self._replica, stats)
-            except Exception as exc:  # noqa: BLE001 - stats for the router still count
+                stats = await self.record_routing_stats()
+                await replica_stats.publish(redis, self._model_id, self._replica, stats)
+            except Exception as exc:  # noqa: BLE001 - keep publishing
                 logger.warning("publishing replica stats failed: %r", exc)
-        return stats
+            await asyncio.sleep(ROUTING_STATS_PERIOD_S)
+
+    async def _node_draining(self) -> bool:
+        """Whether this replica's node is being drained (read from the GCS, once a second);
+        a draining replica takes no new requests, Serve moves it to another node."""
+        now = time.monotonic()
+        if self._draining or now - self._drain_checked < DRAIN_CHECK_PERIOD_S:
+            return self._draining
+        self._drain_checked = now
+        try:
+            nodes = await asyncio.to_thread(self._gcs.get_draining_nodes, timeout=2)
+        except Exception as exc:  # noqa: BLE001 - keep the last answer
+            logger.warning("reading draining nodes failed: %r", exc)
+            return self._draining
+        self._draining = self._node_id in nodes
+        return self._draining
 
     async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
         return self._announced(await super().chat(request, raw_request_info))

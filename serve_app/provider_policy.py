@@ -13,11 +13,12 @@ and the request's `"provider"` object into `Requirements`, then calls `rank`:
   allows more with `"provider": {"max_price": {"prompt": usd_per_1m, "completion": …}}`
   (OpenRouter's shape; a side it leaves out stays at the catalog price). The request is
   billed at the price of the provider that served it; the reservation uses `Ranked.highest`.
-- Draining replicas take no new requests; among the others: healthy first, then least
-  loaded, then cheapest, then by replica id (a stable order).
-- No candidate: the reason, checked in this order: no provider online (no replica that is
-  not draining), none at this tier, none at this price. `no_candidate_error` makes the
-  spec's 503 `service_unavailable` of it.
+- Among the candidates: not draining first (a draining replica is used only while nothing
+  else fits: Serve keeps it until its replacement runs, and a request must not fail in
+  between), then healthy, then least loaded, then cheapest, then by replica id.
+- No candidate: the reason, checked in this order: no provider online (no replica), none
+  at this tier, none at this price. `no_candidate_error` makes the spec's 503
+  `service_unavailable` of it.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.labels import TrustTier
 from serve_app.errors import APIError, invalid_request
+
+if TYPE_CHECKING:
+    from cluster.registry import ProviderTerms
 
 TIER_ORDER = {TrustTier.basic: 0, TrustTier.verified: 1}
 NUSD_PER_USD_PER_1M = 1000  # $1 per 1M tokens = 1,000 nUSD per token
@@ -82,14 +86,16 @@ class ReplicaStats:
         replica_id: str,
         stats: Mapping[str, Any],
         load: float | None = None,
-        registry: Mapping[str, tuple[TrustTier, int]] | None = None,
+        registry: Mapping[str, ProviderTerms] | None = None,
     ) -> ReplicaStats | None:
         """From `record_routing_stats()`'s dict; None until the replica has reported who it
         is. Keys: provider_id, trust_tier, price_floor_pct, healthy, draining, ongoing.
 
-        A node's labels are self-declared (Ray trusts every node), so where `registry` is
-        given (provider id → (trust tier, price floor) from the provider registry) it wins
-        over what the replica reports, and a provider it does not know is `basic`.
+        A node's labels are self-declared (Ray trusts every node that has the cluster
+        token), so where `registry` is given (the provider registry's terms by provider id)
+        its tier, price floor and status win over what the replica reports, and a provider it
+        does not know is `basic` at the price floor it asks. A replica's own word that its
+        node is draining always counts.
         """
         if "provider_id" not in stats:
             return None
@@ -97,15 +103,21 @@ class ReplicaStats:
         tier = stats.get("trust_tier")
         trust = TrustTier(tier) if tier in TIER_ORDER else TrustTier.basic
         floor = max(0, int(stats.get("price_floor_pct") or 0))
+        draining = bool(stats.get("draining", False))
         if registry is not None:
-            trust, floor = registry.get(provider_id, (TrustTier.basic, floor))
+            terms = registry.get(provider_id)
+            if terms is None:
+                trust = TrustTier.basic
+            else:
+                trust, floor = terms.trust_tier, terms.price_floor_pct
+                draining = draining or not terms.takes_requests
         return cls(
             replica_id=replica_id,
             provider_id=provider_id,
             trust_tier=trust,
             price_floor_pct=floor,
             healthy=bool(stats.get("healthy", True)),
-            draining=bool(stats.get("draining", False)),
+            draining=draining,
             load=float(stats.get("ongoing", 0) if load is None else load),
         )
 
@@ -154,6 +166,21 @@ def price_limit(catalog: Price, requirements: Requirements) -> Price:
     return requirements.max_price or catalog
 
 
+def fitting_providers(
+    registry: Mapping[str, ProviderTerms], requirements: Requirements, catalog: Price
+) -> set[str]:
+    """Registered providers whose terms fit the request, whether or not a replica of theirs
+    is up yet (a drained node's replacement may start on any of them)."""
+    limit = price_limit(catalog, requirements)
+    return {
+        provider_id
+        for provider_id, terms in registry.items()
+        if terms.takes_requests
+        and tier_satisfies(terms.trust_tier, requirements.trust_tier)
+        and provider_price(catalog, terms.price_floor_pct).within(limit)
+    }
+
+
 def rank(
     replicas: Iterable[ReplicaStats],
     requirements: Requirements,
@@ -161,7 +188,7 @@ def rank(
     model_id: str = "",
 ) -> Ranked | NoCandidate:
     """The replicas that may serve the request, best first, or why there are none."""
-    online = [r for r in replicas if not r.draining]
+    online = list(replicas)
     named = f" for the model '{model_id}'" if model_id else ""
     if not online:
         return NoCandidate(
@@ -188,6 +215,7 @@ def rank(
         )
     affordable.sort(
         key=lambda c: (
+            c.replica.draining,
             not c.replica.healthy,
             c.replica.load,
             c.replica.price_floor_pct,

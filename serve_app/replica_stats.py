@@ -10,6 +10,11 @@ to reserve at the highest price a candidate may bill. So every model replica, fr
 ahead). The ingress reads the hash at most once a second (`ReplicaDirectory`) and ignores
 expired entries, so a replica that died drops out within seconds; the hash itself expires
 when no replica refreshes it.
+
+What a replica says of its provider's trust tier and price floor comes from its node's
+labels, which the node chose itself; the provider registry (SQL) is the authority. The
+directory reads the registry's terms every few seconds (`RegistryTerms`) and applies them
+to every replica it hands out (`ReplicaStats.from_routing_stats`).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from cluster.registry import ProviderTerms
 from serve_app.provider_policy import ReplicaStats
 
 STATS_TTL_S = 4.0
@@ -46,8 +52,13 @@ async def withdraw(redis: Any, model_id: str, replica_id: str) -> None:
     await redis.hdel(replicas_key(model_id), replica_id)
 
 
-def parse(entries: Mapping[Any, Any], now_ms: int) -> list[ReplicaStats]:
-    """The unexpired replicas of one hash, as the provider policy sees them."""
+def parse(
+    entries: Mapping[Any, Any],
+    now_ms: int,
+    registry: Mapping[str, ProviderTerms] | None = None,
+) -> list[ReplicaStats]:
+    """The unexpired replicas of one hash, as the provider policy sees them (with the
+    registry's terms, where given)."""
     out = []
     for field, raw in entries.items():
         replica_id = field.decode() if isinstance(field, bytes) else str(field)
@@ -57,10 +68,40 @@ def parse(entries: Mapping[Any, Any], now_ms: int) -> list[ReplicaStats]:
             continue
         if not isinstance(stats, dict) or int(stats.get("expires_ms", 0)) < now_ms:
             continue
-        replica = ReplicaStats.from_routing_stats(replica_id, stats)
+        replica = ReplicaStats.from_routing_stats(replica_id, stats, registry=registry)
         if replica is not None:
             out.append(replica)
     return out
+
+
+class RegistryTerms:
+    """The provider registry's terms, read (in a thread: `read` is blocking SQL) at most
+    every `ttl_s` seconds. A failed read keeps the last terms; until the first read
+    succeeds every provider counts as unknown (`basic`)."""
+
+    def __init__(self, read: Callable[[], dict[str, ProviderTerms]], ttl_s: float = 5.0) -> None:
+        self._read = read
+        self._ttl_s = ttl_s
+        self._terms: dict[str, ProviderTerms] = {}
+        self._read_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> dict[str, ProviderTerms]:
+        if self._read_at is not None and time.monotonic() - self._read_at < self._ttl_s:
+            return self._terms
+        async with self._lock:
+            if self._read_at is None or time.monotonic() - self._read_at >= self._ttl_s:
+                try:
+                    self._terms = await asyncio.to_thread(self._read)
+                except Exception as exc:  # noqa: BLE001 - keep routing on the last terms
+                    logger.warning("reading provider terms failed: %r", exc)
+                self._read_at = time.monotonic()
+        return self._terms
+
+    def price_floor_pct(self, provider_id: str, reported: int) -> int:
+        """The floor to bill a provider at: the registry's, else what its replica said."""
+        terms = self._terms.get(provider_id)
+        return terms.price_floor_pct if terms is not None else max(0, reported)
 
 
 class ReplicaDirectory:
@@ -69,8 +110,9 @@ class ReplicaDirectory:
     A request uses the last reading; the first request of a model waits for one read.
     Redis being unreachable leaves the last reading in place (and empty at start)."""
 
-    def __init__(self, redis: Any, ttl_s: float = 1.0) -> None:
+    def __init__(self, redis: Any, terms: RegistryTerms | None = None, ttl_s: float = 1.0) -> None:
         self._redis = redis  # asyncio client
+        self.terms = terms
         self._ttl_s = ttl_s
         self._replicas: dict[str, list[ReplicaStats]] = {}
         self._read_at: dict[str, float] = {}
@@ -87,6 +129,16 @@ class ReplicaDirectory:
                 await asyncio.shield(task)
         return self._replicas.get(model_id, [])
 
+    async def registry(self) -> Mapping[str, ProviderTerms]:
+        """The registry's terms by provider id (empty without a registry)."""
+        return await self.terms.current() if self.terms is not None else {}
+
+    def price_floor_pct(self, provider_id: str, reported: int) -> int:
+        """The floor to bill a provider at: the registry's, else what its replica said."""
+        if self.terms is None:
+            return max(0, reported)
+        return self.terms.price_floor_pct(provider_id, reported)
+
     async def refresh(self, model_id: str) -> list[ReplicaStats]:
         """Read now (a request that found none of its replicas)."""
         await self._refresh(model_id)
@@ -99,5 +151,6 @@ class ReplicaDirectory:
             logger.warning("reading replica stats failed: %r", exc)
             self._read_at.setdefault(model_id, time.monotonic())
             return
-        self._replicas[model_id] = parse(entries, int(time.time() * 1000))
+        registry = await self.terms.current() if self.terms is not None else None
+        self._replicas[model_id] = parse(entries, int(time.time() * 1000), registry)
         self._read_at[model_id] = time.monotonic()

@@ -1,37 +1,35 @@
 """Replica choice: a Ray Serve custom `RequestRouter` on every model deployment.
 
 It runs inside the caller's handle (the ingress), so choosing costs no extra actor hop on
-the token stream. Each replica reports, through routing stats, its provider id, trust tier
-and load (`ProviderLLMServer.record_routing_stats`); the router keeps the replicas that may
-take the request and ranks them, least loaded first. Serve then sends the request to the
-first replica of the best rank whose queue has room (probing queue lengths where its cache
-has none), and backs off and retries when every queue is full.
+the token stream. Each replica reports, through routing stats, its provider id, trust tier,
+load and whether its node is draining (`ProviderLLMServer.record_routing_stats`); the
+router keeps the replicas that may take the request and ranks them, least loaded first.
+Serve then sends the request to the first replica of the best rank whose queue has room
+(probing queue lengths where its cache has none), and backs off and retries when every
+queue is full. A draining replica takes no new request while any other can.
 
-Requests the ingress restricted (a trust tier, a price: `serve_app.provider_policy`) carry
-what may serve them in their `RawRequestInfo` headers: the tier (`x-darkgpu-tier`), the
-catalog price and the most per token the reservation covers (`x-darkgpu-price`:
-"catalog_in,catalog_out,max_in,max_out" in nano-dollars), and the replicas the ingress saw
-fit (`x-darkgpu-replicas`). The router applies the same policy to the live replicas' routing
-stats, so a replica that started since the ingress looked (a drained node's replacement)
-is a candidate too, and one that is draining is not; a listed replica whose stats have not
-reached the router yet is kept. Should none fit any more, Serve waits for candidates and the
-ingress's routing timeout answers 503.
+Requests the ingress restricted (a trust tier, a price, a provider the registry says is
+leaving: `serve_app.provider_policy`) carry what may serve them in their `RawRequestInfo`
+headers: the replicas the ingress saw fit, best first (`x-darkgpu-replicas`), and the
+providers whose terms in the registry fit (`x-darkgpu-providers`). Tiers and prices are
+decided there, once, from the registry: a node's labels are its own claim. The router
+keeps the listed replicas and any new replica of a listed provider (a drained node's
+replacement), draining ones in a later rank. Should none fit any more, Serve waits for
+candidates and the ingress's routing timeout routes the request again on a fresh reading.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from cluster.labels import TrustTier
-from serve_app.provider_policy import Price, ReplicaStats, provider_price, tier_satisfies
-
 REPLICAS_HEADER = "x-darkgpu-replicas"
-TIER_HEADER = "x-darkgpu-tier"
-PRICE_HEADER = "x-darkgpu-price"
+NOTHING_FITS_WAIT_S = 0.05
+PROVIDERS_HEADER = "x-darkgpu-providers"
 
 
 class ReplicaView(Protocol):
@@ -39,29 +37,23 @@ class ReplicaView(Protocol):
     def routing_stats(self) -> Mapping[str, Any]: ...
 
 
-def accepts(stats: Mapping[str, Any], required_tier: str | None = None) -> bool:
-    """Whether a replica may take a request: it has reported who it is, and its tier fits."""
-    if "provider_id" not in stats:
-        return False  # not yet reported; Serve falls back to it only if nothing else is up
-    return required_tier is None or stats.get("trust_tier") == required_tier
+def accepts(stats: Mapping[str, Any]) -> bool:
+    """Whether a replica may take an unrestricted request: it has reported who it is, and
+    its node is not draining."""
+    return "provider_id" in stats and not stats.get("draining", False)
 
 
 def rank(
-    replicas: Sequence[ReplicaView],
-    load_of: Callable[[ReplicaView], float],
-    required_tier: str | None = None,
+    replicas: Sequence[ReplicaView], load_of: Callable[[ReplicaView], float]
 ) -> list[list[ReplicaView]]:
-    """Ranks of replicas, best first: accepting replicas by ascending load, then the rest.
-
-    Replicas that have not reported routing stats yet (just started) come last, so a request
-    still finds a replica while the stats catch up.
+    """Ranks of replicas, best first: accepting replicas by ascending load, then those that
+    have not reported routing stats yet (just started), then draining ones (they still
+    answer until Serve stops them, and a request that finds nothing else must not fail).
     """
-    accepting = [r for r in replicas if accepts(r.routing_stats, required_tier)]
+    accepting = [r for r in replicas if accepts(r.routing_stats)]
     unknown = [r for r in replicas if "provider_id" not in r.routing_stats]
-    ranks = [sorted(accepting, key=load_of)] if accepting else []
-    if unknown:
-        ranks.append(unknown)
-    return ranks
+    draining = [r for r in replicas if r.routing_stats.get("draining", False)]
+    return [sorted(group, key=load_of) for group in (accepting, unknown, draining) if group]
 
 
 @dataclass(frozen=True)
@@ -69,31 +61,18 @@ class Allowed:
     """What may serve a restricted request (from the ingress's headers)."""
 
     replica_ids: tuple[str, ...]  # the ingress's pick, best first
-    tier: TrustTier | None
-    catalog: Price
-    limit: Price  # the reserved price per token: no candidate may bill more
+    provider_ids: frozenset[str]  # providers whose registry terms fit the request
 
     def headers(self) -> dict[str, str]:
-        prices = (self.catalog, self.limit)
-        out = {
+        return {
             REPLICAS_HEADER: ",".join(self.replica_ids),
-            PRICE_HEADER: ",".join(
-                str(n) for p in prices for n in (p.input_nusd_per_token, p.output_nusd_per_token)
-            ),
+            PROVIDERS_HEADER: ",".join(sorted(self.provider_ids)),
         }
-        if self.tier is not None:
-            out[TIER_HEADER] = self.tier.value
-        return out
 
     def fits(self, replica_id: str, stats: Mapping[str, Any]) -> bool:
-        replica = ReplicaStats.from_routing_stats(replica_id, stats)
-        if replica is None:  # no stats here yet: trust the ingress's reading
+        if "provider_id" not in stats:  # no stats here yet: trust the ingress's reading
             return replica_id in self.replica_ids
-        return (
-            not replica.draining
-            and tier_satisfies(replica.trust_tier, self.tier)
-            and provider_price(self.catalog, replica.price_floor_pct).within(self.limit)
-        )
+        return replica_id in self.replica_ids or str(stats["provider_id"]) in self.provider_ids
 
 
 def allowed(pending_request: PendingRequest | None) -> Allowed | None:
@@ -106,13 +85,9 @@ def allowed(pending_request: PendingRequest | None) -> Allowed | None:
     headers = getattr(info, "headers", None) or {}
     if REPLICAS_HEADER not in headers:
         return None
-    try:
-        cin, cout, lin, lout = (int(n) for n in headers[PRICE_HEADER].split(","))
-        tier = TrustTier(headers[TIER_HEADER]) if TIER_HEADER in headers else None
-    except (KeyError, ValueError):
-        return None
     replicas = tuple(r for r in headers[REPLICAS_HEADER].split(",") if r)
-    return Allowed(replicas, tier, Price(cin, cout), Price(lin, lout))
+    providers = frozenset(p for p in headers.get(PROVIDERS_HEADER, "").split(",") if p)
+    return Allowed(replicas, providers)
 
 
 def restrict(replicas: Sequence[Any], allow: Allowed, id_of: Callable[[Any], str]) -> list[Any]:
@@ -146,5 +121,13 @@ class ProviderRequestRouter(RequestRouter):
             # only once it is offered a replica, and nothing is sent for a done request
             return [candidate_replicas]
         kept = restrict(candidate_replicas, allow, id_of=lambda r: r.replica_id.unique_id)
-        # least loaded first; among equals, the ingress's order (healthy, load, cheapest)
-        return [sorted(kept, key=self._load)] if kept else []
+        if not kept:
+            # nothing fits yet (a replica the ingress listed is not running here yet):
+            # Serve asks again at once, so wait a moment rather than spin
+            await asyncio.sleep(NOTHING_FITS_WAIT_S)
+            return []
+        # least loaded first; among equals, the ingress's order (healthy, load, cheapest);
+        # draining replicas only when the others are full
+        staying = [r for r in kept if not r.routing_stats.get("draining", False)]
+        leaving = [r for r in kept if r.routing_stats.get("draining", False)]
+        return [sorted(group, key=self._load) for group in (staying, leaving) if group]

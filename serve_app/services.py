@@ -31,6 +31,7 @@ class Services:
     redis: redis_sync.Redis
     plans: Plans
     gate: Gate
+    admission: Admission
     # None when DARKGPU_STRIPE_SECRET_KEY is not set: the payment routes answer 503.
     stripe: stripe.StripeClient | None = None
     # the provider registry's settings and CC verifier (serve_app/routes_providers.py)
@@ -47,6 +48,7 @@ class Services:
             redis=redis_sync.Redis.from_url(settings.redis_url),
             plans=plans,
             gate=Gate(admission, metrics),
+            admission=admission,
             stripe=maybe_stripe_client(settings),
         )
 

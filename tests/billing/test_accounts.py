@@ -113,3 +113,24 @@ def test_services_work_without_redis(engine: Engine, plans: Plans) -> None:
     key = svc.create_key(engine, None, account_id=info.id)
     svc.revoke_key(engine, None, key_id=key.id)
     assert svc.get_account(engine, info.id).balance_nusd == 10 * USD
+
+
+async def test_the_default_trust_tier_reaches_admission_and_survives_a_rebuild(
+    engine: Engine, r: redis.Redis, plans: Plans, admission: Admission
+) -> None:
+    from billing.rebuild import rebuild
+
+    customer = make_customer(engine, r, plans)
+    assert svc.get_account(engine, customer.account_id).default_trust_tier is None
+    assert await admission.default_tier(customer.key) is None
+    svc.set_default_tier(engine, r, account_id=customer.account_id, tier="verified")
+    assert svc.get_account(engine, customer.account_id).default_trust_tier == "verified"
+    assert await admission.default_tier(customer.key) == "verified"
+    r.flushdb()  # Redis lost: rebuilt from SQL, the tier with it
+    rebuild(engine, r)
+    assert await admission.default_tier(customer.key) == "verified"
+    svc.set_default_tier(engine, r, account_id=customer.account_id, tier=None)
+    assert await admission.default_tier(customer.key) is None
+    with pytest.raises(ValueError):
+        svc.set_default_tier(engine, r, account_id=customer.account_id, tier="gold")
+    assert await admission.default_tier("dgpu-not-a-key") is None

@@ -1,4 +1,5 @@
 import asyncio
+from datetime import timedelta
 
 import redis
 import redis.asyncio as aredis
@@ -11,7 +12,8 @@ from billing.admission import Admission
 from billing.meter import BillingLoop, UsageMeter
 from billing.plans import Plans
 from billing.reports import verify_ledger
-from billing.schema import ApiKey, UsageEvent
+from billing.schema import ApiKey, ProviderStatus, UsageEvent, utcnow
+from cluster import registry
 from tests.billing.conftest import IN, MODEL, OUT, REDIS_URL, USD, Customer, make_customer
 
 
@@ -172,6 +174,8 @@ def test_billing_loop_rebuilds_and_drains(engine: Engine, r: redis.Redis, plans:
         await client.aclose()
 
     asyncio.run(traffic())
+    silent = registry.create_provider(engine, account_id=c.account_id, name="gone").provider.id
+    registry.heartbeat(engine, silent, ProviderStatus.online, now=utcnow() - timedelta(hours=1))
     loop = BillingLoop(
         str(engine.url.render_as_string(hide_password=False)),
         REDIS_URL,
@@ -181,6 +185,8 @@ def test_billing_loop_rebuilds_and_drains(engine: Engine, r: redis.Redis, plans:
     )
     assert loop.run(max_iterations=3) == 2
     assert usage_count(engine) == 2
+    # its agent stopped heartbeating an hour ago
+    assert registry.get_provider(engine, silent).status == ProviderStatus.offline
     r.delete(rk.READY, rk.api_key("x"))
     r.delete(rk.balance(c.account_id))  # Redis lost its copy
     loop.step()

@@ -1,11 +1,13 @@
 """Routing among providers on a real multi-node Ray cluster on this machine.
 
 A head (provider `local`, no VRAM) and two provider nodes joined with `ray start --address
-… --labels … --resources '{"vram_gb": 24}'`, as the agent joins them: `p1` (basic, at the
-catalog price) and `p2` (verified, 50% above it). The catalog here has the CPU engine's
-tiny model needing 16 GiB of VRAM, so its two replicas land one on each provider node and
-never on the head. The platform is then deployed with `darkgpu up` (which finds the head
-running), on ports of its own.
+… --labels … --resources '{"vram_gb": 24}'`, as the agent joins them: `p1` (registered
+basic, at the catalog price) and `p2` (registered verified, its CC evidence checked against
+a test device PKI, 50% above the catalog price). Their nodes' labels claim the opposite
+(p1 says `verified`, p2 says `basic` at no premium): the registry decides, not the labels.
+The catalog here has the CPU engine's tiny model needing 16 GiB of VRAM, so its two
+replicas land one on each provider node and never on the head. The platform is then
+deployed with `darkgpu up` (which finds the head running), on ports of its own.
 
 Teardown stops Serve gracefully (no vLLM engine outlives it) and then ends this cluster's
 own Ray processes by pid: `ray stop` would stop every Ray cluster on the machine, the
@@ -14,6 +16,7 @@ session's shared `platform` one included.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -30,11 +33,22 @@ import openai
 import psutil
 import pytest
 import redis
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from cluster.labels import PRICE_FLOOR_LABEL, PROVIDER_ID_LABEL, TRUST_TIER_LABEL, format_labels
+from billing import accounts
+from billing.db import make_engine, migrate
+from billing.plans import load_plans
+from billing.schema import ProviderStatus
+from billing.settings import BillingSettings
+from cluster import registry
+from cluster.attestation import SignedReportVerifier, issue_challenge, make_evidence
+from cluster.labels import PROVIDER_ID_LABEL, TRUST_TIER_LABEL, format_labels
 from cluster.local import LocalCluster
+from cluster.nvml import RecordedReader, detect
 from cluster.processes import cmdline, descendants, end, session_of, session_processes, stop_session
 from cluster.settings import CONFIGS_DIR, Settings
+from tests.cluster.cc_pki import DevicePki
+from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
 from tests.ports import port
 
 BIN = Path(sys.executable).parent
@@ -44,10 +58,12 @@ EXACT = {"ignore_eos": True}
 PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
          "METRICS_PORT": str(port(8100)), "DASHBOARD_PORT": str(port(8285))}  # fmt: skip
 REDIS_PORT = port(6402)
+# what each provider's node claims in its labels; the registry knows better (`_register`)
 PROVIDERS = {
-    "p1": {TRUST_TIER_LABEL: "basic"},
-    "p2": {TRUST_TIER_LABEL: "verified", PRICE_FLOOR_LABEL: "50"},
+    "p1": {TRUST_TIER_LABEL: "verified"},
+    "p2": {TRUST_TIER_LABEL: "basic"},
 }
+IDS: dict[str, str] = {}  # provider name (p1, p2, p3) -> its id in the registry
 IN, OUT = 15, 60  # the tiny model's catalog price, nano-dollars per token
 P2_IN, P2_OUT = 23, 90  # 50% above it, rounded up
 ANY_PRICE = {"max_price": {"prompt": 1, "completion": 1}}  # USD per 1M tokens
@@ -66,7 +82,7 @@ class Cluster:
         subprocess.run(
             [str(BIN / "ray"), "start", "--address", self.address,
              "--node-ip-address", "127.0.0.1", "--num-cpus", "4",
-             "--labels", format_labels({PROVIDER_ID_LABEL: provider, **labels}),
+             "--labels", format_labels({PROVIDER_ID_LABEL: IDS[provider], **labels}),
              "--resources", json.dumps({"vram_gb": 24}), "--disable-usage-stats"],
             env=self.ray_env, check=True, stdout=subprocess.DEVNULL, timeout=120,
         )  # fmt: skip
@@ -75,7 +91,7 @@ class Cluster:
         return subprocess.run([str(BIN / "darkgpu"), *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout)  # fmt: skip
 
-    def new_key(self, usd: str = "5") -> str:
+    def new_key(self, usd: str = "5", tier: str | None = None) -> str:
         def admin(*args: str) -> dict:
             done = self.darkgpu("admin", *args, timeout=120)
             assert done.returncode == 0, done.stderr
@@ -84,6 +100,9 @@ class Cluster:
         email = f"multi{time.monotonic_ns()}@example.com"
         account = admin("account", "create", "--email", email, "--plan", "paid")
         admin("credits", "grant", "--account", str(account["id"]), "--usd", usd)
+        if tier is not None:
+            updated = admin("account", "update", "--account", str(account["id"]), "--tier", tier)
+            assert updated["default_trust_tier"] == tier
         return admin("key", "create", "--account", str(account["id"]))["key"]
 
     def replicas(self) -> dict[str, str]:
@@ -98,8 +117,56 @@ class Cluster:
         for replica, raw in entries.items():
             stats = json.loads(raw)
             if stats["expires_ms"] > now:
-                out[replica.decode()] = stats["provider_id"]
+                out[replica.decode()] = name(stats["provider_id"])
         return out
+
+    def set_status(self, provider: str, status: ProviderStatus) -> None:
+        """What the agent's heartbeat says (`online`, `draining`, …)."""
+        engine = make_engine(
+            BillingSettings(data_dir=Path(self.env["DARKGPU_DATA_DIR"])).database_url
+        )
+        try:
+            registry.heartbeat(engine, IDS[provider], status)
+        finally:
+            engine.dispose()
+
+
+def name(provider_id: str) -> str:
+    return {v: k for k, v in IDS.items()}.get(provider_id, provider_id)
+
+
+def _register(data: Path) -> None:
+    """p1, p3 (an RTX 4090 each, basic) and p2 (an H100 with confidential computing on, its
+    evidence binding its X25519 key checked against a test device PKI: verified, asking 50%
+    above the catalog price) in the platform's provider registry, online."""
+    settings = BillingSettings(data_dir=data)
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    secret = b"attestation secret of this test"
+    pki = DevicePki.make()
+    try:
+        owner = accounts.create_account(
+            engine, None, load_plans(settings.plans_file), email="gpus@example.com"
+        )
+        for provider, reading, floor in (("p1", RTX_4090, 0), ("p2", H100_CC_ON, 50),
+                                         ("p3", RTX_4090, 0)):  # fmt: skip
+            new = registry.create_provider(engine, account_id=owner.id, name=provider)
+            IDS[provider] = new.provider.id
+            key = X25519PrivateKey.generate().public_key().public_bytes_raw()
+            reader = RecordedReader(reading, report_signer=pki.sign_report)
+            body = {**detect(reader).facts(), "public_key": base64.b64encode(key).decode(),
+                    "price_floor_pct": floor}  # fmt: skip
+            if reading is H100_CC_ON:
+                nonce = issue_challenge(secret, new.provider.id, time.time())
+                body["cc_evidence"] = make_evidence(reader, key, nonce, 1)
+            done = registry.register(
+                engine, new.provider.id, registry.Registration.model_validate(body),
+                secret=secret, verifier=SignedReportVerifier([pki.root]),
+            )  # fmt: skip
+            assert done.provider.trust_tier == ("verified" if floor else "basic"), done.tier_reason
+            registry.heartbeat(engine, new.provider.id, ProviderStatus.online)
+    finally:
+        engine.dispose()
 
 
 def _listening(port: int) -> bool:
@@ -108,7 +175,7 @@ def _listening(port: int) -> bool:
 
 
 def _raylet(session: str, provider: str) -> psutil.Process:
-    label = f'"{PROVIDER_ID_LABEL}": "{provider}"'
+    label = f'"{PROVIDER_ID_LABEL}": "{IDS[provider]}"'
     [raylet] = [p for p in session_processes(session)
                 if "raylet" in p.name() and label in cmdline(p)]  # fmt: skip
     return raylet
@@ -139,6 +206,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if _listening(int(taken)):
             pytest.fail(f"port {taken} is taken: a previous run left something behind")
     try:
+        _register(data)
         local.start_head()
         c.session = session_of(int(PORTS["RAY_PORT"])) or ""
         for provider, labels in PROVIDERS.items():
@@ -183,7 +251,7 @@ def chat(client: openai.OpenAI, provider: dict | None = None, max_tokens: int = 
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=MSG, max_tokens=max_tokens, extra_body=extra
     )
-    return raw.headers["x-darkgpu-provider"], raw.parse()
+    return name(raw.headers["x-darkgpu-provider"]), raw.parse()
 
 
 def wait_for(check, timeout_s: float = 30, every_s: float = 0.5):
@@ -239,6 +307,19 @@ def test_a_verified_request_is_served_by_the_verified_node_at_its_price(
     assert completion.usage.completion_tokens == 5
 
 
+def test_requests_inherit_the_accounts_default_tier(cluster: Cluster) -> None:
+    key = cluster.new_key(tier="verified")
+    client = openai.OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
+    # only p2 is verified, and it asks more than the catalog price this request allows
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(client)
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "none_at_price"
+    assert {chat(client, ANY_PRICE)[0] for _ in range(3)} == {"p2"}
+    # a request that names a tier overrides the account's
+    assert chat(client, {"trust_tier": "basic"})[0] == "p1"
+
+
 def test_a_tier_or_price_nobody_offers_is_unavailable_with_the_reason(
     client: openai.OpenAI,
 ) -> None:
@@ -257,17 +338,13 @@ def test_a_tier_or_price_nobody_offers_is_unavailable_with_the_reason(
     assert caught.value.body["param"] == "provider.trust_tier"
 
 
-@pytest.mark.skip(
-    reason="open: Serve migrates the drained node's replica to p3 as it should, but one "
-    "request sent as the old replica stops is not answered within the 30 s routing budget "
-    "(503 no_provider_online); see the issue note"
-)
 def test_draining_a_node_moves_traffic_away_with_no_failed_request(
     cluster: Cluster, client: openai.OpenAI
 ) -> None:
-    """A provider's window ends: its node drains (`ray drain-node`, as the agent asks); Serve
-    starts a replacement replica where the VRAM is (a third provider joins for it) and
-    stops the drained one; every request meanwhile is answered."""
+    """A provider's window ends: as its agent does, its node drains (`ray drain-node`) and
+    its heartbeat says `draining`. Serve starts a replacement replica where the VRAM is (a
+    third provider joins for it) and stops the drained one; every request meanwhile is
+    answered, and none goes to p1 once its replica knows it is draining."""
     cluster.join("p3", {TRUST_TIER_LABEL: "basic"})
     raylet = cmdline(_raylet(cluster.session, "p1"))
     node_id = raylet.split("--node-id=", 1)[1].split()[0]
@@ -278,6 +355,7 @@ def test_draining_a_node_moves_traffic_away_with_no_failed_request(
         env=cluster.ray_env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert drain.returncode == 0, drain.stdout + drain.stderr
+    cluster.set_status("p1", ProviderStatus.draining)
     served = []
     deadline = time.monotonic() + 280
     while time.monotonic() < deadline:
@@ -288,12 +366,16 @@ def test_draining_a_node_moves_traffic_away_with_no_failed_request(
     assert served[-1] == "p3", served[-20:]
     assert sorted(set(cluster.replicas().values())) == ["p2", "p3"]
     assert set(served) <= {"p1", "p3"}
+    # once p3 served, p1 served nothing more
+    assert "p1" not in served[served.index("p3") :], served
 
 
 def test_killing_a_node_mid_stream_ends_that_stream_and_bills_what_was_delivered(
     cluster: Cluster,
 ) -> None:
     """Last: it takes p2 away for good (no other node has the VRAM to replace it)."""
+    left = set(cluster.replicas().values()) - {"p2"}  # p3 once the draining test has run
+    assert left
     key = cluster.new_key()
     client = openai.OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
     tokens = 0
@@ -305,7 +387,7 @@ def test_killing_a_node_mid_stream_ends_that_stream_and_bills_what_was_delivered
         stream=True,
         extra_body={**EXACT, "provider": {"trust_tier": "verified", **ANY_PRICE}},
     ) as response:
-        assert response.headers["x-darkgpu-provider"] == "p2"
+        assert name(response.headers["x-darkgpu-provider"]) == "p2"
         lines = response.iter_lines()
         for line in lines:
             if line.startswith("data: {") and '"content"' in line:
@@ -324,11 +406,11 @@ def test_killing_a_node_mid_stream_ends_that_stream_and_bills_what_was_delivered
     assert tokens < 220
     row = usage(cluster, key, 1)
     # the ingress stops offering p2 once its replica's stats expire (a few seconds)
-    assert wait_for(lambda: set(cluster.replicas().values()) == {"p1"})
+    assert wait_for(lambda: set(cluster.replicas().values()) == left)
     assert 2 <= row["completion_tokens"] <= tokens
     assert row["cost_nusd"] == row["prompt_tokens"] * P2_IN + row["completion_tokens"] * P2_OUT
     # the next requests succeed on the node that is left; verified ones say why they cannot
-    assert {chat(client, ANY_PRICE)[0] for _ in range(4)} == {"p1"}
+    assert {chat(client, ANY_PRICE)[0] for _ in range(4)} == left
 
     def verified_unavailable():
         try:

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from billing.schema import ProviderStatus
 from cluster.labels import TrustTier
+from cluster.registry import ProviderTerms
 from serve_app.errors import APIError
 from serve_app.provider_policy import (
     NoCandidate,
@@ -11,6 +13,7 @@ from serve_app.provider_policy import (
     Ranked,
     ReplicaStats,
     Requirements,
+    fitting_providers,
     no_candidate_error,
     parse_requirements,
     provider_price,
@@ -68,17 +71,22 @@ def test_at_equal_load_the_cheaper_provider_wins() -> None:
     assert result.highest == Price(23, 90)  # the reservation covers the dearest candidate
 
 
-def test_draining_replicas_get_no_new_requests() -> None:
+def test_draining_replicas_come_last_and_serve_only_while_nothing_else_fits() -> None:
     result = rank([replica("d", draining=True), replica("ok", load=5)], Requirements(), CATALOG)
-    assert ranked_ids(result) == ["ok"]
+    assert ranked_ids(result) == ["ok", "d"]
+    # a drained node's replacement is not up yet: its replica still answers, nothing fails
+    alone = rank([replica("d", draining=True)], Requirements(), CATALOG)
+    assert ranked_ids(alone) == ["d"]
+    # ... but not past the request's tier or price
+    pricey = [replica("d", draining=True), replica("p", pct=50)]
+    assert ranked_ids(rank(pricey, Requirements(), CATALOG)) == ["d"]
 
 
 def test_no_provider_online() -> None:
-    for replicas in ([], [replica("d", draining=True)]):
-        result = rank(replicas, Requirements(trust_tier=V), CATALOG, "qwen3.5-7b")
-        assert isinstance(result, NoCandidate)
-        assert result.reason is NoProviderReason.no_provider_online
-        assert "qwen3.5-7b" in result.message
+    result = rank([], Requirements(trust_tier=V), CATALOG, "qwen3.5-7b")
+    assert isinstance(result, NoCandidate)
+    assert result.reason is NoProviderReason.no_provider_online
+    assert "qwen3.5-7b" in result.message
 
 
 def test_tier_requirement_filters_and_verified_serves_basic_requests() -> None:
@@ -140,13 +148,34 @@ def test_replica_stats_from_routing_stats() -> None:
 
 def test_the_registry_overrides_self_declared_labels() -> None:
     claims = {"provider_id": "prv_x", "trust_tier": "verified", "price_floor_pct": 0}
-    registry = {"prv_x": (B, 30)}
+    registry = {"prv_x": ProviderTerms(B, 30, ProviderStatus.online)}
     got = ReplicaStats.from_routing_stats("r", claims, registry=registry)
-    assert got is not None and (got.trust_tier, got.price_floor_pct) == (B, 30)
+    assert got is not None and (got.trust_tier, got.price_floor_pct, got.draining) == (B, 30, False)
     stranger = ReplicaStats.from_routing_stats(
-        "r", {**claims, "provider_id": "prv_?"}, registry=registry
+        "r", {**claims, "provider_id": "prv_?", "price_floor_pct": 20}, registry=registry
     )
-    assert stranger is not None and stranger.trust_tier is B
+    assert stranger is not None and (stranger.trust_tier, stranger.price_floor_pct) == (B, 20)
+
+
+@pytest.mark.parametrize(
+    ("status", "draining"),
+    [
+        (ProviderStatus.online, False),
+        (ProviderStatus.offline, False),  # a stale heartbeat alone: its node still answers
+        (ProviderStatus.paused, True),
+        (ProviderStatus.draining, True),
+    ],
+)
+def test_a_provider_the_registry_says_is_leaving_takes_no_new_requests(
+    status: ProviderStatus, draining: bool
+) -> None:
+    registry = {"prv_x": ProviderTerms(V, 0, status)}
+    got = ReplicaStats.from_routing_stats("r", {"provider_id": "prv_x"}, registry=registry)
+    assert got is not None and got.draining is draining
+    said = ReplicaStats.from_routing_stats(
+        "r", {"provider_id": "prv_x", "draining": True}, registry=registry
+    )
+    assert said is not None and said.draining  # the replica's own word counts
 
 
 def test_parse_requirements() -> None:
@@ -175,3 +204,16 @@ def test_parse_requirements_refuses_bad_input(provider: object, param: str) -> N
     with pytest.raises(APIError) as info:
         parse_requirements(provider, CATALOG)
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_fitting_providers_come_from_the_registry_whether_or_not_they_have_replicas() -> None:
+    registry = {
+        "basic": ProviderTerms(B, 0, ProviderStatus.online),
+        "dear": ProviderTerms(B, 50, ProviderStatus.online),
+        "verified": ProviderTerms(V, 0, ProviderStatus.offline),
+        "leaving": ProviderTerms(V, 0, ProviderStatus.draining),
+    }
+    assert fitting_providers(registry, Requirements(), CATALOG) == {"basic", "verified"}
+    assert fitting_providers(registry, Requirements(trust_tier=V), CATALOG) == {"verified"}
+    allow_more = Requirements(max_price=Price(100, 100))
+    assert fitting_providers(registry, allow_more, CATALOG) == {"basic", "dear", "verified"}

@@ -1,0 +1,36 @@
+"""The account's default trust tier as the ingress reads it: from Redis, cached per key."""
+
+from __future__ import annotations
+
+import redis
+from sqlalchemy import Engine
+
+from billing import accounts as svc
+from billing.admission import Admission
+from billing.plans import Plans
+from cluster.labels import TrustTier
+from serve_app.account_tiers import AccountTiers
+from tests.billing.conftest import (  # noqa: F401 - fixtures
+    admission,
+    ar,
+    db_url,
+    engine,
+    make_customer,
+    plans,
+    r,
+)
+
+
+async def test_the_tier_is_read_once_then_cached_for_a_few_seconds(
+    engine: Engine, r: redis.Redis, plans: Plans, admission: Admission
+) -> None:
+    customer = make_customer(engine, r, plans)
+    svc.set_default_tier(engine, r, account_id=customer.account_id, tier="verified")
+    tiers = AccountTiers(admission, ttl_s=60)
+    assert await tiers.default_for(customer.key) is TrustTier.verified
+    svc.set_default_tier(engine, r, account_id=customer.account_id, tier=None)
+    assert await tiers.default_for(customer.key) is TrustTier.verified  # cached
+    fresh = AccountTiers(admission, ttl_s=0)
+    assert await fresh.default_for(customer.key) is None
+    assert await fresh.default_for(None) is None
+    assert await fresh.default_for("dgpu-unknown") is None
