@@ -208,6 +208,7 @@ def test_sixteen_concurrent_requests_are_all_answered(platform, api_key):
 
 def test_ingress_metrics_are_exported_next_to_rays(platform, client):
     client.chat.completions.create(model=LOCAL, messages=MSG, max_tokens=3)
+    list(client.chat.completions.create(model=LOCAL, messages=MSG, max_tokens=3, stream=True))
     wanted = (
         "ray_darkgpu_requests_total",
         "ray_darkgpu_tokens_total",
@@ -224,7 +225,8 @@ def test_ingress_metrics_are_exported_next_to_rays(platform, client):
         time.sleep(2)
     assert not missing, missing
     ok = re.search(
-        r'ray_darkgpu_requests_total\{[^}]*model="darkgpu-tiny"[^}]*status="200"[^}]*\} '
+        r'ray_darkgpu_requests_total\{[^}]*model="darkgpu-tiny"[^}]*provider="local"'
+        r'[^}]*status="200"[^}]*\} '
         r"(\d+)",
         text,
     )
