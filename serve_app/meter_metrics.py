@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis.exceptions
@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from billing import redis_keys as rk
 from billing.schema import Payout, PayoutStatus, Provider, ProviderStatus
 from cluster.labels import TrustTier
+from cluster.registry import ProviderTerms, provider_terms
 from serve_app.replica_stats import parse, replicas_key
 
 if TYPE_CHECKING:
@@ -83,12 +84,17 @@ def read_registered(engine: Engine) -> dict[tuple[str, str], int]:
     return counts
 
 
-def read_serving(r: redis_sync.Redis, now_ms: int | None = None) -> dict[str, int]:
-    """Providers with at least one healthy, live replica of any model, by trust tier."""
+def read_serving(
+    r: redis_sync.Redis,
+    registry: Mapping[str, ProviderTerms] | None = None,
+    now_ms: int | None = None,
+) -> dict[str, int]:
+    """Providers with at least one healthy, live replica of any model that is not draining,
+    by trust tier: the registry's (`registry`, as the ingress routes by it), where given."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     providers: set[tuple[str, str]] = set()
     for key in r.scan_iter(match=replicas_key("*"), count=100):
-        for replica in parse(r.hgetall(key), now_ms):
+        for replica in parse(r.hgetall(key), now_ms, registry):
             if replica.healthy and not replica.draining:
                 providers.add((replica.trust_tier.value, replica.provider_id))
     serving = dict.fromkeys(TIERS, 0)
@@ -165,7 +171,10 @@ class MeterMetrics:
         """Read every gauge; a source that fails leaves its gauges at their last reading."""
         self._read("usage stream", lambda: self._set_backlog(read_backlog(r)))
         self._read("provider registry", lambda: self._set_providers(read_registered(engine)))
-        self._read("replica directory", lambda: self._set_serving(read_serving(r)))
+        self._read(
+            "replica directory",
+            lambda: self._set_serving(read_serving(r, provider_terms(engine))),
+        )
         self._read("payouts", lambda: self._set_payouts(read_payouts(engine)))
 
     def start(self, engine: Engine, r: redis_sync.Redis) -> threading.Thread:

@@ -13,7 +13,8 @@ from billing import redis_keys as rk
 from billing.accounts import create_account
 from billing.plans import load_plans
 from billing.schema import Payout, ProviderStatus
-from cluster.registry import create_provider, set_status
+from cluster.labels import TrustTier
+from cluster.registry import ProviderTerms, create_provider, set_status
 from serve_app.meter_metrics import (
     read_backlog,
     read_payouts,
@@ -96,6 +97,12 @@ def test_providers_serving_are_those_with_a_live_healthy_replica(r: redis.Redis)
         "r6": replica("p4", "basic", live, draining=True),
         "r7": replica("p5", "basic", live, healthy=False),
     })  # fmt: skip
-    assert read_serving(r, NOW_MS) == {"basic": 1, "verified": 1}
+    assert read_serving(r, now_ms=NOW_MS) == {"basic": 1, "verified": 1}
+    # the registry's word wins over a node's labels: p2 is basic, p1 is paused
+    registry = {
+        "p1": ProviderTerms(TrustTier.basic, 0, ProviderStatus.paused),
+        "p2": ProviderTerms(TrustTier.basic, 0, ProviderStatus.online),
+    }
+    assert read_serving(r, registry, now_ms=NOW_MS) == {"basic": 1, "verified": 0}
     r.flushdb()
-    assert read_serving(r, NOW_MS) == {"basic": 0, "verified": 0}
+    assert read_serving(r, now_ms=NOW_MS) == {"basic": 0, "verified": 0}
