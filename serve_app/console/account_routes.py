@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import stripe
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -30,12 +31,14 @@ from billing import accounts, checkout, reports
 from billing.reports import UsageFilter, UsageRow
 from serve_app.console import charts
 from serve_app.console.format import count, usd
+from serve_app.console.sessions import COOKIE
 from serve_app.console.web import (
     PREFIX,
     ConsoleError,
     ConsoleRoute,
     Form,
     SignedIn,
+    Store,
     Svc,
     account_of,
     page,
@@ -83,14 +86,21 @@ def _keys_page(session: SignedIn, svc: Svc, **context: Any) -> Response:
 
 
 @router.get(PREFIX + "/keys", include_in_schema=False)
-def keys_page(request: Request, session: SignedIn, svc: Svc) -> Response:
+def keys_page(request: Request, session: SignedIn, svc: Svc, sessions: Store) -> Response:
     revoked = request.query_params.get("revoked")
     notice = f"Key {revoked} is revoked: requests with it now get 401." if revoked else None
-    return _keys_page(session, svc, notice=notice)
+    new_key = None
+    if "created" in request.query_params:  # right after "Create key": the key, once
+        secret = sessions.reveal(request.cookies.get(COOKIE))
+        if secret is not None:
+            new_key = {"key": secret, "name": request.query_params.get("created", "")}
+    return _keys_page(session, svc, notice=notice, new_key=new_key)
 
 
 @router.post(PREFIX + "/keys", include_in_schema=False)
-def create_key(form: Form, session: SignedIn, svc: Svc) -> Response:
+def create_key(
+    request: Request, form: Form, session: SignedIn, svc: Svc, sessions: Store
+) -> Response:
     name = form.get("name", "").strip()
     if not name or len(name) > KEY_NAME_MAX:
         return _keys_page(
@@ -100,7 +110,10 @@ def create_key(form: Form, session: SignedIn, svc: Svc) -> Response:
         key = accounts.create_key(svc.db, svc.redis, account_id=account_of(session), name=name)
     except accounts.AccountError:
         raise ConsoleError("This account cannot create keys (it is not active).", 403) from None
-    return _keys_page(session, svc, new_key=key)
+    assert key.key is not None
+    # post/redirect/get: a reload shows the list, and never makes another key
+    sessions.stash(request.cookies.get(COOKIE, ""), key.key)
+    return redirect(f"{PREFIX}/keys?{urlencode({'created': name})}")
 
 
 @router.post(PREFIX + "/keys/{key_id}/revoke", include_in_schema=False)

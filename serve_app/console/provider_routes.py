@@ -13,20 +13,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import stripe
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from billing import connect, earnings, payouts
 from cluster import registry
 from serve_app.console.account_routes import Text, chosen_days
+from serve_app.console.sessions import COOKIE
 from serve_app.console.web import (
     PREFIX,
     ConsoleError,
     ConsoleRoute,
     Form,
     SignedIn,
+    Store,
     Svc,
     account_of,
     page,
@@ -72,21 +75,32 @@ def _provider_page(session: SignedIn, svc: Svc, start: str | None = None,
 
 @router.get(PREFIX + "/provider", include_in_schema=False)
 def provider_page(
+    request: Request,
     session: SignedIn,
     svc: Svc,
+    sessions: Store,
     start: Text = None,
     end: Text = None,
     onboarding: Annotated[str | None, Query(max_length=16)] = None,
+    created: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     notice = {
         "done": "Back from Stripe: payouts start once Stripe confirms the account.",
         "refresh": "The onboarding link expired; start again below.",
     }.get(onboarding or "")
-    return _provider_page(session, svc, start, end, notice=notice)
+    new_token = None
+    if created:  # right after "Add a GPU": its token, once
+        secret = sessions.reveal(request.cookies.get(COOKIE))
+        mine = {n.id: n for n in registry.list_providers(svc.db, account_id=account_of(session))}
+        if secret is not None and created in mine:
+            new_token = {"token": secret, "provider": mine[created]}
+    return _provider_page(session, svc, start, end, notice=notice, new_token=new_token)
 
 
 @router.post(PREFIX + "/provider/nodes", include_in_schema=False)
-def add_node(form: Form, session: SignedIn, svc: Svc) -> Response:
+def add_node(
+    request: Request, form: Form, session: SignedIn, svc: Svc, sessions: Store
+) -> Response:
     name = form.get("name", "").strip()
     if not name or len(name) > NAME_MAX:
         return _provider_page(
@@ -96,7 +110,9 @@ def add_node(form: Form, session: SignedIn, svc: Svc) -> Response:
         new = registry.create_provider(svc.db, account_id=account_of(session), name=name)
     except registry.RegistryError as exc:
         raise ConsoleError(str(exc)) from None
-    return _provider_page(session, svc, notice=None, new_token=new)
+    # post/redirect/get: a reload shows the page, and never adds another GPU
+    sessions.stash(request.cookies.get(COOKIE, ""), new.token)
+    return redirect(f"{PREFIX}/provider?{urlencode({'created': new.provider.id})}")
 
 
 @router.post(PREFIX + "/provider/onboarding", include_in_schema=False)

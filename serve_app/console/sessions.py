@@ -9,17 +9,24 @@ in as (none before sign-in), the account's email for the header, and a CSRF toke
 `ANONYMOUS_TTL_S`; signing in or up ends the anonymous session and starts a new one (no
 session fixation), signing out deletes it.
 
+A secret shown once (a new API key) crosses a redirect (post/redirect/get: reloading the
+page must not make another key) in a one-time stash: encrypted with a key derived from the
+session token, which only the browser holds, kept `REVEAL_TTL_S`, deleted when read.
+
 Failed sign-ins are counted per email (`dg:console:login:<sha256 of the email>`) for
 `LOGIN_WINDOW_S`; past `MAX_LOGIN_FAILURES` that email is refused until the window ends.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from cryptography.fernet import Fernet, InvalidToken
 
 if TYPE_CHECKING:
     import redis
@@ -32,6 +39,8 @@ LOGIN_WINDOW_S = 15 * 60
 TOKEN_BYTES = 32
 _PREFIX = "dg:console:session:"
 _LOGIN_PREFIX = "dg:console:login:"
+_REVEAL_PREFIX = "dg:console:reveal:"
+REVEAL_TTL_S = 120
 
 
 def digest(text: str) -> str:
@@ -91,7 +100,26 @@ class SessionStore:
         )
 
     def end(self, session: Session) -> None:
-        self._r.delete(_PREFIX + session.token_hash)
+        self._r.delete(_PREFIX + session.token_hash, _REVEAL_PREFIX + session.token_hash)
+
+    # --- secrets shown once ------------------------------------------------------------
+
+    def stash(self, token: str, secret: str) -> None:
+        """Keep `secret` for the next page of the session whose cookie holds `token`."""
+        sealed = _sealer(token).encrypt(secret.encode("utf-8"))
+        self._r.set(_REVEAL_PREFIX + digest(token), sealed, ex=REVEAL_TTL_S)
+
+    def reveal(self, token: str | None) -> str | None:
+        """The stashed secret, once."""
+        if not token:
+            return None
+        sealed = self._r.getdel(_REVEAL_PREFIX + digest(token))
+        if sealed is None:
+            return None
+        try:
+            return _sealer(token).decrypt(sealed).decode("utf-8")
+        except InvalidToken:
+            return None
 
     # --- sign-in throttling ------------------------------------------------------------
 
@@ -108,3 +136,8 @@ class SessionStore:
 
     def login_succeeded(self, email: str) -> None:
         self._r.delete(_LOGIN_PREFIX + digest(email.strip().lower()))
+
+
+def _sealer(token: str) -> Fernet:
+    key = hashlib.sha256(b"darkgpu console reveal\0" + token.encode("utf-8")).digest()
+    return Fernet(base64.urlsafe_b64encode(key))

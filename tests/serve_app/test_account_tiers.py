@@ -10,15 +10,12 @@ from billing.admission import Admission
 from billing.plans import Plans
 from cluster.labels import TrustTier
 from serve_app.account_tiers import AccountTiers
-from tests.billing.conftest import (  # noqa: F401 - fixtures
-    admission,
-    ar,
-    db_url,
-    engine,
-    make_customer,
-    plans,
-    r,
-)
+from tests.billing import conftest as billing
+from tests.billing.conftest import make_customer
+
+# the billing tests' fixtures: a real Redis (a test database), SQLite and PostgreSQL
+db_url, engine, r, ar = billing.db_url, billing.engine, billing.r, billing.ar
+plans, admission = billing.plans, billing.admission
 
 
 async def test_the_tier_is_read_once_then_cached_for_a_few_seconds(

@@ -145,7 +145,7 @@ def test_sign_up_key_call_usage_revoke(platform, page: Page) -> None:
     shot(page, "models")
 
     nav(page, "Billing")
-    expect(page.get_by_text("prepaid and non-refundable")).to_be_visible()
+    expect(page.get_by_text("Credits are prepaid and non-refundable.")).to_be_visible()
     page.route("https://checkout.stripe.com/**",
                lambda route: route.fulfill(body="<h1>Stripe Checkout</h1>",
                                            content_type="text/html"))  # fmt: skip
@@ -167,6 +167,9 @@ def test_sign_up_key_call_usage_revoke(platform, page: Page) -> None:
     page.get_by_role("button", name="Add a GPU").click()
     expect(page.locator("#provider-token")).to_have_text(re.compile(r"^dgpp-"))
     expect(page.locator("tr", has_text="garage-4090")).to_contain_text("offline")
+    page.reload()  # the token is never shown again, and no second GPU is added
+    expect(page.locator("#provider-token")).to_have_count(0)
+    expect(page.locator("tr", has_text="garage-4090")).to_have_count(1)
     expect(page.get_by_text("curl -fsSL https://darkgpu.ai/install.sh | bash")).to_be_visible()
     shot(page, "provider")
 

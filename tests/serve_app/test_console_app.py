@@ -90,7 +90,7 @@ def test_signup_shows_the_first_key_once_and_signs_in(app: FastAPI, svc: Service
     assert "dgpu-" in keys.text and 'id="new-key"' not in keys.text  # the prefix only
 
 
-def test_forms_need_the_sessions_csrf_token_from_this_site(app: FastAPI) -> None:
+def test_forms_need_the_sessions_csrf_token_from_this_site(app: FastAPI, svc: Services) -> None:
     c, csrf = signed_up(app, "csrf@example.com")
     for data in (
         {"name": "x"},
@@ -108,7 +108,15 @@ def test_forms_need_the_sessions_csrf_token_from_this_site(app: FastAPI) -> None
     assert "x" not in [m for m in re.findall(r"<td>([^<]+)</td>", c.get("/console/keys").text)]
     made = c.post("/console/keys", data={"name": "good", "csrf_token": csrf},
                   headers={"origin": HOST})  # fmt: skip
-    assert made.status_code == 200 and 'id="new-key"' in made.text
+    assert made.status_code == 303  # post/redirect/get: a reload makes no second key
+    stashed = svc.redis.keys("dg:console:reveal:*")
+    assert len(stashed) == 1 and b"dgpu-" not in svc.redis.get(stashed[0])  # sealed
+    shown = c.get(made.headers["location"])
+    assert 'id="new-key"' in shown.text
+    secret = re.search(r'id="new-key"[^>]*>\s*(dgpu-[^<\s]+)', shown.text)[1]
+    assert svc.redis.keys("dg:console:reveal:*") == []  # read once, then gone
+    again = c.get(made.headers["location"])  # the same page again: the key is gone
+    assert 'id="new-key"' not in again.text and secret not in again.text
     no_session = client(app).post("/console/logout", data={"csrf_token": csrf})
     assert no_session.status_code == 403 and "session expired" in no_session.text
     json_body = c.post("/console/keys", json={"name": "x", "csrf_token": csrf})
@@ -159,7 +167,7 @@ def test_an_account_sees_and_revokes_only_its_own_keys(app: FastAPI) -> None:
     alice, alice_csrf = signed_up(app, "alice@example.com")
     bob, bob_csrf = signed_up(app, "bob@example.com")
     made = alice.post("/console/keys", data={"name": "alice-prod", "csrf_token": alice_csrf})
-    key_id = re.search(r'data-key-id="(\d+)"', made.text)[1]
+    key_id = re.search(r'data-key-id="(\d+)"', alice.get(made.headers["location"]).text)[1]
     assert "alice-prod" not in bob.get("/console/keys").text
     stolen = bob.post(f"/console/keys/{key_id}/revoke", data={"csrf_token": bob_csrf})
     assert stolen.status_code == 404 and "no such key" in stolen.text
