@@ -27,7 +27,7 @@ from cluster.labels import (
     TrustTier,
     format_labels,
 )
-from cluster.processes import session_of, stop_session
+from cluster.processes import forget_address, session_of, stop_session
 from cluster.settings import Settings
 
 
@@ -102,6 +102,7 @@ class LocalCluster:
         session = session_of(self.settings.ray_port)
         if session is not None:
             stop_session(session)
+        forget_address(self.settings.ray_port)
 
 
 def _ray_executable() -> str:

@@ -9,6 +9,7 @@ engines they start are the raylets' descendants.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import psutil
 
@@ -78,3 +79,17 @@ def stop_session(session: str, wait_s: float = 15) -> None:
     raylets = [p.pid for p in ours if "raylet" in p.name()]
     children = [d.pid for r in raylets for d in descendants(r)]
     end([*children, *(p.pid for p in ours)], wait_s=wait_s)
+
+
+def forget_address(gcs_port: int) -> None:
+    """Remove Ray's note of the machine's current cluster (`ray_current_cluster`, which a
+    plain `ray.init()` connects to) when it names the cluster on `gcs_port`, as `ray stop`
+    does; another cluster's note stays."""
+    from ray._common.utils import get_ray_address_file
+
+    note = Path(get_ray_address_file(None))
+    try:
+        if note.read_text().strip().endswith(f":{gcs_port}"):
+            note.unlink()
+    except OSError:
+        pass

@@ -45,7 +45,15 @@ from cluster.attestation import SignedReportVerifier, issue_challenge, make_evid
 from cluster.labels import PROVIDER_ID_LABEL, TRUST_TIER_LABEL, format_labels
 from cluster.local import LocalCluster
 from cluster.nvml import RecordedReader, detect
-from cluster.processes import cmdline, descendants, end, session_of, session_processes, stop_session
+from cluster.processes import (
+    cmdline,
+    descendants,
+    end,
+    forget_address,
+    session_of,
+    session_processes,
+    stop_session,
+)
 from cluster.settings import CONFIGS_DIR, Settings
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
@@ -232,6 +240,7 @@ def _teardown(c: Cluster, local: LocalCluster, env: dict[str, str]) -> None:
         try:
             if c.session:
                 stop_session(c.session)
+                forget_address(int(PORTS["RAY_PORT"]))
         finally:
             c.darkgpu("down", timeout=120)  # the Ray head is gone by now: its Redis only
 
