@@ -84,6 +84,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, fake_stripe) -> Iterator[
         platform.darkgpu("down")
         pytest.fail(f"darkgpu up failed:\n{started.stdout}\n{started.stderr[-4000:]}")
     assert platform.api_url in started.stdout
+    assert platform.api_url.removesuffix("/v1") + "/console" in started.stdout
     try:
         yield platform
     finally:
