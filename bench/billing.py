@@ -5,6 +5,11 @@
 2. the usage meter: ledger rows per second flushed from the Redis stream into SQLite and
    into PostgreSQL, at batch sizes 100 and 500.
 
+Beside each wall-clock figure, the CPU it cost: this process's CPU per operation or row, and
+Redis's own time per script call (INFO commandstats: every client's calls, so give it a Redis
+of its own for that column). On a shared machine the wall clock measures the neighbours too.
+The pair rate is 1 / (1/admit ops/s + 1/settle ops/s).
+
 The serving path with billing on versus off is measured by `bench/serving_overhead.py`.
 
 It uses a Redis database of its own (default db 14; it refuses to run on a database that
@@ -34,15 +39,16 @@ from sqlalchemy.orm import Session
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from billing import accounts as svc  # noqa: E402
-from billing import redis_keys as rk  # noqa: E402
 from billing.admission import Admission, Admitted, connect  # noqa: E402
-from billing.db import make_engine, migrate  # noqa: E402
 from billing.meter import UsageMeter  # noqa: E402
 from billing.plans import load_plans  # noqa: E402
 from billing.reports import verify_ledger  # noqa: E402
-from billing.schema import UsageEvent  # noqa: E402
-from billing.settings import DEFAULT_PLANS_FILE  # noqa: E402
 from cluster.catalog import CatalogModel  # noqa: E402
+from core.db import make_engine, migrate  # noqa: E402
+from core.schema import UsageEvent  # noqa: E402
+from core.settings import DEFAULT_PLANS_FILE  # noqa: E402
+from kernel import redis_keys as rk  # noqa: E402
+from kernel.money import NANO_PER_USD as USD  # noqa: E402
 
 REDIS_URL = os.environ.get("DARKGPU_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 POSTGRES_URL = os.environ.get(
@@ -60,7 +66,6 @@ MODEL = CatalogModel.model_validate(
         "class": "local",
     }
 )
-USD = 10**9
 
 
 @dataclass
@@ -71,6 +76,8 @@ class OpResult:
     ops_per_s: float
     p50_ms: float
     p99_ms: float
+    client_cpu_us: float  # this process's CPU per operation (every thread)
+    server_us: float  # Redis's own time per script call (INFO commandstats), all clients
 
 
 @dataclass
@@ -79,6 +86,7 @@ class FlushResult:
     batch: int
     rows: int
     rows_per_s: float
+    cpu_us: float  # the meter's own CPU per row (SQLite's work included; PostgreSQL's not)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -86,11 +94,26 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def script_calls(r: redis.Redis) -> tuple[int, int]:
+    """(calls, microseconds) Redis has spent in EVALSHA since its stats were last reset."""
+    stats = r.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
 async def timed_phase(
-    name: str, mode: str, ids: list[str], concurrency: int, op: Callable[[str], Awaitable[None]]
+    name: str,
+    mode: str,
+    ids: list[str],
+    concurrency: int,
+    op: Callable[[str], Awaitable[None]],
+    r: redis.Redis,
 ) -> OpResult:
+    """CPU figures beside the wall-clock ones: on a shared machine the wall clock measures
+    the neighbours too, the CPU an operation costs much less so."""
     latencies: list[float] = []
     queue = iter(ids)
+    calls, usec = script_calls(r)
+    cpu = time.process_time()
 
     async def worker() -> None:
         for rid in queue:
@@ -101,6 +124,8 @@ async def timed_phase(
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    calls_after, usec_after = script_calls(r)
     return OpResult(
         mode,
         name,
@@ -108,6 +133,8 @@ async def timed_phase(
         len(ids) / wall,
         pct(latencies, 0.5) * 1000,
         pct(latencies, 0.99) * 1000,
+        cpu * 1e6 / len(ids),
+        (usec_after - usec) / max(calls_after - calls, 1),
     )
 
 
@@ -145,8 +172,8 @@ async def bench_admission(r: redis.Redis, redis_url: str, requests: int) -> list
     try:
         for mode, concurrency in (("sequential", 1), ("concurrency 16", 16)):
             ids = [f"bench-{mode[0]}-{i}" for i in range(requests)]
-            results.append(await timed_phase("admit", mode, ids, concurrency, admit))
-            results.append(await timed_phase("settle", mode, ids, concurrency, settle))
+            results.append(await timed_phase("admit", mode, ids, concurrency, admit, r))
+            results.append(await timed_phase("settle", mode, ids, concurrency, settle, r))
     finally:
         await client.aclose()
     return results
@@ -187,16 +214,16 @@ def bench_flush(
     pipe.execute()
     meter = UsageMeter(engine, r, consumer=f"bench-{tag}")
     meter.ensure_group()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     handled = meter.drain_all(batch)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     with Session(engine) as session:
         rows = session.scalar(
             select(func.count()).where(UsageEvent.request_id.like(f"flush-{tag}-%"))
         )
     if handled != events or rows != events or r.xlen(rk.DEAD_STREAM):
         raise RuntimeError(f"{label}: drained {handled}, recorded {rows} of {events}")
-    return FlushResult(label, batch, events, events / wall)
+    return FlushResult(label, batch, events, events / wall, cpu * 1e6 / events)
 
 
 def postgres_engine() -> tuple[Engine, Engine, str] | None:
@@ -244,18 +271,23 @@ def bench_flushes(
 
 def print_tables(ops: list[OpResult], flushes: list[FlushResult], redis_url: str) -> None:
     print(f"\n### Admission and settlement (Redis {redis_url})\n")
-    print("| mode | operation | count | ops/s | p50 ms | p99 ms |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| mode | operation | count | ops/s | p50 ms | p99 ms | client CPU µs/op | Redis µs/op |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for o in ops:
         print(
             f"| {o.mode} | {o.op} | {o.count} | {o.ops_per_s:,.0f} | "
-            f"{o.p50_ms:.3f} | {o.p99_ms:.3f} |"
+            f"{o.p50_ms:.3f} | {o.p99_ms:.3f} | {o.client_cpu_us:.0f} | {o.server_us:.1f} |"
         )
+    pairs = [o for o in ops if o.op in ("admit", "settle")]
+    for mode in dict.fromkeys(o.mode for o in pairs):
+        admit, settle = (o for o in pairs if o.mode == mode)
+        rate = 1 / (1 / admit.ops_per_s + 1 / settle.ops_per_s)
+        print(f"\n{mode}: {rate:,.0f} admission + settlement pairs/s")
     print("\n### Usage meter: ledger rows flushed from the stream into SQL\n")
-    print("| database | batch | rows | rows/s |")
-    print("|---|---:|---:|---:|")
+    print("| database | batch | rows | rows/s | meter CPU µs/row |")
+    print("|---|---:|---:|---:|---:|")
     for f in flushes:
-        print(f"| {f.database} | {f.batch} | {f.rows} | {f.rows_per_s:,.0f} |")
+        print(f"| {f.database} | {f.batch} | {f.rows} | {f.rows_per_s:,.0f} | {f.cpu_us:.0f} |")
 
 
 def main() -> None:

@@ -10,6 +10,14 @@ p50/p99 latency of short completions, p50/p99 time to first token when streaming
 requests/s. Prints a table, then the ratios of the platform to the other two.
 
     .venv/bin/python bench/serving_overhead.py [--requests 48] [--max-tokens 8]
+        [--servers vllm,serve-llm,platform] [--profile DIR]
+
+`--servers platform` measures the platform alone: the bare Serve LLM step ends with
+`ray stop --force`, which stops every Ray cluster on the machine, so run it only where no
+one else runs one. `--profile DIR` samples the platform's processes with py-spy during its
+c=16 non-streaming run (the ingress replica, the HTTP proxy, the model replica's Serve
+wrapper and the billing meter, found among this cluster's raylet's children) and writes each
+one's samples (py-spy's raw format: one stack and its count a line) and their CPU seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 MODEL = "darkgpu-tiny"
 BIN = Path(sys.executable).parent
@@ -57,7 +66,9 @@ async def _one(client: httpx.AsyncClient, url: str, max_tokens: int, stream: boo
     if not stream:
         response = await client.post(url, json=body)
         response.raise_for_status()
-        assert response.json()["usage"]["completion_tokens"] == max_tokens
+        # the usage billed is the ingress's count of the text it delivered (re-tokenized:
+        # the tiny model's gibberish may count fewer), never more than was generated
+        assert 0 < response.json()["usage"]["completion_tokens"] <= max_tokens
         return time.perf_counter() - started
     ttft = None
     async with client.stream("POST", url, json=body) as response:
@@ -92,13 +103,24 @@ async def _run(url: str, n: int, concurrency: int, max_tokens: int, stream: bool
     return samples, n / elapsed
 
 
-def measure(server: str, base: str, n: int, max_tokens: int, key: str = "none") -> list[Result]:
+def measure(
+    server: str,
+    base: str,
+    n: int,
+    max_tokens: int,
+    key: str = "none",
+    profile: Callable[[], Callable[[], None]] | None = None,
+) -> list[Result]:
+    """`profile`: started before the c=16 non-streaming run; what it returns, after it."""
     url = f"{base}/v1/chat/completions"
     asyncio.run(_run(url, 8, 4, max_tokens, False, key))  # warm up
     results = []
     for concurrency in (1, 16):
         count = n if concurrency == 1 else n * 4
+        stop = profile() if profile is not None and concurrency == 16 else None
         latencies, rps = asyncio.run(_run(url, count, concurrency, max_tokens, False, key))
+        if stop is not None:
+            stop()
         ttfts, _ = asyncio.run(_run(url, count, concurrency, max_tokens, True, key))
         results.append(
             Result(
@@ -183,6 +205,75 @@ if __name__ == "__main__":
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
 
 
+PLATFORM_RAY_PORT = 6395
+# The platform's processes worth a profile, by what their command line holds.
+PROFILED = {
+    "ingress": "ServeReplica:darkgpu:ingress",
+    "proxy": "ProxyActor",
+    "model-replica": "ServeReplica:darkgpu:llm-",
+    "billing-meter": "ServeReplica:darkgpu:billing-meter",
+}
+
+
+def platform_processes() -> dict[str, psutil.Process]:
+    """The bench platform's own processes in `PROFILED` (never another cluster's)."""
+    from cluster.processes import cmdline, descendants, session_of, session_processes
+
+    session = session_of(PLATFORM_RAY_PORT)
+    if session is None:
+        raise RuntimeError("the bench platform's Ray cluster is not running")
+    raylets = [p for p in session_processes(session) if "raylet" in p.name()]
+    found: dict[str, psutil.Process] = {}
+    for child in (c for raylet in raylets for c in descendants(raylet.pid)):
+        line = cmdline(child)
+        for name, marker in PROFILED.items():
+            if marker in line and name not in found:
+                found[name] = child
+    return found
+
+
+def py_spy_profiler(out: Path) -> Callable[[], Callable[[], None]]:
+    """Starts py-spy on each of the platform's `PROFILED` processes; the function it returns
+    stops them and writes each process's CPU seconds over the run beside its samples."""
+
+    def start() -> Callable[[], None]:
+        out.mkdir(parents=True, exist_ok=True)
+        procs = platform_processes()
+        cpu = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+        spies = [
+            subprocess.Popen(
+                [
+                    str(BIN / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(p.pid),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out / f"{name}.txt"),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for name, p in procs.items()
+        ]
+
+        def stop() -> None:
+            spent = {name: sum(p.cpu_times()[:2]) - cpu[name] for name, p in procs.items()}
+            for spy in spies:
+                spy.send_signal(2)  # py-spy writes its samples on SIGINT
+            for spy in spies:
+                spy.wait(60)
+            (out / "cpu_seconds.json").write_text(json.dumps(spent, indent=1))
+
+        return stop
+
+    return start
+
+
 @contextmanager
 def platform(data_dir: Path, port: int) -> Iterator[tuple[str, str]]:
     """The platform with billing on: a paid account with credits, and its key."""
@@ -190,7 +281,7 @@ def platform(data_dir: Path, port: int) -> Iterator[tuple[str, str]]:
         **os.environ,
         "DARKGPU_DATA_DIR": str(data_dir),
         "DARKGPU_HTTP_PORT": str(port),
-        "DARKGPU_RAY_PORT": "6395",
+        "DARKGPU_RAY_PORT": str(PLATFORM_RAY_PORT),
         "DARKGPU_METRICS_PORT": "8095",
         "DARKGPU_DASHBOARD_PORT": "8285",
         "DARKGPU_REDIS_URL": "redis://127.0.0.1:6396/0",
@@ -248,7 +339,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48, help="per measurement at c=1")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument(
+        "--servers",
+        default="vllm,serve-llm,platform",
+        help="which of vllm, serve-llm, platform to measure",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="py-spy the platform's processes during its c=16 run, into DIR",
+    )
     args = parser.parse_args()
+    servers = set(args.servers.split(","))
 
     from cluster.local_model import ensure_local_model
 
@@ -256,19 +360,26 @@ def main() -> None:
         data_dir = Path(tmp)
         model_dir = ensure_local_model(data_dir / "models")
         results: list[Result] = []
-        print("vLLM alone ...", flush=True)
-        with vllm_alone(model_dir, 8101) as base:
-            results += measure("vllm", base, args.requests, args.max_tokens)
-        print("bare Ray Serve LLM ...", flush=True)
-        with bare_serve_llm(model_dir, 8102) as base:
-            results += measure("serve-llm", base, args.requests, args.max_tokens)
-        print("this platform ...", flush=True)
-        with platform(data_dir, 8103) as (base, key):
-            results += measure("platform", base, args.requests, args.max_tokens, key)
+        if "vllm" in servers:
+            print("vLLM alone ...", flush=True)
+            with vllm_alone(model_dir, 8101) as base:
+                results += measure("vllm", base, args.requests, args.max_tokens)
+        if "serve-llm" in servers:
+            print("bare Ray Serve LLM ...", flush=True)
+            with bare_serve_llm(model_dir, 8102) as base:
+                results += measure("serve-llm", base, args.requests, args.max_tokens)
+        if "platform" in servers:
+            print("this platform ...", flush=True)
+            profile = py_spy_profiler(args.profile) if args.profile else None
+            with platform(data_dir, 8103) as (base, key):
+                results += measure(
+                    "platform", base, args.requests, args.max_tokens, key, profile=profile
+                )
     print(f"\n{args.max_tokens} output tokens per request, {os.cpu_count()} cores\n")
     print(table(results))
-    print()
-    print(ratios(results))
+    if {"vllm", "serve-llm", "platform"} <= servers:
+        print()
+        print(ratios(results))
 
 
 if __name__ == "__main__":

@@ -1,44 +1,48 @@
 """Account services: accounts, API keys, credits, limits and caps.
 
-Each function commits to SQL (the truth) first and then updates Redis (the fast copy) when a
-Redis client is given. If Redis holds no billing state yet (`dg:ready` missing: a fresh or
-wiped Redis), the whole Redis state is rebuilt from SQL instead, so a partial Redis never
-answers for accounts it does not know. If the Redis write fails after the SQL commit, the
-error propagates and `darkgpu admin redis rebuild` (or the billing actor) repairs Redis.
+Each function commits to SQL (the truth) first and then, when a Redis client is given,
+brings Redis (the fast copy) along through `billing.sync.after_commit`: its own update, or a
+rebuild from SQL when Redis holds no billing state yet. If the Redis write fails after the
+SQL commit, the error propagates and `darkgpu admin redis rebuild` (or the billing actor)
+repairs Redis.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
-from billing import ledger
+from billing import ledger, sync
 from billing import redis_state as rs
-from billing.keys import generate_key
-from billing.money import MAX_BALANCE_NUSD
 from billing.plans import Plans
-from billing.schema import (
+from core.schema import (
     Account,
     AccountLimits,
+    AccountPassword,
     AccountStatus,
     ApiKey,
     CustomerCap,
     utcnow,
 )
-from cluster.labels import TrustTier
+from kernel import redis_keys as rk
+from kernel.errors import InvalidRequest
+from kernel.labels import TrustTier
+from kernel.money import MAX_BALANCE_NUSD
+from kernel.tokens import generate_key
 
 if TYPE_CHECKING:
     import redis
 
 
-class AccountError(ValueError):
-    pass
+class AccountError(InvalidRequest):
+    """An account operation refused: the message says why (the operator's CLI shows it)."""
 
 
 class _Unset(Enum):
@@ -46,6 +50,7 @@ class _Unset(Enum):
 
 
 UNSET = _Unset.UNSET
+KEY_NAME_MAX = 100
 
 
 @dataclass(frozen=True)
@@ -72,16 +77,20 @@ class KeyInfo:
     revoked_at: str | None
     key: str | None = None  # the secret: only in the answer to create_key, shown once
     last_used_at: str | None = None  # the newest request billed to it (set by the meter)
+    expires_at: str | None = None  # refused from then on (None: never expires)
+
+    def expired(self, now: datetime | None = None) -> bool:
+        if self.expires_at is None:
+            return False
+        return datetime.fromisoformat(self.expires_at) <= (now or utcnow())
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "key" or v is not None}
 
 
 def _iso(moment: datetime | None) -> str | None:
-    """ISO 8601 in UTC (SQLite hands timestamps back without their zone)."""
-    if moment is None:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+    """ISO 8601 in UTC (every moment column reads back as aware UTC: core.schema)."""
+    return None if moment is None else moment.isoformat()
 
 
 def _account_info(session: Session, account: Account) -> AccountInfo:
@@ -106,6 +115,7 @@ def _key_info(row: ApiKey, secret: str | None = None) -> KeyInfo:
         revoked_at=_iso(row.revoked_at),
         key=secret,
         last_used_at=_iso(row.last_used_at),
+        expires_at=_iso(row.expires_at),
     )
 
 
@@ -116,21 +126,16 @@ def _require_account(session: Session, account_id: int) -> Account:
     return account
 
 
-def _redis_ready(engine: Engine, r: redis.Redis | None) -> bool:
-    """True when incremental Redis updates apply; rebuilds Redis first if it is empty."""
-    if r is None:
-        return False
-    if rs.is_ready(r):
-        return True
-    from billing.rebuild import rebuild
-
-    rebuild(engine, r)
-    return False
-
-
-def publish_account_state(session: Session, r: redis.Redis, account_id: int) -> None:
-    account = _require_account(session, account_id)
-    limits = session.get(AccountLimits, account_id)
+def publish_account_state(engine: Engine, r: redis.Redis, account_id: int) -> None:
+    """The account's plan, status, limits, tier and tag caps, from SQL into Redis."""
+    with Session(engine) as session:
+        account = _require_account(session, account_id)
+        limits = session.get(AccountLimits, account_id)
+        caps = session.execute(
+            select(CustomerCap.customer_tag, CustomerCap.tokens_per_day).where(
+                CustomerCap.account_id == account_id
+            )
+        ).all()
     rs.publish_account(
         r,
         account_id,
@@ -139,11 +144,6 @@ def publish_account_state(session: Session, r: redis.Redis, account_id: int) -> 
         requests_per_minute=limits.requests_per_minute if limits else None,
         tokens_per_day=limits.tokens_per_day if limits else None,
         trust_tier=account.default_trust_tier,
-    )
-    caps = session.execute(
-        select(CustomerCap.customer_tag, CustomerCap.tokens_per_day).where(
-            CustomerCap.account_id == account_id
-        )
     )
     rs.publish_tag_caps(r, account_id, {tag: n for tag, n in caps})
 
@@ -155,14 +155,16 @@ def create_account(
     *,
     email: str,
     plan: str | None = None,
+    grant_signup: bool = True,
 ) -> AccountInfo:
     """A new account on `plan` (default: the plans file's default); the plan's signup grant
-    is posted once, with idempotency key `signup:<account id>`."""
+    is posted once, with idempotency key `signup:<account id>` — now, or with
+    `grant_signup=False` later by `grant_signup_credits` (once its email is verified)."""
     email = email.strip().lower()
     if "@" not in email or len(email) > 320:
         raise AccountError(f"not an email address: {email!r}")
     plan = plan or plans.default_plan
-    grant = plans.get(plan).signup_grant_nusd
+    grant = plans.get(plan).signup_grant_nusd if grant_signup else 0
     with Session(engine) as session, session.begin():
         if session.scalar(select(Account.id).where(Account.email == email)) is not None:
             raise AccountError(f"an account with email {email} already exists")
@@ -171,25 +173,47 @@ def create_account(
         session.flush()
         ledger.ensure_account(session, ledger.customer_credits(account.id))
         if grant:
-            ledger.post_transfer(
-                session,
-                idempotency_key=f"signup:{account.id}",
-                kind="signup_grant",
-                legs=[
-                    ledger.Leg(
-                        ledger.PROMOTIONAL_GRANTS, ledger.customer_credits(account.id), grant
-                    )
-                ],
-                memo=f"{plan} plan signup grant",
-            )
+            _post_signup_grant(session, account.id, plan, grant)
         info = _account_info(session, account)
-    if _redis_ready(engine, r):
-        assert r is not None
-        with Session(engine) as session:
-            publish_account_state(session, r, info.id)
+
+    def publish(r: redis.Redis) -> None:
+        publish_account_state(engine, r, info.id)
         if grant:
             rs.add_balance(r, info.id, grant)
+
+    sync.after_commit(engine, r, publish)
     return info
+
+
+def grant_signup_credits(
+    engine: Engine, r: redis.Redis | None, plans: Plans, *, account_id: int
+) -> int:
+    """The signup grant of the account's plan, if it was not posted yet (idempotency key
+    `signup:<account id>`, as `create_account` posts it): nUSD granted now, else 0."""
+    with Session(engine) as session, session.begin():
+        account = _require_account(session, account_id)
+        grant = plans.get(account.plan).signup_grant_nusd
+        posted = grant and _post_signup_grant(session, account_id, account.plan, grant)
+    if not posted:
+        return 0
+    sync.after_commit(engine, r, lambda r: rs.add_balance(r, account_id, grant))
+    return grant
+
+
+def _post_signup_grant(session: Session, account_id: int, plan: str, grant: int) -> bool:
+    """Post the signup grant once (False: it was posted before)."""
+    return (
+        ledger.post_transfer(
+            session,
+            idempotency_key=f"signup:{account_id}",
+            kind="signup_grant",
+            legs=[
+                ledger.Leg(ledger.PROMOTIONAL_GRANTS, ledger.customer_credits(account_id), grant)
+            ],
+            memo=f"{plan} plan signup grant",
+        )
+        is not None
+    )
 
 
 def get_account(engine: Engine, account_id: int) -> AccountInfo:
@@ -204,23 +228,68 @@ def find_account(engine: Engine, email: str) -> AccountInfo | None:
 
 
 def create_key(
-    engine: Engine, r: redis.Redis | None, *, account_id: int, name: str | None = None
+    engine: Engine,
+    r: redis.Redis | None,
+    *,
+    account_id: int,
+    name: str | None = None,
+    expires_at: datetime | None = None,
 ) -> KeyInfo:
     """A new API key; the returned KeyInfo.key is the secret, never stored and never shown
-    again."""
+    again. With `expires_at` (aware, in the future) the key is refused from then on: its
+    Redis record expires then (EXPIREAT), and a rebuild from SQL skips it."""
+    if expires_at is not None and (expires_at.tzinfo is None or expires_at <= utcnow()):
+        raise AccountError("a key's expiry must be a moment in the future, with its zone")
     new = generate_key()
     with Session(engine) as session, session.begin():
         account = _require_account(session, account_id)
         if account.status != AccountStatus.active.value:
             raise AccountError(f"account {account_id} is {account.status}")
-        row = ApiKey(account_id=account_id, key_hash=new.key_hash, prefix=new.prefix, name=name)
+        row = ApiKey(
+            account_id=account_id,
+            key_hash=new.key_hash,
+            prefix=new.prefix,
+            name=name,
+            expires_at=expires_at,
+        )
         session.add(row)
         session.flush()
         info = _key_info(row, new.secret)
-    if _redis_ready(engine, r):
-        assert r is not None
-        rs.publish_key(r, new.key_hash, account_id=account_id, key_id=info.id)
+    sync.after_commit(
+        engine,
+        r,
+        lambda r: publish_key(r, new.key_hash, account_id=account_id, key_id=info.id,
+                              expires_at=expires_at),
+    )  # fmt: skip
     return info
+
+
+def publish_key(
+    r: redis.Redis,
+    key_hash: str,
+    *,
+    account_id: int,
+    key_id: int,
+    expires_at: datetime | None = None,
+) -> None:
+    """The key's Redis record, expiring with the key (`r` may be a pipeline)."""
+    rs.publish_key(r, key_hash, account_id=account_id, key_id=key_id)
+    if expires_at is not None:
+        r.pexpireat(rk.api_key(key_hash), expires_at)
+
+
+def rename_key(engine: Engine, *, key_id: int, account_id: int, name: str) -> KeyInfo:
+    """Rename one of the account's keys (another account's is "no key")."""
+    name = name.strip()
+    if not name or len(name) > KEY_NAME_MAX:
+        raise AccountError(f"a key's name is 1 to {KEY_NAME_MAX} characters")
+    with Session(engine) as session, session.begin():
+        row = session.get(ApiKey, key_id)
+        if row is None or row.account_id != account_id:
+            raise AccountError(f"no key {key_id}")
+        row.name = name
+        session.flush()
+        return _key_info(row)
 
 
 def list_keys(engine: Engine, account_id: int) -> list[KeyInfo]:
@@ -262,9 +331,7 @@ def revoke_key(
         key_hash = row.key_hash
         session.flush()
         info = _key_info(row)
-    if _redis_ready(engine, r):
-        assert r is not None
-        rs.unpublish_key(r, key_hash)
+    sync.after_commit(engine, r, lambda r: rs.unpublish_key(r, key_hash))
     return info
 
 
@@ -309,9 +376,8 @@ def grant_credits(
             legs=[ledger.Leg(sources[source], credits, amount_nusd)],
             memo=memo,
         )
-    if transfer_id is not None and _redis_ready(engine, r):
-        assert r is not None
-        rs.add_balance(r, account_id, amount_nusd)
+    if transfer_id is not None:
+        sync.after_commit(engine, r, lambda r: rs.add_balance(r, account_id, amount_nusd))
     return transfer_id
 
 
@@ -387,11 +453,41 @@ def set_plan(
     _publish(engine, r, account_id)
 
 
-def set_status(engine: Engine, r: redis.Redis | None, *, account_id: int, status: str) -> None:
+def set_status(
+    engine: Engine,
+    r: redis.Redis | None,
+    *,
+    account_id: int,
+    status: str,
+    sessions: redis.Redis | None = None,
+) -> int:
+    """Set the account's status. Suspending it refuses its keys on their next request
+    (admission reads the status from Redis) and ends its console sessions, kept in the
+    state Redis `sessions` (default: `r`): how many ended."""
     status = AccountStatus(status).value
     with Session(engine) as session, session.begin():
         _require_account(session, account_id).status = status
     _publish(engine, r, account_id)
+    where = sessions if sessions is not None else r
+    if where is None or status == AccountStatus.active.value:
+        return 0
+    return end_console_sessions(where, account_id)
+
+
+def end_console_sessions(r: redis.Redis, account_id: int, *, keep: str | None = None) -> int:
+    """Delete the account's console sessions (the console indexes them per account, with
+    the secrets they stashed), all but the one whose token hash is `keep`: how many ended."""
+    index = rk.console_sessions(account_id)
+    hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in r.smembers(index)]
+    hashes = [h for h in hashes if h != keep]
+    ended = int(r.delete(*(rk.console_session(h) for h in hashes))) if hashes else 0
+    if keep is None:
+        r.delete(index)
+    elif hashes:
+        r.srem(index, *hashes)
+    if hashes:
+        r.delete(*(rk.console_reveal(h) for h in hashes))
+    return ended
 
 
 def set_default_tier(
@@ -404,8 +500,84 @@ def set_default_tier(
     _publish(engine, r, account_id)
 
 
+def set_low_balance(engine: Engine, *, account_id: int, threshold_nusd: int | None) -> None:
+    """The credit balance below which the account is emailed once (None: no email); a new
+    threshold re-arms the alert (`billing.low_balance`)."""
+    if threshold_nusd is not None and not 0 < threshold_nusd <= MAX_BALANCE_NUSD:
+        raise AccountError("a low-balance threshold is a positive amount")
+    with Session(engine) as session, session.begin():
+        account = _require_account(session, account_id)
+        account.low_balance_nusd = threshold_nusd
+        account.low_balance_notified_at = None
+
+
+def low_balance_of(engine: Engine, account_id: int) -> int | None:
+    with Session(engine) as session:
+        return _require_account(session, account_id).low_balance_nusd
+
+
+DELETED_DOMAIN = "deleted.invalid"
+
+
+def _deleted_email(account_id: int, email: str) -> str:
+    """What a deleted account's email becomes: its id and a digest of the address (so that
+    signing up again with it earns no second signup grant), never the address itself."""
+    digest = hashlib.sha256(email.strip().lower().encode("utf-8")).hexdigest()[:32]
+    return f"deleted-{account_id}-{digest}@{DELETED_DOMAIN}"
+
+
+def email_was_deleted(engine: Engine, email: str) -> bool:
+    """Whether an account with this address was deleted before."""
+    digest = hashlib.sha256(email.strip().lower().encode("utf-8")).hexdigest()[:32]
+    with Session(engine) as session:
+        found = session.scalar(
+            select(Account.id).where(
+                Account.deleted_at.is_not(None),
+                Account.email.like(f"deleted-%-{digest}@{DELETED_DOMAIN}"),
+            )
+        )
+    return found is not None
+
+
+def delete_account(
+    engine: Engine, r: redis.Redis | None, *, account_id: int, sessions: redis.Redis | None = None
+) -> int:
+    """Delete an account as its owner asked: its email is scrubbed, its password and every
+    key are gone (keys revoked, so they stay in the ledger's references), its status is
+    suspended (admission refuses it even where Redis still knows a key), its low-balance
+    alert is off and its console sessions end. Its ledger rows, usage events and purchases
+    stay (the law keeps them); its remaining credits are not refunded (they are prepaid and
+    non-refundable). Returns how many keys were revoked."""
+    with Session(engine) as session, session.begin():
+        account = _require_account(session, account_id)
+        if account.deleted_at is not None:
+            raise AccountError(f"account {account_id} is deleted already")
+        account.deleted_at = utcnow()
+        account.email = _deleted_email(account_id, account.email)
+        account.status = AccountStatus.suspended.value
+        account.low_balance_nusd = None
+        account.low_balance_notified_at = None
+        keys = list(
+            session.scalars(
+                select(ApiKey).where(ApiKey.account_id == account_id, ApiKey.revoked_at.is_(None))
+            )
+        )
+        for key in keys:
+            key.revoked_at = utcnow()
+        hashes = [k.key_hash for k in keys]
+        session.execute(delete(AccountPassword).where(AccountPassword.account_id == account_id))
+
+    def unpublish(r: redis.Redis) -> None:
+        for key_hash in hashes:
+            rs.unpublish_key(r, key_hash)
+        publish_account_state(engine, r, account_id)
+
+    sync.after_commit(engine, r, unpublish)
+    where = sessions if sessions is not None else r
+    if where is not None:
+        end_console_sessions(where, account_id)
+    return len(hashes)
+
+
 def _publish(engine: Engine, r: redis.Redis | None, account_id: int) -> None:
-    if _redis_ready(engine, r):
-        assert r is not None
-        with Session(engine) as session:
-            publish_account_state(session, r, account_id)
+    sync.after_commit(engine, r, lambda r: publish_account_state(engine, r, account_id))

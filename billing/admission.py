@@ -3,16 +3,30 @@
 `admit` decides, atomically and before inference: the key is known and not revoked (401),
 requests per minute (GCRA, burst = the limit; 429 `rate_limit_exceeded`), the daily token
 cap of the account and of the customer tag (429 `daily_cap_exceeded`, Retry-After until
-00:00 UTC), and credits (402 `insufficient_credits`). It reserves prompt + max_tokens tokens
-against the caps and their cost (prompt at the input price, max_tokens at the output price)
-against the balance, lowering max_tokens to what remains when that is less. Nothing is
-cached in the process: a revoked key fails on the next request on every ingress.
+00:00 UTC), and credits (402 `insufficient_credits`). It reserves the request's worst case:
+prompt + max_tokens x completions tokens (completions: the sequences the engine generates,
+prompts x n) against the caps and their cost (prompt at the input price, the rest at the
+output price) against the balance, lowering max_tokens (per completion) to what remains when
+that is less. Nothing is cached in the process: a revoked key fails on the next request on
+every ingress.
 
-`settle` bills the tokens the engine reported, never more than reserved, refunds the rest,
-and appends the usage event to the `dg:usage` stream; it is idempotent (False when the hold
-is already settled or unknown), so it is safe to retry and safe against the reaper. `reap`
-settles reservations left open past their expiry as zero usage: only what was settled is
-ever billed. A request that streams longer than the hold TTL should call `extend`.
+`settle` bills the tokens the engine reported, refunds the rest of the reservation, and
+appends the usage event to the `dg:usage` stream. A report above the reservation is a bug in
+the reservation, never clipped silently: it is billed as far as the balance allows (never
+below zero), counted in the `dg:overruns` hash, and returned (`Settlement`) for the caller
+to log and count. `settle` is idempotent (False when the hold is already settled or
+unknown), so it is safe to retry and safe against the reaper.
+
+A hold lives as long as its request: the ingress pushes the expiry of every request it has
+in flight (`extend`, `extend_many`), and a stream writes the usage it has delivered so far
+into its hold now and then (`checkpoint`: prompt and completion tokens, the serving provider
+and its prices; the hold's fields are listed in billing.lua_scripts). `reap` settles the
+holds nobody extended past their expiry (their ingress died, or Redis was away when they
+settled) at their last checkpoint, through the same script as `settle`: the ledger, the daily
+caps, the provider's earnings and the usage stream see it once. A hold with no checkpoint is
+reaped as zero usage: nothing was delivered that billing knows of. Reaping and settling end
+a hold atomically in Redis: whichever comes first bills, and the other bills nothing (a late
+settle after a reap is not billed its tokens above the checkpoint).
 
 Clock: `now` (epoch seconds) defaults to this host's clock; ingress hosts are assumed
 NTP-synced (skew shifts the per-minute window by the skew, nothing else). The UTC day of the
@@ -24,23 +38,38 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import redis.exceptions
 
-from billing import redis_keys as rk
-from billing.keys import hash_key, looks_like_key
-from billing.lua_scripts import ADMIT, EXTEND, REAP, SETTLE
-from billing.money import nusd_to_usd
+from billing.lua_scripts import ADMIT, CHECKPOINT, EXTEND, REAP, SETTLE
 from billing.plans import Plans
 from billing.ratelimit_headers import format_duration, rate_limit_headers, retry_after_seconds
+from billing.redis_replies import as_str
+from kernel import redis_keys as rk
+from kernel.money import nusd_to_usd
+from kernel.tokens import hash_key, looks_like_key
 
 if TYPE_CHECKING:
     import redis.asyncio
 
-    from cluster.catalog import CatalogModel
+
+class PricedModel(Protocol):
+    """What admission needs of a model (a `cluster.catalog.CatalogModel` is one): its id and
+    its catalog prices in nano-dollars per token."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def input_nusd_per_token(self) -> int: ...
+
+    @property
+    def output_nusd_per_token(self) -> int: ...
+
 
 MAX_REQUEST_ID_LEN = 128
 MAX_CUSTOMER_TAG_LEN = 256
@@ -53,6 +82,16 @@ class Admitted:
     key_id: int
     max_tokens: int
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A settlement's outcome: `overrun_tokens` reported above the reservation, of which
+    `unbilled_tokens` the balance could not pay (both 0 when the reservation held)."""
+
+    settled: bool
+    overrun_tokens: int = 0
+    unbilled_tokens: int = 0
 
 
 @dataclass
@@ -75,11 +114,22 @@ INVALID_KEY = Refused(
 
 
 def utc_day(now: float) -> tuple[str, int]:
-    """(YYYYMMDD, epoch ms of the next 00:00 UTC) for epoch seconds `now`."""
+    """(YYYYMMDD, epoch ms of the next 00:00 UTC) for epoch seconds `now`: the last day's
+    answer while `now` is in it (every admission asks; datetime's arithmetic was a twentieth
+    of an admission's client CPU)."""
+    global _last_day
+    start_ms, end_ms, day = _last_day
+    if start_ms <= now * 1000 < end_ms:
+        return day, end_ms
     moment = datetime.fromtimestamp(now, UTC)
     start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
     end = start + timedelta(days=1)
-    return moment.strftime("%Y%m%d"), int(end.timestamp()) * 1000
+    day, end_ms = moment.strftime("%Y%m%d"), int(end.timestamp()) * 1000
+    _last_day = (int(start.timestamp()) * 1000, end_ms, day)
+    return day, end_ms
+
+
+_last_day: tuple[int, int, str] = (0, 0, "")
 
 
 def plans_json(plans: Plans) -> str:
@@ -127,24 +177,32 @@ class Admission:
         self._settle = redis.register_script(SETTLE)
         self._reap = redis.register_script(REAP)
         self._extend = redis.register_script(EXTEND)
+        self._checkpoint = redis.register_script(CHECKPOINT)
+
+    @property
+    def hold_ttl_s(self) -> float:
+        """How long a hold stays open without being extended."""
+        return self._hold_ttl_ms / 1000
 
     async def admit(
         self,
         *,
         api_key: str,
         request_id: str,
-        model: CatalogModel,
+        model: PricedModel,
         prompt_tokens: int,
         max_tokens: int,
         customer_tag: str | None,
         now: float | None = None,
         price: tuple[int, int] | None = None,
+        completions: int = 1,
     ) -> Admitted | Refused:
         """`price`: (input, output) nano-dollars per token to reserve at, where the request
         may be served above the catalog price (the highest its candidates bill); default the
-        model's catalog prices."""
-        if prompt_tokens < 0 or max_tokens < 1:
-            raise ValueError("prompt_tokens must be >= 0 and max_tokens >= 1")
+        model's catalog prices. `completions`: how many sequences the engine generates, each
+        up to `max_tokens` (prompts x n); the granted max_tokens is per completion."""
+        if prompt_tokens < 0 or max_tokens < 1 or completions < 1:
+            raise ValueError("prompt_tokens must be >= 0, max_tokens and completions >= 1")
         if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
             raise ValueError(f"request_id must be 1..{MAX_REQUEST_ID_LEN} characters")
         if not api_key or not looks_like_key(api_key):
@@ -167,7 +225,7 @@ class Admission:
             rk.HOLDS,
             rk.READY,
         ]
-        args = [
+        args: list[int | str] = [
             now_ms,
             day,
             day_end_ms,
@@ -179,12 +237,16 @@ class Admission:
             model.id,
             self._plans_json,
             request_id,
+            completions,
         ]
         try:
             reply = await self._admit(keys=keys, args=args)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             return _unavailable()
-        return _decide(reply, prompt_tokens=prompt_tokens, customer_tag=tag)
+        fields = (reply if isinstance(reply, bytes) else str(reply).encode()).split(b"|")
+        return _decide(
+            fields, prompt_tokens=prompt_tokens, customer_tag=tag, completions=completions
+        )
 
     async def authenticate(self, api_key: str | None) -> int | Refused:
         """The account of a valid key, for requests that run no inference (two reads).
@@ -203,7 +265,7 @@ class Admission:
             return _unavailable()
         if account is None:
             return _copy(INVALID_KEY)
-        if _text(status) != "active":
+        if as_str(status) != "active":
             return Refused(401, "auth", "account_disabled", "This account is disabled.")
         return int(account)
 
@@ -215,7 +277,7 @@ class Admission:
         account = await self._redis.hget(rk.api_key(hash_key(api_key)), "account")
         if account is None:
             return None
-        return _text(await self._redis.hget(rk.account(int(account)), "tier")) or None
+        return as_str(await self._redis.hget(rk.account(int(account)), "tier")) or None
 
     async def settle(
         self,
@@ -226,13 +288,40 @@ class Admission:
         provider_id: str,
         now: float | None = None,
         price: tuple[int, int] | None = None,
+        reported_completion_tokens: int | None = None,
     ) -> bool:
-        """Bill the reported usage (clamped to the reservation) and refund the rest. Retries
-        on connection errors: a retry after a lost reply finds the hold gone and changes
+        """`settle_usage`, answering only whether the hold was open."""
+        settlement = await self.settle_usage(
+            request_id=request_id,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            provider_id=provider_id,
+            now=now,
+            price=price,
+            reported_completion_tokens=reported_completion_tokens,
+        )
+        return settlement.settled
+
+    async def settle_usage(
+        self,
+        *,
+        request_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        provider_id: str,
+        now: float | None = None,
+        price: tuple[int, int] | None = None,
+        reported_completion_tokens: int | None = None,
+    ) -> Settlement:
+        """Bill the reported usage and refund the rest of the reservation (usage above it:
+        billed as far as the balance allows, and reported in the answer). Retries on
+        connection errors: a retry after a lost reply finds the hold gone and changes
         nothing. `price`: (input, output) nano-dollars per token of the provider that served,
-        each capped at the reserved price; default the reserved prices."""
+        each capped at the reserved price; default the reserved prices.
+        `reported_completion_tokens`: what the engine reported, kept in the usage event beside
+        `completion_tokens` (the ingress's own count, billed; never above it)."""
         now_ms = int((time.time() if now is None else now) * 1000)
-        args = [
+        args: list[int | str] = [
             request_id,
             max(0, prompt_tokens),
             max(0, completion_tokens),
@@ -242,17 +331,25 @@ class Admission:
         ]
         if price is not None:
             args += [max(0, int(price[0])), max(0, int(price[1]))]
+        if reported_completion_tokens is not None:
+            args += ["", ""] if price is None else []
+            args.append(max(0, reported_completion_tokens))
         for delay in (*_SETTLE_RETRY_DELAYS_S, None):
             try:
-                return bool(await self._settle(keys=[], args=args))
+                reply = await self._settle(keys=[], args=args)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)
+                continue
+            if isinstance(reply, list):  # {1, over, unbilled}: above the reservation
+                return Settlement(True, int(reply[1]), int(reply[2]))
+            return Settlement(bool(reply))
         raise AssertionError("unreachable")
 
     async def reap(self, now: float | None = None, *, limit: int = 1000) -> int:
-        """Settle (as zero usage) every hold past its expiry; returns how many."""
+        """Settle every hold past its expiry at its last checkpoint (zero usage without one:
+        nothing was delivered that billing knows of); returns how many."""
         now_ms = int((time.time() if now is None else now) * 1000)
         total = 0
         while True:
@@ -263,9 +360,47 @@ class Admission:
 
     async def extend(self, *, request_id: str, now: float | None = None) -> bool:
         """Push an open hold's expiry to now + the hold TTL; False if it is not open."""
+        return await self.extend_many([request_id], now=now) == 1
+
+    async def extend_many(self, request_ids: Sequence[str], *, now: float | None = None) -> int:
+        """Push each open hold's expiry to now + the hold TTL (never earlier than it was), in
+        one round trip; returns how many were open."""
+        if not request_ids:
+            return 0
+        expiry = int((time.time() if now is None else now) * 1000) + self._hold_ttl_ms
+        return int(await self._extend(keys=[], args=[expiry, *request_ids]))
+
+    async def checkpoint(
+        self,
+        *,
+        request_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        provider_id: str,
+        price: tuple[int, int] | None = None,
+        now: float | None = None,
+        reported_completion_tokens: int | None = None,
+    ) -> bool:
+        """Keep a stream's usage delivered so far in its hold, and push its expiry: what the
+        reaper bills if the request is never settled. `price`: the serving provider's
+        (input, output) per token, capped at the reserved prices when billed (None: the
+        reserved ones). A checkpoint below the hold's last one is ignored. False: the hold
+        is not open (settled or reaped already), and nothing was written."""
         now_ms = int((time.time() if now is None else now) * 1000)
-        expiry = now_ms + self._hold_ttl_ms
-        return bool(await self._extend(keys=[], args=[request_id, expiry]))
+        pin, pout = ("", "") if price is None else (max(0, int(price[0])), max(0, int(price[1])))
+        args: list[int | str] = [
+            request_id,
+            max(0, prompt_tokens),
+            max(0, completion_tokens),
+            provider_id,
+            pin,
+            pout,
+            now_ms,
+            now_ms + self._hold_ttl_ms,
+        ]
+        if reported_completion_tokens is not None:  # what the engine said, beside our count
+            args.append(max(0, reported_completion_tokens))
+        return bool(await self._checkpoint(keys=[], args=args))
 
 
 def _copy(refused: Refused) -> Refused:
@@ -290,8 +425,11 @@ def _unavailable() -> Refused:
     )
 
 
-def _decide(reply: list, *, prompt_tokens: int, customer_tag: str) -> Admitted | Refused:
-    outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+def _decide(
+    reply: Sequence[bytes], *, prompt_tokens: int, customer_tag: str, completions: int = 1
+) -> Admitted | Refused:
+    """The admission script's reply, split at '|': its outcome, then the numbers it reports."""
+    outcome = reply[0].decode()
     if outcome == "cold":
         return _unavailable()
     if outcome == "nokey":
@@ -338,8 +476,8 @@ def _decide(reply: list, *, prompt_tokens: int, customer_tag: str) -> Admitted |
             "rate_limit",
             "daily_cap_exceeded",
             f"Daily token cap reached for this {whose}: {room} tokens remain today, this "
-            f"request needs at least {prompt_tokens + 1} (prompt plus one output token). "
-            f"Caps reset at 00:00 UTC (in {format_duration(retry_ms)}).",
+            f"request needs at least {prompt_tokens + completions} (prompt plus one output "
+            f"token per completion). Caps reset at 00:00 UTC (in {format_duration(retry_ms)}).",
             retry,
             headers,
         )
@@ -350,12 +488,9 @@ def _decide(reply: list, *, prompt_tokens: int, customer_tag: str) -> Admitted |
             "billing",
             "insufficient_credits",
             f"Insufficient credits: the available balance is ${nusd_to_usd(max(bal, 0))}, "
-            "less than this request's prompt plus one output token. Add credits to continue.",
+            "less than this request's prompt plus one output token per completion. Add "
+            "credits to continue.",
             None,
             headers,
         )
     raise RuntimeError(f"unexpected admission outcome {outcome!r}")
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,54 +1,38 @@
 """The usage ledger's hash chain: `row_hash = sha256(prev_hash + "\n" + canonical JSON)`.
 
-The canonical form is JSON with sorted keys and no spaces over every field that matters for
-money and attribution; integers stay integers, the tag may be null. The first row chains to
-64 zeros. Changing any hashed field of any row breaks its hash and every link after it.
+The canonical form is JSON with sorted keys and no spaces over every field of the usage event
+(kernel.usage_event.FIELDS: all of them matter for money or attribution); integers stay
+integers, the tag may be null. The first row chains to 64 zeros. Changing any hashed field of
+any row breaks its hash and every link after it.
+
+A field added to the usage event after rows were written is hashed only where it has a value
+(`ADDED_LATER`): rows written before it existed hold NULL there and keep the form, hence the
+hash, they were written with, while every newer row's value is covered. So
+`reported_completion_tokens` (the engine's own count beside the billed one, migration 0007)
+cannot be rewritten on a new row, and old rows still verify. tests/billing/test_chain.py pins
+both forms, so a change to either cannot pass unnoticed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from typing import Any
+
+from kernel.usage_event import UsageRecord
 
 GENESIS = "0" * 64
-HASHED_FIELDS = (
-    "request_id",
-    "account_id",
-    "key_id",
-    "customer_tag",
-    "model",
-    "provider_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "input_nusd_per_token",
-    "output_nusd_per_token",
-    "cost_nusd",
-    "provider_share_nusd",
-    "platform_share_nusd",
-    "outcome",
-    "usage_day",
-    "created_at_ms",
-    "settled_at_ms",
-)
+# Fields hashed only when not None: NULL in every row written before they were added.
+ADDED_LATER = ("reported_completion_tokens",)
 
 
-def canonical(fields: Mapping[str, Any]) -> str:
-    return json.dumps(
-        {name: fields[name] for name in HASHED_FIELDS},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+def canonical(record: UsageRecord) -> str:
+    row = record.row()
+    for name in ADDED_LATER:
+        if row[name] is None:
+            del row[name]
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def row_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
-    data = prev_hash + "\n" + canonical(fields)
+def row_hash(prev_hash: str, record: UsageRecord) -> str:
+    data = prev_hash + "\n" + canonical(record)
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
-
-
-def split_cost(cost_nusd: int) -> tuple[int, int]:
-    """95% to the provider (rounded down), the rest to the platform; exact in integers."""
-    provider = cost_nusd * 95 // 100
-    return provider, cost_nusd - provider

@@ -10,31 +10,57 @@ as `open`. Credits are granted only by the webhook (billing.webhooks), once Stri
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import stripe
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from billing.money import nusd_to_usd
 from billing.plans import Plans
-from billing.schema import Account, AccountStatus, PaymentStatus, StripePayment
-from billing.settings import BillingSettings
 from billing.stripe_client import plain
+from core.schema import Account, AccountStatus, PaymentStatus, StripePayment
+from core.settings import Settings
+from kernel.errors import InvalidRequest
+from kernel.money import CURRENCY, NUSD_PER_CENT, nusd_to_usd
 
 META_ACCOUNT = "darkgpu_account_id"
 META_BUNDLE = "darkgpu_bundle"
-CURRENCY = "usd"
-NUSD_PER_CENT = 10**7
 
 
-class CheckoutError(ValueError):
-    def __init__(self, message: str, *, status: int = 400, param: str | None, code: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.code = code
+class CheckoutError(InvalidRequest):
+    """A checkout that cannot start: an unknown bundle."""
+
+
+class AccountCannotBuy(CheckoutError):
+    """A 403 for an account that is not active (its type stays `invalid_request`, as the
+    API has always answered it)."""
+
+    status = 403
+
+
+def new_payment(
+    account_id: int,
+    bundle: str,
+    amount_cents: int,
+    *,
+    currency: str = CURRENCY,
+    capped_budget: bool = False,
+) -> StripePayment:
+    """An open purchase, nothing refunded, disputed or taken back yet (its counters set here,
+    not left to the INSERT: the webhooks read them before the row is flushed)."""
+    return StripePayment(
+        account_id=account_id,
+        bundle=bundle,
+        amount_cents=amount_cents,
+        currency=currency,
+        status=PaymentStatus.open.value,
+        refunded_cents=0,
+        disputed_cents=0,
+        clawed_back_nusd=0,
+        unrecovered_nusd=0,
+        capped_budget=capped_budget,
+    )
 
 
 @dataclass(frozen=True)
@@ -62,11 +88,15 @@ def create_checkout(
     engine: Engine,
     client: stripe.StripeClient,
     plans: Plans,
-    settings: BillingSettings,
+    settings: Settings,
     *,
     account_id: int,
     bundle: str,
+    capped_budget: bool = False,
 ) -> CheckoutResult:
+    """`capped_budget`: the customer asks for the bundle's daily cap (a hard stop per UTC
+    day, the storefront's promise); without it, credits are the only limit of the paid plan
+    (billing.webhooks applies it when Stripe says paid)."""
     offer = plans.bundles.get(bundle)
     if offer is None:
         names = ", ".join(sorted(plans.bundles)) or "none"
@@ -76,9 +106,7 @@ def create_checkout(
     with Session(engine) as session:
         account = session.get(Account, account_id)
         if account is None or account.status != AccountStatus.active.value:
-            raise CheckoutError(
-                "This account cannot buy credits.", status=403, param=None, code="account_inactive"
-            )
+            raise AccountCannotBuy("This account cannot buy credits.", code="account_inactive")
         email = account.email
     meta = metadata(account_id, bundle)
     name = f"DarkGPU {bundle.title()} credits"
@@ -92,9 +120,11 @@ def create_checkout(
                     "unit_amount": offer.price_cents,
                     "product_data": {
                         "name": name,
-                        "description": (
-                            f"${offer.price_usd} of prepaid inference credits; default daily "
-                            f"cap {offer.default_tokens_per_day:,} tokens"
+                        "description": f"${offer.price_usd} of prepaid inference credits"
+                        + (
+                            f"; daily cap {offer.default_tokens_per_day:,} tokens"
+                            if capped_budget
+                            else ""
                         ),
                     },
                 },
@@ -109,22 +139,17 @@ def create_checkout(
     }
     created = plain(client.v1.checkout.sessions.create(params=params))  # type: ignore[arg-type]
     pi = created.get("payment_intent")
+    payment = new_payment(
+        account_id,
+        bundle,
+        int(created.get("amount_total") or offer.price_cents),
+        currency=str(created.get("currency") or CURRENCY),
+        capped_budget=capped_budget,
+    )
+    payment.checkout_session_id = created["id"]
+    payment.payment_intent_id = pi if isinstance(pi, str) else None
     with Session(engine) as session, session.begin():
-        session.add(
-            StripePayment(
-                account_id=account_id,
-                bundle=bundle,
-                checkout_session_id=created["id"],
-                payment_intent_id=pi if isinstance(pi, str) else None,
-                amount_cents=int(created.get("amount_total") or offer.price_cents),
-                currency=str(created.get("currency") or CURRENCY),
-                status=PaymentStatus.open.value,
-                refunded_cents=0,
-                disputed_cents=0,
-                clawed_back_nusd=0,
-                unrecovered_nusd=0,
-            )
-        )
+        session.add(payment)
     return CheckoutResult(
         id=created["id"],
         url=created["url"],
@@ -168,12 +193,8 @@ def purchases(engine: Engine, account_id: int, *, limit: int = 100) -> list[Purc
                 status=p.status,
                 refunded_cents=p.refunded_cents,
                 disputed_cents=p.disputed_cents,
-                created_at=_aware(p.created_at),
-                paid_at=_aware(p.paid_at) if p.paid_at else None,
+                created_at=p.created_at,
+                paid_at=p.paid_at,
             )
             for p in session.scalars(query)
         ]
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite drops the zone

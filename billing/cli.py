@@ -1,6 +1,6 @@
 """`darkgpu admin …`: accounts, keys, credits, caps, the ledger and usage (Typer).
 
-Configuration comes from `DARKGPU_*` variables (billing.settings). Every command upgrades the
+Configuration comes from `DARKGPU_*` variables (core.settings). Every command upgrades the
 database schema first if needed. SQL is written first; if Redis cannot be updated afterwards
 the command says so and exits 2 (`admin redis rebuild` repairs Redis from SQL).
 """
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import redis
@@ -20,11 +20,12 @@ import typer
 from sqlalchemy import Engine
 
 from billing import accounts as svc
-from billing import reports
-from billing.db import make_engine, migrate
-from billing.money import usd_to_nusd
+from billing import flags, reports
 from billing.plans import Plans, load_plans
-from billing.settings import BillingSettings
+from core.db import make_engine, migrate
+from core.settings import Settings
+from kernel.errors import DarkGpuError
+from kernel.money import usd_to_nusd
 
 app = typer.Typer(
     name="admin",
@@ -56,21 +57,24 @@ T = TypeVar("T")
 
 @dataclass
 class Ctx:
-    settings: BillingSettings
+    settings: Settings
     engine: Engine
-    redis: redis.Redis
+    state: redis.Redis  # console sessions, throttles: what is not money
+    redis: redis.Redis  # money
     plans: Plans
 
 
 @contextmanager
 def _ctx() -> Iterator[Ctx]:
-    settings = BillingSettings()
+    settings = Settings()
     engine = make_engine(settings.database_url)
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+    state = redis.Redis.from_url(settings.state_redis_url, socket_connect_timeout=3)
     try:
         migrate(engine)
-        yield Ctx(settings, engine, client, load_plans(settings.plans_file))
+        yield Ctx(settings, engine, state, client, load_plans(settings.plans_file))
     finally:
+        state.close()
         client.close()
         engine.dispose()
 
@@ -79,7 +83,7 @@ def _run(action: Callable[[Ctx], T]) -> T:
     try:
         with _ctx() as ctx:
             return action(ctx)
-    except (svc.AccountError, KeyError, ValueError) as exc:
+    except (DarkGpuError, KeyError, ValueError) as exc:  # errors in words, no trace
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except redis.RedisError as exc:
@@ -138,7 +142,7 @@ def account_update(
         if plan:
             svc.set_plan(c.engine, c.redis, c.plans, account_id=account, plan=plan)
         if status:
-            svc.set_status(c.engine, c.redis, account_id=account, status=status)
+            svc.set_status(c.engine, c.redis, account_id=account, status=status, sessions=c.state)
         if rpm is not None or plan_rpm:
             svc.set_limits(
                 c.engine, c.redis, account_id=account, requests_per_minute=None if plan_rpm else rpm
@@ -149,6 +153,39 @@ def account_update(
         return svc.get_account(c.engine, account).to_json()
 
     _print(_run(update))
+
+
+@account_app.command("suspend")
+def account_suspend(account: AccountOpt) -> None:
+    """Suspend an account: its keys are refused on their next request and its console
+    sessions end (`update --status active` lifts it)."""
+
+    def suspend(c: Ctx) -> dict[str, Any]:
+        ended = svc.set_status(
+            c.engine, c.redis, account_id=account, status="suspended", sessions=c.state
+        )
+        return {**svc.get_account(c.engine, account).to_json(), "console_sessions_ended": ended}
+
+    _print(_run(suspend))
+
+
+@account_app.command("flags")
+def account_flags(
+    account: Annotated[int | None, typer.Option("--account", help="Only this account.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Resolved flags too.")] = False,
+) -> None:
+    """Open account flags (refunds or disputes of spent credits, open disputes): while one
+    is open the account's providers are not paid."""
+    found = _run(lambda c: flags.list_flags(c.engine, account_id=account, all_=all_))
+    _print([flag.to_json() for flag in found])
+
+
+@account_app.command("resolve-flag")
+def account_resolve_flag(
+    flag: Annotated[int, typer.Argument(help="The flag's id (see `account flags`).")],
+) -> None:
+    """Mark a flag dealt with; the account's providers are paid again once none is open."""
+    _print(_run(lambda c: flags.resolve(c.engine, flag)).to_json())
 
 
 @key_app.command("create")
@@ -341,18 +378,68 @@ def payouts_run(
         raise typer.Exit(1)
 
 
+FEE_SYNC_WINDOW = timedelta(days=35)
+fees_app = typer.Typer(help="Stripe's fees, from its balance transactions.", no_args_is_help=True)
+app.add_typer(fees_app, name="fees")
+
+
+def _sync_fees(c: Ctx, since: datetime | None) -> Any:
+    """Book the Stripe fees not booked yet; None when payments are not configured."""
+    from billing.fees import sync_fees
+    from billing.stripe_client import maybe_stripe_client
+
+    client = maybe_stripe_client(c.settings)
+    return None if client is None else sync_fees(c.engine, client, since=since)
+
+
+@fees_app.command("sync")
+def fees_sync(
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Refunded or disputed payments changed since this UTC day (YYYY-MM-DD) only; "
+            "unbooked charge fees are read whatever their age.",
+        ),
+    ] = None,
+) -> None:
+    """Read the balance transactions of paid purchases whose fees are not booked (and of
+    refunded or disputed ones) and book Stripe's fees in the ledger (exit 1 if one could not
+    be read or booked; rerunning is safe)."""
+    start = _when(since) if since else None
+    report = _run(lambda c: _sync_fees(c, start))
+    if report is None:
+        typer.echo("error: payments are not configured (DARKGPU_STRIPE_SECRET_KEY)", err=True)
+        raise typer.Exit(1)
+    _print(report.to_json())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command("reconcile")
 def reconcile_cmd(
     date_: Annotated[str, typer.Option("--date", help="The UTC day to check, YYYY-MM-DD.")],
     csv_path: Annotated[
-        str | None, typer.Option("--csv", help="Write the day's journal here (- for stdout).")
+        str | None,
+        typer.Option(
+            "--csv", help="Write the day's QuickBooks journal entries here (- for stdout)."
+        ),
     ] = None,
+    stripe_fees: Annotated[
+        bool,
+        typer.Option(
+            "--stripe-fees/--no-stripe-fees",
+            help="First book Stripe fees not booked yet (needs Stripe configured).",
+        ),
+    ] = True,
 ) -> None:
     """Check usage, the ledgers, Redis and Stripe against each other (exit 1 on a mismatch);
-    optionally write the day's balanced journal for bookkeeping software."""
+    optionally write the day's balanced journal for bookkeeping software. Stripe's fees not
+    booked yet are read from Stripe first, where payments are configured."""
     from datetime import date as date_type
 
-    from billing.reconcile import reconcile, write_journal
+    from billing import journal
+    from billing.reconcile import reconcile
 
     try:
         day = date_type.fromisoformat(date_)
@@ -360,20 +447,65 @@ def reconcile_cmd(
         raise typer.BadParameter(f"not a date (YYYY-MM-DD): {date_!r}") from None
 
     def run(c: Ctx) -> Any:
+        # unbooked fees of any age; refunds and disputes of the last weeks
+        since = datetime(day.year, day.month, day.day, tzinfo=UTC) - FEE_SYNC_WINDOW
+        synced = _sync_fees(c, since) if stripe_fees else None
         if csv_path == "-":
-            write_journal(c.engine, sys.stdout, start=day)
+            journal.write(c.engine, sys.stdout, start=day)
         elif csv_path:
             with open(csv_path, "w", newline="") as out:
-                write_journal(c.engine, out, start=day)
-        return reconcile(c.engine, c.redis, day=day)
+                journal.write(c.engine, out, start=day)
+        return synced, reconcile(c.engine, c.redis, day=day)
 
-    report = _run(run)
+    synced, report = _run(run)
+    body = report.to_json()
+    if synced is not None:
+        body["fees_sync"] = synced.to_json()
     if csv_path != "-":
-        _print(report.to_json())
+        _print(body)
     else:
-        typer.echo(json.dumps(report.to_json(), sort_keys=True, default=str), err=True)
+        typer.echo(json.dumps(body, sort_keys=True, default=str), err=True)
     if not report.ok:
         raise typer.Exit(1)
+
+
+journal_app = typer.Typer(help="The ledger for bookkeeping software.", no_args_is_help=True)
+app.add_typer(journal_app, name="journal")
+
+
+@journal_app.command("export")
+def journal_export(
+    from_: Annotated[str, typer.Option("--from", help="First UTC day, YYYY-MM-DD.")],
+    to: Annotated[str, typer.Option("--to", help="Last UTC day (inclusive), YYYY-MM-DD.")],
+    out_path: Annotated[
+        str | None, typer.Option("--out", help="Write the CSV here (default: stdout).")
+    ] = None,
+) -> None:
+    """Write QuickBooks Online's journal-entry import CSV for the days given: one balanced
+    entry per day per pair of ledger accounts, in dollars and cents (billing.journal says how
+    nano-dollars are rounded). The summary goes to stderr."""
+    from datetime import date as date_type
+
+    from billing import journal
+
+    try:
+        start, end = date_type.fromisoformat(from_), date_type.fromisoformat(to)
+    except ValueError:
+        raise typer.BadParameter(f"not a date (YYYY-MM-DD): {from_!r} / {to!r}") from None
+    if end < start:
+        raise typer.BadParameter(f"--to {to} is before --from {from_}")
+
+    def run(c: Ctx) -> int:
+        if out_path is None:
+            return journal.write(c.engine, sys.stdout, start=start, end=end)
+        with open(out_path, "w", newline="") as out:
+            return journal.write(c.engine, out, start=start, end=end)
+
+    n = _run(run)
+    typer.echo(
+        json.dumps({"from": from_, "to": to, "entries": n, "lines": 2 * n, "out": out_path}),
+        err=True,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,13 +18,16 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from billing.schema import Account, PayoutAccount, Provider
-from billing.settings import BillingSettings
 from billing.stripe_client import plain
+from core.schema import Account, PayoutAccount, Provider
+from core.settings import Settings
+from kernel.errors import NotFound
 
 
-class NoProviders(LookupError):
-    pass
+class NoProviders(NotFound):
+    """Payouts are for accounts that own a provider; this one owns none."""
+
+    code = "no_providers"
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def payout_account(engine: Engine, account_id: int) -> PayoutAccount | None:
 
 
 def onboarding_link(
-    engine: Engine, client: stripe.StripeClient, settings: BillingSettings, *, account_id: int
+    engine: Engine, client: stripe.StripeClient, settings: Settings, *, account_id: int
 ) -> OnboardingLink:
     if not owned_providers(engine, account_id):
         raise NoProviders(f"account {account_id} owns no providers")

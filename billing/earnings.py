@@ -5,6 +5,8 @@ to `provider:<id>:payable`, keyed by the provider id the request was served by (
 `darkgpu.io/provider-id` label, `providers.id`). Earnings are grouped by the request's UTC
 day (the reservation's, as in usage reports) and model.
 
+`totals` is a provider's own summary (what its agent sees: `GET /v1/providers/me`).
+
 `due_for_week` is what a payout for the week ending at `week_end` may pay: the payable
 balance now, less what was earned after the week ended (payouts in flight are already out of
 the payable account, and failed ones are back in it).
@@ -21,8 +23,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from billing import ledger
-from billing.money import nusd_to_usd
-from billing.schema import LedgerAccount, LedgerEntry, LedgerKind, LedgerTransfer, UsageEvent
+from core.schema import LedgerAccount, LedgerEntry, LedgerKind, LedgerTransfer, UsageEvent
+from kernel.money import nusd_to_usd
 
 PAYOUT_KINDS = ("payout_pending", "payout_void", "payout_post")
 
@@ -49,6 +51,27 @@ class EarningsRow:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "earned_usd": nusd_to_usd(self.earned_nusd)}
+
+
+@dataclass(frozen=True)
+class EarningsTotal:
+    requests: int
+    earned_nusd: int  # the provider's share of everything it served
+    payable_nusd: int  # not paid out yet (the ledger's `provider:<id>:payable`)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def totals(engine: Engine, provider_id: str) -> EarningsTotal:
+    """What the provider's GPU has earned since it joined, and what is still to be paid."""
+    earned = func.coalesce(func.sum(UsageEvent.provider_share_nusd), 0)
+    with Session(engine) as session:
+        requests, earned_nusd = session.execute(
+            select(func.count(UsageEvent.id), earned).where(UsageEvent.provider_id == provider_id)
+        ).one()
+        payable = payable_balances(session, [provider_id])[provider_id]
+    return EarningsTotal(int(requests), int(earned_nusd), payable)
 
 
 def earnings(

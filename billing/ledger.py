@@ -12,32 +12,35 @@ Chart of accounts: `customer:<id>:credits`, `provider:<id>:payable`, `platform:r
 `platform:promotional_grants`, `platform:payment_clearing`. A transfer's idempotency key is
 unique: posting it again does nothing and returns None.
 
-`TransferBatch` posts many transfers in one go (the usage meter's batches): its ledger
-accounts are looked up or created once and locked once in id order, each transfer is checked
-against the running balances in memory, and `flush` writes the transfers and entries in bulk
-and each account's balance once.
+There is one posting path, `TransferBatch`: its ledger accounts are looked up or created once
+and locked once in id order, each transfer is checked against the running balances in
+memory, and `flush` writes the transfers and entries in bulk and each account's balance once.
+The usage meter posts its batches through it; `post_transfer` (a grant, a purchase, a
+payout) is a batch of one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, func, insert, select
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from billing.schema import LedgerAccount, LedgerEntry, LedgerKind, LedgerTransfer, utcnow
+from core.schema import LedgerAccount, LedgerEntry, LedgerKind, LedgerTransfer, utcnow
+from kernel.errors import BillingError, InternalError
 
 
-class LedgerError(ValueError):
-    pass
+class LedgerError(InternalError):
+    """A transfer that breaks the ledger's rules: the caller's bug, never a client's input."""
 
 
-class InsufficientFunds(LedgerError):
-    pass
+class InsufficientFunds(BillingError):
+    """An account that may not go negative would: the account cannot pay (a 402 where it
+    reaches a client), not a broken rule of the ledger."""
 
 
 @dataclass(frozen=True)
@@ -123,68 +126,29 @@ def post_transfer(
     memo: str | None = None,
     event_at: datetime | None = None,
 ) -> int | None:
-    """Post a transfer inside the caller's transaction; returns its id, or None if a transfer
-    with this idempotency key already exists. Raises InsufficientFunds (and changes nothing)
-    if an account that may not go negative would."""
+    """Post a transfer inside the caller's transaction (a `TransferBatch` of one); returns
+    its id, or None if a transfer with this idempotency key already exists. Raises
+    InsufficientFunds (and changes nothing) if an account that may not go negative would.
+
+    A concurrent transaction posting the same key on other accounts is not held back by
+    the account locks; its insert wins and this one finds the key taken (None), as it would
+    have found it posted had it come later."""
     legs = _nonzero_legs(legs)
-    if transfer_exists(session, idempotency_key):
-        return None
-    ids = {}
-    for leg in legs:
-        for spec in (leg.debit, leg.credit):
-            if spec.name not in ids:
-                ids[spec.name] = ensure_account(session, spec)
-    locked = {
-        row.id: row
-        for row in session.scalars(
-            select(LedgerAccount)
-            .where(LedgerAccount.id.in_(sorted(ids.values())))
-            .order_by(LedgerAccount.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-    }
-    moves: list[tuple[int, int]] = []
-    for leg in legs:
-        moves.append((ids[leg.debit.name], -leg.amount))
-        moves.append((ids[leg.credit.name], leg.amount))
-    balances = {acct_id: row.balance for acct_id, row in locked.items()}
-    for acct_id, amount in moves:
-        balances[acct_id] += amount
-    for acct_id, new_balance in balances.items():
-        row = locked[acct_id]
-        if new_balance < 0 and not row.allow_negative:
-            raise InsufficientFunds(
-                f"{row.name}: balance {row.balance} cannot cover {row.balance - new_balance}"
-            )
-    transfer = LedgerTransfer(
-        idempotency_key=idempotency_key,
-        kind=kind,
-        memo=memo,
-        event_at=event_at or utcnow(),
+    batch = TransferBatch(
+        session, [spec for leg in legs for spec in leg.accounts], [idempotency_key]
     )
+    if not batch.post(
+        idempotency_key=idempotency_key, kind=kind, legs=legs, memo=memo, event_at=event_at
+    ):
+        return None
     try:
         with session.begin_nested():
-            session.add(transfer)
+            [transfer_id] = batch.flush()
     except IntegrityError:
         if transfer_exists(session, idempotency_key):
             return None
         raise
-    for acct_id, amount in moves:
-        row = locked[acct_id]
-        row.balance += amount
-        row.version += 1
-        session.add(
-            LedgerEntry(
-                transfer_id=transfer.id,
-                ledger_account_id=acct_id,
-                amount=amount,
-                balance_after=row.balance,
-                account_version=row.version,
-            )
-        )
-    session.flush()
-    return transfer.id
+    return transfer_id
 
 
 def _nonzero_legs(legs: Sequence[Leg]) -> list[Leg]:
@@ -198,15 +162,15 @@ def _nonzero_legs(legs: Sequence[Leg]) -> list[Leg]:
 
 
 class TransferBatch:
-    """Many transfers posted together inside the caller's transaction.
+    """Transfers posted together inside the caller's transaction: the ledger's one posting
+    path (`post_transfer` is a batch of one).
 
     Made with every ledger account its transfers may touch and (ideally) their idempotency
     keys, it looks the accounts up, creating missing ones, locks them in id order, and learns
     which keys are already posted, in a few statements for the whole batch. `post` then
     checks and applies one transfer in memory, all or nothing, in order; `flush` writes what
     was posted: the transfers and their entries in bulk, and each touched account's balance
-    and version once. The rows are the ones `post_transfer` would write one at a time: each
-    entry carries its account's running balance and version."""
+    and version once. Each entry carries its account's running balance and version."""
 
     def __init__(
         self,
@@ -315,18 +279,24 @@ class TransferBatch:
         return True
 
     def flush(self) -> list[int]:
-        """Write the transfers posted since the last flush; returns their ids, in order."""
+        """Write the transfers posted since the last flush; returns their ids, in order.
+
+        The transfers go in as multi-row INSERT ... RETURNING statements (SQLAlchemy Core's
+        "insertmanyvalues"), their entries through `bulk_insert` (COPY on PostgreSQL); the
+        ORM's bulk path sent one INSERT per row on PostgreSQL (issue 13)."""
         if not self._transfers:
             return []
+        conn = self.session.connection()
         # RETURNING the key too: with sort_by_parameter_order SQLite would insert row by row
-        written = self.session.execute(
-            insert(LedgerTransfer).returning(LedgerTransfer.idempotency_key, LedgerTransfer.id),
+        written = conn.execute(
+            insert(_TRANSFERS).returning(_TRANSFERS.c.idempotency_key, _TRANSFERS.c.id),
             self._transfers,
         )
         by_key = {key: transfer_id for key, transfer_id in written}
         transfer_ids = [by_key[transfer["idempotency_key"]] for transfer in self._transfers]
-        self.session.execute(
-            insert(LedgerEntry),
+        bulk_insert(
+            self.session,
+            _ENTRIES,
             [
                 {**entry, "transfer_id": transfer_id}
                 for transfer_id, entries in zip(transfer_ids, self._entries, strict=True)
@@ -340,6 +310,45 @@ class TransferBatch:
         self.session.flush()
         self._transfers, self._entries = [], []
         return transfer_ids
+
+
+_TRANSFERS: Table = LedgerTransfer.__table__  # type: ignore[assignment]
+_ENTRIES: Table = LedgerEntry.__table__  # type: ignore[assignment]
+
+
+def bulk_insert(session: Session, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert `rows` (column name -> value; every row the same columns) into `table` inside
+    the session's transaction, by the database's bulk path: COPY on PostgreSQL (psycopg's
+    `Cursor.copy`, values through the columns' own bind processors), one `executemany` on
+    SQLite. The database's constraints and triggers (the append-only tables') hold as for
+    any INSERT; nothing is returned."""
+    if not rows:
+        return
+    conn = session.connection()
+    if conn.dialect.name != "postgresql":
+        conn.execute(insert(table), list(rows))
+        return
+    names = list(rows[0])
+    columns = [table.c[name] for name in names]
+    processors = [column.type.bind_processor(conn.dialect) for column in columns]
+    quote = conn.dialect.identifier_preparer
+    statement = "COPY {} ({}) FROM STDIN".format(
+        quote.format_table(table), ", ".join(quote.format_column(c) for c in columns)
+    )
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    try:
+        with raw.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(
+                    [
+                        value if process is None else process(value)
+                        for value, process in zip((row[n] for n in names), processors, strict=True)
+                    ]
+                )
+    except dbapi_error as exc:  # as SQLAlchemy raises it for any statement: IntegrityError, …
+        raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
 
 
 def balance(session: Session, spec_or_name: AccountSpec | str) -> int:

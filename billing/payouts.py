@@ -16,6 +16,12 @@ For each transfer:
    answer (network, 5xx, rate limit) leaves it pending, and the next run of the week asks
    again with the same key, so Stripe answers with the transfer it made, if it made one.
 
+Never paid: a provider's share of usage by its own owner's account (`own_usage_share`: the
+owner's credits, promotional ones included, moved to itself; it stays payable, reported as
+`withheld_nusd`). Held (status `held`, nothing moved): every provider of an owner whose
+account has an open flag (`holds`: a refund or dispute that found the credits spent, or a
+dispute not yet closed), until an operator resolves it.
+
 A rerun of a week never pays twice: paid providers are skipped, pending ones are retried
 with their own key, and refused ones are tried again only for what is still due.
 `run_due` is the schedule: it runs the last completed week once (`payout_runs`).
@@ -30,36 +36,40 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from billing import ledger
-from billing.checkout import CURRENCY, NUSD_PER_CENT
 from billing.earnings import due_for_week, payable_provider_ids, payouts_pending
-from billing.schema import (
+from billing.flags import holds
+from billing.stripe_client import error_text, is_definite_failure, plain
+from core.schema import (
     Payout,
     PayoutAccount,
     PayoutRun,
     PayoutStatus,
     Provider,
+    ProviderReview,
     StripeMovement,
+    UsageEvent,
     utcnow,
 )
-from billing.stripe_client import error_text, is_definite_failure, plain
+from kernel.errors import InvalidRequest
+from kernel.money import CURRENCY, MIN_PAYOUT_CENTS, NUSD_PER_CENT
 
 log = logging.getLogger(__name__)
 
-MIN_PAYOUT_CENTS = 1000  # $10
 _WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 
 
-class PayoutError(ValueError):
-    pass
+class PayoutError(InvalidRequest):
+    """A payout run that cannot start: a week that is malformed or not over, no Stripe key."""
 
 
 class _Raced(Exception):
-    """Another run opened this payout first."""
+    """Another run opened this payout first: control flow inside `_Run._open`, which
+    catches it, so it never reaches a caller and stays outside `kernel.errors`."""
 
 
 @dataclass(frozen=True, order=True)
@@ -105,18 +115,20 @@ class IsoWeek:
 class ProviderPayout:
     provider_id: str
     status: str  # paid already_paid would_pay below_minimum no_provider no_payout_account
-    #              payouts_disabled failed pending_retry in_progress
+    #              payouts_disabled held failed pending_retry in_progress
     amount_cents: int = 0
     due_nusd: int = 0
     transfer_id: str | None = None
     attempt: int | None = None
     error: str | None = None
+    # the provider's share of its own owner's usage: stays in payable, never paid out
+    withheld_nusd: int = 0
 
     @property
     def carried_nusd(self) -> int:
         """What stays payable for the next week."""
         paid = self.amount_cents * NUSD_PER_CENT if self.status in ("paid", "would_pay") else 0
-        return self.due_nusd - paid
+        return self.due_nusd + self.withheld_nusd - paid
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "carried_nusd": self.carried_nusd}
@@ -226,6 +238,20 @@ def _mark_run(engine: Engine, week: IsoWeek) -> None:
         pass
 
 
+def own_usage_share(session: Session, provider: Provider, before: datetime) -> int:
+    """nUSD of the provider's share earned serving its own owner's account (settled before
+    `before`): the owner's credits, promotional ones included, moved to itself. It stays in
+    the provider's payable and is never paid out."""
+    found = session.scalar(
+        select(func.coalesce(func.sum(UsageEvent.provider_share_nusd), 0)).where(
+            UsageEvent.provider_id == provider.id,
+            UsageEvent.account_id == provider.account_id,
+            UsageEvent.settled_at_ms < int(before.timestamp() * 1000),
+        )
+    )
+    return int(found or 0)
+
+
 class _Run:
     def __init__(
         self, engine: Engine, client: stripe.StripeClient | None, week: IsoWeek, dry_run: bool
@@ -260,17 +286,33 @@ class _Run:
             return item if self.dry_run else self._transfer(retry_id, item)
         with Session(self.engine) as session:
             due = due_for_week(session, provider_id, self.week.end)
-            item = ProviderPayout(provider_id, "below_minimum", due // NUSD_PER_CENT, due)
             provider = session.get(Provider, provider_id)
+            withheld = 0 if provider is None else own_usage_share(session, provider, self.week.end)
+            withheld = min(withheld, due)
+            due -= withheld
+            item = ProviderPayout(provider_id, "below_minimum", due // NUSD_PER_CENT, due)
+            item.withheld_nusd = withheld
             if provider is None:
                 if due == 0:
                     return None
                 item.status = "no_provider"
                 item.amount_cents = 0
                 return item
+            reasons = holds(session, provider.account_id)
+            if reasons and item.amount_cents >= MIN_PAYOUT_CENTS:
+                item.status, item.amount_cents = "held", 0
+                item.error = "held: the owner's account has " + ", ".join(reasons)
+                log.warning("payout %s %s %s", provider_id, self.week, item.error)
+                return item
+            if provider.review != ProviderReview.approved.value and item.amount_cents:
+                # suspended or revoked: its earnings wait for the operator's decision
+                item.status, item.amount_cents = "held", 0
+                item.error = f"held: the provider is {provider.review}"
+                log.warning("payout %s %s %s", provider_id, self.week, item.error)
+                return item
             if item.amount_cents < MIN_PAYOUT_CENTS:
                 item.amount_cents = 0
-                return item if due > 0 or prior is not None else None
+                return item if due > 0 or withheld > 0 or prior is not None else None
             target = session.get(PayoutAccount, provider.account_id)
             if target is None:
                 item.status, item.amount_cents = "no_payout_account", 0

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from billing.money import usd_to_nusd
+from kernel.errors import InternalError
+from kernel.money import NUSD_PER_CENT, usd_to_nusd
 
 
-class PlansError(ValueError):
+class PlansError(InternalError):
     """The plans file is missing or invalid; the message names the file and the field."""
 
 
@@ -43,7 +44,7 @@ class Bundle(BaseModel):
     @field_validator("price_usd")
     @classmethod
     def _dollars(cls, value: str) -> str:
-        if usd_to_nusd(value) % 10**7:
+        if usd_to_nusd(value) % NUSD_PER_CENT:
             raise ValueError("a bundle price is a whole number of cents")
         return value
 
@@ -53,7 +54,7 @@ class Bundle(BaseModel):
 
     @property
     def price_cents(self) -> int:
-        return self.price_nusd // 10**7
+        return self.price_nusd // NUSD_PER_CENT
 
 
 class Plans(BaseModel):

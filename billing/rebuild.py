@@ -15,17 +15,21 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.orm import Session
 
 from billing import ledger
-from billing import redis_keys as rk
 from billing import redis_state as rs
 from billing.admission import utc_day
 from billing.lua_scripts import REBUILD_ACCOUNT
-from billing.schema import Account, AccountLimits, ApiKey, CustomerCap, UsageEvent
+from billing.redis_replies import as_str
+from core.schema import Account, AccountLimits, ApiKey, CustomerCap, UsageEvent
+from kernel import redis_keys as rk
+from kernel.errors import Unavailable
+from kernel.usage_event import iso_day
 
 if TYPE_CHECKING:
     import redis
@@ -33,8 +37,8 @@ if TYPE_CHECKING:
     from billing.meter import UsageMeter
 
 
-class RebuildError(RuntimeError):
-    pass
+class RebuildError(Unavailable):
+    """Redis could not be rebuilt while requests kept settling; a later try may succeed."""
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,20 @@ def rebuild(
 ) -> RebuildReport:
     now = time.time() if now is None else now
     day, day_end_ms = utc_day(now)
-    sql_day = f"{day[:4]}-{day[4:6]}-{day[6:8]}"
+    sql_day = iso_day(day)
     script = r.register_script(REBUILD_ACCOUNT)
 
     with Session(engine) as session:
+        # an expired key is left out (and removed below as stale); one that will expire
+        # gets its Redis record's expiry again
         keys = session.execute(
-            select(ApiKey.key_hash, ApiKey.account_id, ApiKey.id).where(ApiKey.revoked_at.is_(None))
+            select(ApiKey.key_hash, ApiKey.account_id, ApiKey.id, ApiKey.expires_at).where(
+                ApiKey.revoked_at.is_(None),
+                or_(
+                    ApiKey.expires_at.is_(None),
+                    ApiKey.expires_at > datetime.fromtimestamp(now, UTC),
+                ),
+            )
         ).all()
         accounts = session.execute(
             select(
@@ -84,12 +96,14 @@ def rebuild(
             trust_tier=tier,
         )  # fmt: skip
         rs.publish_tag_caps(r, account_id, caps.get(account_id, {}))
-    active = {rk.api_key(key_hash) for key_hash, _a, _k in keys}
+    active = {rk.api_key(key_hash) for key_hash, _a, _k, _e in keys}
     pipe = r.pipeline(transaction=False)
-    for key_hash, account_id, key_id in keys:
-        pipe.hset(rk.api_key(key_hash), mapping={"account": str(account_id), "key_id": str(key_id)})
+    for key_hash, account_id, key_id, expires_at in keys:
+        rs.publish_key(pipe, key_hash, account_id=account_id, key_id=key_id)
+        if expires_at is not None:
+            pipe.pexpireat(rk.api_key(key_hash), expires_at)
     pipe.execute()
-    stale = [k for k in r.scan_iter(match=rk.api_key("*"), count=1000) if _text(k) not in active]
+    stale = [k for k in r.scan_iter(match=rk.api_key("*"), count=1000) if as_str(k) not in active]
     if stale:
         r.delete(*stale)
 
@@ -131,10 +145,6 @@ def rebuild(
     return RebuildReport(len(accounts), len(keys), len(stale), rounds)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _counters(r: redis.Redis, account_ids: list[int]) -> dict[int, tuple[int, int]]:
     pipe = r.pipeline(transaction=False)
     for account_id in account_ids:
@@ -168,7 +178,8 @@ def _snapshot(
             .where(UsageEvent.usage_day == sql_day, UsageEvent.customer_tag.is_not(None))
             .group_by(UsageEvent.account_id, UsageEvent.customer_tag)
         ):
-            tags.setdefault(account_id, {})[tag] = int(n)
+            if tag is not None:  # (left out by the query; the type checker cannot know)
+                tags.setdefault(account_id, {})[tag] = int(n)
     for account_id in account_ids:
         result[account_id] = (
             balances.get(account_id, 0),

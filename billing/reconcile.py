@@ -1,5 +1,4 @@
-"""Daily reconciliation (`darkgpu admin reconcile --date D [--csv F]`) and the bookkeeping
-journal.
+"""Daily reconciliation (`darkgpu admin reconcile --date D [--csv F]`).
 
 Checks, each passing or listing what does not match:
 - `usage`: day D's usage rows (SQL) were charged exactly their cost to the customers'
@@ -14,49 +13,59 @@ Checks, each passing or listing what does not match:
 - `usage_stream`: nothing waits in the usage stream, nothing is pending in the consumer
   group, and the dead-letter stream is empty.
 - `stripe`: up to the end of day D, the money Stripe moved as recorded from webhooks and
-  payouts (`stripe_movements`: charges, refunds, disputes, transfers) equals, one by one,
-  the payment-clearing ledger entries; manual payment grants (`admin credits grant`
-  from payment) are listed apart.
+  payouts (`stripe_movements`: charges, refunds, disputes, transfers, and Stripe's fees read
+  from balance transactions) equals, one by one, the payment-clearing ledger entries; manual
+  payment grants (`admin credits grant` from payment) are listed apart.
+- `fees`: every purchase paid by the end of day D has its Stripe fee booked (billing.fees),
+  and the fees account moved by exactly the fee records (day D's fees are shown).
 
 On a live system counters move while they are read: a mismatch that disappears on a rerun
-was traffic, one that stays is real. `write_journal` writes one balanced journal per day
-(date, journal, account, debit, credit, memo; amounts in dollars with cents; lines rounded
-with largest remainders so each journal balances exactly).
+was traffic, one that stays is real. The day's journal for bookkeeping software is
+billing.journal's (QuickBooks Online's import CSV).
 """
 
 from __future__ import annotations
 
-import csv
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, literal, select
 from sqlalchemy.orm import Session
 
 from billing import ledger
-from billing import redis_keys as rk
 from billing import redis_state as rs
-from billing.money import nusd_to_usd
+from billing.fees import (
+    FEE_KIND,
+    FEE_REFUND_KIND,
+    MOVEMENT_FEE,
+    MOVEMENT_FEE_REFUND,
+    PAYMENT_FEES,
+)
+from billing.redis_replies import as_str, scored_members, stream_entries
 from billing.reports import verify_ledger
-from billing.schema import (
+from core.schema import (
     Account,
     AccountFlag,
     LedgerAccount,
     LedgerEntry,
     LedgerTransfer,
+    PaymentStatus,
     StripeMovement,
+    StripePayment,
     UsageEvent,
 )
+from kernel import redis_keys as rk
+from kernel.money import NUSD_PER_CENT, nusd_to_usd
+from kernel.usage_event import UsageRecord
 
 if TYPE_CHECKING:
     import redis
 
-STRIPE_KINDS = ("purchase", "refund", "dispute", "payout_post")
+STRIPE_KINDS = ("purchase", "refund", "dispute", "payout_post", FEE_KIND, FEE_REFUND_KIND)
 MANUAL_KINDS = ("payment_grant",)
-NUSD_PER_CENT = 10**7
 MAX_LISTED = 50
 
 
@@ -98,17 +107,15 @@ def _day_bounds(day: date) -> tuple[datetime, datetime]:
     return start, start + timedelta(days=1)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 @dataclass
 class _RedisView:
     """Open reservations and undrained usage, per account (and per day for tokens)."""
 
     hold_cost: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # (account, YYYYMMDD: a hold's day as Redis writes it) → tokens
     hold_tokens: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     undrained_cost: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # (account, YYYY-MM-DD: the usage record's day) → tokens
     undrained_tokens: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     stale: list[str] = field(default_factory=list)
     holds: int = 0
@@ -119,8 +126,7 @@ class _RedisView:
 
 def _redis_view(engine: Engine, r: redis.Redis, now_ms: int) -> _RedisView:
     view = _RedisView()
-    for rid, score in r.zrange(rk.HOLDS, 0, -1, withscores=True):
-        rid = _text(rid)
+    for rid, score in scored_members(r.zrange(rk.HOLDS, 0, -1, withscores=True)):
         account, cost, day, prompt, most = r.hmget(
             rk.hold(rid), "account", "cost", "day", "prompt", "max"
         )
@@ -129,24 +135,28 @@ def _redis_view(engine: Engine, r: redis.Redis, now_ms: int) -> _RedisView:
         account_id = int(account)
         view.holds += 1
         view.hold_cost[account_id] += int(cost or 0)
-        view.hold_tokens[(account_id, _text(day))] += int(prompt or 0) + int(most or 0)
+        view.hold_tokens[(account_id, as_str(day))] += int(prompt or 0) + int(most or 0)
         if score < now_ms:
             view.stale.append(rid)
-    entries = r.xrange(rk.USAGE_STREAM, "-", "+")
+    entries = stream_entries(r.xrange(rk.USAGE_STREAM, "-", "+"))
     view.stream_len = len(entries)
-    events = [{_text(k): _text(v) for k, v in data.items()} for _sid, data in entries]
-    ids = [e.get("request_id", "") for e in events]
+    events = []
+    for entry in entries:
+        try:
+            events.append(UsageRecord.from_stream(entry.fields))
+        except ValueError:  # the meter dead-letters it; it never reaches a balance
+            continue
+    ids = [e.request_id for e in events]
     with Session(engine) as session:
         recorded = set(
             session.scalars(select(UsageEvent.request_id).where(UsageEvent.request_id.in_(ids)))
         )
     for e in events:
-        if e.get("request_id") in recorded or "account_id" not in e:
+        if e.request_id in recorded:
             continue
-        account_id = int(e["account_id"])
-        view.undrained_cost[account_id] += int(e.get("cost_nusd") or 0)
-        tokens = int(e.get("prompt_tokens") or 0) + int(e.get("completion_tokens") or 0)
-        view.undrained_tokens[(account_id, e.get("usage_day", ""))] += tokens
+        view.undrained_cost[e.account_id] += e.cost_nusd
+        tokens = e.prompt_tokens + e.completion_tokens
+        view.undrained_tokens[(e.account_id, e.usage_day)] += tokens
     try:
         summary = r.xpending(rk.USAGE_STREAM, rk.METER_GROUP)
         view.pending = int(summary.get("pending") or 0)
@@ -176,6 +186,7 @@ def reconcile(
         _check_reservations(view, redis_error),
         _check_stream(view, redis_error),
         _check_stripe(engine, day),
+        _check_fees(engine, day),
     ]
     return ReconcileReport(day.isoformat(), checks)
 
@@ -249,7 +260,6 @@ def _check_usage(
         expected = (
             int(per_account.get(account_id) or 0)
             + view.hold_tokens.get((account_id, yyyymmdd), 0)
-            + view.undrained_tokens.get((account_id, yyyymmdd), 0)
             + view.undrained_tokens.get((account_id, sql_day), 0)
         )
         if int(raw) != expected:
@@ -289,7 +299,8 @@ def _check_balances(
             - view.hold_cost.get(account_id, 0)
             - view.undrained_cost.get(account_id, 0)
         )
-        got = int(raw) if raw is not None else None
+        # no key is what admission reads as 0 (an account never granted anything has none)
+        got = int(raw) if raw is not None else 0
         if got != expected:
             check.problem(
                 f"account {account_id}: Redis balance {got} nUSD, SQL credits "
@@ -367,7 +378,6 @@ def _check_stripe(engine: Engine, day: date) -> Check:
             check.problem(f"Stripe record {k}: {nusd} nUSD, clearing booked {got}")
     day_totals: dict[str, int] = defaultdict(int)
     for _k, kind, _n, cents, when in movements:
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
         if start <= when < end:
             day_totals[f"{kind}_cents"] += int(cents)
     check.info.update(
@@ -380,97 +390,47 @@ def _check_stripe(engine: Engine, day: date) -> Check:
     return check
 
 
-# --- the journal --------------------------------------------------------------------------
-
-BOOK_ACCOUNTS = (
-    ("customer:", ":credits", "Customer credits"),
-    ("provider:", ":payable", "Provider payable"),
-    ("provider:", ":payouts_pending", "Provider payouts in transit"),
-    ("platform:revenue", "", "Platform revenue"),
-    ("platform:promotional_grants", "", "Promotional credits"),
-    ("platform:payment_clearing", "", "Stripe clearing"),
-    ("platform:payment_losses", "", "Refund and dispute losses"),
-)
-JOURNAL_COLUMNS = ("date", "journal", "account", "debit", "credit", "memo")
-
-
-def book_account(name: str) -> str:
-    for prefix, suffix, book in BOOK_ACCOUNTS:
-        if name.startswith(prefix) and name.endswith(suffix):
-            if suffix or name == prefix:
-                return book
-    return name
-
-
-def _cents_text(cents: int) -> str:
-    return f"{cents // 100}.{cents % 100:02d}"
-
-
-def _apportion(amounts: list[int], total_cents: int) -> list[int]:
-    """Whole cents for nUSD `amounts` that add up to `total_cents` (largest remainders)."""
-    floors = [a // NUSD_PER_CENT for a in amounts]
-    extra = total_cents - sum(floors)
-    order = sorted(range(len(amounts)), key=lambda i: amounts[i] % NUSD_PER_CENT, reverse=True)
-    for i in order[: max(extra, 0)]:
-        floors[i] += 1
-    return floors
-
-
-def journal_lines(engine: Engine, day: date) -> list[dict[str, str]]:
-    """Day D's ledger movements by book account and transfer kind, one balanced journal."""
+def _check_fees(engine: Engine, day: date) -> Check:
+    check = Check("fees")
     start, end = _day_bounds(day)
     with Session(engine) as session:
-        rows = session.execute(
-            select(
-                LedgerAccount.name,
-                LedgerTransfer.kind,
-                func.sum(LedgerEntry.amount),
-                func.count(func.distinct(LedgerTransfer.id)),
+        unbooked = session.scalars(
+            select(StripePayment.payment_intent_id)
+            .where(
+                StripePayment.status == PaymentStatus.paid.value,
+                StripePayment.paid_at < end,
+                StripePayment.payment_intent_id.not_in(
+                    select(StripeMovement.stripe_id).where(StripeMovement.kind == MOVEMENT_FEE)
+                ),
             )
-            .join(LedgerEntry, LedgerEntry.ledger_account_id == LedgerAccount.id)
-            .join(LedgerTransfer, LedgerTransfer.id == LedgerEntry.transfer_id)
-            .where(LedgerTransfer.event_at >= start, LedgerTransfer.event_at < end)
-            .group_by(LedgerAccount.name, LedgerTransfer.kind)
+            .order_by(StripePayment.id)
         ).all()
-    net: dict[tuple[str, str], int] = defaultdict(int)
-    count: dict[tuple[str, str], int] = defaultdict(int)
-    for name, kind, amount, n in rows:
-        net[(book_account(name), kind)] += int(amount)
-        count[(book_account(name), kind)] += int(n)
-    keys = sorted(k for k, v in net.items() if v)
-    debits = [k for k in keys if net[k] < 0]
-    credits = [k for k in keys if net[k] > 0]
-    total = sum(net[k] for k in credits)  # == -sum(debits): the ledger balances
-    total_cents = (total + NUSD_PER_CENT // 2) // NUSD_PER_CENT
-    cents = dict(zip(debits, _apportion([-net[k] for k in debits], total_cents), strict=True))
-    cents.update(zip(credits, _apportion([net[k] for k in credits], total_cents), strict=True))
-    lines = []
-    for k in debits + credits:
-        if not cents[k]:
-            continue
-        amount = _cents_text(cents[k])
-        lines.append(
-            {
-                "date": day.isoformat(),
-                "journal": f"DG-{day.strftime('%Y%m%d')}",
-                "account": k[0],
-                "debit": amount if net[k] < 0 else "",
-                "credit": amount if net[k] > 0 else "",
-                "memo": f"{k[1]} ({count[k]} transfers)",
-            }
+        recorded = session.execute(
+            select(
+                StripeMovement.kind, StripeMovement.clearing_nusd, StripeMovement.occurred_at
+            ).where(
+                StripeMovement.kind.in_((MOVEMENT_FEE, MOVEMENT_FEE_REFUND)),
+                StripeMovement.occurred_at < end,
+            )
+        ).all()
+        booked = session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.amount), 0))
+            .join(LedgerAccount, LedgerAccount.id == LedgerEntry.ledger_account_id)
+            .join(LedgerTransfer, LedgerTransfer.id == LedgerEntry.transfer_id)
+            .where(LedgerAccount.name == PAYMENT_FEES.name, LedgerTransfer.event_at < end)
         )
-    return lines
-
-
-def write_journal(engine: Engine, out: TextIO, *, start: date, end: date | None = None) -> int:
-    """Journals for the days in [start, end] (default: start only); returns lines written."""
-    writer = csv.DictWriter(out, fieldnames=JOURNAL_COLUMNS)
-    writer.writeheader()
-    n = 0
-    day = start
-    while day <= (end or start):
-        for line in journal_lines(engine, day):
-            writer.writerow(line)
-            n += 1
-        day += timedelta(days=1)
-    return n
+    for pi in unbooked:
+        check.problem(f"payment {pi}: Stripe's fee is not booked (run `admin fees sync`)")
+    expected = -sum(int(nusd) for _kind, nusd, _when in recorded)
+    if int(booked or 0) != expected:
+        check.problem(f"fees account moved {int(booked or 0)} nUSD, fee records say {expected}")
+    day_cents = {MOVEMENT_FEE: 0, MOVEMENT_FEE_REFUND: 0}
+    for kind, nusd, when in recorded:
+        if start <= when < end:
+            day_cents[kind] += abs(int(nusd)) // NUSD_PER_CENT
+    check.info.update(
+        fees_total_nusd=expected,
+        day_fee_cents=day_cents[MOVEMENT_FEE],
+        day_fee_refund_cents=day_cents[MOVEMENT_FEE_REFUND],
+    )
+    return check

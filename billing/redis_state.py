@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from billing import redis_keys as rk
+from kernel import redis_keys as rk
 
 if TYPE_CHECKING:
     import redis
@@ -51,6 +51,7 @@ def publish_tag_caps(r: redis.Redis, account_id: int, caps: Mapping[str, int]) -
 
 
 def publish_key(r: redis.Redis, key_hash: str, *, account_id: int, key_id: int) -> None:
+    """`r` may be a pipeline: rebuild writes every key in one round trip."""
     r.hset(rk.api_key(key_hash), mapping={"account": str(account_id), "key_id": str(key_id)})
 
 

@@ -4,23 +4,20 @@ request has its ledger transfer)."""
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVarTuple
 
 from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
-from billing import chain, ledger
-from billing import redis_keys as rk
+from billing import chain, csv_cells, ledger
 from billing import redis_state as rs
 from billing.admission import utc_day
-from billing.money import nusd_to_usd
 from billing.plans import Plans
-from billing.schema import (
+from core.schema import (
     Account,
     AccountLimits,
     LedgerAccount,
@@ -28,11 +25,15 @@ from billing.schema import (
     LedgerTransfer,
     UsageEvent,
 )
+from kernel import redis_keys as rk
+from kernel.money import nusd_to_usd
+from kernel.usage_event import UsageRecord, iso_day
 
 if TYPE_CHECKING:
     import redis
 
 GroupBy = Literal["day", "model", "customer"]
+_Row = TypeVarTuple("_Row")  # a query's column types, kept by UsageFilter.where
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def credits_summary(
 ) -> CreditsSummary:
     now = time.time() if now is None else now
     day, day_end_ms = utc_day(now)
-    sql_day = f"{day[:4]}-{day[4:6]}-{day[6:8]}"
+    sql_day = iso_day(day)
     with Session(engine) as session:
         account = session.get(Account, account_id)
         if account is None:
@@ -180,7 +181,7 @@ class UsageFilter:
     model: str | None = None
     customer_tag: str | None = None
 
-    def where(self, query: Select[Any]) -> Select[Any]:
+    def where(self, query: Select[*_Row]) -> Select[*_Row]:
         query = query.where(
             UsageEvent.created_at_ms >= _ms(self.start), UsageEvent.created_at_ms < _ms(self.end)
         )
@@ -204,7 +205,7 @@ def export_usage_csv(
     customer_tag: str | None = None,
 ) -> int:
     """One CSV row per request reserved in [start, end); returns the number of rows."""
-    writer = csv.writer(out)
+    writer = csv_cells.Writer(out)
     writer.writerow(EXPORT_COLUMNS)
     chosen = UsageFilter(start, end, account_id, model, customer_tag)
     query = chosen.where(select(UsageEvent)).order_by(UsageEvent.id)
@@ -306,21 +307,14 @@ def verify_ledger(engine: Engine, *, max_problems: int = 100) -> VerifyResult:
         costs: dict[str, int] = {}
         for row in _usage_rows(session):
             result.usage_rows += 1
-            fields = {name: getattr(row, name) for name in chain.HASHED_FIELDS}
+            record = UsageRecord.of(row)
             if row.prev_hash != prev:
                 problem(f"usage row {row.id} ({row.request_id}): chain broken (prev_hash)")
-            if chain.row_hash(row.prev_hash, fields) != row.row_hash:
+            if chain.row_hash(row.prev_hash, record) != row.row_hash:
                 problem(f"usage row {row.id} ({row.request_id}): row_hash does not match")
-            expected = (
-                row.prompt_tokens * row.input_nusd_per_token
-                + row.completion_tokens * row.output_nusd_per_token
-            )
-            if row.cost_nusd != expected:
-                problem(f"usage row {row.id} ({row.request_id}): cost != tokens × prices")
-            if (row.provider_share_nusd, row.platform_share_nusd) != chain.split_cost(
-                row.cost_nusd
-            ):
-                problem(f"usage row {row.id} ({row.request_id}): split is not 95/5")
+            money = record.money_problem()
+            if money is not None:
+                problem(f"usage row {row.id} ({row.request_id}): {money}")
             if row.cost_nusd:
                 costs[f"usage:{row.request_id}"] = row.cost_nusd
             prev = row.row_hash

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -23,12 +24,13 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from billing import accounts
+from billing import accounts, sync
 from billing import redis_state as rs
-from billing.keys import hash_key
-from billing.money import nusd_to_usd
 from billing.plans import Plans
-from billing.schema import Account, AccountPassword, utcnow
+from core.schema import Account, AccountPassword, utcnow
+from kernel.errors import Conflict, InvalidRequest
+from kernel.money import nusd_to_usd
+from kernel.tokens import hash_key
 
 if TYPE_CHECKING:
     import redis
@@ -40,23 +42,20 @@ _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 _hasher = PasswordHasher()  # argon2id
 
 
-class SignupError(ValueError):
-    """Bad input: the message says what (shown to the user)."""
-
-    def __init__(self, message: str, *, param: str, code: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
+class SignupError(InvalidRequest):
+    """Bad input: the message says what (shown to the user), `param` which field."""
 
 
-class EmailTaken(SignupError):
-    pass
+class EmailTaken(SignupError, Conflict):
+    """A 409: the email has an account already."""
 
 
 @dataclass(frozen=True)
 class SignupResult:
     account: accounts.AccountInfo
     key: accounts.KeyInfo
+    # email verification: None (off), "sent" (credits follow the link), "not_sent"
+    verification: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         a = self.account
@@ -69,6 +68,7 @@ class SignupResult:
             "created_at": a.created_at,
             "credits_nusd": a.balance_nusd,
             "credits_usd": nusd_to_usd(a.balance_nusd),
+            "email_verification": self.verification,
             "api_key": {
                 "id": self.key.id,
                 "name": self.key.name,
@@ -105,15 +105,33 @@ def normalize_email(email: str) -> str:
 
 
 def signup(
-    engine: Engine, r: redis.Redis | None, plans: Plans, *, email: str, password: str
+    engine: Engine,
+    r: redis.Redis | None,
+    plans: Plans,
+    *,
+    email: str,
+    password: str,
+    before_hash: Callable[[], None] | None = None,
+    mailer: Callable[[int, str], None] | None = None,
 ) -> SignupResult:
     """Create the account (default plan, its signup grant once), store the password hash and
-    make a first API key. Raises SignupError (bad input) or EmailTaken."""
+    make a first API key. Raises SignupError (bad input) or EmailTaken. `before_hash` runs
+    once the input is valid and before the password is hashed (the caller's throttle: what it
+    raises stops the signup there). With `mailer` (email verification on), the signup credits
+    wait for the link it mails (`billing.email_verification`). An address whose account was
+    deleted (`accounts.delete_account`) signs up again without signup credits."""
     email = normalize_email(email)
     check_password(password)
+    if before_hash is not None:
+        before_hash()
     digest = hash_password(password)  # before any write: the slow part
+    if accounts.email_was_deleted(engine, email):  # back after deleting: no second grant
+        mailer = None
+        grant = False
+    else:
+        grant = mailer is None
     try:
-        info = accounts.create_account(engine, None, plans, email=email)
+        info = accounts.create_account(engine, None, plans, email=email, grant_signup=grant)
     except IntegrityError:  # a concurrent signup with the same email won
         raise _taken() from None
     except accounts.AccountError as exc:
@@ -122,31 +140,31 @@ def signup(
         raise SignupError(str(exc), param="email", code="invalid_email") from None
     set_password(engine, info.id, digest, hashed=True)
     key = accounts.create_key(engine, None, account_id=info.id, name="default")
-    if r is not None:
-        _publish(engine, r, info, key)
-    return SignupResult(info, key)
+    # SQL is complete: if Redis cannot be written the signup still stands, and the key works
+    # once Redis is rebuilt (`darkgpu admin redis rebuild`, or the billing actor)
+    try:
+        sync.after_commit(engine, r, lambda r: _publish(engine, r, info, key))
+    except Exception:
+        log.exception("signup of account %d not published to Redis; rebuild Redis", info.id)
+    if mailer is None:
+        return SignupResult(info, key)
+    try:
+        mailer(info.id, email)
+    except Exception:  # the account stands; its credits wait for a link that was not sent
+        log.exception("verification mail to account %d not sent", info.id)
+        return SignupResult(info, key, verification="not_sent")
+    return SignupResult(info, key, verification="sent")
 
 
 def _publish(
     engine: Engine, r: redis.Redis, info: accounts.AccountInfo, key: accounts.KeyInfo
 ) -> None:
-    """Make the new account, its credits and key known to Redis. SQL is complete first, so
-    if Redis cannot be written the signup still stands; the key works once Redis is rebuilt
-    (`darkgpu admin redis rebuild`, or the billing actor when Redis comes back empty)."""
-    try:
-        if not rs.is_ready(r):
-            from billing.rebuild import rebuild
-
-            rebuild(engine, r)
-            return
-        with Session(engine) as session:
-            accounts.publish_account_state(session, r, info.id)
-        if info.balance_nusd:
-            rs.add_balance(r, info.id, info.balance_nusd)
-        assert key.key is not None
-        rs.publish_key(r, hash_key(key.key), account_id=info.id, key_id=key.id)
-    except Exception:
-        log.exception("signup of account %d not published to Redis; rebuild Redis", info.id)
+    """Make the new account, its credits and key known to Redis."""
+    accounts.publish_account_state(engine, r, info.id)
+    if info.balance_nusd:
+        rs.add_balance(r, info.id, info.balance_nusd)
+    assert key.key is not None  # create_key's answer carries the secret
+    rs.publish_key(r, hash_key(key.key), account_id=info.id, key_id=key.id)
 
 
 def _taken() -> EmailTaken:
@@ -187,6 +205,19 @@ def verify_password(engine: Engine, email: str, password: str) -> int | None:
     if _hasher.check_needs_rehash(digest):
         set_password(engine, found[0], hash_password(password), hashed=True)
     return int(found[0])
+
+
+def password_matches(engine: Engine, account_id: int, password: str) -> bool:
+    """Whether `password` is the account's (the same work when it has none)."""
+    with Session(engine) as session:
+        digest = session.scalar(
+            select(AccountPassword.password_hash).where(AccountPassword.account_id == account_id)
+        )
+    try:
+        _hasher.verify(digest or _dummy_hash(), password)
+    except (VerificationError, InvalidHashError):
+        return False
+    return digest is not None
 
 
 @cache

@@ -17,15 +17,18 @@ from typing import Any
 
 import stripe
 
-from billing.settings import BillingSettings
+from core.settings import Settings
+from kernel.errors import Unavailable
 
 
-class PaymentsNotConfigured(RuntimeError):
-    """No Stripe secret key (or webhook secret) is configured."""
+class PaymentsNotConfigured(Unavailable):
+    """No Stripe secret key (or webhook secret) is configured: the payment routes answer 503."""
+
+    code = "payments_unavailable"
 
 
 def make_stripe_client(
-    settings: BillingSettings,
+    settings: Settings,
     *,
     http_client: stripe.HTTPClient | None = None,
     max_network_retries: int = 2,
@@ -42,7 +45,7 @@ def make_stripe_client(
     )
 
 
-def maybe_stripe_client(settings: BillingSettings) -> stripe.StripeClient | None:
+def maybe_stripe_client(settings: Settings) -> stripe.StripeClient | None:
     """The client, or None when payments are not configured."""
     try:
         return make_stripe_client(settings)

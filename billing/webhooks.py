@@ -14,17 +14,24 @@ balances and limits) is updated after the commit; if that fails, Redis is behind
 Handled:
 - `checkout.session.completed` / `.async_payment_succeeded`: when `payment_status` is
   `paid`, grant the amount paid as credits (payment clearing → customer credits, once per
-  session), move the account to the `paid` plan and give it the bundle's default daily cap (a
-  purchase never lowers a cap the account already has on `paid`; custom plans keep theirs).
+  session) and move the account to the `paid` plan, whose only limit is its credits (buying
+  never lowers a daily allowance); the bundle's daily cap applies only where the customer chose
+  a capped budget at checkout. Custom plans keep their limits.
   A refund or dispute that arrived first is applied right after the grant.
 - `checkout.session.async_payment_failed`: the purchase is marked failed.
 - `charge.refunded` (cumulative `amount_refunded`) and `charge.dispute.created`: the new
   part is clawed back from the account's available credits (never below zero; credits held
   by requests in flight are not available); what could not be clawed back is booked as a
   loss and the account is flagged (`account_flags`). Before the purchase is fulfilled they
-  are only remembered.
+  are only remembered. Every dispute also flags its account `dispute_open` (its providers'
+  payouts are held) until `charge.dispute.closed` resolves that flag.
 - `account.updated`: the Connect account's `payouts_enabled` / `details_submitted`, applied
   only if not older than what is stored.
+
+After a checkout, refund or dispute event about a DarkGPU payment commits, Stripe's fees on
+that payment are read from its balance transactions and booked (billing.fees). That read is
+outside the event's transaction and never fails the event: a fee not booked yet is booked by
+`darkgpu admin fees sync` (which `admin reconcile` runs first) and reported until it is.
 
 Credits are non-refundable for customers; refunds happen only from Stripe's dashboard.
 """
@@ -44,12 +51,12 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from billing import accounts, ledger
-from billing import redis_keys as rk
+from billing import accounts, fees, ledger, sync
 from billing import redis_state as rs
-from billing.checkout import CURRENCY, META_ACCOUNT, META_BUNDLE, NUSD_PER_CENT
+from billing.checkout import META_ACCOUNT, META_BUNDLE, new_payment
 from billing.plans import Plans
-from billing.schema import (
+from billing.stripe_client import plain
+from core.schema import (
     Account,
     AccountFlag,
     AccountLimits,
@@ -62,7 +69,9 @@ from billing.schema import (
     StripePayment,
     utcnow,
 )
-from billing.stripe_client import plain
+from kernel import redis_keys as rk
+from kernel.errors import InvalidRequest
+from kernel.money import CURRENCY, NUSD_PER_CENT
 
 if TYPE_CHECKING:
     import redis
@@ -74,6 +83,19 @@ PAYMENT_LOSSES = ledger.AccountSpec(
     "platform:payment_losses", LedgerKind.platform_revenue, allow_negative=True
 )
 """Refunded or disputed money whose credits were already spent (contra-revenue)."""
+FEE_EVENTS = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.async_payment_succeeded",
+        "charge.refunded",
+        "charge.dispute.created",
+        "charge.dispute.closed",
+    }
+)
+"""Events after which the payment's balance transactions may carry a fee to book."""
+DISPUTE_OPEN = "dispute_open"
+"""The flag every dispute raises on its account until `charge.dispute.closed`: the account's
+providers are not paid meanwhile (billing.flags)."""
 
 # Redis: take up to ARGV[1] from the balance, never below zero; returns what was taken.
 TAKE = r"""
@@ -86,8 +108,13 @@ return string.format('%d', take)
 """
 
 
-class BadSignature(ValueError):
-    pass
+class BadSignature(InvalidRequest):
+    """A webhook body that Stripe did not sign (or not in time): a 400, so Stripe shows it."""
+
+    code = "invalid_signature"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Webhook signature verification failed: {reason}")
 
 
 def verify(
@@ -181,11 +208,18 @@ class WebhookHandler:
         r: redis.Redis | None,
         plans: Plans,
         client: stripe.StripeClient | None = None,
+        *,
+        defer_fees: bool = False,
     ) -> None:
+        """`defer_fees`: leave the Stripe fee reads an event calls for in `fees_due`, for the
+        caller to run with `book_fees_due` once it has answered Stripe (the route does: a slow
+        Stripe must not hold the webhook's answer)."""
         self.engine = engine
         self.redis = r
         self.plans = plans
         self.client = client
+        self.defer_fees = defer_fees
+        self.fees_due: list[str] = []
         self._take = r.register_script(TAKE) if r is not None else None
         self._handlers: dict[str, Callable[[dict[str, Any]], EventResult]] = {
             "checkout.session.completed": self._checkout_paid,
@@ -193,6 +227,7 @@ class WebhookHandler:
             "checkout.session.async_payment_failed": self._checkout_failed,
             "charge.refunded": self._charge_refunded,
             "charge.dispute.created": self._dispute_created,
+            "charge.dispute.closed": self._dispute_closed,
             "account.updated": self._account_updated,
         }
 
@@ -204,7 +239,38 @@ class WebhookHandler:
         handler = self._handlers.get(event["type"])
         if handler is None:
             return self._apply(event, lambda s, row, fx: _set(row, "ignored"))
-        return handler(event)
+        result = handler(event)
+        payment_intent = _id(_obj(event).get("payment_intent"))
+        if (
+            event["type"] in FEE_EVENTS
+            and result.outcome not in ("ignored", "duplicate")
+            and payment_intent is not None
+            and self.client is not None
+        ):
+            if self.defer_fees:
+                self.fees_due.append(payment_intent)
+            else:
+                self._book_fees(payment_intent)
+        return result
+
+    def book_fees_due(self) -> None:
+        """Run the fee reads `handle` left for later (`defer_fees`)."""
+        due, self.fees_due = self.fees_due, []
+        for payment_intent in dict.fromkeys(due):
+            self._book_fees(payment_intent)
+
+    def _book_fees(self, payment_intent: str) -> None:
+        """Book Stripe's fees on the payment the committed event was about (best effort:
+        the event stands either way; `admin fees sync` catches up)."""
+        if self.client is None:
+            return
+        try:
+            report = fees.record_payment_fees(self.engine, self.client, payment_intent)
+        except Exception:
+            log.exception("Stripe fees of %s not read; `admin fees sync` retries", payment_intent)
+            return
+        for text in report.pending:
+            log.info("Stripe fee pending: %s", text)
 
     def seen(self, event_id: str) -> bool:
         with Session(self.engine) as session:
@@ -241,35 +307,25 @@ class WebhookHandler:
 
     # --- Redis -----------------------------------------------------------------------------
 
-    def _redis_ready(self) -> bool:
-        """True when incremental updates apply; rebuilds an empty Redis from SQL instead."""
-        if self.redis is None:
-            return False
-        if rs.is_ready(self.redis):
-            return True
-        from billing.rebuild import rebuild
-
-        rebuild(self.engine, self.redis)
-        return False
-
     def _sync_redis(self, fx: _Effects) -> None:
         unused = fx.unused()
         if not (fx.add_balance or fx.publish or any(unused.values())):
             return
         try:
-            if not self._redis_ready():
-                return
-            assert self.redis is not None
-            for account_id, delta in fx.add_balance.items():
-                delta += unused.pop(account_id, 0)
-                if delta:
-                    rs.add_balance(self.redis, account_id, delta)
-            self._give_back(unused)
-            with Session(self.engine) as session:
-                for account_id in fx.publish:
-                    accounts.publish_account_state(session, self.redis, account_id)
+            sync.after_commit(self.engine, self.redis, lambda r: self._apply_effects(r, fx, unused))
         except Exception:  # SQL is committed; Redis is behind until a rebuild
             log.exception("Redis not updated after a Stripe event; run `admin redis rebuild`")
+
+    def _apply_effects(self, r: redis.Redis, fx: _Effects, unused: dict[int, int]) -> None:
+        """The committed event's Redis side: balance changes, less what `_take_available`
+        took and SQL did not keep (that goes back), and accounts whose limits changed."""
+        for account_id, delta in fx.add_balance.items():
+            delta += unused.pop(account_id, 0)
+            if delta:
+                rs.add_balance(r, account_id, delta)
+        self._give_back(unused)
+        for account_id in fx.publish:
+            accounts.publish_account_state(self.engine, r, account_id)
 
     def _take_available(self, account_id: int, want: int, fx: _Effects) -> int | None:
         """Take up to `want` of the account's available credits in Redis (atomic): what
@@ -330,7 +386,7 @@ class WebhookHandler:
             account_id = _account_of(cs.get("metadata"), cs.get("client_reference_id"))
             if account_id is None or session.get(Account, account_id) is None:
                 return None
-            payment = _new_payment(
+            payment = new_payment(
                 account_id,
                 str((cs.get("metadata") or {}).get(META_BUNDLE) or ""),
                 int(cs.get("amount_total") or 0),
@@ -370,7 +426,7 @@ class WebhookHandler:
         payment.paid_at = when
         payment.updated_at = utcnow()
         fx.credit(payment.account_id, nusd)
-        if self._apply_bundle(session, payment.account_id, payment.bundle):
+        if self._apply_bundle(session, payment):
             fx.publish.add(payment.account_id)
         # refunds or disputes that arrived before the payment was confirmed
         early = (("refund", payment.refunded_cents), ("dispute", payment.disputed_cents))
@@ -389,9 +445,15 @@ class WebhookHandler:
                 )
                 fx.credit(payment.account_id, -clawed)
 
-    def _apply_bundle(self, session: Session, account_id: int, bundle: str) -> bool:
+    def _apply_bundle(self, session: Session, payment: StripePayment) -> bool:
+        """A purchase moves the account to the paid plan, whose only limit is its credits:
+        buying never lowers a daily allowance (a free account's 200,000 tokens/day does not
+        become a bundle's 2,000). A customer who chose a capped budget at checkout gets the
+        bundle's daily cap (a bigger capped bundle raises a cap it has, a smaller one never
+        lowers it); an uncapped purchase leaves a cap the customer chose in place."""
+        account_id = payment.account_id
         account = session.get(Account, account_id)
-        offer = self.plans.bundles.get(bundle)
+        offer = self.plans.bundles.get(payment.bundle)
         if account is None or offer is None or PAID_PLAN not in self.plans.plans:
             return False
         current = self.plans.plans.get(account.plan)
@@ -401,12 +463,13 @@ class WebhookHandler:
         if limits is None:
             limits = AccountLimits(account_id=account_id)
             session.add(limits)
-        cap = offer.default_tokens_per_day
         if account.plan != PAID_PLAN:
             account.plan = PAID_PLAN
-            limits.tokens_per_day = cap
-        elif limits.tokens_per_day is not None:
-            limits.tokens_per_day = max(limits.tokens_per_day, cap)
+            limits.tokens_per_day = None  # the free plan's cap goes with the free plan
+        if payment.capped_budget:
+            cap = offer.default_tokens_per_day
+            held = limits.tokens_per_day
+            limits.tokens_per_day = cap if held is None else max(held, cap)
         limits.updated_at = utcnow()
         return True
 
@@ -448,6 +511,26 @@ class WebhookHandler:
             stripe_id=str(dispute.get("id")),
         )
 
+    def _dispute_closed(self, event: dict[str, Any]) -> EventResult:
+        """The dispute is over (won or lost): its `dispute_open` flag is resolved. A flag of
+        credits it found spent stays for an operator."""
+        stripe_id = str(_obj(event).get("id"))
+
+        def work(session: Session, row: StripeEvent, fx: _Effects) -> None:
+            found = session.scalars(
+                select(AccountFlag).where(
+                    AccountFlag.stripe_id == stripe_id,
+                    AccountFlag.reason == DISPUTE_OPEN,
+                    AccountFlag.resolved_at.is_(None),
+                )
+            ).all()
+            if not found:
+                return _set(row, "ignored", "no open dispute")
+            for flag in found:
+                flag.resolved_at = _when(event)
+
+        return self._apply(event, work)
+
     def _reversal(
         self,
         event: dict[str, Any],
@@ -459,7 +542,8 @@ class WebhookHandler:
         stripe_id: str,
     ) -> EventResult:
         ref = self._payment_ref(pi, meta)
-        self._redis_ready()  # a rebuild reads SQL: never from inside the transaction below
+        # a rebuild reads SQL: never from inside the transaction below
+        sync.ready_or_rebuilt(self.engine, self.redis)
         column = "refunded_cents" if kind == "refund" else "disputed_cents"
 
         def work(session: Session, row: StripeEvent, fx: _Effects) -> None:
@@ -469,7 +553,7 @@ class WebhookHandler:
             if payment is None:
                 if session.get(Account, ref.account_id) is None:
                     return _set(row, "ignored", "unknown account")
-                payment = _new_payment(ref.account_id, ref.bundle, 0)
+                payment = new_payment(ref.account_id, ref.bundle, 0)
                 payment.payment_intent_id = ref.payment_intent
                 session.add(payment)
                 session.flush()
@@ -478,6 +562,16 @@ class WebhookHandler:
                 return _set(row, "no_change")
             setattr(payment, column, cumulative_cents)
             payment.updated_at = utcnow()
+            if kind == "dispute":  # holds the owner's payouts until the dispute closes
+                session.add(
+                    AccountFlag(
+                        account_id=payment.account_id,
+                        reason=DISPUTE_OPEN,
+                        stripe_id=stripe_id,
+                        unrecovered_nusd=0,
+                        event_id=f"{event['id']}:open",
+                    )
+                )
             if payment.status != PaymentStatus.paid.value:
                 return _set(row, "deferred", "applied when the payment is confirmed")
             account_id = payment.account_id
@@ -554,20 +648,6 @@ def _locked(session: Session, condition: Any) -> StripePayment | None:
         .where(condition)
         .with_for_update()
         .execution_options(populate_existing=True)
-    )
-
-
-def _new_payment(account_id: int, bundle: str, amount_cents: int) -> StripePayment:
-    return StripePayment(
-        account_id=account_id,
-        bundle=bundle,
-        amount_cents=amount_cents,
-        currency=CURRENCY,
-        status=PaymentStatus.open.value,
-        refunded_cents=0,
-        disputed_cents=0,
-        clawed_back_nusd=0,
-        unrecovered_nusd=0,
     )
 
 

@@ -32,23 +32,19 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.labels import TrustTier
-from cluster.nvml import CcState, GpuReader
+from agent_bootstrap.evidence import DOMAIN, CcEvidence, GpuEvidence, bound_nonce
+from kernel.errors import InvalidRequest
+from kernel.gpu import CcState
+from kernel.labels import TrustTier
 
-if TYPE_CHECKING:
-    from cluster.registry import ProviderInfo
-
-DOMAIN = b"darkgpu.io/attestation/v1"
-EVIDENCE_FORMAT = "darkgpu.nvidia-cc/v1"
 CHALLENGE_MAX_AGE_S = 600
 NONCE_BYTES = 32
 _CHALLENGE_RANDOM = 16
@@ -57,12 +53,8 @@ P384_SIGNATURE_BYTES = 96  # r ‖ s, 48 bytes each (SPDM 1.1, TPM_ALG_ECDSA_ECC
 SPDM_NONCE_OFFSET = 4  # GET_MEASUREMENTS request: 4 header bytes, then the 32-byte nonce
 
 
-class AttestationError(ValueError):
-    pass
-
-
-def b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+class AttestationError(InvalidRequest):
+    """Evidence, a key or a challenge this platform cannot accept; the message says which."""
 
 
 def b64decode(text: str) -> bytes:
@@ -81,11 +73,6 @@ def decode_public_key(text: str) -> bytes:
     if len(raw) != 32:
         raise AttestationError("public_key must be 32 bytes (an X25519 public key)")
     return raw
-
-
-def bound_nonce(public_key: bytes, challenge: bytes) -> bytes:
-    """The nonce a GPU report must carry: it names the provider's key and our challenge."""
-    return hashlib.sha256(DOMAIN + public_key + challenge).digest()
 
 
 # --- challenges ------------------------------------------------------------------------------
@@ -124,29 +111,6 @@ def check_challenge(
     if not 0 <= now - issued <= max_age_s:
         raise AttestationError("the challenge has expired; ask for a new one")
     return raw
-
-
-# --- evidence --------------------------------------------------------------------------------
-
-
-class GpuEvidence(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    index: int = Field(ge=0)
-    uuid: str | None = Field(default=None, max_length=128)
-    report: str = Field(description="base64 of NVML's attestation report (SPDM measurements)")
-    certificate_chain: str = Field(description="base64 of the GPU's PEM certificate chain")
-
-
-class CcEvidence(BaseModel):
-    """What the agent sends with `register` when CC is on."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["darkgpu.nvidia-cc/v1"] = EVIDENCE_FORMAT
-    challenge: str = Field(max_length=200, description="from POST /v1/providers/challenge")
-    nonce: str = Field(description="hex of SHA-256(DOMAIN ‖ x25519_pub ‖ challenge)")
-    gpus: list[GpuEvidence] = Field(min_length=1, max_length=16)
 
 
 @dataclass(frozen=True)
@@ -295,63 +259,3 @@ def decide_tier(
         "verified_at": datetime.fromtimestamp(now, UTC).isoformat(),
     }
     return TierDecision(TrustTier.verified, "confidential computing on; evidence verified", record)
-
-
-def make_evidence(
-    reader: GpuReader, public_key: bytes, challenge: str, gpu_count: int
-) -> CcEvidence:
-    """The agent's side: every GPU's attestation report over the nonce bound to our key."""
-    raw = base64.urlsafe_b64decode(challenge.encode("ascii"))
-    nonce = bound_nonce(public_key, raw)
-    gpus = []
-    for index in range(gpu_count):
-        report, chain = reader.attestation_report(index, nonce)
-        gpus.append(
-            GpuEvidence(index=index, report=b64encode(report), certificate_chain=b64encode(chain))
-        )
-    return CcEvidence(challenge=challenge, nonce=nonce.hex(), gpus=gpus)
-
-
-# --- the public document ---------------------------------------------------------------------
-
-
-def attestation_document(provider: ProviderInfo) -> dict[str, Any]:
-    """The body of `GET /v1/providers/:id/attestation`."""
-    verified = provider.trust_tier == TrustTier.verified.value
-    evidence = provider.cc_evidence if verified else None
-    return {
-        "object": "provider.attestation",
-        "provider_id": provider.id,
-        "trust_tier": provider.trust_tier,
-        "basis": (
-            "nvidia-confidential-computing" if verified else "software: facts the agent reported"
-        ),
-        "public_key": (
-            None
-            if provider.public_key is None
-            else {"type": "x25519", "encoding": "base64", "value": provider.public_key}
-        ),
-        "gpu": {
-            "name": provider.gpu_name,
-            "vram_gb": provider.vram_gb,
-            "count": provider.gpu_count,
-            "driver_version": provider.driver_version,
-            "cuda_version": provider.cuda_version,
-        },
-        "confidential_computing": {
-            "state": provider.cc_state,
-            "evidence": evidence,
-            "note": (
-                "The GPU's reports carry a nonce binding the public key above; this proves the "
-                "GPU and the binding, not that the private key is held inside a TEE."
-                if verified
-                else None
-            ),
-        },
-        "status": provider.status,
-        "last_heartbeat_at": _iso(provider.last_heartbeat_at),
-    }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).isoformat()

@@ -16,11 +16,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-NANO_PER_USD = 10**9
+from kernel.errors import InternalError
+from kernel.money import NUSD_PER_TOKEN_AT_1_USD_PER_1M
+
 LOCAL_SOURCE_PREFIX = "local:"
 
 
-class CatalogError(ValueError):
+class CatalogError(InternalError):
     """The catalog file is missing or invalid; the message names the file and the field."""
 
 
@@ -61,18 +63,18 @@ class CatalogModel(BaseModel):
     @model_validator(mode="after")
     def _prices_are_whole_nano_dollars(self) -> CatalogModel:
         for name in ("input_usd_per_1m", "output_usd_per_1m"):
-            per_token = getattr(self, name) * NANO_PER_USD / 10**6
+            per_token = getattr(self, name) * NUSD_PER_TOKEN_AT_1_USD_PER_1M
             if per_token != per_token.to_integral_value():
                 raise ValueError(f"{name}: not a whole number of nano-dollars per token")
         return self
 
     @property
     def input_nusd_per_token(self) -> int:
-        return int(self.input_usd_per_1m * NANO_PER_USD / 10**6)
+        return int(self.input_usd_per_1m * NUSD_PER_TOKEN_AT_1_USD_PER_1M)
 
     @property
     def output_nusd_per_token(self) -> int:
-        return int(self.output_usd_per_1m * NANO_PER_USD / 10**6)
+        return int(self.output_usd_per_1m * NUSD_PER_TOKEN_AT_1_USD_PER_1M)
 
     @property
     def is_local(self) -> bool:

@@ -1,10 +1,11 @@
-"""The GPUs of this machine, read with NVML (cluster.nvml); none where there is no driver."""
+"""The GPUs of this machine, read with NVML (agent_bootstrap.nvml); none without a driver."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.nvml import GIB, GpuReader, NvmlReader
+from agent_bootstrap.nvml import GpuReader, NvmlReader
+from kernel.gpu import GIB
 
 __all__ = ["GIB", "GPU", "local_gpus"]
 
@@ -12,7 +13,7 @@ __all__ = ["GIB", "GPU", "local_gpus"]
 @dataclass(frozen=True)
 class GPU:
     name: str
-    vram_gb: int  # to the nearest GiB, as the `vram_gb` resource counts it (cluster.nvml)
+    vram_gb: int  # to the nearest GiB, as the `vram_gb` resource counts it (agent_bootstrap.nvml)
 
 
 def local_gpus(reader: GpuReader | None = None) -> list[GPU]:

@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 from cluster.gpu import local_gpus
-from cluster.labels import (
+from cluster.processes import forget_address, session_of, stop_session
+from core.settings import Settings
+from kernel.labels import (
     CONTROL_SELECTOR,
     LOCAL_PROVIDER_ID,
     VRAM_RESOURCE,
@@ -27,8 +29,6 @@ from cluster.labels import (
     TrustTier,
     format_labels,
 )
-from cluster.processes import forget_address, session_of, stop_session
-from cluster.settings import Settings
 
 
 class LocalCluster:
@@ -95,6 +95,11 @@ class LocalCluster:
         ]  # fmt: skip
         env = {**os.environ, **self.env()}
         env.pop("RAY_ADDRESS")
+        # Serve's HTTP proxy is uvicorn, which by default takes the client's address from
+        # X-Forwarded-For when the peer is loopback: a local client could then be anyone to
+        # the sign-up throttles. The platform decides whom to believe (Settings.trusted_proxies),
+        # so uvicorn believes nobody. Ray's processes on this node inherit it.
+        env["FORWARDED_ALLOW_IPS"] = ""
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
 
     def stop(self) -> None:

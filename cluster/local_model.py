@@ -64,7 +64,7 @@ def _build(folder: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # unannotated there
         tokenizer_object=bpe,
         bos_token="<|bos|>",
         eos_token="<|end|>",
@@ -87,8 +87,7 @@ def _build(folder: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
-        torch_dtype="bfloat16",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).bfloat16()  # type: ignore[no-untyped-call]  # as above
     model.save_pretrained(folder)

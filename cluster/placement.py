@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cluster.catalog import Catalog, CatalogModel
-from cluster.labels import VRAM_RESOURCE
+from kernel.labels import VRAM_RESOURCE
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ def cluster_capacity() -> list[NodeCapacity]:
     """The capacity of every alive node of the connected Ray cluster."""
     import ray
 
-    return [NodeCapacity.from_resources(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
+    return [NodeCapacity.from_resources(node["Resources"]) for node in nodes if node["Alive"]]
 
 
 def deployable_models(catalog: Catalog, nodes: Iterable[NodeCapacity]) -> list[CatalogModel]:

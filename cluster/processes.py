@@ -9,7 +9,6 @@ engines they start are the raylets' descendants.
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import psutil
 
@@ -50,7 +49,8 @@ def session_processes(session: str) -> list[psutil.Process]:
 
 def descendants(pid: int) -> list[psutil.Process]:
     try:
-        return psutil.Process(pid).children(recursive=True)
+        children: list[psutil.Process] = psutil.Process(pid).children(recursive=True)
+        return children
     except psutil.NoSuchProcess:
         return []
 
@@ -85,9 +85,9 @@ def forget_address(gcs_port: int) -> None:
     """Remove Ray's note of the machine's current cluster (`ray_current_cluster`, which a
     plain `ray.init()` connects to) when it names the cluster on `gcs_port`, as `ray stop`
     does; another cluster's note stays."""
-    from ray._common.utils import get_ray_address_file
+    from cluster.ray_internals import ray_address_file  # imports Ray: only when needed
 
-    note = Path(get_ray_address_file(None))
+    note = ray_address_file()
     try:
         if note.read_text().strip().endswith(f":{gcs_port}"):
             note.unlink()

@@ -13,10 +13,7 @@ The trust tier is decided here, at registration, by `cluster.attestation.decide_
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,54 +21,56 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from billing.schema import (
-    Account,
-    LedgerAccount,
-    Provider,
-    ProviderStatus,
-    ProviderToken,
-    UsageEvent,
-    utcnow,
-)
+from agent_bootstrap.evidence import CcEvidence
 from cluster.attestation import (
     AttestationError,
-    CcEvidence,
     CcVerifier,
     NoVerifier,
     decide_tier,
     decode_public_key,
     issue_challenge,
 )
-from cluster.labels import TrustTier
-from cluster.nvml import CcState
-from cluster.settings import get_settings
-
-TOKEN_PREFIX = "dgpp-"
-TOKEN_BYTES = 32
-DISPLAY_PREFIX_LEN = 12
-PROVIDER_ID_PREFIX = "prv_"
-_TOKEN_RE = re.compile(r"^dgpp-[A-Za-z0-9_-]{43,}$")
-
-
-class RegistryError(ValueError):
-    """A request the registry refuses; `code` names why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ProviderAuthError(RegistryError):
-    pass
+from core.schema import (
+    Account,
+    Provider,
+    ProviderReview,
+    ProviderStatus,
+    ProviderToken,
+    utcnow,
+)
+from core.settings import Settings
+from kernel.errors import AuthError, Conflict, InvalidRequest, NotFound, Unavailable
+from kernel.gpu import CcState
+from kernel.labels import TrustTier
+from kernel.tokens import (
+    generate_provider_token,
+    hash_key,
+    looks_like_provider_token,
+    new_provider_id,
+)
 
 
-class ProviderNotFound(RegistryError):
-    pass
+class RegistryError(InvalidRequest):
+    """A request the registry refuses as given; `code` names why."""
+
+
+class ProviderAuthError(AuthError):
+    """A provider token that is missing, malformed, unknown or revoked, or whose account is
+    disabled; `code` names which."""
+
+
+class ProviderNotFound(NotFound):
+    code = "provider_not_found"
+
+
+class ClusterNotReady(Unavailable):
+    """No Ray token yet: the cluster takes no providers until `darkgpu up` has made one."""
+
+    code = "cluster_not_ready"
 
 
 # --- request bodies --------------------------------------------------------------------------
@@ -131,6 +130,7 @@ class ProviderInfo:
     price_floor_pct: int
     schedule: list[dict[str, Any]] | None
     status: str
+    review: str
     last_heartbeat_at: datetime | None
     created_at: datetime
 
@@ -152,8 +152,9 @@ class ProviderInfo:
             price_floor_pct=row.price_floor_pct,
             schedule=row.schedule,
             status=row.status,
-            last_heartbeat_at=_aware(row.last_heartbeat_at),
-            created_at=_aware(row.created_at) or utcnow(),
+            review=row.review,
+            last_heartbeat_at=row.last_heartbeat_at,
+            created_at=row.created_at,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -163,6 +164,7 @@ class ProviderInfo:
             "account_id": self.account_id,
             "name": self.name,
             "status": self.status,
+            "review": self.review,
             "trust_tier": self.trust_tier,
             "price_floor_pct": self.price_floor_pct,
             "public_key": self.public_key,
@@ -192,26 +194,6 @@ class Registered:
     tier_reason: str  # why this tier (e.g. "confidential computing is off")
 
 
-@dataclass(frozen=True)
-class Earnings:
-    requests: int
-    earned_nusd: int  # the provider's 95% of everything it served
-    payable_nusd: int  # not paid out yet (the ledger's `provider:<id>:payable`)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "earned_nusd": self.earned_nusd,
-            "payable_nusd": self.payable_nusd,
-        }
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite drops the zone
-
-
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).isoformat()
 
@@ -219,31 +201,19 @@ def _iso(moment: datetime | None) -> str | None:
 # --- tokens ----------------------------------------------------------------------------------
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def looks_like_token(token: str) -> bool:
-    return bool(_TOKEN_RE.match(token))
-
-
 def _new_token(session: Session, provider_id: str) -> str:
-    secret = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+    token = generate_provider_token()
     session.add(
-        ProviderToken(
-            provider_id=provider_id,
-            token_hash=hash_token(secret),
-            prefix=secret[:DISPLAY_PREFIX_LEN],
-        )
+        ProviderToken(provider_id=provider_id, token_hash=token.key_hash, prefix=token.prefix)
     )
-    return secret
+    return token.secret
 
 
 def _provider(session: Session, provider_id: str, *, lock: bool = False) -> Provider:
     query = select(Provider).where(Provider.id == provider_id)
     row = session.scalar(query.with_for_update() if lock else query)
     if row is None:
-        raise ProviderNotFound("provider_not_found", f"No provider '{provider_id}'.")
+        raise ProviderNotFound(f"No provider '{provider_id}'.")
     return row
 
 
@@ -254,9 +224,9 @@ def create_provider(engine: Engine, *, account_id: int, name: str) -> NewProvide
     """A provider owned by `account_id`, and its first token (returned once)."""
     with Session(engine) as session, session.begin():
         if session.get(Account, account_id) is None:
-            raise RegistryError("account_not_found", f"No account {account_id}.")
+            raise RegistryError(f"No account {account_id}.", code="account_not_found")
         row = Provider(
-            id=PROVIDER_ID_PREFIX + secrets.token_hex(8),
+            id=new_provider_id(),
             account_id=account_id,
             name=name,
             gpu_count=0,
@@ -264,6 +234,7 @@ def create_provider(engine: Engine, *, account_id: int, name: str) -> NewProvide
             trust_tier=TrustTier.basic.value,
             price_floor_pct=0,
             status=ProviderStatus.offline.value,
+            review=ProviderReview.pending.value,
         )
         session.add(row)
         session.flush()
@@ -282,19 +253,25 @@ def issue_token(engine: Engine, provider_id: str) -> str:
 def revoke_tokens(engine: Engine, provider_id: str) -> int:
     """Revoke every token of the provider; the number revoked."""
     with Session(engine) as session, session.begin():
-        result = session.execute(
-            update(ProviderToken)
-            .where(ProviderToken.provider_id == provider_id, ProviderToken.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
-        )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        return _revoke_tokens(session, provider_id)
+
+
+def _revoke_tokens(session: Session, provider_id: str) -> int:
+    result = session.execute(
+        update(ProviderToken)
+        .where(ProviderToken.provider_id == provider_id, ProviderToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def authenticate(engine: Engine, token: str | None) -> ProviderInfo:
     """The provider of a valid, unrevoked token, or `ProviderAuthError`."""
-    if not token or not looks_like_token(token):
-        raise ProviderAuthError("invalid_provider_token", "Missing or malformed provider token.")
-    digest = hash_token(token)
+    if not token or not looks_like_provider_token(token):
+        raise ProviderAuthError(
+            "Missing or malformed provider token.", code="invalid_provider_token"
+        )
+    digest = hash_key(token)
     with Session(engine) as session, session.begin():
         found = session.execute(
             select(ProviderToken, Provider)
@@ -302,13 +279,15 @@ def authenticate(engine: Engine, token: str | None) -> ProviderInfo:
             .where(ProviderToken.token_hash == digest)
         ).first()
         if found is None or not hmac.compare_digest(found[0].token_hash, digest):
-            raise ProviderAuthError("invalid_provider_token", "Unknown provider token.")
+            raise ProviderAuthError("Unknown provider token.", code="invalid_provider_token")
         token_row, provider = found
         if token_row.revoked_at is not None:
-            raise ProviderAuthError("revoked_provider_token", "This provider token was revoked.")
+            raise ProviderAuthError(
+                "This provider token was revoked.", code="revoked_provider_token"
+            )
         account = session.get(Account, provider.account_id)
         if account is None or account.status != "active":
-            raise ProviderAuthError("account_disabled", "The provider's account is disabled.")
+            raise ProviderAuthError("The provider's account is disabled.", code="account_disabled")
         token_row.last_used_at = utcnow()
         return ProviderInfo.of(provider)
 
@@ -326,7 +305,7 @@ def register(
     try:
         decode_public_key(registration.public_key)
     except AttestationError as exc:
-        raise RegistryError("invalid_public_key", str(exc)) from None
+        raise RegistryError(str(exc), code="invalid_public_key") from None
     decision = decide_tier(
         cc_state=registration.cc_state,
         public_key=registration.public_key,
@@ -356,6 +335,11 @@ def register(
         )
         if row.status == ProviderStatus.offline.value:
             row.status = ProviderStatus.paused.value  # registered, not yet in the cluster
+        if decision.tier == TrustTier.verified and row.review == ProviderReview.pending.value:
+            # the rule that approves without the operator: the platform checked its hardware
+            row.review = ProviderReview.approved.value
+            row.reviewed_at = utcnow()
+            row.review_note = "approved: its confidential-computing attestation passed"
         session.flush()
         return Registered(ProviderInfo.of(row), decision.reason)
 
@@ -395,6 +379,29 @@ def mark_stale_offline(engine: Engine, *, older_than_s: float, now: datetime | N
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
+# --- the operator's review ---------------------------------------------------------------------
+
+
+def review(
+    engine: Engine, provider_id: str, decision: ProviderReview, *, note: str | None = None
+) -> ProviderInfo:
+    """The operator approves, suspends or revokes a provider. Revoking also revokes every
+    token and is final; approving lifts a suspension. Whoever decided writes `note` (why)."""
+    if decision == ProviderReview.pending:
+        raise RegistryError("A provider cannot be put back to pending.", code="invalid_review")
+    with Session(engine) as session, session.begin():
+        row = _provider(session, provider_id, lock=True)
+        if row.review == ProviderReview.revoked.value:
+            raise Conflict(f"Provider '{provider_id}' was revoked; it stays revoked.")
+        row.review = decision.value
+        row.reviewed_at = utcnow()
+        row.review_note = note
+        if decision == ProviderReview.revoked:
+            _revoke_tokens(session, provider_id)
+        session.flush()
+        return ProviderInfo.of(row)
+
+
 def get_provider(engine: Engine, provider_id: str) -> ProviderInfo:
     with Session(engine) as session, session.begin():
         return ProviderInfo.of(_provider(session, provider_id))
@@ -419,89 +426,83 @@ class ProviderTerms:
     trust_tier: TrustTier
     price_floor_pct: int
     status: ProviderStatus
+    review: ProviderReview = ProviderReview.approved
+    # usage strikes within STRIKE_WINDOW (billing.strikes): its engine over-reported usage
+    recent_strikes: int = 0
+
+    @property
+    def approved(self) -> bool:
+        """Only an approved provider serves at all: pending, suspended and revoked ones get
+        no request, not even as a last resort."""
+        return self.review == ProviderReview.approved
 
     @property
     def takes_requests(self) -> bool:
         """False once the agent said the provider is leaving or paused (its node may still
-        be in the cluster, finishing what it has)."""
-        return self.status not in (ProviderStatus.draining, ProviderStatus.paused)
+        be in the cluster, finishing what it has), or when it is not approved."""
+        return self.approved and self.status not in (ProviderStatus.draining, ProviderStatus.paused)
 
 
-def provider_terms(engine: Engine) -> dict[str, ProviderTerms]:
-    """Every registered provider's trust tier, price floor and status, by provider id."""
-    query = select(Provider.id, Provider.trust_tier, Provider.price_floor_pct, Provider.status)
+# Routing weighs a provider's usage strikes over this window.
+STRIKE_WINDOW = timedelta(hours=24)
+
+
+def provider_terms(engine: Engine, now: datetime | None = None) -> dict[str, ProviderTerms]:
+    """Every registered provider's trust tier, price floor, status and usage strikes within
+    `STRIKE_WINDOW` of `now`, by provider id."""
+    from sqlalchemy import func
+
+    from core.schema import UsageStrike
+
+    query = select(
+        Provider.id, Provider.trust_tier, Provider.price_floor_pct, Provider.status, Provider.review
+    )
+    since = (now or datetime.now(UTC)) - STRIKE_WINDOW
+    struck = (
+        select(UsageStrike.provider_id, func.count())
+        .where(UsageStrike.created_at >= since)
+        .group_by(UsageStrike.provider_id)
+    )
     with Session(engine) as session:
+        strikes = {pid: int(n) for pid, n in session.execute(struck)}
         return {
-            pid: ProviderTerms(TrustTier(tier), int(floor), ProviderStatus(status))
-            for pid, tier, floor, status in session.execute(query)
+            pid: ProviderTerms(
+                TrustTier(tier),
+                int(floor),
+                ProviderStatus(status),
+                ProviderReview(review),
+                strikes.get(pid, 0),
+            )
+            for pid, tier, floor, status, review in session.execute(query)
         }
-
-
-def earnings(engine: Engine, provider_id: str) -> Earnings:
-    """What the provider's GPU has earned (usage ledger) and what is still to be paid."""
-    with Session(engine) as session, session.begin():
-        earned_sum = func.coalesce(func.sum(UsageEvent.provider_share_nusd), 0)
-        requests, earned = session.execute(
-            select(func.count(UsageEvent.id), earned_sum).where(
-                UsageEvent.provider_id == provider_id
-            )
-        ).one()
-        payable = session.scalar(
-            select(LedgerAccount.balance).where(
-                LedgerAccount.name == f"provider:{provider_id}:payable"
-            )
-        )
-        return Earnings(int(requests), int(earned), int(payable or 0))
 
 
 # --- what the platform tells agents ----------------------------------------------------------
 
 
-class RegistrySettings(BaseSettings):
-    """`DARKGPU_*` settings of the provider side of the platform."""
-
-    model_config = SettingsConfigDict(env_prefix="DARKGPU_", extra="ignore")
-
-    cluster_address: str = Field(
-        default="",
-        description="host:port of the Ray head that agents join, on the overlay network "
-        "(e.g. 10.8.0.1:6380); empty: the local head, 127.0.0.1:<ray_port>.",
-    )
-    ray_auth_token_path: Path | None = Field(
-        default=None,
-        description="The cluster's Ray token; unset: <data_dir>/ray_auth_token (cluster.local).",
-    )
-    attestation_secret: str = Field(
-        default="", description="HMAC key of attestation challenges; empty: derived from the "
-        "Ray token, which every head-side process has."
-    )  # fmt: skip
-    heartbeat_interval_s: int = Field(default=15, ge=1)
-    offline_after_s: int = Field(default=90, ge=1)
-
-
 @dataclass
 class ProviderPlatform:
-    """What the provider routes need besides the database: settings and the CC verifier."""
+    """What the provider routes need besides the database: the process's settings (passed
+    in, never read again from the environment) and the CC verifier."""
 
-    settings: RegistrySettings = field(default_factory=RegistrySettings)
+    settings: Settings
     verifier: CcVerifier = field(default_factory=NoVerifier)
 
     def cluster_address(self) -> str:
-        return self.settings.cluster_address or f"127.0.0.1:{get_settings().ray_port}"
+        return self.settings.agent_cluster_address
 
     def ray_token_path(self) -> Path:
-        path = self.settings.ray_auth_token_path
-        return path.expanduser() if path else get_settings().resolved_data_dir / "ray_auth_token"
+        return self.settings.ray_token_path
 
     def ray_token(self) -> str:
-        """The cluster's Ray auth token, or RegistryError when the cluster has none yet."""
+        """The cluster's Ray auth token, or ClusterNotReady when the cluster has none yet."""
         try:
             token = self.ray_token_path().read_text().strip()
         except OSError:
             token = ""
         if not token:
-            raise RegistryError(
-                "cluster_not_ready", "The cluster is not accepting providers right now."
+            raise ClusterNotReady(
+                "The cluster is not accepting providers right now.", headers={"Retry-After": "30"}
             )
         return token
 
@@ -512,3 +513,48 @@ class ProviderPlatform:
 
     def challenge(self, provider_id: str, now: float | None = None) -> str:
         return issue_challenge(self.secret(), provider_id, time.time() if now is None else now)
+
+
+# --- the owner's own hand on its providers (the console) ------------------------------------
+
+REMOVED_NOTE = "removed by its owner"
+
+
+def _owned(session: Session, account_id: int, provider_id: str) -> Provider:
+    """The account's provider, locked; another account's is "no such provider", as a
+    missing one (nobody learns which ids exist)."""
+    row = session.scalar(
+        select(Provider)
+        .where(Provider.id == provider_id, Provider.account_id == account_id)
+        .with_for_update()
+    )
+    if row is None:
+        raise ProviderNotFound(f"No provider '{provider_id}' in this account.")
+    return row
+
+
+def remove_provider(engine: Engine, *, account_id: int, provider_id: str) -> ProviderInfo:
+    """The owner retires a GPU: its review becomes `revoked` (final: it never takes traffic
+    or joins the cluster again), with the note that its owner removed it, and every token is
+    revoked, so its agent's next heartbeat is refused. Removing it again changes nothing."""
+    with Session(engine) as session, session.begin():
+        row = _owned(session, account_id, provider_id)
+        if row.review != ProviderReview.revoked.value:
+            row.review = ProviderReview.revoked.value
+            row.reviewed_at = utcnow()
+            row.review_note = REMOVED_NOTE
+            row.status = ProviderStatus.offline.value
+        _revoke_tokens(session, provider_id)
+        session.flush()
+        return ProviderInfo.of(row)
+
+
+def rotate_token(engine: Engine, *, account_id: int, provider_id: str) -> str:
+    """The owner replaces its GPU's token: every earlier token is revoked and a new one made
+    (shown once), in one transaction. A removed (revoked) provider gets none."""
+    with Session(engine) as session, session.begin():
+        row = _owned(session, account_id, provider_id)
+        if row.review == ProviderReview.revoked.value:
+            raise Conflict(f"Provider '{provider_id}' is removed; it gets no new token.")
+        _revoke_tokens(session, provider_id)
+        return _new_token(session, provider_id)

@@ -1,51 +1,65 @@
-"""`darkgpu`: the one command. Operators: `up`, `down`, `admin …`; providers: `auth`, `serve`,
-`status`."""
+"""`darkgpu`: the one command. Providers: `auth`, `serve`, `status`; operators: `up`, `down`,
+`admin …`.
+
+A provider machine installs the agent alone (`pip install darkgpu`: no SQL, Serve, Redis or
+Stripe), so the operator's commands are added only where the platform's packages import;
+elsewhere each of them says which extra to install instead of failing with a traceback.
+"""
 
 from __future__ import annotations
 
-import time
-
 import typer
+from rich.markup import escape
 
-from agent_bootstrap.cli import register_commands
-from billing.cli import app as admin_app
-from darkgpu.local_platform import LocalPlatform
+from agent_bootstrap.cli import register_commands as register_provider_commands
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-app.add_typer(admin_app, name="admin", help="Accounts, keys, credits, caps and the ledger.")
-register_commands(app)
+PLATFORM_EXTRA = "pip install 'darkgpu[platform]'"
+OPERATOR_COMMANDS = ("up", "down", "admin")
+# our own packages: a module of these missing is a broken install, never an absent extra
+OWN_PACKAGES = frozenset(
+    {"kernel", "core", "billing", "cluster", "serve_app", "agent_bootstrap", "darkgpu"}
+)
 
+HELP = (
+    "`darkgpu`: the one command. Operators: `up`, `down`, `admin …`; providers: `auth`, "
+    "`serve`, `status`."
+)
 
-@app.command()
-def up() -> None:
-    """Start the platform on this machine and print where the API is."""
-    platform = LocalPlatform.from_env()
-    settings = platform.settings
-    if platform.is_up():
-        typer.echo(f"DarkGPU is already running: {settings.api_url}")
-        return
-    started = time.monotonic()
-    try:
-        platform.up(say=typer.echo)
-    except Exception as exc:  # a failed start leaves nothing half-started
-        typer.echo(f"Start-up failed: {exc}", err=True)
-        platform.down()
-        raise typer.Exit(1) from None
-    typer.echo(f"DarkGPU is up in {time.monotonic() - started:.0f} s.")
-    typer.echo(f"  API:        {settings.api_url}")
-    typer.echo(f"  Console:    {settings.api_url.removesuffix('/v1')}/console")
-    typer.echo(f"  Dashboard:  http://127.0.0.1:{settings.dashboard_port}")
-    typer.echo(f"  Metrics:    http://127.0.0.1:{settings.metrics_port}/metrics")
-    typer.echo("Create an account and a key: darkgpu admin account create --email E --plan free")
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP)
+register_provider_commands(app)
 
 
-@app.command()
-def down() -> None:
-    """Stop everything `darkgpu up` started."""
-    if LocalPlatform.from_env().down():
-        typer.echo("DarkGPU is down.")
-    else:
-        typer.echo("DarkGPU is not running.")
+def add_missing_platform(target: typer.Typer, missing: str) -> None:
+    """`up`, `down` and `admin` as commands that name the extra to install (exit 1)."""
+
+    def register(name: str) -> None:
+        def command() -> None:  # whatever follows (`admin account create …`) is ignored
+            typer.echo(
+                f"`darkgpu {name}` is an operator command: it needs the platform, which is not "
+                f"installed here (no module named {missing!r}). Install it with: "
+                f"{PLATFORM_EXTRA}",
+                err=True,
+            )
+            raise typer.Exit(1)
+
+        target.command(
+            name,
+            help=escape(f"Operator command: needs the platform ({PLATFORM_EXTRA})."),
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        )(command)
+
+    for name in OPERATOR_COMMANDS:
+        register(name)
+
+
+try:
+    from darkgpu import operator_cli
+except ModuleNotFoundError as exc:
+    if not exc.name or exc.name.split(".")[0] in OWN_PACKAGES:
+        raise
+    add_missing_platform(app, exc.name)
+else:
+    operator_cli.register_commands(app)
 
 
 if __name__ == "__main__":

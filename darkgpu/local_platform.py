@@ -1,44 +1,45 @@
 """The whole platform on one machine, as `darkgpu up` / `darkgpu down` run it.
 
-Up: the SQL schema migrated (SQLite under the data directory by default), Redis (the
-configured one; where that is a local address nothing answers on, a private Redis started
-under the data directory), a Ray head (`cluster.local`), and the Serve application
-(`serve_app.deploy`). Down: everything up started, nothing it did not.
+Up: the SQL schema migrated (SQLite under the data directory by default), the two Redis
+(money and state, `billing.redis_server`: the configured ones; where one is a local address
+nothing answers on, a private server started under the data directory, with one ACL user per
+role, `core.redis_users`; a money Redis that may evict keys is refused), a Ray head
+(`cluster.local`), and the Serve application (`serve_app.deploy`). Down: everything up
+started, nothing it did not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from billing.db import migrate
-from billing.redis_server import LocalRedis
-from billing.settings import BillingSettings
+from billing.redis_server import LocalRedis, check_money_redis, money_server, state_server
 from cluster.local import LocalCluster
-from cluster.settings import Settings
-
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+from core import redis_users
+from core.db import migrate
+from core.settings import Settings
 
 
 @dataclass
 class LocalPlatform:
     settings: Settings
-    billing: BillingSettings
 
     @classmethod
     def from_env(cls) -> LocalPlatform:
-        return cls(Settings(), BillingSettings())
+        return cls(Settings())
 
     @property
     def cluster(self) -> LocalCluster:
         return LocalCluster(self.settings)
 
-    def own_redis(self) -> LocalRedis | None:
-        """The private Redis `up` runs when the configured one is local and not running."""
-        url = urlsplit(self.billing.redis_url)
-        if url.hostname not in LOCAL_HOSTS or not url.port:
-            return None
-        return LocalRedis(self.settings.resolved_data_dir / "redis", url.port)
+    def own_redis(self) -> list[LocalRedis]:
+        """The private Redis servers `up` runs where the configured ones are local: the money
+        Redis, then the state Redis."""
+        return [server for _, server in self.own_redis_roles()]
+
+    def own_redis_roles(self) -> list[tuple[str, LocalRedis]]:
+        found = (("money", money_server(self.settings)), ("state", state_server(self.settings)))
+        return [(role, server) for role, server in found if server is not None]
 
     def is_up(self) -> bool:
         cluster = self.cluster
@@ -47,22 +48,29 @@ class LocalPlatform:
 
         return cluster.is_running() and is_deployed(cluster.address)
 
-    def up(self, say=print) -> None:
+    def up(self, say: Callable[[str], object] = print) -> None:
         cluster = self.cluster
         cluster.apply_env()
         from serve_app.deploy import deploy
 
         self.settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
-        redis = self.own_redis()
-        if redis is not None and not redis.is_running():
-            say(f"Starting Redis on {redis.url} ...")
-            redis.start()
-        migrate(self.billing.database_url)
+        starting = {role: redis.port for role, redis in self.own_redis_roles()
+                    if not redis.is_running()}  # fmt: skip
+        if starting:
+            # servers it starts get one ACL user per role; the settings then carry them
+            redis_users.ensure(self.settings.resolved_data_dir, starting)
+            self.settings = Settings(**self.settings.as_args())
+        for redis in self.own_redis():
+            if not redis.is_running():
+                say(f"Starting Redis on {redis.url} ...")
+                redis.start()
+        check_money_redis(self.settings.redis_url)
+        migrate(self.settings.database_url)
         if not cluster.is_running():
             say(f"Starting the Ray head on {cluster.address} ...")
             cluster.start_head()
         say("Deploying the Serve application (the first start takes a few minutes) ...")
-        deploy(self.settings, cluster.address, self.billing)
+        deploy(self.settings, cluster.address)
 
     def down(self) -> bool:
         """Stop what `up` started; False when nothing was running."""
@@ -76,8 +84,8 @@ class LocalPlatform:
                 undeploy(cluster.address)
             finally:
                 cluster.stop()
-        redis = self.own_redis()
-        if redis is not None and redis.pid() is not None:
-            redis.stop()
-            running = True
+        for redis in self.own_redis():
+            if redis.pid() is not None:
+                redis.stop()
+                running = True
         return running

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 from billing.admission import Admission
-from billing.keys import hash_key
-from cluster.labels import TrustTier
+from kernel.labels import TrustTier
+from kernel.tokens import hash_key
 
 
 class AccountTiers:
@@ -34,7 +34,7 @@ class AccountTiers:
             raw = await self._admission.default_tier(api_key)
         except Exception:  # noqa: BLE001 - Redis away: admission answers the request
             return None if cached is None else cached[1]
-        tier = TrustTier(raw) if raw in TrustTier.__members__ else None
+        tier = TrustTier(raw) if raw is not None and raw in TrustTier.__members__ else None
         if len(self._cache) >= self._max_keys:
             self._cache.clear()
         self._cache[digest] = (now + self._ttl_s, tier)

@@ -10,19 +10,21 @@ the application holds the billing actor (`billing_meter`), so it lives and dies 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
-from pydantic import SecretStr
+import ray
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
-from billing.meter import BillingLoop
-from billing.settings import BillingSettings
-from cluster.catalog import load_catalog
-from cluster.labels import CONTROL_SELECTOR
+from billing.loop import BillingLoop
+from billing.redis_server import sync_client
+from cluster.catalog import CatalogModel, load_catalog
+from cluster.node_warden import NodeWarden
 from cluster.placement import cluster_capacity, deployable_models
-from cluster.settings import Settings
-from serve_app.ingress import Ingress
+from cluster.registry import mark_stale_offline
+from core.settings import Settings
+from kernel.labels import CONTROL_SELECTOR
+from serve_app.ingress import INGRESS
 from serve_app.meter_metrics import MeterMetrics
 from serve_app.models import build_model_deployment, deployment_name, model_source
 
@@ -36,25 +38,37 @@ APP_NAME = "darkgpu"
 )
 class BillingMeter:
     """The billing actor: drains the usage stream into the SQL ledger, reaps stale holds,
-    and rebuilds Redis from SQL when Redis comes back empty (`billing.meter.BillingLoop`).
+    and rebuilds Redis from SQL when Redis comes back empty (`billing.loop.BillingLoop`).
     Serve restarts it if it dies; its consumer group hands a dead consumer's entries over.
     It also exports the billing metrics: spend, the stream's backlog, providers, payouts
     (`serve_app.meter_metrics`)."""
 
-    def __init__(self, billing: dict[str, Any]) -> None:
-        settings = BillingSettings(**billing)
+    def __init__(self, args: dict[str, Any]) -> None:
+        settings = Settings(**args)
         consumer = f"meter-{serve.get_replica_context().replica_id.unique_id}"
         self._metrics = MeterMetrics()
         self._loop = BillingLoop(
             settings.database_url,
-            settings.redis_url,
+            settings.meter_redis_url,
             consumer=consumer,
             settings=settings,
             on_recorded=self._metrics.recorded,
         )
+        # Providers silent for `offline_after_s` become `offline` (cluster.registry).
+        engine = self._loop.engine
+        self._loop.chores.append(
+            lambda: mark_stale_offline(engine, older_than_s=settings.offline_after_s)
+        )
+        # Nodes with no right to be in the cluster are drained (cluster.node_warden).
+        control = frozenset({ray.get_runtime_context().get_node_id(), *settings.control_node_ids})
+        self._loop.chores.append(
+            NodeWarden(engine, control, grace_s=settings.node_join_grace_s).tick
+        )
         self._thread = threading.Thread(target=self._loop.run, name="billing", daemon=True)
         self._thread.start()
-        self._metrics.start(self._loop.engine, self._loop.redis)
+        # Providers serving: read from the state Redis, where the model replicas publish.
+        self._state = sync_client(settings.state_redis_url)
+        self._metrics.start(self._loop.engine, self._loop.redis, self._state)
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
@@ -65,27 +79,25 @@ class BillingMeter:
         self._metrics.stop()
 
 
-def billing_args(settings: BillingSettings) -> dict[str, Any]:
-    """The billing settings, as the replicas' constructor arguments (not environment
-    variables: Ray shows a runtime environment in its dashboard, and these hold secrets)."""
-    args = settings.model_dump(mode="json")
-    for name, value in settings:
-        if isinstance(value, SecretStr):
-            args[name] = value.get_secret_value()
-    return args
+def model_deployments(models: list[CatalogModel], settings: Settings) -> dict[str, Application]:
+    """One deployment per model. Its replicas run on providers' nodes: they are handed the
+    state Redis's URL as its `replica` user (who may only publish routing stats), never the
+    money Redis's, and none of the settings (`as_args` holds secrets and the ledger's URL)."""
+    return {m.id: build_model_deployment(m, settings, settings.replica_redis_url) for m in models}
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    args = args or {}
-    settings = Settings(**args)
-    billing = billing_args(BillingSettings(**args))
+    settings = Settings(**(args or {}))
+    args = settings.as_args()
     catalog = load_catalog(settings.models_file)
     models = deployable_models(catalog, cluster_capacity())
-    return Ingress.bind(
+    # `@serve.deployment` made BillingMeter a Deployment; mypy does not apply class decorators.
+    meter = cast(Deployment, BillingMeter)
+    return INGRESS.bind(
         catalog,
-        {m.id: build_model_deployment(m, settings, billing["redis_url"]) for m in models},
+        model_deployments(models, settings),
         {m.id: deployment_name(m) for m in models},
         {m.id: model_source(m, settings) for m in models},
-        billing,
-        BillingMeter.bind(billing),
+        args,
+        meter.bind(args),
     )

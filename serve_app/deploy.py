@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import ray
 from ray import serve
 
-from billing.settings import BillingSettings
-from cluster.settings import Settings
-from serve_app.app import APP_NAME, billing_args, build_app
+from core.settings import Settings
+from serve_app.app import APP_NAME, build_app
 
 
 def _connect(address: str) -> None:
     if not ray.is_initialized():
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
 
 
-def deploy(settings: Settings, address: str, billing: BillingSettings) -> None:
+def deploy(settings: Settings, address: str) -> None:
     """Connect, start Serve's HTTP proxy, and run the application until it is ready."""
     _connect(address)
     # The HTTP proxy runs on the head only: provider nodes serve model replicas, never the
@@ -24,8 +25,7 @@ def deploy(settings: Settings, address: str, billing: BillingSettings) -> None:
         proxy_location="HeadOnly",
         http_options={"host": settings.http_host, "port": settings.http_port},
     )
-    args = {**settings.model_dump(mode="json"), **billing_args(billing)}
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(settings.as_args()), name=APP_NAME, route_prefix="/", blocking=False)
 
 
 def is_deployed(address: str) -> bool:
@@ -37,5 +37,5 @@ def undeploy(address: str) -> None:
     """Shut Serve down gracefully: each model replica stops its engine's processes, which
     a forced `ray stop` would leave behind (vLLM's engine core outlives a killed replica)."""
     _connect(address)
-    serve.shutdown()
+    serve.shutdown()  # type: ignore[no-untyped-call]  # Ray 2.60 leaves it unannotated
     ray.shutdown()  # leave before the cluster stops, or the driver reports its death

@@ -3,7 +3,11 @@
 Routes are thin. A generation request is parsed and checked (`schemas`), admitted against
 the key, rate limit, daily caps and credits (`gate`, one Redis round trip), sent through its
 model's handle (the replica is chosen in that handle: `router`), relayed as JSON or
-server-sent events (`streaming`), and settled with the usage the engine reported. Each
+server-sent events (`streaming`), and settled with the prompt the engine reported and the
+completion the ingress counted in what it delivered, never more than the engine reported
+(`recount`: the engine runs on the provider's machine). Its hold
+lives as long as it does: extended while it runs, and a stream's usage checkpointed into
+it, what the reaper bills if this replica dies before settling (`holds`). Each
 answer names the provider whose replica served it (`x-darkgpu-provider`); every response
 names the request (`x-darkgpu-request-id`, `middleware`).
 
@@ -18,6 +22,11 @@ request router in the call's `RawRequestInfo` headers (`router`), and settlement
 the registry's price of the provider that served. A request with no `"provider"` object and
 no account default, where every known replica is at the catalog price and none is
 draining, is routed without restriction.
+
+The HTTP app is built per replica by `serve_app.http_app.create_app`, once `__init__` has made
+the connections: Serve's late-bound ingress (`@serve.ingress()` with no app) calls the
+replica's `__serve_build_asgi_app__`, which returns a fresh app holding the shared routes and
+this replica's own (`routes`). No module-level app exists for a replica to change.
 """
 
 from __future__ import annotations
@@ -25,42 +34,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+import ray
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayError
-from ray.llm._internal.serve.core.configs.openai_api_models import (  # the engine's own class
-    ErrorResponse,  # (ray.serve.llm's public ErrorResponse is a subclass the engine never yields)
-)
-from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from billing.admission import Admitted, connect
 from billing.reports import credits_summary, usage_report
 from cluster.catalog import Catalog, CatalogModel
-from cluster.labels import CONTROL_SELECTOR
+from cluster.ray_internals import ErrorResponse, RawRequestInfo
 from cluster.registry import provider_terms
-from serve_app import console, routes_payments, routes_providers
+from kernel.errors import DarkGpuError, InternalError, InvalidRequest, Unavailable
+from kernel.labels import CONTROL_SELECTOR
+from serve_app import node_bindings
 from serve_app.account_tiers import AccountTiers
 from serve_app.availability import ReplicaAvailability
-from serve_app.errors import (
-    APIError,
-    install_error_handlers,
-    invalid_request,
-    model_not_found,
-    no_replica,
-)
+from serve_app.errors import engine_error as told_by_engine
+from serve_app.errors import model_not_found, no_replica, sse
 from serve_app.gate import bearer_key
+from serve_app.holds import HoldKeeper
+from serve_app.http_app import create_app
 from serve_app.metrics import IngressMetrics
-from serve_app.middleware import RequestIdMiddleware
 from serve_app.models import ServedBy
+from serve_app.node_bindings import NodeBindings
 from serve_app.provider_policy import (
+    DEMOTE_STRIKES,
     NoCandidate,
     Price,
     Ranked,
@@ -71,28 +78,29 @@ from serve_app.provider_policy import (
     provider_price,
     rank,
 )
+from serve_app.recount import Delivered, Ending, RunningCount, billed, echoed_prompts
 from serve_app.replica_stats import RegistryTerms, ReplicaDirectory
-from serve_app.router import Allowed
+from serve_app.router import Allowed, InFlight
 from serve_app.schemas import decode_json, parse_chat, parse_completion, require_model
 from serve_app.services import Services
-from serve_app.streaming import SSERelay, Usage
+from serve_app.streaming import ClosingStream, SSERelay, Usage, told_billed
 from serve_app.tokens import PromptCounter
 
 PROVIDER_HEADER = "x-darkgpu-provider"
 RETRY_AFTER_S = 10
+# Bodies up to this size are counted on the event loop (well under a millisecond); larger ones
+# in a thread, so a long prompt cannot hold up other requests.
+INLINE_COUNT_BYTES = 16 * 1024
+# A completion of up to this many characters is counted on the event loop; a longer one in a
+# thread (the tiny model's tokenizer, on a loaded 2-core machine: 256 characters 0.4 ms,
+# 4096 characters 5.8 ms).
+INLINE_RECOUNT_CHARS = 1024
 # A restricted request whose allowed replicas went away (or whose new replica the ingress had
 # not seen yet) waits this long for a replica, then is routed again on a fresh reading.
 ROUTE_ATTEMPT_S = 3.0
 ROUTE_ATTEMPTS = 10
 NO_PROVIDER = ""
 logger = logging.getLogger("darkgpu.ingress")
-
-api = FastAPI(title="DarkGPU", docs_url=None, redoc_url=None, openapi_url=None)
-api.add_middleware(RequestIdMiddleware)
-install_error_handlers(api)
-api.include_router(routes_providers.router)
-api.include_router(routes_payments.router)
-api.include_router(console.router)  # the web console, /console
 
 
 def model_card(model: CatalogModel, available: bool, created: int) -> dict[str, Any]:
@@ -115,36 +123,40 @@ def model_card(model: CatalogModel, available: bool, created: int) -> dict[str, 
     }
 
 
-def engine_error(error: ErrorResponse) -> APIError:
-    status = error.error.code if 400 <= int(error.error.code or 0) < 600 else 500
-    message = error.error.message if status < 500 else "The model failed to process the request."
-    return APIError(status, message, param=getattr(error.error, "param", None))
+def engine_error(error: ErrorResponse) -> DarkGpuError:
+    return told_by_engine(error.error.code, error.error.message, error.error.param)
 
 
 def _sse(items: Any) -> str:
     """One engine stream item (a list of SSE strings when stream batching is off) as text."""
     if not isinstance(items, list):
         items = [items]
-    return "".join(engine_error(i).sse() if isinstance(i, ErrorResponse) else i for i in items)
+    return "".join(sse(engine_error(i)) if isinstance(i, ErrorResponse) else i for i in items)
 
 
 def _utc(value: str, name: str) -> datetime:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise invalid_request(f"'{name}' must be an ISO 8601 date or time.", param=name) from None
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 date or time.", param=name) from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 class RouteTimeout(Exception):
-    """No allowed replica took a restricted request within one routing attempt."""
+    """No allowed replica took a restricted request within one routing attempt: control flow
+    between `_open` and `_routed`, which routes again and raises the 503 itself after the last
+    attempt, so no client ever sees it and it stays outside `kernel.errors`."""
 
 
-def allowed_info(ranked: Ranked, providers: set[str]) -> RawRequestInfo:
-    """What may serve a request, for the router: the replicas seen fit (best first), and
-    the providers that fit (a replica of theirs that starts meanwhile fits too)."""
+def allowed_info(
+    ranked: Ranked, providers: set[str], demoted: frozenset[str] = frozenset()
+) -> RawRequestInfo:
+    """What may serve a request, for the router: the replicas seen fit (best first), the
+    providers that fit (a replica of theirs that starts meanwhile fits too), and those of
+    them to try last (recent usage strikes)."""
     providers = providers | {c.replica.provider_id for c in ranked.candidates}
-    allow = Allowed(tuple(ranked.replica_ids), frozenset(providers))
+    demoted = demoted | {c.replica.provider_id for c in ranked.candidates if c.replica.demoted}
+    allow = Allowed(tuple(ranked.replica_ids), frozenset(providers), frozenset(demoted))
     return RawRequestInfo(headers=allow.headers())
 
 
@@ -160,7 +172,13 @@ class Call:
     usage: Usage = field(default_factory=Usage)
     admitted: Admitted | None = None
     provider_id: str = NO_PROVIDER
+    replica: str = ""  # the replica that serves it, counted in flight until `_finish`
+    prompt_counted: int | None = None  # the prompt tokens counted here: never billed more
     price: tuple[int, int] | None = None  # per token, of the provider that served
+    relayed: bool = False  # the stream's relay began (it settles the call itself then)
+    # the completion text a stream sent, counted as it goes (None: not a stream, or the
+    # usage billed is known already: `usage.reported_completion_tokens` is set then)
+    running: RunningCount | None = None
 
     def headers(self) -> dict[str, str]:
         headers = dict(self.admitted.headers) if self.admitted else {}
@@ -169,22 +187,18 @@ class Call:
         return headers
 
 
-@serve.deployment(
-    name="ingress",
-    max_ongoing_requests=1000,
-    # on the operator's nodes only: provider nodes are not trusted with API keys
-    ray_actor_options={"label_selector": CONTROL_SELECTOR},
-)
-@serve.ingress(api)
 class Ingress:
+    """One ingress replica: its connections, and the methods its routes call (`routes`).
+    Serve runs it as `INGRESS` (below)."""
+
     def __init__(
         self,
         catalog: Catalog,
-        models: dict[str, DeploymentHandle],
+        models: dict[str, DeploymentHandle[Any]],
         deployment_names: dict[str, str],
         model_sources: dict[str, str],
         billing: dict[str, Any],
-        meter: DeploymentHandle,  # the billing actor: bound here so it is part of the app
+        meter: DeploymentHandle[Any],  # the billing actor: bound here so it is part of the app
     ) -> None:
         self._catalog = catalog
         self._handles = {model_id: h.options(stream=True) for model_id, h in models.items()}
@@ -200,27 +214,59 @@ class Ingress:
         self._services = Services.create(billing, self._metrics)
         self._gate = self._services.gate
         db = self._services.db
+        own_node = ray.get_runtime_context().get_node_id()
+        control = frozenset({own_node, *self._services.settings.control_node_ids})
+        node_bindings.install(NodeBindings(db, app_name, control))
         self._directory = ReplicaDirectory(
-            connect(self._services.settings.redis_url, max_connections=8),
+            # the replicas publish their stats to the state Redis (they never reach money)
+            connect(self._services.settings.state_redis_url, max_connections=8),
             RegistryTerms(lambda: provider_terms(db)),
         )
         self._tiers = AccountTiers(self._services.admission)
-        api.state.services = self._services
-        api.state.model_cards = self.model_cards  # the console's models page
+        self._recounting: set[asyncio.Task[None]] = set()
+        self._in_flight = InFlight()  # this replica's requests per model replica
+        self._holds = HoldKeeper(
+            self._services.admission,
+            checkpoint_tokens=self._services.settings.checkpoint_tokens,
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """This replica's app: Serve calls it once, after `__init__`."""
+        return create_app(
+            self._services,
+            self.routes(),
+            model_cards=self.model_cards,
+            max_context_tokens=max(
+                (self._catalog.by_id[m].context_length for m in self._handles), default=0
+            ),
+        )
+
+    def routes(self) -> APIRouter:
+        """The ingress's own routes, answered by this replica's methods."""
+        router = APIRouter()
+        for path, endpoint, method in (
+            ("/healthz", self.healthz, "GET"),
+            ("/readyz", self.readyz, "GET"),
+            ("/v1/models", self.list_models, "GET"),
+            ("/v1/models/{model_id:path}", self.get_model, "GET"),
+            ("/v1/credits", self.credits, "GET"),
+            ("/v1/usage", self.usage, "GET"),
+            ("/v1/chat/completions", self.chat_completions, "POST"),
+            ("/v1/completions", self.completions, "POST"),
+        ):
+            router.add_api_route(path, endpoint, methods=[method])
+        return router
 
     # --- health -------------------------------------------------------------------------
 
-    @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz")
     async def readyz(self) -> dict[str, Any]:
         online = await self._availability.online()
         waiting = sorted(set(self._handles) - online)
         if waiting or not self._handles:
-            raise APIError(
-                503,
+            raise Unavailable(
                 "Not ready: no replica online for " + (", ".join(waiting) or "any model"),
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
@@ -247,12 +293,10 @@ class Ingress:
             if self._listed(m)
         ]
 
-    @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         await self._gate.account(request)
         return {"object": "list", "data": await self.model_cards()}
 
-    @api.get("/v1/models/{model_id:path}")
     async def get_model(self, request: Request, model_id: str) -> dict[str, Any]:
         await self._gate.account(request)
         model = self._model(model_id)
@@ -260,7 +304,6 @@ class Ingress:
 
     # --- the account --------------------------------------------------------------------
 
-    @api.get("/v1/credits")
     async def credits(self, request: Request) -> dict[str, Any]:
         account_id = await self._gate.account(request)
         summary = await asyncio.to_thread(
@@ -272,7 +315,6 @@ class Ingress:
         )
         return {"object": "credits", **summary.to_json()}
 
-    @api.get("/v1/usage")
     async def usage(
         self,
         request: Request,
@@ -285,7 +327,7 @@ class Ingress:
         until = _utc(end, "end") if end else now
         since = _utc(start, "start") if start else until - timedelta(days=30)
         if since >= until:
-            raise invalid_request("'start' must be before 'end'.", param="start")
+            raise InvalidRequest("'start' must be before 'end'.", param="start")
         rows = await asyncio.to_thread(
             usage_report, self._services.db, start=since, end=until, group_by=group_by,
             account_id=account_id,
@@ -300,18 +342,17 @@ class Ingress:
 
     # --- generation ---------------------------------------------------------------------
 
-    @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         return await self._generate(request, Call("chat", request.state.request_id))
 
-    @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         return await self._generate(request, Call("completions", request.state.request_id))
 
     async def _generate(self, request: Request, call: Call) -> Any:
         streaming = False
         try:
-            body = decode_json(await request.body())
+            raw = await request.body()
+            body = decode_json(raw)
             model = self._model(require_model(body))
             call.model = model.id
             default_tier = await self._tiers.default_for(bearer_key(request))
@@ -320,8 +361,6 @@ class Ingress:
             requirements = parse_requirements(body.pop("provider", None), catalog, default_tier)
             parse = parse_chat if call.endpoint == "chat" else parse_completion
             parsed = parse(body, model, call.request_id)
-            if (parsed.n or 1) > 1:
-                raise invalid_request("Only n=1 is supported.", param="n")
             handle = self._handles.get(model.id)
             if handle is None:  # listed, but no node can hold it: nothing to reserve for
                 await self._gate.account(request)  # a bad key is told so first
@@ -334,7 +373,10 @@ class Ingress:
             if ranked is not None:
                 highest = ranked.highest
                 reserve = (highest.input_nusd_per_token, highest.output_nusd_per_token)
-            call.admitted = await self._admit(request, model, parsed, reserve)
+            call.admitted, call.prompt_counted = await self._admit(
+                request, model, parsed, reserve, len(raw)
+            )
+            self._holds.track(call.request_id)  # until `_finish`
             if not await self._availability.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
             method = getattr(handle, call.endpoint)
@@ -346,24 +388,35 @@ class Ingress:
                     method, parsed, model, requirements, catalog, ranked
                 )
             call.provider_id = served_by.provider_id
+            call.replica = served_by.replica
+            self._in_flight.sent(call.replica)
             served = provider_price(
                 catalog,
                 self._directory.price_floor_pct(served_by.provider_id, served_by.price_floor_pct),
             )
             call.price = (served.input_nusd_per_token, served.output_nusd_per_token)
+            delivered = Delivered(Ending.of(parsed), echoed_prompts(parsed, parsed.n or 1))
+            count = self._counters[model.id].texts
             if not parsed.stream:
                 payload = first.model_dump(mode="json")
-                call.usage = Usage.from_dict(payload.get("usage"))
+                call.usage = await self._billed(payload, delivered, count, call.prompt_counted)
                 call.status = 200
                 return JSONResponse(payload, headers=call.headers())
-            relay = SSERelay.for_options(body.get("stream_options"))
+            relay = SSERelay.for_options(
+                body.get("stream_options"),
+                n=parsed.n or 1,
+                delivered=delivered,
+                running=RunningCount(delivered, count),
+                prompt_cap=call.prompt_counted,
+            )
             streaming = True
-            return StreamingResponse(
+            return ClosingStream(
                 self._relay(call, relay, first, stream),
+                on_close=partial(self._unrelayed, call, stream),
                 media_type="text/event-stream",
                 headers=call.headers(),
             )
-        except APIError as exc:
+        except DarkGpuError as exc:  # answered by serve_app.errors, with the call's headers
             call.status = exc.status
             self._metrics.observe_error(call.model, exc)
             exc.headers = {**call.headers(), **exc.headers}
@@ -376,10 +429,14 @@ class Ingress:
         self, model: CatalogModel, requirements: Requirements, catalog: Price, restricted: bool
     ) -> Ranked | NoCandidate | None:
         """The candidates for a request, best first; None: route as before, unrestricted
-        (no `"provider"` object, and no known replica priced above the catalog)."""
+        (no `"provider"` object, and every known replica approved, at the catalog price and
+        not draining: `ReplicaStats.plain`)."""
         replicas = await self._directory.replicas(model.id)
-        if not restricted and all(r.price_floor_pct == 0 and not r.draining for r in replicas):
+        if not restricted and all(r.plain for r in replicas):
             return None
+        # a replica's load as it reports it, or as this ingress has it in flight if more
+        ours = self._in_flight
+        replicas = [replace(r, load=max(r.load, ours[r.replica_id])) for r in replicas]
         return rank(replicas, requirements, catalog, model.id)
 
     async def _admit(
@@ -388,19 +445,32 @@ class Ingress:
         model: CatalogModel,
         parsed: Any,
         price: tuple[int, int] | None = None,
-    ) -> Admitted:
-        """Reserve the prompt and max_tokens; the engine then gets at most what was granted."""
+        body_bytes: int = 0,
+    ) -> tuple[Admitted, int]:
+        """Reserve the request's worst case: every prompt's tokens as the engine renders them,
+        and max_tokens for each completion (prompts x n); the engine then gets at most the
+        max_tokens granted, per completion. Templating and tokenizing a large body run in a
+        thread; a small one (well under a millisecond) inline, since a thread's hand-offs of the
+        GIL cost more than that (measured: ~15 ms at c=1 in bench/serving_overhead.py)."""
         counter = self._counters[model.id]  # every deployed model has one
-        if hasattr(parsed, "messages"):
-            prompt_tokens = counter.chat(parsed.messages)
+        count: Callable[[Any], list[int]] = (
+            (lambda chat: [counter.chat(chat)])
+            if hasattr(parsed, "messages")
+            else counter.completion
+        )
+        if body_bytes > INLINE_COUNT_BYTES:
+            prompts = await asyncio.to_thread(count, parsed)
         else:
-            prompt_tokens = counter.completion(parsed.prompt)
+            prompts = count(parsed)
+        completions = len(prompts) * (parsed.n or 1)
         limit_field = "max_completion_tokens" if getattr(parsed, "max_completion_tokens", None) \
             else "max_tokens"  # fmt: skip
-        wanted = getattr(parsed, limit_field) or max(1, model.context_length - prompt_tokens)
-        admitted = await self._gate.admit(request, model, prompt_tokens, wanted, price)
+        wanted = getattr(parsed, limit_field) or max(1, model.context_length - max(prompts))
+        admitted = await self._gate.admit(
+            request, model, sum(prompts), wanted, price, completions=completions
+        )
         setattr(parsed, limit_field, admitted.max_tokens)
-        return admitted
+        return admitted, sum(prompts)
 
     async def _routed(
         self,
@@ -418,7 +488,10 @@ class Ingress:
         for attempt in range(ROUTE_ATTEMPTS):
             registry = await self._directory.registry()
             providers = fitting_providers(registry, capped, catalog)
-            stream = method.remote(parsed, allowed_info(ranked, providers))
+            demoted = frozenset(
+                p for p, terms in registry.items() if terms.recent_strikes >= DEMOTE_STRIKES
+            )
+            stream = method.remote(parsed, allowed_info(ranked, providers, demoted))
             try:
                 return (stream, *await self._open(stream, ROUTE_ATTEMPT_S))
             except RouteTimeout:
@@ -431,8 +504,7 @@ class Ingress:
                 again = rank(replicas, capped, catalog, model.id)
                 if isinstance(again, Ranked):
                     ranked = again
-        raise APIError(
-            503,
+        raise Unavailable(
             "No allowed provider took the request in time; retry shortly.",
             code="no_provider_online",
             headers={"Retry-After": str(RETRY_AFTER_S)},
@@ -453,8 +525,7 @@ class Ingress:
             raise RouteTimeout from None
         except (BackPressureError, RayError) as exc:
             logger.warning("model call failed: %s", exc)
-            raise APIError(
-                503,
+            raise Unavailable(
                 "The model is overloaded or its replica went away; retry shortly.",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
@@ -466,9 +537,16 @@ class Ingress:
     async def _relay(
         self, call: Call, relay: SSERelay, first: Any, stream: Any
     ) -> AsyncGenerator[str, None]:
+        call.relayed = True
+        call.running = relay.running
+        checkpoints = self._holds.stream(
+            call.request_id, call.provider_id, call.price, relay.running
+        )
         try:
             yield self._relayed(call, relay, first)
             async for item in stream:
+                # the chunks yielded before this item were handed to Serve before it came
+                checkpoints.delivered(relay.usage)
                 yield self._relayed(call, relay, item)
             if not relay.done:
                 yield "data: [DONE]\n\n"
@@ -478,11 +556,68 @@ class Ingress:
             raise
         except Exception:
             logger.exception("stream failed")
-            yield APIError(500, "The stream was interrupted.").sse()
+            yield sse(InternalError("The stream was interrupted."))
             yield "data: [DONE]\n\n"
         finally:
-            call.usage = relay.usage  # what was processed and sent, up to the last chunk
+            # what was processed and sent, up to the last chunk: as the final usage chunk
+            # told the client, or else counted at settlement (`_recount`)
+            call.usage = relay.billed or relay.usage
+            if relay.billed is not None:
+                call.running = None
             self._finish(call)
+
+    def _unrelayed(self, call: Call, stream: Any) -> None:
+        """The response ended before its relay began (the client left before the first
+        byte): stop the engine and settle here, billing nothing, since nothing was sent."""
+        if call.relayed:
+            return
+        stream.cancel()
+        call.status = 499
+        self._finish(call)
+
+    async def _billed(
+        self, payload: dict[str, Any], delivered: Delivered, count: Any, prompt_cap: int | None
+    ) -> Usage:
+        """A whole answer's usage as billed: its completion counted here (in a thread when
+        long), never above the engine's report, and its prompt never above the ingress's
+        count; the answer's `usage` is rewritten to it."""
+        reported = Usage.from_dict(payload.get("usage")).capped(prompt_cap)
+        delivered.add_response(payload)
+        if delivered.size > INLINE_RECOUNT_CHARS:
+            counted = await asyncio.to_thread(delivered.count, count)
+        else:
+            counted = delivered.count(count)
+        usage = payload.get("usage")
+        if not isinstance(usage, dict):
+            return Usage(reported.prompt_tokens, billed(counted, 0), 0)
+        return told_billed(usage, reported, counted)
+
+    async def _recount(self, call: Call, running: RunningCount, reported: Usage) -> None:
+        """Count what a stream delivered since its last count (in a thread when long) and
+        settle the call at the least of its count and the engine's report, keeping the
+        report beside it: a stream that ended without its final usage chunk (the client
+        left, or did not ask for usage)."""
+        texts = running.pending()
+        try:
+            if sum(map(len, texts)) > INLINE_RECOUNT_CHARS:
+                counted = await asyncio.to_thread(running.add, texts)
+            else:
+                counted = running.add(texts)
+        except Exception:  # a bug here must not lose the usage: the engine's word, logged
+            logger.exception("counting request %s's completion failed", call.request_id)
+            counted = reported.completion_tokens
+        usage = Usage(
+            reported.prompt_tokens,
+            billed(counted, reported.completion_tokens),
+            reported.completion_tokens,
+        )
+        self._gate.settle(call.request_id, usage, call.provider_id, call.price, model=call.model)
+
+    def _recounted(self, task: asyncio.Task[None]) -> None:
+        self._recounting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # the hold stays open; the billing actor's reaper settles it at its checkpoint
+            logger.error("settlement failed: %r", task.exception())
 
     def _relayed(self, call: Call, relay: SSERelay, item: Any) -> str:
         had_token = relay.first_token_seen
@@ -492,9 +627,23 @@ class Ingress:
         return text
 
     def _finish(self, call: Call) -> None:
-        """Settle what was used (nothing, if the engine produced nothing) and record it."""
+        """Settle what was used (nothing, if the engine produced nothing) and record it:
+        the completion billed is the ingress's count of what it delivered, never more than
+        the engine reported (counted before a whole answer or a stream's final usage chunk
+        is sent, which tell the client that figure; otherwise in `_recount`)."""
+        if call.replica:
+            self._in_flight.completed(call.replica)
+            call.replica = ""
         if call.admitted is not None:
-            self._gate.settle(call.request_id, call.usage, call.provider_id, call.price)
+            self._holds.untrack(call.request_id)
+            if call.running is None:
+                self._gate.settle(
+                    call.request_id, call.usage, call.provider_id, call.price, model=call.model
+                )
+            else:
+                task = asyncio.create_task(self._recount(call, call.running, call.usage))
+                self._recounting.add(task)
+                task.add_done_callback(self._recounted)
         self._metrics.observe(
             endpoint=call.endpoint,
             model=call.model,
@@ -504,3 +653,17 @@ class Ingress:
             prompt_tokens=call.usage.prompt_tokens,
             completion_tokens=call.usage.completion_tokens,
         )
+
+
+# Serve's decorators applied by call, not with `@`, so that `serve_app.ingress.Ingress` stays
+# the class itself: Ray then pickles it by reference and a replica runs its methods with this
+# module's globals. Pickled by value (a decorated class is not importable under its name),
+# a method's globals hold only the names its code uses, and FastAPI, resolving the routes'
+# postponed annotations there, would take `request: Request` for a query parameter.
+# `serve.ingress()` with no app: the app comes from `__serve_build_asgi_app__`.
+INGRESS = serve.deployment(
+    name="ingress",
+    max_ongoing_requests=1000,
+    # on the operator's nodes only: provider nodes are not trusted with API keys
+    ray_actor_options={"label_selector": CONTROL_SELECTOR},
+)(serve.ingress()(Ingress))

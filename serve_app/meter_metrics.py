@@ -29,10 +29,10 @@ import redis.exceptions
 from ray.util import metrics
 from sqlalchemy import func, select
 
-from billing import redis_keys as rk
-from billing.schema import Payout, PayoutStatus, Provider, ProviderStatus
-from cluster.labels import TrustTier
 from cluster.registry import ProviderTerms, provider_terms
+from core.schema import Payout, PayoutStatus, Provider, ProviderStatus
+from kernel import redis_keys as rk
+from kernel.labels import TrustTier
 from serve_app.replica_stats import parse, replicas_key
 
 if TYPE_CHECKING:
@@ -167,22 +167,29 @@ class MeterMetrics:
             if nusd > 0:
                 self.spend.inc(nusd, tags={"model": model})
 
-    def refresh(self, engine: Engine, r: redis_sync.Redis) -> None:
-        """Read every gauge; a source that fails leaves its gauges at their last reading."""
+    def refresh(
+        self, engine: Engine, r: redis_sync.Redis, state: redis_sync.Redis | None = None
+    ) -> None:
+        """Read every gauge; a source that fails leaves its gauges at their last reading.
+        `r`: the money Redis (the usage stream); `state`: the state Redis, where replicas
+        publish their stats (default `r`)."""
+        replicas = r if state is None else state
         self._read("usage stream", lambda: self._set_backlog(read_backlog(r)))
         self._read("provider registry", lambda: self._set_providers(read_registered(engine)))
         self._read(
             "replica directory",
-            lambda: self._set_serving(read_serving(r, provider_terms(engine))),
+            lambda: self._set_serving(read_serving(replicas, provider_terms(engine))),
         )
         self._read("payouts", lambda: self._set_payouts(read_payouts(engine)))
 
-    def start(self, engine: Engine, r: redis_sync.Redis) -> threading.Thread:
+    def start(
+        self, engine: Engine, r: redis_sync.Redis, state: redis_sync.Redis | None = None
+    ) -> threading.Thread:
         """Refresh the gauges every `every_s` seconds, in a daemon thread, until `stop`."""
 
         def run() -> None:
             while True:
-                self.refresh(engine, r)
+                self.refresh(engine, r, state)
                 if self._stop.wait(self.every_s):
                     return
 

@@ -9,9 +9,11 @@ never a key, an account or a customer tag.
 
 from __future__ import annotations
 
+from typing import cast
+
 from ray.serve import metrics
 
-from serve_app.errors import APIError
+from kernel.errors import DarkGpuError
 from serve_app.provider_policy import NoProviderReason
 
 _LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -27,10 +29,18 @@ _REASON_OF_CODE = {
     ("service_unavailable", "billing_unavailable"): "billing_unavailable",
     **{("service_unavailable", r.value): "no_provider" for r in NoProviderReason},
 }
+
+
+def _tag_keys(*names: str) -> tuple[str]:
+    """Tag names as `ray.serve.metrics` annotates them: `Tuple[str]` in Ray 2.60, meant as
+    `Tuple[str, ...]` (any number of names works)."""
+    return cast("tuple[str]", names)
+
+
 REFUSAL_REASONS = frozenset({*_REASON_OF_TYPE.values(), *_REASON_OF_CODE.values(), "overloaded"})
 
 
-def refusal_reason(error: APIError) -> str | None:
+def refusal_reason(error: DarkGpuError) -> str | None:
     """Why a request was refused, or None where the error is not a refusal (a bad request,
     an unknown model, an engine failure). A 503 without a known code is `overloaded` (the
     model's replicas are full, or the one chosen went away)."""
@@ -48,24 +58,24 @@ class IngressMetrics:
             "darkgpu_requests",
             description="Generation requests by endpoint, model, HTTP status and the provider "
             f"that served them ({NO_PROVIDER!r}: none did).",
-            tag_keys=("endpoint", "model", "status", "provider"),
+            tag_keys=_tag_keys("endpoint", "model", "status", "provider"),
         )
         self.tokens = metrics.Counter(
             "darkgpu_tokens",
             description="Tokens processed, by model and direction (in: prompt, out: completion).",
-            tag_keys=("model", "direction"),
+            tag_keys=_tag_keys("model", "direction"),
         )
         self.refusals = metrics.Counter(
             "darkgpu_refusals",
             description="Generation requests refused, by model and reason (auth, rate_limit, "
             "cap, credits, no_provider, billing_unavailable, overloaded).",
-            tag_keys=("model", "reason"),
+            tag_keys=_tag_keys("model", "reason"),
         )
         self.latency = metrics.Histogram(
             "darkgpu_request_latency_seconds",
             description="Time from request to last byte, by endpoint and model.",
             boundaries=_LATENCY_BOUNDARIES,
-            tag_keys=("endpoint", "model"),
+            tag_keys=_tag_keys("endpoint", "model"),
         )
         self.ttft = metrics.Histogram(
             "darkgpu_time_to_first_token_seconds",
@@ -79,6 +89,12 @@ class IngressMetrics:
             "script), by outcome (admitted, refused).",
             boundaries=_REDIS_BOUNDARIES,
             tag_keys=("outcome",),
+        )
+        self.overruns = metrics.Counter(
+            "darkgpu_reservation_overruns",
+            description="Requests whose engine usage exceeded their reservation (billed as far "
+            "as the balance allowed, and logged with the request id), by model.",
+            tag_keys=("model",),
         )
         self.settlement = metrics.Histogram(
             "darkgpu_settlement_latency_seconds",
@@ -114,7 +130,7 @@ class IngressMetrics:
     def observe_ttft(self, model: str, seconds: float) -> None:
         self.ttft.observe(seconds, tags={"model": model})
 
-    def observe_error(self, model: str, error: APIError) -> None:
+    def observe_error(self, model: str, error: DarkGpuError) -> None:
         """Count `error` as a refusal, if it is one."""
         reason = refusal_reason(error)
         if reason is not None:
@@ -122,6 +138,10 @@ class IngressMetrics:
 
     def observe_admission(self, seconds: float, admitted: bool) -> None:
         self.admission.observe(seconds, tags={"outcome": "admitted" if admitted else "refused"})
+
+    def observe_overrun(self, model: str, tokens: int) -> None:
+        """A settlement above its reservation (`tokens` over it)."""
+        self.overruns.inc(tags={"model": model})
 
     def observe_settlement(self, seconds: float) -> None:
         self.settlement.observe(seconds)

@@ -12,7 +12,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.errors import APIError
+from kernel.errors import InternalError
+from serve_app.errors import UNEXPECTED, error_response
 
 REQUEST_ID_HEADER = "x-darkgpu-request-id"
 logger = logging.getLogger("darkgpu.ingress")
@@ -49,5 +50,5 @@ class RequestIdMiddleware:
             logger.exception("request %s failed", request_id)
             if started:
                 raise
-            response = APIError(500, "The server had an error processing your request.").response()
+            response = error_response(InternalError(UNEXPECTED))
             await response(scope, receive, send_with_id)

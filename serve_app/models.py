@@ -15,21 +15,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray import serve
-from ray._raylet import GcsClient  # Serve's controller reads draining nodes the same way
+from ray.serve import Application
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from cluster.catalog import CatalogModel
-from cluster.labels import NodeIdentity
 from cluster.local_model import ensure_local_model
 from cluster.placement import replica_bundles
-from cluster.settings import Settings
+from cluster.ray_internals import DrainingNodes
+from core.settings import Settings
+from kernel.labels import NodeIdentity
 from serve_app import replica_stats
 
 logger = logging.getLogger("darkgpu.models")
@@ -50,15 +51,19 @@ class ServedBy:
 
 
 class ProviderLLMServer(LLMServer):
-    async def __init__(
+    # Serve awaits an async constructor (LLMServer's own is one); mypy knows no such thing.
+    async def __init__(  # type: ignore[misc]
         self, llm_config: LLMConfig, *, redis_url: str | None = None, **kwargs: Any
     ) -> None:
         await super().__init__(llm_config, **kwargs)
-        self._node = NodeIdentity.from_labels(ray.get_runtime_context().get_node_labels())
+        # Ray 2.60 annotates the labels' values as lists; they are the strings `ray start
+        # --labels` set.
+        labels = cast(Mapping[str, str], ray.get_runtime_context().get_node_labels())
+        self._node = NodeIdentity.from_labels(labels)
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._model_id = llm_config.model_id
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
+        self._gcs = DrainingNodes(ray.get_runtime_context().gcs_address)
         self._draining = False
         self._drain_checked = 0.0
         self._ongoing = 0
@@ -99,7 +104,7 @@ class ProviderLLMServer(LLMServer):
             return self._draining
         self._drain_checked = now
         try:
-            nodes = await asyncio.to_thread(self._gcs.get_draining_nodes, timeout=2)
+            nodes = await asyncio.to_thread(self._gcs.node_ids)
         except Exception as exc:  # noqa: BLE001 - keep the last answer
             logger.warning("reading draining nodes failed: %r", exc)
             return self._draining
@@ -179,7 +184,9 @@ def deployment_name(model: CatalogModel) -> str:
     return "llm-" + model.id.replace(".", "_")
 
 
-def build_model_deployment(model: CatalogModel, settings: Settings, redis_url: str | None = None):
+def build_model_deployment(
+    model: CatalogModel, settings: Settings, redis_url: str | None = None
+) -> Application:
     """A bound Serve deployment of one catalog model; its replicas publish their routing
     stats to the Redis at `redis_url` (a constructor argument: the URL may hold a password,
     and Ray shows runtime environments in its dashboard)."""

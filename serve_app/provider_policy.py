@@ -13,9 +13,14 @@ and the request's `"provider"` object into `Requirements`, then calls `rank`:
   allows more with `"provider": {"max_price": {"prompt": usd_per_1m, "completion": …}}`
   (OpenRouter's shape; a side it leaves out stays at the catalog price). The request is
   billed at the price of the provider that served it; the reservation uses `Ranked.highest`.
+- Usage strikes (billing.strikes: the provider's engine reported more completion tokens
+  than the ingress delivered, beyond the tolerance) within the registry's window: a provider
+  with `DEMOTE_STRIKES` or more ranks after every provider without (it serves only when they
+  are full or gone), one with `EXCLUDE_STRIKES` or more serves no request at all.
 - Among the candidates: not draining first (a draining replica is used only while nothing
   else fits: Serve keeps it until its replacement runs, and a request must not fail in
-  between), then healthy, then least loaded, then cheapest, then by replica id.
+  between), then without strikes, then healthy, then least loaded, then cheapest, then by
+  replica id.
 - No candidate: the reason, checked in this order: no provider online (no replica), none
   at this tier, none at this price. `no_candidate_error` makes the spec's 503
   `service_unavailable` of it.
@@ -23,20 +28,28 @@ and the request's `"provider"` object into `Requirements`, then calls `rank`:
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from cluster.labels import TrustTier
-from serve_app.errors import APIError, invalid_request
+from kernel.errors import InvalidRequest, Unavailable
+from kernel.labels import LOCAL_PROVIDER_ID, TrustTier
+from kernel.money import NUSD_PER_TOKEN_AT_1_USD_PER_1M
 
 if TYPE_CHECKING:
     from cluster.registry import ProviderTerms
 
+logger = logging.getLogger(__name__)
 TIER_ORDER = {TrustTier.basic: 0, TrustTier.verified: 1}
-NUSD_PER_USD_PER_1M = 1000  # $1 per 1M tokens = 1,000 nUSD per token
+# Usage strikes within the registry's window (cluster.registry.STRIKE_WINDOW) that demote a
+# provider's replicas behind every other, and that take it out of routing altogether. One
+# strike already lies beyond the honest tolerance; ten leave no doubt.
+DEMOTE_STRIKES = 1
+EXCLUDE_STRIKES = 10
 
 
 class NoProviderReason(StrEnum):
@@ -79,6 +92,29 @@ class ReplicaStats:
     healthy: bool = True
     draining: bool = False
     load: float = 0.0  # e.g. ongoing requests / max ongoing requests
+    approved: bool = True  # False: the registry does not let its provider serve at all
+    strikes: int = 0  # its provider's recent usage strikes (from the registry)
+
+    @property
+    def plain(self) -> bool:
+        """Routable without restriction: approved, at the catalog price, not draining,
+        without usage strikes."""
+        return (
+            self.approved
+            and self.price_floor_pct == 0
+            and not self.draining
+            and self.strikes < DEMOTE_STRIKES
+        )
+
+    @property
+    def demoted(self) -> bool:
+        """Its provider's recent strikes rank it after every replica without."""
+        return self.strikes >= DEMOTE_STRIKES
+
+    @property
+    def excluded(self) -> bool:
+        """Its provider's recent strikes keep it out of routing."""
+        return self.strikes >= EXCLUDE_STRIKES
 
     @classmethod
     def from_routing_stats(
@@ -93,33 +129,63 @@ class ReplicaStats:
 
         A node's labels are self-declared (Ray trusts every node that has the cluster
         token), so where `registry` is given (the provider registry's terms by provider id)
-        its tier, price floor and status win over what the replica reports, and a provider it
-        does not know is `basic` at the price floor it asks. A replica's own word that its
-        node is draining always counts.
+        its tier, price floor, status and review win over what the replica reports: a
+        provider the operator has not approved is not `approved`, nor is one it does not
+        know (a made-up id), except the platform's own head (`local`, basic). A replica's own
+        word that its node is draining always counts.
         """
         if "provider_id" not in stats:
             return None
-        provider_id = str(stats["provider_id"])
+        try:
+            provider_id, floor, ongoing = _claims(stats, load)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # a replica runs on its provider's machine: what it reports is input, and one
+            # bad entry must cost that replica its traffic, not the model its routing
+            logger.warning("replica %s: ignoring malformed routing stats (%s)", replica_id, exc)
+            return None
         tier = stats.get("trust_tier")
-        trust = TrustTier(tier) if tier in TIER_ORDER else TrustTier.basic
-        floor = max(0, int(stats.get("price_floor_pct") or 0))
-        draining = bool(stats.get("draining", False))
+        trust = TrustTier(tier) if isinstance(tier, str) and tier in TIER_ORDER else TrustTier.basic
+        draining = stats.get("draining", False) is not False
+        approved = True
+        strikes = 0
         if registry is not None:
             terms = registry.get(provider_id)
             if terms is None:
                 trust = TrustTier.basic
+                approved = provider_id == LOCAL_PROVIDER_ID
             else:
                 trust, floor = terms.trust_tier, terms.price_floor_pct
                 draining = draining or not terms.takes_requests
+                approved = terms.approved
+                strikes = terms.recent_strikes
         return cls(
             replica_id=replica_id,
             provider_id=provider_id,
             trust_tier=trust,
             price_floor_pct=floor,
-            healthy=bool(stats.get("healthy", True)),
+            healthy=stats.get("healthy", True) is True,
             draining=draining,
-            load=float(stats.get("ongoing", 0) if load is None else load),
+            load=ongoing,
+            approved=approved,
+            strikes=strikes,
         )
+
+
+def _claims(stats: Mapping[str, Any], load: float | None) -> tuple[str, int, float]:
+    """The provider id, price floor and load a replica reports, checked (ValueError or
+    TypeError when malformed)."""
+    provider_id = stats["provider_id"]
+    if not isinstance(provider_id, str) or not 0 < len(provider_id) <= 64:
+        raise ValueError(f"provider_id {provider_id!r:.80}")
+    floor = stats.get("price_floor_pct") or 0
+    if isinstance(floor, bool) or not isinstance(floor, int) or not 0 <= floor <= 1000:
+        raise ValueError(f"price_floor_pct {floor!r:.80}")
+    ongoing = stats.get("ongoing", 0) if load is None else load
+    if isinstance(ongoing, bool) or not isinstance(ongoing, int | float):
+        raise TypeError(f"ongoing {ongoing!r:.80}")
+    if not math.isfinite(ongoing) or ongoing < 0:
+        raise ValueError(f"ongoing {ongoing!r:.80}")
+    return provider_id, floor, float(ongoing)
 
 
 @dataclass(frozen=True)
@@ -176,6 +242,7 @@ def fitting_providers(
         provider_id
         for provider_id, terms in registry.items()
         if terms.takes_requests
+        and terms.recent_strikes < EXCLUDE_STRIKES
         and tier_satisfies(terms.trust_tier, requirements.trust_tier)
         and provider_price(catalog, terms.price_floor_pct).within(limit)
     }
@@ -188,7 +255,7 @@ def rank(
     model_id: str = "",
 ) -> Ranked | NoCandidate:
     """The replicas that may serve the request, best first, or why there are none."""
-    online = list(replicas)
+    online = [r for r in replicas if r.approved and not r.excluded]
     named = f" for the model '{model_id}'" if model_id else ""
     if not online:
         return NoCandidate(
@@ -216,6 +283,7 @@ def rank(
     affordable.sort(
         key=lambda c: (
             c.replica.draining,
+            c.replica.demoted,
             not c.replica.healthy,
             c.replica.load,
             c.replica.price_floor_pct,
@@ -225,10 +293,9 @@ def rank(
     return Ranked(tuple(affordable))
 
 
-def no_candidate_error(none: NoCandidate, retry_after_s: int = 5) -> APIError:
+def no_candidate_error(none: NoCandidate, retry_after_s: int = 5) -> Unavailable:
     """The spec's 503 `service_unavailable`, its `code` naming the reason."""
-    return APIError(
-        503,
+    return Unavailable(
         none.message,
         code=none.reason.value,
         headers={"Retry-After": str(retry_after_s)},
@@ -240,14 +307,14 @@ def no_candidate_error(none: NoCandidate, retry_after_s: int = 5) -> APIError:
 
 def _usd_per_1m_to_nusd(value: Any, param: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise invalid_request(f"{param} must be a number of USD per 1M tokens.", param=param)
+        raise InvalidRequest(f"{param} must be a number of USD per 1M tokens.", param=param)
     try:
         amount = Decimal(repr(value) if isinstance(value, float) else str(value))
     except InvalidOperation:
-        raise invalid_request(f"{param} must be a number.", param=param) from None
+        raise InvalidRequest(f"{param} must be a number.", param=param) from None
     if not amount.is_finite() or amount < 0:
-        raise invalid_request(f"{param} must be a non-negative number.", param=param)
-    return int(amount * NUSD_PER_USD_PER_1M)  # whole nano-dollars, rounded down
+        raise InvalidRequest(f"{param} must be a non-negative number.", param=param)
+    return int(amount * NUSD_PER_TOKEN_AT_1_USD_PER_1M)  # whole nano-dollars, rounded down
 
 
 def parse_requirements(
@@ -256,17 +323,17 @@ def parse_requirements(
     """`Requirements` from a request body's `"provider"` object (None when absent).
 
     `{"trust_tier": "basic" | "verified", "max_price": {"prompt": usd_per_1m,
-    "completion": usd_per_1m}}`; other OpenRouter keys are ignored. Raises the 400 APIError.
+    "completion": usd_per_1m}}`; other OpenRouter keys are ignored. Raises InvalidRequest.
     """
     if provider is None:
         return Requirements(trust_tier=default_tier)
     if not isinstance(provider, Mapping):
-        raise invalid_request("provider must be an object.", param="provider")
+        raise InvalidRequest("provider must be an object.", param="provider")
     tier = default_tier
     raw_tier = provider.get("trust_tier")
     if raw_tier is not None:
         if raw_tier not in TIER_ORDER:
-            raise invalid_request(
+            raise InvalidRequest(
                 "provider.trust_tier must be 'basic' or 'verified'.", param="provider.trust_tier"
             )
         tier = TrustTier(raw_tier)
@@ -274,7 +341,7 @@ def parse_requirements(
     raw_price = provider.get("max_price")
     if raw_price is not None:
         if not isinstance(raw_price, Mapping):
-            raise invalid_request(
+            raise InvalidRequest(
                 "provider.max_price must be an object: {prompt, completion} in USD per 1M tokens.",
                 param="provider.max_price",
             )

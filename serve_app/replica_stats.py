@@ -6,10 +6,11 @@ ingress has already admitted (reserved credits for) the request; the ingress mus
 candidates first, to refuse with the reason (503 `service_unavailable`) when none fits and
 to reserve at the highest price a candidate may bill. So every model replica, from
 `record_routing_stats` (Serve polls it every second), also writes its stats into the hash
-`dg:replicas:<model id>` (field: replica id; value: JSON with an expiry a few seconds
-ahead). The ingress reads the hash at most once a second (`ReplicaDirectory`) and ignores
-expired entries, so a replica that died drops out within seconds; the hash itself expires
-when no replica refreshes it.
+`dg:replicas:<model id>` of the state Redis (`Settings.state_redis_url`: replicas run on
+providers' nodes and are never handed the money Redis's URL; field: replica id; value: JSON
+with an expiry a few seconds ahead). The ingress reads the hash at most once a second
+(`ReplicaDirectory`) and ignores expired entries, so a replica that died drops out within
+seconds; the hash itself expires when no replica refreshes it.
 
 What a replica says of its provider's trust tier and price floor comes from its node's
 labels, which the node chose itself; the provider registry (SQL) is the authority. The
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from cluster.registry import ProviderTerms
+from serve_app import node_bindings
 from serve_app.provider_policy import ReplicaStats
 
 STATS_TTL_S = 4.0
@@ -46,10 +48,6 @@ async def publish(redis: Any, model_id: str, replica_id: str, stats: Mapping[str
         pipe.hset(key, replica_id, value)
         pipe.pexpire(key, int(STATS_TTL_S * 3000))
         await pipe.execute()
-
-
-async def withdraw(redis: Any, model_id: str, replica_id: str) -> None:
-    await redis.hdel(replicas_key(model_id), replica_id)
 
 
 def parse(
@@ -152,5 +150,10 @@ class ReplicaDirectory:
             self._read_at.setdefault(model_id, time.monotonic())
             return
         registry = await self.terms.current() if self.terms is not None else None
-        self._replicas[model_id] = parse(entries, int(time.time() * 1000), registry)
+        await node_bindings.refresh_installed()
+        self._replicas[model_id] = [
+            replica
+            for replica in parse(entries, int(time.time() * 1000), registry)
+            if node_bindings.permits(replica.replica_id, replica.provider_id)
+        ]  # a replica serves only as the provider its node is bound to (cluster.nodes)
         self._read_at[model_id] = time.monotonic()

@@ -16,20 +16,38 @@ decided there, once, from the registry: a node's labels are its own claim. The r
 keeps the listed replicas and any new replica of a listed provider (a drained node's
 replacement), draining ones in a later rank. Should none fit any more, Serve waits for
 candidates and the ingress's routing timeout routes the request again on a fresh reading.
+Providers with recent usage strikes (billing.strikes) come in the headers too
+(`x-darkgpu-demoted`): their replicas rank after every other that fits.
+
+Load is not taken on a replica's word: it runs on its provider's machine, and one that reports
+`ongoing: 0` would draw the traffic. The router counts the requests it has sent to each replica
+and not yet seen complete (`InFlight`, from Serve's own `on_send_request` and
+`on_request_completed` hooks) and weighs a replica by the most of that count, Serve's queue
+length cache and what the replica reports. Each replica is offered as a rank of its own, in
+that order, so Serve's choice within a rank (by its cache, which the replica's probe answers
+refresh) cannot put a replica that under-reports ahead of a less loaded one.
+
+Whatever the ingress allowed, a replica is offered only where the node the cluster placed it
+on is bound to the provider its stats name (`serve_app.node_bindings`, `cluster.nodes`): a
+node's label of another provider, tier or role buys it nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from serve_app import node_bindings
+
 REPLICAS_HEADER = "x-darkgpu-replicas"
 NOTHING_FITS_WAIT_S = 0.05
 PROVIDERS_HEADER = "x-darkgpu-providers"
+DEMOTED_HEADER = "x-darkgpu-demoted"
 
 
 class ReplicaView(Protocol):
@@ -41,6 +59,15 @@ def accepts(stats: Mapping[str, Any]) -> bool:
     """Whether a replica may take an unrestricted request: it has reported who it is, and
     its node is not draining."""
     return "provider_id" in stats and not stats.get("draining", False)
+
+
+def reported_load(stats: Mapping[str, Any]) -> float:
+    """The ongoing requests a replica reports; a value that is not a finite count (it comes
+    from the provider's machine) counts as full, so it draws no traffic by lying."""
+    ongoing = stats.get("ongoing", 0)
+    if isinstance(ongoing, bool) or not isinstance(ongoing, int | float):
+        return math.inf
+    return float(ongoing) if math.isfinite(ongoing) and ongoing >= 0 else math.inf
 
 
 def rank(
@@ -56,18 +83,55 @@ def rank(
     return [sorted(group, key=load_of) for group in (accepting, unknown, draining) if group]
 
 
+class InFlight:
+    """Requests this router sent to each replica and has not seen complete: the load the
+    ingress knows of its own, whatever a replica reports."""
+
+    def __init__(self) -> None:
+        self._count: dict[Any, int] = {}
+
+    def sent(self, replica_id: Any) -> None:
+        self._count[replica_id] = self._count.get(replica_id, 0) + 1
+
+    def completed(self, replica_id: Any) -> None:
+        left = self._count.get(replica_id, 0) - 1
+        if left > 0:
+            self._count[replica_id] = left
+        else:
+            self._count.pop(replica_id, None)
+
+    def __getitem__(self, replica_id: Any) -> int:
+        return self._count.get(replica_id, 0)
+
+
+def load(own: int, cached: int | None, stats: Mapping[str, Any]) -> float:
+    """A replica's ongoing requests: the most of the router's own count, Serve's cache and
+    the replica's report (reporting less than the truth gains nothing)."""
+    return max(float(own), float(cached or 0), reported_load(stats))
+
+
+def singletons(ranks: list[list[Any]]) -> list[list[Any]]:
+    """Each replica a rank of its own, in order (see the module's docstring)."""
+    return [[replica] for group in ranks for replica in group]
+
+
 @dataclass(frozen=True)
 class Allowed:
     """What may serve a restricted request (from the ingress's headers)."""
 
     replica_ids: tuple[str, ...]  # the ingress's pick, best first
     provider_ids: frozenset[str]  # providers whose registry terms fit the request
+    demoted: frozenset[str] = frozenset()  # providers with recent usage strikes: last
 
     def headers(self) -> dict[str, str]:
         return {
             REPLICAS_HEADER: ",".join(self.replica_ids),
             PROVIDERS_HEADER: ",".join(sorted(self.provider_ids)),
+            DEMOTED_HEADER: ",".join(sorted(self.demoted)),
         }
+
+    def is_demoted(self, stats: Mapping[str, Any]) -> bool:
+        return str(stats.get("provider_id", "")) in self.demoted
 
     def fits(self, replica_id: str, stats: Mapping[str, Any]) -> bool:
         if "provider_id" not in stats:  # no stats here yet: trust the ingress's reading
@@ -87,7 +151,8 @@ def allowed(pending_request: PendingRequest | None) -> Allowed | None:
         return None
     replicas = tuple(r for r in headers[REPLICAS_HEADER].split(",") if r)
     providers = frozenset(p for p in headers.get(PROVIDERS_HEADER, "").split(",") if p)
-    return Allowed(replicas, providers)
+    demoted = frozenset(p for p in headers.get(DEMOTED_HEADER, "").split(",") if p)
+    return Allowed(replicas, providers, demoted)
 
 
 def restrict(replicas: Sequence[Any], allow: Allowed, id_of: Callable[[Any], str]) -> list[Any]:
@@ -102,20 +167,42 @@ class ProviderRequestRouter(RequestRouter):
     pending request, which may be one this replica must not serve (another tier or price).
     Without it each chosen replica goes to the request it was chosen for."""
 
+    @property
+    def in_flight(self) -> InFlight:
+        """This router's own count of requests in flight per replica."""
+        counts: InFlight | None = self.__dict__.get("_darkgpu_in_flight")
+        if counts is None:
+            counts = self.__dict__["_darkgpu_in_flight"] = InFlight()
+        return counts
+
+    def on_send_request(self, replica_id: Any) -> None:
+        super().on_send_request(replica_id)
+        self.in_flight.sent(replica_id)
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self.in_flight.completed(replica_id)
+
     def _load(self, replica: RunningReplica) -> float:
-        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
-        if queue_len is None:
-            queue_len = replica.routing_stats.get("ongoing", 0)
-        return queue_len / max(replica.max_ongoing_requests, 1)
+        cached = self.replica_queue_len_cache.get(replica.replica_id)
+        ongoing = load(self.in_flight[replica.replica_id], cached, replica.routing_stats)
+        return ongoing / max(replica.max_ongoing_requests, 1)
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        await node_bindings.refresh_installed()
+        candidate_replicas = [
+            r
+            for r in candidate_replicas
+            if node_bindings.permits(r.replica_id.unique_id, r.routing_stats.get("provider_id"))
+        ]  # a replica serves only as the provider its node is bound to (cluster.nodes)
         allow = allowed(pending_request)
         if allow is None:
-            return rank(candidate_replicas, self._load)  # type: ignore[arg-type,return-value]
+            ranks = rank(candidate_replicas, self._load)  # type: ignore[arg-type]
+            return singletons(ranks)
         if pending_request is not None and pending_request.future.done():
             # cancelled by the ingress (it routes again): Serve's routing loop checks that
             # only once it is offered a replica, and nothing is sent for a done request
@@ -127,7 +214,10 @@ class ProviderRequestRouter(RequestRouter):
             await asyncio.sleep(NOTHING_FITS_WAIT_S)
             return []
         # least loaded first; among equals, the ingress's order (healthy, load, cheapest);
-        # draining replicas only when the others are full
-        staying = [r for r in kept if not r.routing_stats.get("draining", False)]
+        # providers with recent strikes only when the others are full, draining replicas last
         leaving = [r for r in kept if r.routing_stats.get("draining", False)]
-        return [sorted(group, key=self._load) for group in (staying, leaving) if group]
+        staying = [r for r in kept if not r.routing_stats.get("draining", False)]
+        honest = [r for r in staying if not allow.is_demoted(r.routing_stats)]
+        struck = [r for r in staying if allow.is_demoted(r.routing_stats)]
+        groups = (honest, struck, leaving)
+        return singletons([sorted(group, key=self._load) for group in groups if group])

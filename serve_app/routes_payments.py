@@ -1,9 +1,14 @@
 """Payment routes: signup, buying credit bundles, Stripe's webhook, provider payouts.
 
 - `POST /v1/auth/signup` (no key) `{"email", "password"}` → 201: the account on the free
-  plan with its $10 of credits and a first API key (its secret shown only here).
-- `POST /v1/billing/checkout` (API key) `{"bundle": "solo"|"team"|"scale"}` → a Stripe
-  Checkout Session: `{"id": "cs_…", "url": "https://checkout.stripe.com/…", …}`.
+  plan with its $10 of credits and a first API key (its secret shown only here); sign-ups
+  per client IP and network are throttled before the password is hashed (`serve_app.throttle`:
+  429 `rate_limit` with `Retry-After`). With SMTP configured the credits wait for the link
+  mailed to the address: `GET /v1/auth/verify?token=…` grants them, once.
+- `POST /v1/billing/checkout` (API key) `{"bundle": "solo"|"team"|"scale", "daily_cap":
+  false}` → a Stripe Checkout Session: `{"id": "cs_…", "url": "https://checkout.stripe.com/…",
+  …}`. Paid, it moves the account to the paid plan (credits its only limit); `"daily_cap":
+  true` asks for the bundle's daily cap as well (a capped budget, the storefront's promise).
 - `POST /v1/billing/stripe/webhook` (no key; `Stripe-Signature` verified on the raw body).
 - `POST /v1/providers/me/stripe/onboarding` (API key of the account owning providers) → a
   Stripe Connect onboarding link.
@@ -11,30 +16,31 @@
   by day and model, payable balances and recent payouts.
 
 SQL, argon2 and Stripe calls are blocking: they run in the thread pool. With no Stripe key
-(or webhook secret) configured, the Stripe routes answer 503.
+(or webhook secret) configured, the Stripe routes answer 503. The routes raise; what billing
+raises (a bad signup, an unknown bundle, a bad webhook signature) and Stripe failing become
+responses in `serve_app.errors`, the one mapping.
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
 import stripe
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from billing import connect, earnings, payouts, signup, webhooks
-from billing.checkout import CheckoutError, create_checkout
-from billing.money import nusd_to_usd
-from billing.stripe_client import error_text
-from serve_app.errors import APIError, invalid_request
+from billing import connect, earnings, email_verification, payouts, signup, webhooks
+from billing.checkout import create_checkout
+from billing.stripe_client import PaymentsNotConfigured
+from kernel.errors import InvalidRequest
+from kernel.money import CURRENCY, nusd_to_usd
 from serve_app.services import Services, services
+from serve_app.throttle import Throttle
 
-logger = logging.getLogger("darkgpu.payments")
 router = APIRouter()
 Svc = Annotated[Services, Depends(services)]
 MAX_EARNINGS_DAYS = 366
@@ -51,88 +57,90 @@ class CheckoutBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bundle: str = Field(max_length=64)
+    daily_cap: bool = Field(default=False, strict=True)
 
 
 def _stripe(svc: Services) -> stripe.StripeClient:
     if svc.stripe is None:
-        raise APIError(503, "Payments are not available right now.", code="payments_unavailable")
+        raise PaymentsNotConfigured("Payments are not available right now.")
     return svc.stripe
 
 
-def _stripe_down(exc: stripe.StripeError) -> APIError:
-    logger.error("Stripe call failed: %s", error_text(exc))
-    return APIError(
-        503, "The payment provider did not answer; try again shortly.", code="payments_unavailable"
-    )
-
-
 @router.post("/v1/auth/signup", status_code=201)
-async def signup_route(body: SignupBody, svc: Svc) -> JSONResponse:
-    try:
-        result = await run_in_threadpool(
-            signup.signup, svc.db, svc.redis, svc.plans, email=body.email, password=body.password
-        )
-    except signup.EmailTaken as exc:
-        raise APIError(
-            409, str(exc), type="invalid_request", param=exc.param, code=exc.code
-        ) from None
-    except signup.SignupError as exc:
-        raise invalid_request(str(exc), param=exc.param, code=exc.code) from None
+async def signup_route(body: SignupBody, request: Request, svc: Svc) -> JSONResponse:
+    throttle = Throttle(svc.state, svc.settings)
+    ip = throttle.client(request)
+    result = await run_in_threadpool(
+        signup.signup,
+        svc.db,
+        svc.redis,
+        svc.plans,
+        email=body.email,
+        password=body.password,
+        before_hash=lambda: throttle.check(throttle.signup, ip),  # 429 before argon2
+        mailer=email_verification.mailer_for(svc.settings, svc.redis),
+    )
     return JSONResponse(result.to_json(), status_code=201)
+
+
+@router.get(email_verification.VERIFY_PATH)
+async def verify_email_route(
+    svc: Svc, token: Annotated[str, Query(max_length=128)] = ""
+) -> dict[str, Any]:
+    """The link mailed at signup: the account's signup credits, once."""
+    account_id, granted = await run_in_threadpool(
+        email_verification.verify, svc.db, svc.redis, svc.plans, token
+    )
+    return {
+        "object": "email_verification",
+        "account_id": account_id,
+        "verified": True,
+        "credits_granted_nusd": granted,
+        "credits_granted_usd": nusd_to_usd(granted),
+    }
 
 
 @router.post("/v1/billing/checkout")
 async def checkout_route(body: CheckoutBody, request: Request, svc: Svc) -> dict[str, Any]:
     account_id = await svc.gate.account(request)
     client = _stripe(svc)
-    try:
-        result = await run_in_threadpool(
-            create_checkout,
-            svc.db,
-            client,
-            svc.plans,
-            svc.settings,
-            account_id=account_id,
-            bundle=body.bundle,
-        )
-    except CheckoutError as exc:
-        raise APIError(exc.status, str(exc), param=exc.param, code=exc.code) from None
-    except stripe.StripeError as exc:
-        raise _stripe_down(exc) from None
+    result = await run_in_threadpool(
+        create_checkout,
+        svc.db,
+        client,
+        svc.plans,
+        svc.settings,
+        account_id=account_id,
+        bundle=body.bundle,
+        capped_budget=body.daily_cap,
+    )
     return result.to_json()
 
 
 @router.post("/v1/billing/stripe/webhook")
-async def webhook_route(request: Request, svc: Svc) -> dict[str, Any]:
+async def webhook_route(request: Request, svc: Svc, background: BackgroundTasks) -> dict[str, Any]:
     secret = svc.settings.stripe_webhook_secret.get_secret_value()
     if not secret:
-        raise APIError(503, "Webhooks are not configured.", code="payments_unavailable")
+        raise PaymentsNotConfigured("Webhooks are not configured.")
     payload = await request.body()
-    try:
-        event = webhooks.verify(
-            payload,
-            request.headers.get("stripe-signature"),
-            secret,
-            tolerance=svc.settings.stripe_webhook_tolerance_s,
-        )
-    except webhooks.BadSignature as exc:
-        raise invalid_request(
-            f"Webhook signature verification failed: {exc}", code="invalid_signature"
-        ) from None
-    handler = webhooks.WebhookHandler(svc.db, svc.redis, svc.plans, svc.stripe)
-    try:
-        result = await run_in_threadpool(handler.handle, event)
-    except stripe.StripeError as exc:  # Stripe retries the event later
-        raise _stripe_down(exc) from None
+    event = webhooks.verify(  # a bad signature: 400, so Stripe's dashboard shows why
+        payload,
+        request.headers.get("stripe-signature"),
+        secret,
+        tolerance=svc.settings.stripe_webhook_tolerance_s,
+    )
+    handler = webhooks.WebhookHandler(svc.db, svc.redis, svc.plans, svc.stripe, defer_fees=True)
+    # Stripe failing here is a 503 (serve_app.errors): Stripe retries the event later.
+    result = await run_in_threadpool(handler.handle, event)
+    if handler.fees_due:  # Stripe's fees on the payment: read once Stripe has its answer
+        background.add_task(handler.book_fees_due)
     return result.to_json()
 
 
 def _owned(svc: Services, account_id: int) -> list[tuple[str, str]]:
     owned = connect.owned_providers(svc.db, account_id)
     if not owned:
-        raise APIError(
-            404, "This account owns no providers; register a GPU first.", code="no_providers"
-        )
+        raise connect.NoProviders("This account owns no providers; register a GPU first.")
     return owned
 
 
@@ -141,14 +149,9 @@ async def onboarding_route(request: Request, svc: Svc) -> dict[str, Any]:
     account_id = await svc.gate.account(request)
     await run_in_threadpool(_owned, svc, account_id)
     client = _stripe(svc)
-    try:
-        link = await run_in_threadpool(
-            connect.onboarding_link, svc.db, client, svc.settings, account_id=account_id
-        )
-    except connect.NoProviders:
-        raise APIError(404, "This account owns no providers.", code="no_providers") from None
-    except stripe.StripeError as exc:
-        raise _stripe_down(exc) from None
+    link = await run_in_threadpool(
+        connect.onboarding_link, svc.db, client, svc.settings, account_id=account_id
+    )
     return link.to_json()
 
 
@@ -158,7 +161,7 @@ def _day(text: str | None, default: date, param: str) -> date:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise invalid_request(f"{param}: not a date (YYYY-MM-DD)", param=param) from None
+        raise InvalidRequest(f"{param}: not a date (YYYY-MM-DD)", param=param) from None
 
 
 @router.get("/v1/providers/me/earnings")
@@ -173,9 +176,9 @@ async def earnings_route(
     last = _day(end, today, "end")
     first = _day(start, last - timedelta(days=29), "start")
     if first > last:
-        raise invalid_request("start is after end", param="start")
+        raise InvalidRequest("start is after end", param="start")
     if (last - first).days >= MAX_EARNINGS_DAYS:
-        raise invalid_request(f"at most {MAX_EARNINGS_DAYS} days at a time", param="start")
+        raise InvalidRequest(f"at most {MAX_EARNINGS_DAYS} days at a time", param="start")
     return await run_in_threadpool(_earnings, svc, account_id, first, last)
 
 
@@ -193,7 +196,7 @@ def _earnings(svc: Services, account_id: int, first: date, last: date) -> dict[s
         "object": "provider_earnings",
         "start": first.isoformat(),
         "end": last.isoformat(),
-        "currency": "usd",
+        "currency": CURRENCY,
         "providers": [
             {
                 "id": pid,

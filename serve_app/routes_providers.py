@@ -11,7 +11,9 @@ consumer keys are refused there, and provider tokens on consumer routes).
     POST /v1/providers/heartbeat          provider token: alive, and in which status
     GET  /v1/providers/me                 provider token: state and earnings so far
 
-SQL work runs in FastAPI's thread pool (sync routes) or `asyncio.to_thread`.
+SQL work runs in FastAPI's thread pool (sync routes) or `asyncio.to_thread`. What the registry
+refuses carries its own status and code (`cluster.registry`: 400, 401 for a token, 404, 503
+before the cluster has a Ray token) and becomes a response in `serve_app.errors`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from billing.schema import ProviderStatus
+from billing import earnings
 from cluster import registry
-from cluster.attestation import CHALLENGE_MAX_AGE_S, attestation_document
-from cluster.labels import VRAM_RESOURCE, NodeIdentity, TrustTier
-from cluster.registry import ProviderInfo, Registration, RegistryError
-from serve_app.errors import APIError
+from cluster.attestation import CHALLENGE_MAX_AGE_S
+from cluster.attestation_document import attestation_document
+from cluster.registry import ProviderInfo, Registration
+from core.schema import ProviderReview, ProviderStatus
+from kernel.labels import VRAM_RESOURCE, NodeIdentity, TrustTier
 from serve_app.gate import bearer_key
 from serve_app.services import Services, services
 
@@ -48,22 +51,9 @@ class Heartbeat(BaseModel):
     reason: str | None = Field(default=None, max_length=200)
 
 
-def _error(exc: RegistryError) -> APIError:
-    if isinstance(exc, registry.ProviderAuthError):
-        return APIError(401, str(exc), code=exc.code)
-    if isinstance(exc, registry.ProviderNotFound):
-        return APIError(404, str(exc), code=exc.code)
-    if exc.code == "cluster_not_ready":
-        return APIError(503, str(exc), code=exc.code, headers={"Retry-After": "30"})
-    return APIError(400, str(exc), code=exc.code)
-
-
 def provider_auth(request: Request, svc: Svc) -> ProviderInfo:
     """FastAPI dependency: the provider of the request's provider token."""
-    try:
-        return registry.authenticate(svc.db, bearer_key(request))
-    except RegistryError as exc:
-        raise _error(exc) from None
+    return registry.authenticate(svc.db, bearer_key(request))
 
 
 AuthedProvider = Annotated[ProviderInfo, Depends(provider_auth)]
@@ -82,11 +72,7 @@ def node_spec(provider: ProviderInfo) -> dict[str, Any]:
 
 @router.get("/v1/providers/{provider_id}/attestation")
 def get_attestation(provider_id: str, svc: Svc) -> dict[str, Any]:
-    try:
-        provider = registry.get_provider(svc.db, provider_id)
-    except RegistryError as exc:
-        raise _error(exc) from None
-    return attestation_document(provider)
+    return attestation_document(registry.get_provider(svc.db, provider_id))
 
 
 @router.post("/v1/providers", status_code=201)
@@ -95,12 +81,9 @@ async def create_provider(
 ) -> dict[str, Any]:
     account_id = await svc.gate.account(request)
     name = body.name if body else CreateProvider().name
-    try:
-        new = await asyncio.to_thread(
-            registry.create_provider, svc.db, account_id=account_id, name=name
-        )
-    except RegistryError as exc:
-        raise _error(exc) from None
+    new = await asyncio.to_thread(
+        registry.create_provider, svc.db, account_id=account_id, name=name
+    )
     return {**new.provider.to_json(), "token": new.token}
 
 
@@ -113,28 +96,24 @@ async def list_own_providers(request: Request, svc: Svc) -> dict[str, Any]:
 
 @router.post("/v1/providers/auth")
 def exchange(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
-    try:
-        token = svc.providers.ray_token()
-    except RegistryError as exc:
-        raise _error(exc) from None
+    """The cluster's address and Ray token, only for a provider the operator approved:
+    any node with the token can join (and Ray trusts every node that joins)."""
+    approved = provider.review == ProviderReview.approved.value
     return {
         "object": "provider.credentials",
         "provider_id": provider.id,
-        "cluster_address": svc.providers.cluster_address(),
-        "ray_auth_token": token,
+        "review": provider.review,
+        "cluster_address": svc.providers.cluster_address() if approved else None,
+        "ray_auth_token": svc.providers.ray_token() if approved else None,
         "heartbeat_interval_s": svc.providers.settings.heartbeat_interval_s,
     }
 
 
 @router.post("/v1/providers/challenge")
 def challenge(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
-    try:
-        value = svc.providers.challenge(provider.id)
-    except RegistryError as exc:
-        raise _error(exc) from None
     return {
         "object": "provider.challenge",
-        "challenge": value,
+        "challenge": svc.providers.challenge(provider.id),
         "expires_in_s": CHALLENGE_MAX_AGE_S,
     }
 
@@ -145,13 +124,10 @@ def register(
     provider: AuthedProvider,
     svc: Svc,
 ) -> dict[str, Any]:
-    try:
-        secret = svc.providers.secret() if body.cc_evidence is not None else b""
-        done = registry.register(
-            svc.db, provider.id, body, secret=secret, verifier=svc.providers.verifier
-        )
-    except RegistryError as exc:
-        raise _error(exc) from None
+    secret = svc.providers.secret() if body.cc_evidence is not None else b""
+    done = registry.register(
+        svc.db, provider.id, body, secret=secret, verifier=svc.providers.verifier
+    )
     return {
         **done.provider.to_json(),
         "tier_reason": done.tier_reason,
@@ -175,4 +151,4 @@ def heartbeat(
 
 @router.get("/v1/providers/me")
 def me(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
-    return {**provider.to_json(), "earnings": registry.earnings(svc.db, provider.id).to_json()}
+    return {**provider.to_json(), "earnings": earnings.totals(svc.db, provider.id).to_json()}

@@ -18,6 +18,13 @@ from tests.billing.fake_stripe import API_KEY, WEBHOOK_SECRET, FakeStripe, serve
 from tests.ports import port
 
 BIN = Path(sys.executable).parent
+# Tests that build their settings without naming a state Redis use their test Redis database
+# for it too (one server may hold both roles: its noeviction then covers the state keys); the
+# platform fixture, and the tests of the two roles, run a state Redis of their own.
+os.environ.setdefault(
+    "DARKGPU_STATE_REDIS_URL",
+    os.environ.get("DARKGPU_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+)
 _emails = itertools.count(1)
 
 
@@ -65,11 +72,12 @@ def fake_stripe() -> Iterator[tuple[FakeStripe, str]]:
 def platform(tmp_path_factory: pytest.TempPathFactory, fake_stripe) -> Iterator[Platform]:
     ports = {"RAY_PORT": port(6390), "HTTP_PORT": port(8010), "METRICS_PORT": port(8090),
              "DASHBOARD_PORT": port(8275)}  # fmt: skip
-    # Redis on a port where nothing runs: `darkgpu up` starts its own there, as on a bare
-    # machine; SQL is the default SQLite under the data directory.
+    # The money and the state Redis on ports where nothing runs: `darkgpu up` starts its own
+    # there, as on a bare machine; SQL is the default SQLite under the data directory.
     env = {**os.environ, "DARKGPU_DATA_DIR": str(tmp_path_factory.mktemp("darkgpu"))}
     env.update({f"DARKGPU_{k}": str(v) for k, v in ports.items()})
     env["DARKGPU_REDIS_URL"] = f"redis://127.0.0.1:{port(6392)}/0"
+    env["DARKGPU_STATE_REDIS_URL"] = f"redis://127.0.0.1:{port(6393)}/0"
     env.pop("DARKGPU_DATABASE_URL", None)
     env.update(DARKGPU_STRIPE_SECRET_KEY=API_KEY, DARKGPU_STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
                DARKGPU_STRIPE_API_BASE=fake_stripe[1])  # fmt: skip

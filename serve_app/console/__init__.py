@@ -3,26 +3,28 @@ account's overview, API keys, usage, billing and models, and the provider's page
 
 Server-rendered HTML (Jinja2 templates in `templates/`), one stylesheet and one small script
 in `static/`, served by these routes: nothing is fetched from the internet. Sessions and CSRF
-tokens: `sessions`; pages in words on every error: `web.ConsoleRoute`.
+tokens: `sessions`; pages in words on every error: `web.error_page`.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serve_app.console import account_routes, auth_routes, provider_routes
-from serve_app.console.web import PREFIX, ConsoleError, ConsoleRoute
+from kernel.errors import NotFound
+from serve_app.console import account_routes, auth_routes, password_routes, provider_routes
+from serve_app.console.web import PREFIX, ConsoleRoute
 
 router = APIRouter()
 router.include_router(auth_routes.router)
 router.include_router(account_routes.router)
 router.include_router(provider_routes.router)
+router.include_router(password_routes.router)
 unknown = APIRouter(route_class=ConsoleRoute)
 
 
 @unknown.api_route(PREFIX + "/{path:path}", methods=["GET", "POST"], include_in_schema=False)
 def not_found(path: str) -> None:
-    raise ConsoleError("There is no such page in the console.", status=404)
+    raise NotFound("There is no such page in the console.")
 
 
 router.include_router(unknown)  # last: after every real page

@@ -1,11 +1,14 @@
 """The consumer's pages: overview, API keys, usage, billing and the model catalog.
 
     GET  /console/overview                credits, today's tokens against the cap, limits
-    GET  /console/keys, POST              the account's keys; a new key is shown once
+    GET  /console/keys, POST              the account's keys with their usage and spend
+                                          (30 days); a new key (optional expiry) shown once
     POST /console/keys/{id}/revoke
+    POST /console/keys/{id}/rename
     GET  /console/usage                   charts by day, model and customer tag; the ledger
     GET  /console/usage.csv               the ledger rows of the chosen range and filters
     GET  /console/billing                 bundles, purchase history
+    GET  /console/billing/receipts/{id}   a purchase's printable receipt
     POST /console/billing/checkout        → Stripe Checkout
     GET  /console/models                  the catalog, prices, min VRAM, available now
 
@@ -23,23 +26,25 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-import stripe
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from billing import accounts, checkout, reports
+from billing import accounts, checkout, key_usage, receipts, reports
 from billing.reports import UsageFilter, UsageRow
+from billing.stripe_client import PaymentsNotConfigured
+from kernel.errors import Forbidden, InvalidRequest, NotFound, Unavailable
 from serve_app.console import charts
 from serve_app.console.format import count, usd
 from serve_app.console.sessions import COOKIE
 from serve_app.console.web import (
     PREFIX,
-    ConsoleError,
     ConsoleRoute,
     Form,
+    LoginRequired,
     SignedIn,
     Store,
     Svc,
+    Visitor,
     account_of,
     page,
     redirect,
@@ -49,7 +54,7 @@ router = APIRouter(route_class=ConsoleRoute)
 MAX_DAYS = 366
 DEFAULT_DAYS = 30
 PAGE_SIZE = 50
-KEY_NAME_MAX = 100
+KEY_NAME_MAX = accounts.KEY_NAME_MAX
 
 
 def api_base(request: Request) -> str:
@@ -77,24 +82,48 @@ def overview(request: Request, session: SignedIn, svc: Svc) -> Response:
 # --- keys ----------------------------------------------------------------------------------
 
 
-def _keys_page(session: SignedIn, svc: Svc, **context: Any) -> Response:
+EXPIRY_DAYS = (7, 30, 90, 365)
+
+
+def _keys_page(session: SignedIn, svc: Svc, status: int = 200, **context: Any) -> Response:
     context.setdefault("new_key", None)
     context.setdefault("error", None)
     context.setdefault("notice", None)
-    keys = accounts.list_keys(svc.db, account_of(session))
-    return page("keys.html", session, active="keys", keys=keys[::-1], **context)
+    last = datetime.now(UTC)
+    first = last - timedelta(days=DEFAULT_DAYS)
+    keys = key_usage.keys_with_usage(svc.db, account_id=account_of(session), start=first,
+                                     end=last)  # fmt: skip
+    return page("keys.html", session, status=status, active="keys", keys=keys,
+                expiry_days=EXPIRY_DAYS, usage_days=DEFAULT_DAYS, now=last, **context)  # fmt: skip
+
+
+KEY_NOTICES = {
+    "revoked": "Key {} is revoked: requests with it now get 401.",
+    "renamed": "Key {} is renamed.",
+}
 
 
 @router.get(PREFIX + "/keys", include_in_schema=False)
 def keys_page(request: Request, session: SignedIn, svc: Svc, sessions: Store) -> Response:
-    revoked = request.query_params.get("revoked")
-    notice = f"Key {revoked} is revoked: requests with it now get 401." if revoked else None
+    notice = None
+    for what, words in KEY_NOTICES.items():
+        if request.query_params.get(what):
+            notice = words.format(request.query_params[what])
     new_key = None
     if "created" in request.query_params:  # right after "Create key": the key, once
         secret = sessions.reveal(request.cookies.get(COOKIE))
         if secret is not None:
             new_key = {"key": secret, "name": request.query_params.get("created", "")}
     return _keys_page(session, svc, notice=notice, new_key=new_key)
+
+
+def _expiry(form: dict[str, str]) -> datetime | None:
+    chosen = form.get("expires_in_days", "")
+    if chosen in ("", "never"):
+        return None
+    if not chosen.isdigit() or int(chosen) not in EXPIRY_DAYS:
+        raise InvalidRequest("Choose when the key expires from the list.")
+    return datetime.now(UTC) + timedelta(days=int(chosen))
 
 
 @router.post(PREFIX + "/keys", include_in_schema=False)
@@ -104,12 +133,15 @@ def create_key(
     name = form.get("name", "").strip()
     if not name or len(name) > KEY_NAME_MAX:
         return _keys_page(
-            session, svc, error=f"Give the key a name of 1 to {KEY_NAME_MAX} characters."
-        )
+            session, svc, status=400,
+            error=f"Give the key a name of 1 to {KEY_NAME_MAX} characters.",
+        )  # fmt: skip
     try:
-        key = accounts.create_key(svc.db, svc.redis, account_id=account_of(session), name=name)
-    except accounts.AccountError:
-        raise ConsoleError("This account cannot create keys (it is not active).", 403) from None
+        key = accounts.create_key(
+            svc.db, svc.redis, account_id=account_of(session), name=name, expires_at=_expiry(form)
+        )
+    except accounts.AccountError:  # in the visitor's words, not the operator's
+        raise Forbidden("This account cannot create keys (it is not active).") from None
     assert key.key is not None
     # post/redirect/get: a reload shows the list, and never makes another key
     sessions.stash(request.cookies.get(COOKIE, ""), key.key)
@@ -120,9 +152,25 @@ def create_key(
 def revoke_key(key_id: int, form: Form, session: SignedIn, svc: Svc) -> Response:
     try:
         info = accounts.revoke_key(svc.db, svc.redis, key_id=key_id, account_id=account_of(session))
+    except accounts.AccountError:  # whichever the reason, the visitor's key is not there
+        raise NotFound("There is no such key in this account.") from None
+    return redirect(f"{PREFIX}/keys?{urlencode({'revoked': info.prefix + '…'})}")
+
+
+@router.post(PREFIX + "/keys/{key_id}/rename", include_in_schema=False)
+def rename_key(key_id: int, form: Form, session: SignedIn, svc: Svc) -> Response:
+    name = form.get("name", "").strip()
+    if not name or len(name) > KEY_NAME_MAX:
+        return _keys_page(
+            session, svc, status=400,
+            error=f"Give the key a name of 1 to {KEY_NAME_MAX} characters.",
+        )  # fmt: skip
+    try:
+        info = accounts.rename_key(svc.db, key_id=key_id, account_id=account_of(session),
+                                   name=name)  # fmt: skip
     except accounts.AccountError:
-        raise ConsoleError("There is no such key in this account.", 404) from None
-    return redirect(f"{PREFIX}/keys?revoked={info.prefix}…")
+        raise NotFound("There is no such key in this account.") from None
+    return redirect(f"{PREFIX}/keys?{urlencode({'renamed': info.prefix + '…'})}")
 
 
 # --- usage ---------------------------------------------------------------------------------
@@ -134,7 +182,7 @@ def _day(text: str | None, default: date, what: str) -> date:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise ConsoleError(f"The {what} date must look like 2026-11-25.") from None
+        raise InvalidRequest(f"The {what} date must look like 2026-11-25.") from None
 
 
 def chosen_days(start: str | None, end: str | None) -> tuple[date, date]:
@@ -142,9 +190,9 @@ def chosen_days(start: str | None, end: str | None) -> tuple[date, date]:
     last = _day(end, datetime.now(UTC).date(), "end")
     first = _day(start, last - timedelta(days=DEFAULT_DAYS - 1), "start")
     if first > last:
-        raise ConsoleError("The start date is after the end date.")
+        raise InvalidRequest("The start date is after the end date.")
     if (last - first).days >= MAX_DAYS:
-        raise ConsoleError(f"Choose at most {MAX_DAYS} days at a time.")
+        raise InvalidRequest(f"Choose at most {MAX_DAYS} days at a time.")
     return first, last
 
 
@@ -278,37 +326,58 @@ def usage_csv(svc: Svc, usage: Chosen) -> Response:
 # --- billing -------------------------------------------------------------------------------
 
 
+CHECKOUT_OUTCOMES = {
+    "success": "Thank you: the credits are added as soon as Stripe confirms the payment.",
+    "cancelled": "The checkout was cancelled; nothing was charged.",
+}
+
+
+def returned_from_stripe(title: str, notice: str) -> Response:
+    """Where Stripe sends a visitor back (`Settings.checkout_success_url` and the rest) to a
+    browser that is no longer signed in: what happened, in words, and the way to sign in;
+    a redirect to the sign-in page would lose it."""
+    return page("returned.html", None, title=title, notice=notice)
+
+
 @router.get(PREFIX + "/billing", include_in_schema=False)
-def billing_page(request: Request, session: SignedIn, svc: Svc) -> Response:
-    outcome = request.query_params.get("checkout")
-    notice = {
-        "success": "Thank you: the credits are added as soon as Stripe confirms the payment.",
-        "cancelled": "The checkout was cancelled; nothing was charged.",
-    }.get(outcome or "")
+def billing_page(request: Request, visitor: Visitor, svc: Svc) -> Response:
+    notice = CHECKOUT_OUTCOMES.get(request.query_params.get("checkout") or "")
+    if visitor is None or not visitor.signed_in:
+        if notice is None:
+            raise LoginRequired()
+        return returned_from_stripe("Billing", notice)
+    session = visitor
     return page(
         "billing.html",
         session,
         active="billing",
         bundles=sorted(svc.plans.bundles.items(), key=lambda item: item[1].price_nusd),
         purchases=checkout.purchases(svc.db, account_of(session)),
+        receipt_number=receipts.number_of,
         payments_on=svc.stripe is not None,
         notice=notice,
     )
 
 
+@router.get(PREFIX + "/billing/receipts/{payment_id}", include_in_schema=False)
+def receipt_page(
+    payment_id: Annotated[int, Path(ge=1, le=2**62)], session: SignedIn, svc: Svc
+) -> Response:
+    found = receipts.receipt(svc.db, account_id=account_of(session), payment_id=payment_id)
+    if found is None:  # whoever's it is, this account has no such purchase
+        raise NotFound("There is no such receipt in this account.")
+    return page("receipt.html", session, active="billing", receipt=found)
+
+
 @router.post(PREFIX + "/billing/checkout", include_in_schema=False)
 def start_checkout(form: Form, session: SignedIn, svc: Svc) -> Response:
     if svc.stripe is None:
-        raise ConsoleError("Payments are not available right now.", 503)
-    try:
-        result = checkout.create_checkout(
-            svc.db, svc.stripe, svc.plans, svc.settings,
-            account_id=account_of(session), bundle=form.get("bundle", ""),
-        )  # fmt: skip
-    except checkout.CheckoutError as exc:
-        raise ConsoleError(str(exc), exc.status) from None
-    except stripe.StripeError:
-        raise ConsoleError("The payment provider did not answer; try again shortly.", 503) from None
+        raise PaymentsNotConfigured("Payments are not available right now.")
+    result = checkout.create_checkout(
+        svc.db, svc.stripe, svc.plans, svc.settings,
+        account_id=account_of(session), bundle=form.get("bundle", ""),
+        capped_budget=form.get("daily_cap") == "on",
+    )  # fmt: skip
     return redirect(result.url)
 
 
@@ -321,6 +390,6 @@ ModelCards = Callable[[], Awaitable[list[dict[str, Any]]]]
 async def models_page(request: Request, session: SignedIn) -> Response:
     cards: ModelCards | None = getattr(request.app.state, "model_cards", None)
     if cards is None:
-        raise ConsoleError("The model catalog is not available right now.", 503)
+        raise Unavailable("The model catalog is not available right now.")
     models = await cards()
     return await run_in_threadpool(page, "models.html", session, active="models", models=models)

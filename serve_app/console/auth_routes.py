@@ -6,21 +6,26 @@
     POST /console/logout           ends the session
     GET  /console/static/{name}    console.css, console.js
 
-The sign-in and sign-up forms carry the CSRF token of an anonymous session, made when the
-page is shown; signing in or up replaces it with a new, signed-in one.
+Sign-up and sign-in attempts are throttled per client IP and network before any password is
+hashed (`serve_app.throttle`: the form again, 429, saying when to try again); failed
+sign-ins lock an email only from the network they came from (`sessions`).
+
+The sign-in and sign-up forms carry an anonymous visitor's CSRF token (the HMAC of its
+`dgpu_csrf` cookie's nonce: nothing stored in Redis); signing in or up starts a signed-in
+session, the first thing the console stores.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from billing import accounts, signup
-from billing.schema import AccountStatus
-from serve_app.console.sessions import Session
+from billing import accounts, email_verification, signup
+from core.schema import AccountStatus
+from kernel.errors import NotFound, RateLimited
+from serve_app.console.sessions import CSRF_COOKIE, Session
 from serve_app.console.web import (
     HERE,
     PREFIX,
-    ConsoleError,
     ConsoleRoute,
     Form,
     Store,
@@ -30,7 +35,9 @@ from serve_app.console.web import (
     page,
     plain_http_elsewhere,
     redirect,
+    set_cookie,
 )
+from serve_app.throttle import Throttle, network_of
 
 router = APIRouter(route_class=ConsoleRoute)
 STATIC = {
@@ -48,7 +55,7 @@ def home(session: Visitor) -> Response:
 @router.get(PREFIX + "/static/{name}", include_in_schema=False)
 def static(name: str) -> Response:
     if name not in STATIC:
-        raise ConsoleError("There is no such page.", status=404)
+        raise NotFound("There is no such page.")
     body = (HERE / "static" / name).read_bytes()
     return Response(body, media_type=STATIC[name], headers={"Cache-Control": "max-age=300"})
 
@@ -56,28 +63,54 @@ def static(name: str) -> Response:
 def _anonymous_form(
     template: str, request: Request, session: Session | None, sessions: Store, **context: object
 ) -> Response:
-    """A sign-in or sign-up page: with the visitor's session, or a new anonymous one."""
+    """A sign-in or sign-up page, for an anonymous visitor (a new one gets its CSRF cookie;
+    nothing is stored)."""
     if session is not None and session.signed_in:
         return redirect(f"{PREFIX}/overview")
-    token = None
+    nonce = None
     if session is None:
-        token, session = sessions.start()
+        nonce, session = sessions.anonymous()
     context.setdefault("error", None)
     context.setdefault("notice", None)
     context.setdefault("email", "")
-    return page(
+    response = page(
         template,
         session,
         status=400 if context["error"] else 200,
-        cookie=token,
+        cookie=None,
         insecure=plain_http_elsewhere(request),
         **context,
     )
+    if nonce is not None:
+        set_cookie(response, nonce, CSRF_COOKIE)
+    return response
+
+
+def _throttled(
+    template: str,
+    request: Request,
+    session: Session,
+    sessions: Store,
+    exc: RateLimited,
+    **context: object,
+) -> Response:
+    """The form again, saying in words when to try again: 429 with `Retry-After`."""
+    response = _anonymous_form(template, request, session, sessions, error=exc.message,
+                               **context)  # fmt: skip
+    response.status_code = exc.status
+    response.headers.update(exc.headers)
+    return response
 
 
 @router.get(PREFIX + "/login", include_in_schema=False)
 def login_page(request: Request, session: Visitor, sessions: Store) -> Response:
-    notice = "You are signed out." if request.query_params.get("signed_out") else None
+    notice = None
+    if request.query_params.get("signed_out"):
+        notice = "You are signed out."
+    elif request.query_params.get("reset"):
+        notice = "Your password is changed and every session signed out: sign in with it."
+    elif request.query_params.get("deleted"):
+        notice = "Your account is deleted. Thank you for using DarkGPU."
     return _anonymous_form("login.html", request, session, sessions, notice=notice)
 
 
@@ -86,22 +119,31 @@ def login(request: Request, form: Form, session: Visitor, sessions: Store, svc: 
     assert session is not None  # checked_form refuses a form without one
     email = form.get("email", "").strip().lower()
     password = form.get("password", "")
-    if sessions.login_blocked(email):
+    throttle = Throttle(svc.state, svc.settings)
+    ip = throttle.client(request)
+    network = network_of(ip)
+    if sessions.login_blocked(email, network):
         return _anonymous_form(
             "login.html", request, session, sessions, email=email,
             error="Too many failed sign-ins for this email. Try again in 15 minutes.",
         )  # fmt: skip
-    account_id = signup.verify_password(svc.db, email, password) if email and password else None
+    account_id = None
+    if email and password:
+        try:
+            throttle.check(throttle.signin, ip)  # before argon2
+        except RateLimited as exc:
+            return _throttled("login.html", request, session, sessions, exc, email=email)
+        account_id = signup.verify_password(svc.db, email, password)
     if account_id is None:
-        if email:
-            sessions.login_failed(email)
+        if email and password:  # a guess, counted by the throttle: nothing else is stored
+            sessions.login_failed(email, network)
         return _anonymous_form("login.html", request, session, sessions, email=email,
                                error=WRONG_LOGIN)  # fmt: skip
     account = accounts.get_account(svc.db, account_id)
     if account.status != AccountStatus.active.value:
         return _anonymous_form("login.html", request, session, sessions, email=email,
                                error="This account is suspended. Contact support.")  # fmt: skip
-    sessions.login_succeeded(email)
+    sessions.login_succeeded(email, network)
     sessions.end(session)
     token, _ = sessions.start(account_id, account.email)
     return redirect(f"{PREFIX}/overview", cookie=token)
@@ -118,10 +160,16 @@ def signup_submit(
 ) -> Response:
     assert session is not None
     email = form.get("email", "")
+    throttle = Throttle(svc.state, svc.settings)
+    ip = throttle.client(request)
     try:
         result = signup.signup(
-            svc.db, svc.redis, svc.plans, email=email, password=form.get("password", "")
-        )
+            svc.db, svc.redis, svc.plans, email=email, password=form.get("password", ""),
+            before_hash=lambda: throttle.check(throttle.signup, ip),
+            mailer=email_verification.mailer_for(svc.settings, svc.redis),
+        )  # fmt: skip
+    except RateLimited as exc:
+        return _throttled("signup.html", request, session, sessions, exc, email=email.strip())
     except signup.SignupError as exc:  # EmailTaken too: the message says which
         return _anonymous_form("signup.html", request, session, sessions, email=email.strip(),
                                error=str(exc))  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from billing.money import nusd_to_usd
+from kernel.money import NUSD_PER_CENT, nusd_to_usd
 
 
 def usd(nusd: int) -> str:
@@ -16,7 +16,7 @@ def usd(nusd: int) -> str:
 
 
 def cents(amount_cents: int) -> str:
-    return usd(amount_cents * 10**7)
+    return usd(amount_cents * NUSD_PER_CENT)
 
 
 def count(n: int | None) -> str:
@@ -29,8 +29,6 @@ def when(moment: datetime | str | None) -> str:
         return "never"
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 

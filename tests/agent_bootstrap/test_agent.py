@@ -16,11 +16,12 @@ from agent_bootstrap.agent import Agent, AgentDeps, Phase, RayCli
 from agent_bootstrap.api import PlatformAuthError, PlatformError
 from agent_bootstrap.config import ProviderConfig
 from agent_bootstrap.credentials import Credentials
-from agent_bootstrap.idle import ProcInfo, StaticProcTable
+from agent_bootstrap.evidence import bound_nonce
+from agent_bootstrap.idle import ProcInfo
 from agent_bootstrap.keys import load_or_create
+from agent_bootstrap.nvml import GpuReading, GpuUnavailable, RecordedReader
 from agent_bootstrap.schedule import Window
-from cluster.attestation import bound_nonce
-from cluster.nvml import GpuReading, GpuUnavailable, RecordedReader
+from tests.agent_bootstrap.proc_tables import StaticProcTable
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import GAME, H100, H100_CC_ON, NO_DRIVER, VLLM, h100_with
 
@@ -64,6 +65,10 @@ class Platform:
         self.beats: list[tuple[str, str | None]] = []
         self.challenges: list[str] = []
         self.fail_with: Exception | None = None
+        self.exchanges = 0
+        self.tickets: list[str] = []
+        self.bound: list[tuple[str, str]] = []
+        self.refuse_binding: Exception | None = None
 
     def challenge(self) -> str:
         value = base64.urlsafe_b64encode(b"c" * 40).decode()
@@ -79,6 +84,21 @@ class Platform:
             raise self.fail_with
         self.beats.append((status, reason))
         return {"status": status}
+
+    def exchange(self) -> dict[str, Any]:
+        self.exchanges += 1
+        return {"cluster_address": "10.8.0.1:6380", "ray_auth_token": "rotated-token",
+                "review": "approved"}  # fmt: skip
+
+    def join_ticket(self) -> str:
+        self.tickets.append(f"dgpj-{len(self.tickets)}")
+        return self.tickets[-1]
+
+    def bind_node(self, ticket: str, node_id: str) -> dict[str, Any]:
+        if self.refuse_binding is not None:
+            raise self.refuse_binding
+        self.bound.append((ticket, node_id))
+        return {"node_id": node_id}
 
     @property
     def statuses(self) -> list[str]:
@@ -149,7 +169,9 @@ def test_joins_inside_the_window_and_drains_and_leaves_outside_it(tmp_path: Path
 
     clock.set(0, "22:00")
     assert agent.tick() is Phase.joined
-    assert runner.commands[-1] == [
+    # a ticket before `ray start`, redeemed with the node's id after it
+    assert platform.bound == [("dgpj-0", "a1b2c3d4e5f6")]
+    assert runner.commands[0] == [
         "ray",
         "start",
         "--address",
@@ -161,8 +183,8 @@ def test_joins_inside_the_window_and_drains_and_leaves_outside_it(tmp_path: Path
         json.dumps({"vram_gb": 80}),
         "--disable-usage-stats",
     ]
-    assert runner.envs[-1]["RAY_AUTH_MODE"] == "token"
-    assert runner.envs[-1]["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "ray_auth_token")
+    assert runner.envs[0]["RAY_AUTH_MODE"] == "token"
+    assert runner.envs[0]["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "ray_auth_token")
 
     clock.set(1, "08:00")  # the window closes; our replica is still on the GPU
     assert agent.tick() is Phase.draining
@@ -214,8 +236,9 @@ def test_a_foreign_process_drains_the_node_and_it_rejoins_after_idle(tmp_path: P
         Phase.out,
         Phase.joined,
     ]
-    assert runner.verbs == ["start", "node-id", "drain-node", "stop", "start"]
+    assert runner.verbs == ["start", "node-id", "drain-node", "stop", "start", "node-id"]
     assert platform.statuses == ["online", "draining", "paused", "online"]
+    assert [ticket for ticket, _ in platform.bound] == ["dgpj-0", "dgpj-1"]  # one per join
 
 
 def test_the_drain_deadline_bounds_the_wait(tmp_path: Path) -> None:
@@ -238,7 +261,7 @@ def test_without_idle_detection_foreign_processes_do_not_matter(tmp_path: Path) 
     agent, _, runner = make_agent(tmp_path, [H100, h100_with(GAME)], config, Clock(MONDAY))
     agent.start()
     assert agent.tick() is Phase.joined
-    assert agent.tick() is Phase.joined and runner.verbs == ["start"]
+    assert agent.tick() is Phase.joined and runner.verbs == ["start", "node-id"]
 
 
 def test_a_failed_ray_start_stays_out_and_retries(tmp_path: Path) -> None:
@@ -250,6 +273,8 @@ def test_a_failed_ray_start_stays_out_and_retries(tmp_path: Path) -> None:
     assert platform.beats[-1] == ("paused", agent.reason)
     runner.fail.clear()
     assert agent.tick() is Phase.joined
+    # the failure may be a rotated cluster token: the agent asked for the credentials again
+    assert platform.exchanges == 1 and agent.credentials.ray_auth_token == "rotated-token"
 
 
 def test_a_failed_drain_stops_the_node(tmp_path: Path) -> None:
@@ -342,3 +367,19 @@ def test_run_until_stopped_then_leaves_and_says_offline(tmp_path: Path) -> None:
     agent.run(lambda: next(stops))
     assert runner.verbs == ["start", "node-id", "drain-node", "stop"]
     assert platform.statuses == ["online", "draining", "offline"]
+
+
+def test_a_node_the_platform_will_not_bind_leaves_again(tmp_path: Path) -> None:
+    """Unbound, the node would get no traffic and be drained: the agent stops it and says
+    why, and tries again on a later tick with a fresh ticket."""
+    platform = Platform()
+    platform.refuse_binding = RuntimeError("The node is not labelled as your provider.")
+    agent, _, runner = make_agent(tmp_path, [H100, H100, H100], ProviderConfig(), Clock(MONDAY),
+                                  platform=platform)  # fmt: skip
+    agent.start()
+    assert agent.tick() is Phase.out
+    assert runner.verbs == ["start", "node-id", "stop"]
+    assert agent.reason.startswith("could not bind this node to the provider: The node is not")
+    platform.refuse_binding = None
+    assert agent.tick() is Phase.joined
+    assert platform.bound == [("dgpj-1", "a1b2c3d4e5f6")]

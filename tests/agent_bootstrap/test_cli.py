@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from agent_bootstrap.cli import app, register_commands
-from cluster.nvml import GpuUnavailable, detect
+from agent_bootstrap.nvml import GpuUnavailable, detect
 
 runner = CliRunner()
 

@@ -6,11 +6,11 @@ from agent_bootstrap.idle import (
     IdleDetector,
     LinuxProcTable,
     ProcInfo,
-    StaticProcTable,
     classify,
     is_ours,
 )
-from cluster.nvml import GpuProcess
+from agent_bootstrap.nvml import GpuProcess
+from tests.agent_bootstrap.proc_tables import StaticProcTable
 
 AGENT = 100
 PROCS = StaticProcTable(

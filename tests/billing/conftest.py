@@ -16,10 +16,11 @@ from sqlalchemy import Engine, text
 
 from billing import accounts as svc
 from billing.admission import Admission
-from billing.db import make_engine, migrate
 from billing.meter import UsageMeter
 from billing.plans import Plans, load_plans
 from cluster.catalog import CatalogModel
+from core.db import make_engine, migrate
+from kernel.money import NANO_PER_USD as USD
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("DARKGPU_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -41,7 +42,6 @@ MODEL = CatalogModel.model_validate(
     }
 )
 IN, OUT = MODEL.input_nusd_per_token, MODEL.output_nusd_per_token
-USD = 10**9
 
 
 def _postgres_url(schema: str) -> str:
@@ -52,7 +52,7 @@ def _postgres_url(schema: str) -> str:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'billing.db'}"
+        yield f"sqlite:///{tmp_path / 'core.db'}"
         return
     schema = "billing_test_" + uuid.uuid4().hex[:12]
     admin = make_engine(POSTGRES_URL)

@@ -4,7 +4,18 @@ state like Stripe does for every call DarkGPU makes:
 
 - `POST /v1/checkout/sessions`, `GET /v1/checkout/sessions/:id`, `GET /v1/payment_intents/:id`,
   `POST /v1/accounts`, `POST /v1/account_links`, `POST /v1/transfers`;
-- ids as Stripe makes them (`cs_test_…`, `pi_…`, `ch_…`, `dp_…`, `acct_…`, `tr_…`, `evt_…`);
+- balance transactions as Stripe keeps them: one per charge (`fee` at card pricing, 2.9% +
+  30¢ by default, with `fee_details`, `net = amount - fee`, `available_on`), per refund (no
+  fee back unless the test says so) and per dispute (the $15 dispute fee; a won dispute's
+  reinstatement returns it); `GET /v1/balance_transactions/:id`, `/v1/charges/:id`,
+  `/v1/refunds/:id`, `/v1/disputes/:id`, and the lists `GET /v1/refunds` and
+  `GET /v1/disputes` (filtered by `charge` or `payment_intent`, newest first, `limit` 1–100,
+  `starting_after`); the platform's available balance moves by each transaction's `net`;
+- `expand[]` on every read, to four levels (`latest_charge.balance_transaction`,
+  `data.balance_transaction` on a list), with Stripe's errors for a property that cannot be
+  expanded and for more than four levels;
+- ids as Stripe makes them (`cs_test_…`, `pi_…`, `ch_…`, `re_…`, `dp_…`, `txn_…`, `acct_…`,
+  `tr_…`, `evt_…`);
 - Stripe's error bodies and statuses: missing parameters, unknown objects
   (`resource_missing`), `balance_insufficient` when the platform's available balance is short,
   `insufficient_capabilities_for_transfer` for a destination that cannot receive transfers,
@@ -95,6 +106,18 @@ def _no_such(kind: str, ident: str, param: str | None = None) -> StripeAPIError:
     )
 
 
+CARD_PERCENT_BP = 290  # US card pricing: 2.9% …
+CARD_FIXED_CENTS = 30  # … + 30¢ per successful charge
+DISPUTE_FEE_CENTS = 1500
+AVAILABLE_AFTER_S = 2 * 86400  # card funds become available two days later
+MAX_EXPAND_DEPTH = 4
+
+
+def card_fee(amount_cents: int) -> int:
+    """Stripe's fee on a card charge (2.9% + 30¢, rounded half up to the cent)."""
+    return (amount_cents * CARD_PERCENT_BP + 5_000) // 10_000 + CARD_FIXED_CENTS
+
+
 class FakeStripe(stripe.HTTPClient):
     name = "fake-stripe"
 
@@ -104,6 +127,11 @@ class FakeStripe(stripe.HTTPClient):
         self.sessions: dict[str, dict[str, Any]] = {}
         self.intents: dict[str, dict[str, Any]] = {}
         self.charges: dict[str, dict[str, Any]] = {}
+        self.refunds: dict[str, dict[str, Any]] = {}
+        self.disputes: dict[str, dict[str, Any]] = {}
+        self.balance_transactions: dict[str, dict[str, Any]] = {}
+        # a charge whose balance transaction Stripe has not attached yet (`null` on the charge)
+        self.hold_balance_transactions = False
         self.accounts: dict[str, dict[str, Any]] = {}
         self.transfers: dict[str, dict[str, Any]] = {}
         self._pi_metadata: dict[str, dict[str, Any]] = {}
@@ -186,11 +214,21 @@ class FakeStripe(stripe.HTTPClient):
             if (method, name) in routes:
                 return self._answer(routes[(method, name)]())
             if method == "get" and len(seg) == 4 and seg[1:3] == ["checkout", "sessions"]:
-                return self._answer(self._get(self.sessions, seg[3], "checkout.session"))
-            if method == "get" and len(seg) == 3 and seg[1] == "payment_intents":
-                return self._answer(self._get(self.intents, seg[2], "payment_intent"))
-            if method == "get" and len(seg) == 3 and seg[1] == "transfers":
-                return self._answer(self._get(self.transfers, seg[2], "transfer"))
+                found = self._get(self.sessions, seg[3], "checkout.session")
+                return self._answer(self._expanded(found, params))
+            tables = {
+                "payment_intents": (self.intents, "payment_intent"),
+                "transfers": (self.transfers, "transfer"),
+                "charges": (self.charges, "charge"),
+                "refunds": (self.refunds, "refund"),
+                "disputes": (self.disputes, "dispute"),
+                "balance_transactions": (self.balance_transactions, "balance_transaction"),
+            }
+            if method == "get" and len(seg) == 3 and seg[1] in tables:
+                table, kind = tables[seg[1]]
+                return self._answer(self._expanded(self._get(table, seg[2], kind), params))
+            if method == "get" and len(seg) == 2 and seg[1] in ("refunds", "disputes"):
+                return self._answer(self._list(seg[1], tables[seg[1]][0], params))
             raise self._unknown(method, path)
         except StripeAPIError as exc:
             return self._answer(exc)
@@ -206,6 +244,195 @@ class FakeStripe(stripe.HTTPClient):
         if ident not in table:
             raise _no_such(kind, ident)
         return table[ident]
+
+    # --- expansion and lists (what Stripe does for every read) -----------------------------
+
+    EXPANDABLE = {
+        "checkout.session": {"payment_intent": "intents"},
+        "payment_intent": {"latest_charge": "charges"},
+        "charge": {"balance_transaction": "balance_transactions", "payment_intent": "intents"},
+        "refund": {
+            "balance_transaction": "balance_transactions",
+            "charge": "charges",
+            "payment_intent": "intents",
+        },
+        "dispute": {"charge": "charges", "payment_intent": "intents"},
+        "balance_transaction": {"source": "*"},
+        "transfer": {"balance_transaction": "balance_transactions"},
+    }
+
+    def _expanded(self, obj: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        paths = params.get("expand") or []
+        if isinstance(paths, str) or not isinstance(paths, list):
+            raise StripeAPIError(400, "invalid_request_error", "Invalid array", param="expand")
+        out = json.loads(json.dumps(obj))
+        for path in paths:
+            parts = str(path).split(".")
+            if len(parts) > MAX_EXPAND_DEPTH:
+                raise StripeAPIError(
+                    400,
+                    "invalid_request_error",
+                    "You cannot expand more than 4 levels of a property.",
+                    param="expand",
+                )
+            self._expand_path(out, parts, str(path))
+        return out
+
+    def _expand_path(self, obj: dict[str, Any], parts: list[str], path: str) -> None:
+        head, rest = parts[0], parts[1:]
+        if obj.get("object") == "list" and head == "data":
+            for item in obj["data"]:
+                if rest:
+                    self._expand_path(item, rest, path)
+            return
+        fields = self.EXPANDABLE.get(str(obj.get("object")), {})
+        if head not in fields:
+            hint = ""
+            if obj.get("object") == "list":
+                hint = f" You may want to try expanding 'data.{path}' instead."
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                f"This property cannot be expanded ({head}).{hint}",
+            )
+        value = obj.get(head)
+        if isinstance(value, str):
+            value = json.loads(json.dumps(self._by_id(value)))
+            obj[head] = value
+        if rest and isinstance(value, dict):
+            self._expand_path(value, rest, path)
+
+    def _by_id(self, ident: str) -> dict[str, Any]:
+        for table in (
+            self.intents,
+            self.charges,
+            self.refunds,
+            self.disputes,
+            self.balance_transactions,
+            self.transfers,
+            self.sessions,
+        ):
+            if ident in table:
+                return table[ident]
+        raise _no_such("object", ident)
+
+    def _list(
+        self, name: str, table: dict[str, dict[str, Any]], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            limit = int(params.get("limit", 10))
+        except ValueError:
+            raise StripeAPIError(
+                400, "invalid_request_error", "Invalid integer: " + str(params["limit"]),
+                param="limit",
+            ) from None  # fmt: skip
+        if not 1 <= limit <= 100:
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                f"This value must be less than or equal to 100 (it currently is '{limit}').",
+                param="limit",
+            )
+        found = [
+            item
+            for item in table.values()
+            if all(
+                params.get(f) is None or item.get(f) == params[f]
+                for f in ("charge", "payment_intent")
+            )
+        ]
+        found.sort(key=lambda item: (item["created"], item["id"]), reverse=True)  # newest first
+        after = params.get("starting_after")
+        if after:
+            ids = [item["id"] for item in found]
+            if after not in ids:
+                raise _no_such(name.rstrip("s"), after, "starting_after")
+            found = found[ids.index(after) + 1 :]
+        page = {
+            "object": "list",
+            "data": found[:limit],
+            "has_more": len(found) > limit,
+            "url": f"/v1/{name}",
+        }
+        return self._expanded(page, params)
+
+    # --- balance transactions ---------------------------------------------------------------
+
+    def _transaction(
+        self,
+        *,
+        amount: int,
+        fee: int,
+        source: str,
+        type_: str,
+        category: str,
+        fee_description: str,
+        currency: str = "usd",
+    ) -> str:
+        """Book a balance transaction (and move the available balance by its net)."""
+        created = next(self._clock)
+        ident = _id("txn")
+        details = []
+        if fee:
+            details.append(
+                {
+                    "amount": fee,
+                    "application": None,
+                    "currency": currency,
+                    "description": fee_description,
+                    "type": "stripe_fee",
+                }
+            )
+        self.balance_transactions[ident] = {
+            "id": ident,
+            "object": "balance_transaction",
+            "amount": amount,
+            "available_on": created + AVAILABLE_AFTER_S,
+            "balance_type": "payments",
+            "created": created,
+            "currency": currency,
+            "description": None,
+            "exchange_rate": None,
+            "fee": fee,
+            "fee_details": details,
+            "net": amount - fee,
+            "reporting_category": category,
+            "source": source,
+            "status": "pending",
+            "type": type_,
+        }
+        self.available_cents += amount - fee
+        return ident
+
+    def _charge_transaction(self, charge: dict[str, Any]) -> None:
+        charge["balance_transaction"] = self._transaction(
+            amount=charge["amount"],
+            fee=card_fee(charge["amount"]),
+            source=charge["id"],
+            type_="charge",
+            category="charge",
+            fee_description="Stripe processing fees",
+            currency=charge["currency"],
+        )
+
+    def attach_balance_transactions(self) -> None:
+        """Stripe attaches the balance transactions it held back (`hold_balance_transactions`)."""
+        self.hold_balance_transactions = False
+        for charge in self.charges.values():
+            if charge["status"] == "succeeded" and charge["balance_transaction"] is None:
+                self._charge_transaction(charge)
+
+    def charge_fee(self, session_id: str) -> int:
+        """The fee Stripe took on the session's charge, in cents."""
+        txn = self._charge_of(session_id)["balance_transaction"]
+        return int(self.balance_transactions[txn]["fee"])
+
+    def net_cents(self) -> int:
+        """What every balance transaction added to the platform's balance, net of fees."""
+        return sum(int(t["net"]) for t in self.balance_transactions.values())
+
+    def fees_cents(self) -> int:
+        return sum(int(t["fee"]) for t in self.balance_transactions.values())
 
     # --- Checkout -------------------------------------------------------------------------
 
@@ -275,43 +502,84 @@ class FakeStripe(stripe.HTTPClient):
             "payment_intent": pi,
             "metadata": dict(self._pi_metadata[session_id]),
             "status": "pending" if delayed else "succeeded",
+            "balance_transaction": None,
+            "created": next(self._clock),
         }
         session.update(
             status="complete", payment_intent=pi, payment_status="unpaid" if delayed else "paid"
         )
-        if not delayed:
-            self.available_cents += amount
+        if not delayed and not self.hold_balance_transactions:
+            self._charge_transaction(self.charges[ch])
         return dict(session)
 
     def settle_delayed(self, session_id: str, *, succeeded: bool = True) -> dict[str, Any]:
         session = self.sessions[session_id]
         pi = self.intents[session["payment_intent"]]
         pi["status"] = "succeeded" if succeeded else "requires_payment_method"
-        self.charges[pi["latest_charge"]]["status"] = "succeeded" if succeeded else "failed"
+        charge = self.charges[pi["latest_charge"]]
+        charge["status"] = "succeeded" if succeeded else "failed"
         if succeeded:
             session["payment_status"] = "paid"
-            self.available_cents += session["amount_total"]
+            if not self.hold_balance_transactions:
+                self._charge_transaction(charge)
         return dict(session)
 
-    def refund(self, session_id: str, cents: int) -> dict[str, Any]:
-        """A refund from the dashboard; returns the charge (cumulative `amount_refunded`)."""
+    def refund(self, session_id: str, cents: int, *, fee_returned: int = 0) -> dict[str, Any]:
+        """A refund from the dashboard; returns the charge (cumulative `amount_refunded`).
+        Stripe keeps its processing fee on a refund; `fee_returned` (cents) books one where it
+        does return part of it (a negative fee on the refund's balance transaction)."""
         charge = self._charge_of(session_id)
         if charge["amount_refunded"] + cents > charge["amount"]:
             raise ValueError("refund larger than the charge")
         charge["amount_refunded"] += cents
         charge["refunded"] = charge["amount_refunded"] == charge["amount"]
-        self.available_cents -= cents
+        ident = _id("re")
+        txn = self._transaction(
+            amount=-cents,
+            fee=-fee_returned,
+            source=ident,
+            type_="refund",
+            category="refund",
+            fee_description="Refund of Stripe processing fees",
+            currency=charge["currency"],
+        )
+        self.refunds[ident] = {
+            "id": ident,
+            "object": "refund",
+            "amount": cents,
+            "balance_transaction": txn,
+            "charge": charge["id"],
+            "created": self.balance_transactions[txn]["created"],
+            "currency": charge["currency"],
+            "metadata": {},
+            "payment_intent": charge["payment_intent"],
+            "reason": None,
+            "status": "succeeded",
+        }
         return dict(charge)
 
     def dispute(self, session_id: str, cents: int | None = None) -> dict[str, Any]:
+        """The customer's bank disputes the charge: the amount and the dispute fee leave the
+        balance in one balance transaction, listed on the dispute."""
         charge = self._charge_of(session_id)
         charge["disputed"] = True
         amount = charge["amount"] if cents is None else cents
-        self.available_cents -= amount
-        return {
-            "id": _id("dp"),
+        ident = _id("dp")
+        txn = self._transaction(
+            amount=-amount,
+            fee=DISPUTE_FEE_CENTS,
+            source=ident,
+            type_="adjustment",
+            category="dispute",
+            fee_description="Dispute fee",
+            currency=charge["currency"],
+        )
+        self.disputes[ident] = {
+            "id": ident,
             "object": "dispute",
             "amount": amount,
+            "balance_transactions": [self.balance_transactions[txn]],
+            "created": self.balance_transactions[txn]["created"],
             "currency": charge["currency"],
             "charge": charge["id"],
             "payment_intent": charge["payment_intent"],
@@ -319,6 +587,25 @@ class FakeStripe(stripe.HTTPClient):
             "status": "needs_response",
             "metadata": {},
         }
+        return json.loads(json.dumps(self.disputes[ident]))
+
+    def close_dispute(self, dispute_id: str, *, won: bool) -> dict[str, Any]:
+        """The bank decides: a won dispute reinstates the amount and returns the dispute fee
+        (a second balance transaction on the dispute); a lost one moves nothing more."""
+        dispute = self.disputes[dispute_id]
+        dispute["status"] = "won" if won else "lost"
+        if won:
+            txn = self._transaction(
+                amount=dispute["amount"],
+                fee=-DISPUTE_FEE_CENTS,
+                source=dispute_id,
+                type_="adjustment",
+                category="dispute_reversal",
+                fee_description="Dispute fee refund",
+                currency=dispute["currency"],
+            )
+            dispute["balance_transactions"].append(self.balance_transactions[txn])
+        return json.loads(json.dumps(dispute))
 
     def _charge_of(self, session_id: str) -> dict[str, Any]:
         pi = self.intents[self.sessions[session_id]["payment_intent"]]

@@ -12,15 +12,12 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from billing import accounts, ledger, webhooks
-from billing import redis_keys as rk
 from billing.checkout import create_checkout
 from billing.plans import Plans
-from billing.schema import AccountLimits, Provider
-from billing.settings import BillingSettings
+from core.schema import AccountLimits, Provider
+from core.settings import Settings
+from kernel import redis_keys as rk
 from tests.billing.fake_stripe import API_KEY, WEBHOOK_SECRET, FakeStripe, client_for, signed
-
-USD = 10**9
-CENT = 10**7
 
 
 @dataclass
@@ -33,15 +30,13 @@ class Harness:
     def __post_init__(self) -> None:
         self.client = client_for(self.fake)
         self.handler = webhooks.WebhookHandler(self.engine, self.r, self.plans, self.client)
-        self.settings = BillingSettings(
-            stripe_secret_key=API_KEY, stripe_webhook_secret=WEBHOOK_SECRET
-        )
+        self.settings = Settings(stripe_secret_key=API_KEY, stripe_webhook_secret=WEBHOOK_SECRET)
 
     def account(self, plan: str | None = None) -> int:
         email = f"{uuid.uuid4().hex[:10]}@example.com"
         return accounts.create_account(self.engine, self.r, self.plans, email=email, plan=plan).id
 
-    def checkout(self, account_id: int, bundle: str = "solo") -> str:
+    def checkout(self, account_id: int, bundle: str = "solo", capped: bool = False) -> str:
         result = create_checkout(
             self.engine,
             self.client,
@@ -49,6 +44,7 @@ class Harness:
             self.settings,
             account_id=account_id,
             bundle=bundle,
+            capped_budget=capped,
         )
         return result.id
 
@@ -60,9 +56,9 @@ class Harness:
     def deliver(self, type_: str, obj: dict[str, Any], **kw: Any) -> webhooks.EventResult:
         return self.deliver_raw(self.fake.event(type_, obj, **kw))
 
-    def buy(self, account_id: int, bundle: str = "solo") -> str:
+    def buy(self, account_id: int, bundle: str = "solo", capped: bool = False) -> str:
         """Checkout, pay by card and deliver `checkout.session.completed`; the session id."""
-        session_id = self.checkout(account_id, bundle)
+        session_id = self.checkout(account_id, bundle, capped)
         result = self.deliver("checkout.session.completed", self.fake.pay(session_id))
         assert result.outcome == "applied", result
         return session_id
@@ -82,7 +78,7 @@ class Harness:
     def provider(self, owner: int, provider_id: str | None = None) -> str:
         pid = provider_id or f"prv_{uuid.uuid4().hex[:12]}"
         with Session(self.engine) as session, session.begin():
-            session.add(Provider(id=pid, account_id=owner, name=f"gpu {pid}"))
+            session.add(Provider(id=pid, account_id=owner, name=f"gpu {pid}", review="approved"))
         return pid
 
     def providers_of(self, owner: int) -> list[str]:

@@ -5,11 +5,11 @@ from sqlalchemy.orm import Session
 
 from billing import accounts as svc
 from billing import ledger
-from billing import redis_keys as rk
 from billing.admission import Admission
-from billing.keys import hash_key
 from billing.plans import Plans
-from billing.schema import LedgerTransfer
+from core.schema import LedgerTransfer
+from kernel import redis_keys as rk
+from kernel.tokens import hash_key
 from tests.billing.conftest import MODEL, USD, make_customer, redis_int
 
 

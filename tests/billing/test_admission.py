@@ -6,9 +6,10 @@ import redis
 from sqlalchemy import Engine
 
 from billing import accounts as svc
-from billing import redis_keys as rk
-from billing.admission import Admission, Admitted, Refused
+from billing.admission import Admission, Admitted, Refused, Settlement
 from billing.plans import Plans
+from kernel import redis_keys as rk
+from kernel.usage_event import FIELDS, UsageRecord
 from tests.billing.conftest import IN, MODEL, OUT, USD, Customer, make_customer, redis_int
 
 # An injected clock: noon UTC of a day ahead (Redis expires day counters by wall-clock time,
@@ -106,7 +107,12 @@ async def test_settle_bills_exact_usage_and_refunds(
         "usage_day": DAY,
         "created_at_ms": str(int(NOW * 1000)),
         "settled_at_ms": str(int((NOW + 3) * 1000)),
+        "reported_completion_tokens": "",  # not given: unknown
     }
+    # the script writes the usage record's fields, in its order (the Lua is formatted from
+    # kernel.usage_event.FIELDS), and the record reads them back unchanged
+    assert list(event) == list(FIELDS)
+    assert UsageRecord.from_stream(event).to_stream() == event
 
 
 async def test_split_is_exact_in_integers(
@@ -139,16 +145,87 @@ async def test_split_is_exact_in_integers(
     )
 
 
-async def test_settle_never_bills_more_than_reserved(
+async def test_a_report_above_the_reservation_is_billed_and_counted(
     admission: Admission, paid: Customer, r: redis.Redis
 ) -> None:
+    """Never clipped silently: the engine's count is billed (the balance allows it), the
+    caps count it, the overrun is counted in dg:overruns and reported to the caller."""
     await admit(admission, paid, "r1", 10, 20)
-    await admission.settle(
+    settled = await admission.settle_usage(
         request_id="r1", prompt_tokens=50, completion_tokens=999, provider_id="p"
     )
+    assert settled == Settlement(True, overrun_tokens=40 + 979, unbilled_tokens=0)
     [event] = stream(r)
-    assert (event["prompt_tokens"], event["completion_tokens"]) == ("10", "20")
-    assert redis_int(r, rk.balance(paid.account_id)) == 100 * USD - (10 * IN + 20 * OUT)
+    assert (event["prompt_tokens"], event["completion_tokens"]) == ("50", "999")
+    assert event["cost_nusd"] == str(50 * IN + 999 * OUT)
+    assert redis_int(r, rk.balance(paid.account_id)) == 100 * USD - (50 * IN + 999 * OUT)
+    assert redis_int(r, rk.day(paid.account_id, DAY)) == 50 + 999
+    assert r.hgetall("dg:overruns") == {
+        b"requests": b"1",
+        b"tokens": b"1019",
+        b"unbilled_tokens": b"0",
+    }
+    # a report within the reservation is no overrun
+    await admit(admission, paid, "r2", 10, 20)
+    assert await admission.settle_usage(
+        request_id="r2", prompt_tokens=10, completion_tokens=20, provider_id="p"
+    ) == Settlement(True)
+
+
+async def test_an_overrun_the_balance_cannot_pay_stops_at_zero(
+    sqlite_engine: Engine, r: redis.Redis, plans: Plans, admission: Admission
+) -> None:
+    c = make_customer(sqlite_engine, r, plans, plan="paid")
+    svc.grant_credits(sqlite_engine, r, account_id=c.account_id, amount_nusd=10 * IN + 30 * OUT)
+    assert isinstance(await admit(admission, c, "a", 10, 20), Admitted)
+    settled = await admission.settle_usage(
+        request_id="a", prompt_tokens=10, completion_tokens=100, provider_id="p"
+    )
+    # 30 output tokens were paid for (20 reserved + 10 the balance held); 70 were not
+    assert settled == Settlement(True, overrun_tokens=80, unbilled_tokens=70)
+    assert redis_int(r, rk.balance(c.account_id)) == 0
+    [event] = stream(r)
+    assert (event["prompt_tokens"], event["completion_tokens"]) == ("10", "30")
+    assert event["cost_nusd"] == str(10 * IN + 30 * OUT)
+    assert r.hget("dg:overruns", "unbilled_tokens") == b"70"
+
+
+async def test_completions_reserve_max_tokens_each(
+    sqlite_engine: Engine, r: redis.Redis, plans: Plans, admission: Admission
+) -> None:
+    """Four prompts x n=2: eight completions, each up to max_tokens; where the balance or
+    the cap cannot hold that, max_tokens is lowered per completion so that all of it fits."""
+    c = make_customer(sqlite_engine, r, plans, usd=100, tokens_per_day=10_000)
+    result = await admission.admit(api_key=c.key, request_id="a", model=MODEL, prompt_tokens=56,
+                                   max_tokens=16, customer_tag=None, now=NOW,
+                                   completions=8)  # fmt: skip
+    assert isinstance(result, Admitted) and result.max_tokens == 16
+    assert redis_int(r, rk.day(c.account_id, DAY)) == 56 + 8 * 16
+    assert redis_int(r, rk.balance(c.account_id)) == 100 * USD - 56 * IN - 8 * 16 * OUT
+    # the engine reports all eight completions: billed, no overrun
+    assert await admission.settle_usage(
+        request_id="a", prompt_tokens=56, completion_tokens=8 * 16, provider_id="p"
+    ) == Settlement(True)
+    assert redis_int(r, rk.balance(c.account_id)) == 100 * USD - 56 * IN - 8 * 16 * OUT
+    # the cap: 10,000 - 184 used; 9,000 asked per completion of 4 is lowered to fit
+    capped = await admission.admit(api_key=c.key, request_id="b", model=MODEL, prompt_tokens=16,
+                                   max_tokens=9000, customer_tag=None, now=NOW,
+                                   completions=4)  # fmt: skip
+    assert isinstance(capped, Admitted)
+    assert capped.max_tokens == (10_000 - 184 - 16) // 4
+    # the balance: what it affords after the prompt, shared among the completions
+    d = make_customer(sqlite_engine, r, plans, plan="paid")
+    svc.grant_credits(sqlite_engine, r, account_id=d.account_id, amount_nusd=10 * IN + 35 * OUT)
+    poor = await admission.admit(api_key=d.key, request_id="c", model=MODEL, prompt_tokens=10,
+                                 max_tokens=100, customer_tag=None, now=NOW,
+                                 completions=4)  # fmt: skip
+    assert isinstance(poor, Admitted) and poor.max_tokens == 8
+    assert redis_int(r, rk.balance(d.account_id)) == 3 * OUT
+    # three output tokens left cannot give four completions one token each: 402
+    refused = await admission.admit(api_key=d.key, request_id="d", model=MODEL, prompt_tokens=0,
+                                    max_tokens=1, customer_tag=None, now=NOW,
+                                    completions=4)  # fmt: skip
+    assert isinstance(refused, Refused) and refused.code == "insufficient_credits"
 
 
 async def test_reserve_at_the_highest_price_and_bill_at_the_servers(
@@ -401,7 +478,7 @@ async def test_reaper_settles_expired_holds_once(
     assert not await adm.settle(
         request_id="stuck", prompt_tokens=10, completion_tokens=100, provider_id="p"
     )
-    [event] = stream(r)
+    [event] = stream(r)  # no checkpoint: nothing delivered that billing knows of, billed zero
     assert (event["request_id"], event["outcome"], event["cost_nusd"]) == ("stuck", "reaped", "0")
     # a long stream extends its hold and is not reaped
     assert await adm.extend(request_id="live", now=NOW + 15)
@@ -453,3 +530,46 @@ async def test_bad_arguments(admission: Admission, paid: Customer) -> None:
         await admit(admission, paid, "r", -1, 1)
     with pytest.raises(ValueError):
         await admit(admission, paid, "", 1, 1)
+
+
+@pytest.mark.parametrize("completions", [1, 3, 8])
+@pytest.mark.parametrize("credit_tokens", [5, 40, 10_000])  # output tokens the grant affords
+@pytest.mark.parametrize("reported", ["none", "within", "all", "over"])
+async def test_the_balance_moves_by_the_usage_billed_and_never_below_zero(
+    sqlite_engine: Engine,
+    r: redis.Redis,
+    plans: Plans,
+    admission: Admission,
+    completions: int,
+    credit_tokens: int,
+    reported: str,
+) -> None:
+    """Across completions, balances and reports: the reservation fits the balance and holds
+    max_tokens for every completion; settlement bills exactly the tokens in the usage event
+    at its prices (all reported tokens wherever the balance allows) and never goes below 0."""
+    c = make_customer(sqlite_engine, r, plans, plan="paid")
+    granted_nusd = 7 * IN + credit_tokens * OUT
+    svc.grant_credits(sqlite_engine, r, account_id=c.account_id, amount_nusd=granted_nusd)
+    result = await admission.admit(api_key=c.key, request_id="x", model=MODEL, prompt_tokens=7,
+                                   max_tokens=30, customer_tag=None, now=NOW,
+                                   completions=completions)  # fmt: skip
+    if credit_tokens < completions:
+        assert isinstance(result, Refused) and result.code == "insufficient_credits"
+        return
+    assert isinstance(result, Admitted)
+    held = result.max_tokens * completions
+    assert result.max_tokens == min(30, credit_tokens // completions) and held <= credit_tokens
+    assert redis_int(r, rk.balance(c.account_id)) == granted_nusd - 7 * IN - held * OUT >= 0
+    completion = {"none": 0, "within": held // 2, "all": held, "over": held + 25}[reported]
+    settled = await admission.settle_usage(
+        request_id="x", prompt_tokens=7, completion_tokens=completion, provider_id="p"
+    )
+    [event] = stream(r)
+    billed = int(event["completion_tokens"])
+    assert int(event["cost_nusd"]) == 7 * IN + billed * OUT
+    balance = redis_int(r, rk.balance(c.account_id))
+    assert balance == granted_nusd - int(event["cost_nusd"]) >= 0
+    affordable = credit_tokens  # output tokens the grant pays for after the prompt
+    assert billed == min(completion, affordable)
+    assert settled.overrun_tokens == max(completion - held, 0)
+    assert settled.unbilled_tokens == completion - billed

@@ -3,10 +3,10 @@ import redis
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from billing import redis_keys as rk
 from billing.checkout import CheckoutError, create_checkout
 from billing.plans import Plans
-from billing.schema import Account, PaymentStatus, StripePayment
+from core.schema import Account, PaymentStatus, StripePayment
+from kernel import redis_keys as rk
 from tests.billing.conftest import USD
 from tests.billing.payments_harness import Harness
 
@@ -55,21 +55,37 @@ def test_checkout_session_carries_account_and_bundle(h: Harness) -> None:
     assert info.value.param == "bundle" and info.value.code == "unknown_bundle"
 
 
-def test_paid_checkout_grants_credits_plan_and_cap(h: Harness) -> None:
-    aid = h.account()  # free plan, $10
+def test_paid_checkout_grants_credits_and_the_paid_plan_never_a_lower_allowance(
+    h: Harness,
+) -> None:
+    """Issue 14: a free account (200,000 tokens/day) that bought the $50 bundle dropped to
+    2,000 tokens/day. The paid plan's only limit is its credits."""
+    aid = h.account()  # free plan, $10, 200,000 tokens/day
     assert h.cap(aid) is None and plan_of(h.engine, aid) == "free"
     solo = h.buy(aid, "solo")
     assert h.balance(aid) == 60 * USD and h.redis_balance(aid) == 60 * USD
-    assert plan_of(h.engine, aid) == "paid" and h.cap(aid) == 2_000
-    assert h.r.hmget(rk.account(aid), "plan", "tpd") == [b"paid", b"2000"]
+    assert plan_of(h.engine, aid) == "paid" and h.cap(aid) is None
+    assert h.r.hmget(rk.account(aid), "plan", "tpd") == [b"paid", None]
     row = payment(h.engine, solo)
     assert row.status == PaymentStatus.paid.value and row.payment_intent_id.startswith("pi_")
+    assert not row.capped_budget
+    h.buy(aid, "team")
+    assert h.balance(aid) == 210 * USD and h.cap(aid) is None
 
-    h.buy(aid, "team")  # a bigger bundle raises the cap
+
+def test_a_capped_budget_is_the_customers_choice_at_checkout(h: Harness) -> None:
+    """The storefront's promise: a bundle bought as a capped budget carries its daily cap
+    (a hard stop per UTC day); a bigger capped bundle raises it, a smaller never lowers it."""
+    aid = h.account()
+    h.buy(aid, "solo", capped=True)
+    assert plan_of(h.engine, aid) == "paid" and h.cap(aid) == 2_000
+    assert h.r.hmget(rk.account(aid), "plan", "tpd") == [b"paid", b"2000"]
+    h.buy(aid, "team", capped=True)  # a bigger bundle raises the cap
     assert h.balance(aid) == 210 * USD and h.cap(aid) == 7_000
-    h.buy(aid, "solo")  # a smaller one never lowers it
-    assert h.balance(aid) == 260 * USD and h.cap(aid) == 7_000
-    assert h.redis_balance(aid) == 260 * USD
+    h.buy(aid, "solo", capped=True)  # a smaller one never lowers it
+    h.buy(aid, "solo")  # nor does an uncapped purchase lift the customer's own choice
+    assert h.balance(aid) == 310 * USD and h.cap(aid) == 7_000
+    assert h.redis_balance(aid) == 310 * USD
     assert h.r.hget(rk.account(aid), "tpd") == b"7000"
 
 
@@ -88,7 +104,7 @@ def test_delayed_payment_grants_only_when_paid(h: Harness) -> None:
     assert h.balance(aid) == 10 * USD and plan_of(h.engine, aid) == "free"
     result = h.deliver("checkout.session.async_payment_succeeded", h.fake.settle_delayed(ok))
     assert result.outcome == "applied"
-    assert h.balance(aid) == 60 * USD and h.cap(aid) == 2_000
+    assert h.balance(aid) == 60 * USD and h.cap(aid) is None  # the paid plan: credits only
 
     bad = h.checkout(aid, "scale")
     h.deliver("checkout.session.completed", h.fake.pay(bad, delayed=True))
@@ -97,7 +113,7 @@ def test_delayed_payment_grants_only_when_paid(h: Harness) -> None:
     )
     assert failed.outcome == "payment_failed"
     assert payment(h.engine, bad).status == PaymentStatus.failed.value
-    assert h.balance(aid) == 60 * USD and h.cap(aid) == 2_000
+    assert h.balance(aid) == 60 * USD and h.cap(aid) is None
 
 
 def test_success_arriving_before_completed_grants_once(h: Harness) -> None:

@@ -6,13 +6,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from billing import redis_keys as rk
 from billing.admission import Admission
 from billing.cli import app
-from billing.keys import hash_key
+from billing.flags import holds
 from billing.meter import UsageMeter
+from kernel import redis_keys as rk
+from kernel.tokens import hash_key
 from tests.billing.conftest import MODEL, REDIS_URL, REPO, USD
 
 
@@ -23,9 +25,12 @@ def cli(engine: Engine, db_url: str, r: redis.Redis, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("DARKGPU_PLANS_FILE", str(REPO / "configs" / "plans.toml"))
     runner = CliRunner()
 
-    def run(*args: str, code: int = 0) -> str:
+    def run(*args: str, code: int = 0, says: str | None = None) -> str:
+        """The command's stdout, once it exited with `code` (and said `says` on stderr)."""
         result = runner.invoke(app, list(args))
         assert result.exit_code == code, (result.output, result.exception)
+        if says is not None:
+            assert says in " ".join(result.stderr.split()), result.stderr
         return result.stdout
 
     return run
@@ -121,7 +126,8 @@ async def test_usage_export_and_ledger_verify(
             "cost_usd": grouped[0]["cost_usd"],
         }
     ]
-    cli("usage", "export", "--start", "yesterday", "--end", next_day, code=2)
+    cli("usage", "export", "--start", "yesterday", "--end", next_day, code=2,
+        says="not an ISO date or time: 'yesterday'")  # fmt: skip
 
     verified = json.loads(cli("ledger", "verify"))
     assert verified["ok"] and verified["usage_rows"] == 3
@@ -149,6 +155,38 @@ def test_redis_rebuild_and_db_upgrade(cli, r: redis.Redis) -> None:
     assert "newest revision" in cli("db", "upgrade")
 
 
-def test_redis_unreachable_is_reported(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_redis_unreachable_is_reported(
+    cli, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 2 is also what any usage error gives: the message and SQL say which it was."""
     monkeypatch.setenv("DARKGPU_REDIS_URL", "redis://127.0.0.1:1/0")
-    cli("account", "create", "--email", "down@example.com", code=2)
+    cli("account", "create", "--email", "down@example.com", code=2,
+        says="error: Redis not updated")  # fmt: skip
+    with engine.connect() as conn:  # as it says: SQL holds the change
+        emails = conn.execute(text("SELECT email FROM accounts")).scalars().all()
+    assert emails == ["down@example.com"]
+
+
+def test_an_operator_lists_and_resolves_the_flags_that_hold_payouts(cli, engine: Engine) -> None:
+    """A refund of spent credits flags the account (billing.webhooks): its providers are not
+    paid until an operator resolves the flag, which is only possible from this command."""
+    aid = json.loads(cli("account", "create", "--email", "flagged@example.com"))["id"]
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO account_flags (account_id, reason, stripe_id, unrecovered_nusd, "
+                 "event_id, created_at) VALUES (:a, 'refund_after_spend', 're_1', 5, 'evt_1', "
+                 ":now)"),
+            {"a": aid, "now": datetime.now(UTC)},
+        )  # fmt: skip
+    [flag] = json.loads(cli("account", "flags", "--account", str(aid)))
+    assert flag["says"] == "a refund of credits it had spent" and flag["resolved_at"] is None
+    with Session(engine) as session:
+        assert holds(session, aid) == ["a refund of credits it had spent"]
+    resolved = json.loads(cli("account", "resolve-flag", str(flag["id"])))
+    assert resolved["resolved_at"] is not None
+    with Session(engine) as session:
+        assert holds(session, aid) == []
+    assert json.loads(cli("account", "flags")) == []  # open ones only
+    assert [f["id"] for f in json.loads(cli("account", "flags", "--all"))] == [flag["id"]]
+    cli("account", "resolve-flag", str(flag["id"]), code=1, says="was resolved at")
+    cli("account", "resolve-flag", "999999", code=1, says="no account flag 999999")

@@ -24,14 +24,15 @@ from sqlalchemy.orm import Session
 
 import billing.meter as meter_module
 from billing import ledger
-from billing import redis_keys as rk
 from billing.admission import Admission, Admitted, Refused, connect, utc_day
-from billing.db import make_engine, migrate
-from billing.meter import BillingLoop, UsageMeter
+from billing.loop import BillingLoop
+from billing.meter import UsageMeter
 from billing.plans import Plans
 from billing.redis_server import LocalRedis
 from billing.reports import verify_ledger
-from billing.schema import UsageEvent
+from core.db import make_engine, migrate
+from core.schema import UsageEvent
+from kernel import redis_keys as rk
 from tests.billing.conftest import MODEL, REDIS_URL, REPO, Customer, make_customer
 from tests.billing.test_redis_server import free_port
 
@@ -84,7 +85,7 @@ VICTIM = r"""
 import sys, time
 import redis
 import billing.meter as meter_module
-from billing.db import make_engine
+from core.db import make_engine
 from billing.meter import UsageMeter
 
 db_url, redis_url, mode, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -155,7 +156,7 @@ async def test_meter_killed_mid_batch(
     try:
         assert wait_for_line(proc) == signal_line
         # while it hangs there, SQL holds exactly the committed batches (read without
-        # billing.db's BEGIN IMMEDIATE, which would wait for the victim's write lock)
+        # core.db's BEGIN IMMEDIATE, which would wait for the victim's write lock)
         reader = create_engine(engine.url)
         assert len(usage_ids(reader)) == committed_batches * batch
         reader.dispose()

@@ -1,19 +1,21 @@
 import asyncio
-from datetime import timedelta
+import threading
+import time
 
 import redis
 import redis.asyncio as aredis
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session
 
-from billing import chain, ledger
-from billing import redis_keys as rk
+from billing import ledger
 from billing.admission import Admission
-from billing.meter import BillingLoop, UsageMeter
+from billing.loop import BillingLoop
+from billing.meter import UsageMeter
 from billing.plans import Plans
 from billing.reports import verify_ledger
-from billing.schema import ApiKey, ProviderStatus, UsageEvent, utcnow
-from cluster import registry
+from core.schema import ApiKey, UsageEvent
+from kernel import redis_keys as rk
+from kernel.money import split_cost
 from tests.billing.conftest import IN, MODEL, OUT, REDIS_URL, USD, Customer, make_customer
 
 
@@ -174,19 +176,18 @@ def test_billing_loop_rebuilds_and_drains(engine: Engine, r: redis.Redis, plans:
         await client.aclose()
 
     asyncio.run(traffic())
-    silent = registry.create_provider(engine, account_id=c.account_id, name="gone").provider.id
-    registry.heartbeat(engine, silent, ProviderStatus.online, now=utcnow() - timedelta(hours=1))
+    chores: list[int] = []
     loop = BillingLoop(
         str(engine.url.render_as_string(hide_password=False)),
         REDIS_URL,
         consumer="loop",
         block_ms=10,
         reap_every_s=0,
+        chores=[lambda: chores.append(1)],
     )
     assert loop.run(max_iterations=3) == 2
     assert usage_count(engine) == 2
-    # its agent stopped heartbeating an hour ago
-    assert registry.get_provider(engine, silent).status == ProviderStatus.offline
+    assert chores == [1, 1, 1]  # the host's chores run with every reap
     r.delete(rk.READY, rk.api_key("x"))
     r.delete(rk.balance(c.account_id))  # Redis lost its copy
     loop.step()
@@ -204,7 +205,7 @@ def forged(good: dict[bytes, bytes], rid: str, completion: int) -> dict[bytes, b
     """A copy of a real event with another request id and completion count, priced right."""
     prompt = int(good[b"prompt_tokens"])
     cost = prompt * IN + completion * OUT
-    provider, platform = chain.split_cost(cost)
+    provider, platform = split_cost(cost)
     return {
         **good,
         b"request_id": rid.encode(),
@@ -259,3 +260,43 @@ async def test_a_batch_costs_the_same_statements_whatever_its_size(
     assert per_batch[2].count("UPDATE") == 2  # ledger balances (one executemany), the key
     assert usage_count(engine) == 43
     assert verify_ledger(engine).ok
+
+
+def test_a_payout_run_that_hangs_does_not_stop_metering(
+    engine: Engine, r: redis.Redis, plans: Plans
+) -> None:
+    """Issue 11: payouts ran inside the metering loop, so a Stripe call that hangs stopped
+    every account's usage from reaching the ledger. They run in a thread of their own."""
+    c = make_customer(engine, r, plans, usd=1)
+    loop = BillingLoop(
+        str(engine.url.render_as_string(hide_password=False)), REDIS_URL, consumer="loop",
+        block_ms=10, reap_every_s=0,
+    )  # fmt: skip
+    stripe_answers = threading.Event()
+    paying = threading.Event()
+
+    def hung() -> None:  # as Stripe not answering would
+        paying.set()
+        stripe_answers.wait(60)
+
+    loop.pay_due_week = hung  # type: ignore[method-assign]
+    runner = threading.Thread(target=loop.run, daemon=True)
+    runner.start()
+    try:
+        assert paying.wait(30)  # the payout run is stuck in Stripe now
+
+        async def traffic() -> None:
+            client = aredis.Redis.from_url(REDIS_URL)
+            await serve(Admission(client, plans), c, 2)
+            await client.aclose()
+
+        asyncio.run(traffic())
+        deadline = time.monotonic() + 30
+        while usage_count(engine) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert usage_count(engine) == 2  # metered all the same
+    finally:
+        loop.stop()
+        stripe_answers.set()
+        runner.join(30)
+        loop.engine.dispose()

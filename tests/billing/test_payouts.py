@@ -11,9 +11,19 @@ from billing.admission import Admission, Admitted
 from billing.meter import UsageMeter
 from billing.payouts import IsoWeek, PayoutError, run_due, run_payouts
 from billing.plans import Plans
-from billing.schema import LedgerTransfer, Payout, StripeMovement
+from cluster import registry
+from core.schema import (
+    AccountFlag,
+    LedgerTransfer,
+    Payout,
+    Provider,
+    ProviderReview,
+    StripeMovement,
+    utcnow,
+)
+from kernel.money import NUSD_PER_CENT as CENT
 from tests.billing.conftest import IN, MODEL, OUT, USD
-from tests.billing.payments_harness import CENT, Harness
+from tests.billing.payments_harness import Harness
 
 NOW = datetime.now(UTC)
 WEEK = IsoWeek.of(NOW)
@@ -198,3 +208,86 @@ def test_the_schedule_runs_each_week_once(world: World) -> None:
     assert first is not None and first.week == str(WEEK)
     assert run_due(h.engine, h.client, now=AFTER + timedelta(hours=3)) is None
     assert len(h.fake.transfers) == 1
+
+
+def owner_of(engine: Engine, provider_id: str) -> int:
+    with Session(engine) as session:
+        provider = session.get(Provider, provider_id)
+        assert provider is not None
+        return provider.account_id
+
+
+async def test_usage_by_the_providers_own_account_is_never_paid_out(
+    world: World, engine: Engine, r: redis.Redis, admission: Admission, meter: UsageMeter
+) -> None:
+    h = world.h
+    owner = owner_of(engine, world.a)  # its signup credits, spent on its own GPU
+    key = accounts.create_key(engine, r, account_id=owner).key
+    assert key is not None
+    await earn(admission, key, "r-self", world.a, 0, 150_000)  # $0.30, within the free cap
+    meter.drain_all()
+    own = 150_000 * OUT * 95 // 100
+    assert payable(engine, world.a) == A_SHARE + own
+    report = run_payouts(h.engine, h.client, week=WEEK, now=AFTER)
+    paid = next(i for i in report.items if i.provider_id == world.a)
+    assert paid.status == "paid" and paid.amount_cents == A_SHARE // CENT == 1140
+    assert paid.withheld_nusd == own and paid.carried_nusd == 2_850 + own
+    [transfer] = h.fake.transfers.values()
+    assert transfer["amount"] == 1140
+    assert payable(engine, world.a) == 2_850 + own  # the owner's own share stays, unpaid
+    # the next week: nothing new earned, the withheld share is still not paid
+    later = run_payouts(h.engine, h.client, week=IsoWeek.of(AFTER), now=AFTER + timedelta(7))
+    assert all(i.status != "paid" for i in later.items) and len(h.fake.transfers) == 1
+
+
+async def test_payouts_are_held_while_the_owner_has_a_refund_of_credits_it_spent(
+    world: World, engine: Engine, r: redis.Redis, admission: Admission, meter: UsageMeter
+) -> None:
+    h = world.h
+    owner = owner_of(engine, world.a)
+    cs = h.buy(owner, "solo")  # $10 + $50
+    accounts.set_limits(engine, r, account_id=owner, tokens_per_day=None)
+    key = accounts.create_key(engine, r, account_id=owner).key
+    assert key is not None
+    await earn(admission, key, "r-spent", world.c, 0, 25_000_000)  # $50, on another's GPU
+    meter.drain_all()
+    assert h.deliver("charge.refunded", h.fake.refund(cs, 5000)).outcome == "flagged"
+    report = run_payouts(h.engine, h.client, week=WEEK, now=AFTER)
+    held = next(i for i in report.items if i.provider_id == world.a)
+    assert held.status == "held" and held.amount_cents == 0
+    assert "a refund of credits it had spent" in (held.error or "")
+    assert h.fake.transfers == {} and payable(engine, world.a) == A_SHARE
+    with Session(engine) as session, session.begin():  # an operator resolves the flag
+        for flag in session.scalars(select(AccountFlag).where(AccountFlag.account_id == owner)):
+            flag.resolved_at = utcnow()
+    again = run_payouts(h.engine, h.client, week=WEEK, now=AFTER + timedelta(hours=1))
+    assert statuses(again)[world.a] == "paid" and len(h.fake.transfers) == 1
+
+
+def test_payouts_are_held_while_a_dispute_of_the_owner_is_open(world: World) -> None:
+    h = world.h
+    owner = owner_of(h.engine, world.a)
+    cs = h.buy(owner, "solo")
+    dispute = h.fake.dispute(cs)  # of credits not spent: all clawed back, but still open
+    assert h.deliver("charge.dispute.created", dispute).outcome == "applied"
+    report = run_payouts(h.engine, h.client, week=WEEK, now=AFTER)
+    held = next(i for i in report.items if i.provider_id == world.a)
+    assert held.status == "held" and "an open dispute" in (held.error or "")
+    assert h.fake.transfers == {} and payable(h.engine, world.a) == A_SHARE
+    assert h.deliver("charge.dispute.closed", {**dispute, "status": "won"}).outcome == "applied"
+    again = run_payouts(h.engine, h.client, week=WEEK, now=AFTER + timedelta(hours=1))
+    assert statuses(again)[world.a] == "paid" and len(h.fake.transfers) == 1
+
+
+def test_a_suspended_providers_earnings_are_held_until_it_is_approved_again(world: World) -> None:
+    """Suspending a provider (it served badly, or is under investigation) holds what it
+    earned: the operator decides before any of it leaves through Stripe."""
+    h = world.h
+    registry.review(h.engine, world.a, ProviderReview.suspended, note="under review")
+    report = run_payouts(h.engine, h.client, week=WEEK, now=AFTER)
+    held = next(i for i in report.items if i.provider_id == world.a)
+    assert held.status == "held" and held.error == "held: the provider is suspended"
+    assert world.a not in h.fake.transfers and payable(h.engine, world.a) == A_SHARE
+    registry.review(h.engine, world.a, ProviderReview.approved)
+    again = run_payouts(h.engine, h.client, week=WEEK, now=AFTER + timedelta(hours=1))
+    assert statuses(again)[world.a] == "paid"

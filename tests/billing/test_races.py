@@ -16,13 +16,14 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from billing import accounts as svc
-from billing import chain, ledger
-from billing import redis_keys as rk
+from billing import ledger
 from billing.admission import Admission, Refused, connect, utc_day
 from billing.meter import UsageMeter
 from billing.plans import Plans
 from billing.reports import verify_ledger
-from billing.schema import UsageEvent
+from core.schema import UsageEvent
+from kernel import redis_keys as rk
+from kernel.money import split_cost
 from tests.billing.conftest import IN, MODEL, OUT, REDIS_URL, USD, Customer, make_customer
 
 N = 200
@@ -154,7 +155,7 @@ def check_ledger(
         )
         platform = ledger.balance(session, ledger.PLATFORM_REVENUE)
     assert credits == start - billed >= 0
-    assert providers == sum(chain.split_cost(cost)[0] for cost in costs.values())
+    assert providers == sum(split_cost(cost)[0] for cost in costs.values())
     assert providers + platform == billed
     assert int(r.get(rk.balance(c.account_id))) == credits  # Redis agrees with SQL
     assert r.zcard(rk.HOLDS) == 0 and not r.exists(rk.undrained(c.account_id))

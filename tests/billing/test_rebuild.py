@@ -4,12 +4,12 @@ from sqlalchemy import Engine
 
 import billing.rebuild as rebuild_module
 from billing import accounts as svc
-from billing import redis_keys as rk
 from billing.admission import Admission, Admitted, Refused
 from billing.lua_scripts import SETTLE
 from billing.meter import UsageMeter
 from billing.plans import Plans
 from billing.rebuild import RebuildError, rebuild
+from kernel import redis_keys as rk
 from tests.billing.conftest import IN, MODEL, OUT, USD, make_customer, redis_int
 
 

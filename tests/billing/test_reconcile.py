@@ -13,14 +13,14 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from billing import accounts, connect, ledger
-from billing import redis_keys as rk
+from billing import accounts, connect, journal, ledger
 from billing.admission import Admission, Admitted
 from billing.cli import app
 from billing.meter import UsageMeter
 from billing.payouts import IsoWeek, run_payouts
 from billing.plans import Plans
-from billing.reconcile import journal_lines, reconcile, write_journal
+from billing.reconcile import reconcile
+from kernel import redis_keys as rk
 from tests.billing.conftest import MODEL, REDIS_URL, REPO, USD
 from tests.billing.payments_harness import Harness
 
@@ -82,24 +82,40 @@ def test_a_clean_day_reconciles(books: Books) -> None:
         "charge_cents": 15_000,
         "refund_cents": 2_500,
         "transfer_cents": 3 * 2_000_000 * 2_000 * 95 // 100 // 10**7,
+        "fee_cents": 435 + 30,  # Stripe's 2.9% + 30¢ of $150
     }
+    assert checks["fees"]["day_fee_cents"] == 465 and checks["fees"]["day_fee_refund_cents"] == 0
     assert checks["stripe"]["stripe_total_nusd"] == checks["stripe"]["clearing_stripe_nusd"]
 
 
 def test_the_journal_balances_each_day(books: Books) -> None:
-    lines = journal_lines(books.h.engine, TODAY)
-    debit = sum(Decimal(line["debit"] or 0) for line in lines)
-    credit = sum(Decimal(line["credit"] or 0) for line in lines)
+    out = io.StringIO()
+    n = journal.write(books.h.engine, out, start=TODAY - timedelta(days=1), end=TODAY)
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert len(rows) == 2 * n > 0  # yesterday had nothing; each entry has two lines
+    assert tuple(rows[0]) == journal.COLUMNS
+    debit = sum(Decimal(line["Debits"] or 0) for line in rows)
+    credit = sum(Decimal(line["Credits"] or 0) for line in rows)
     assert debit == credit > 0
-    accounts_seen = {line["account"] for line in lines}
+    accounts_seen = {line["AccountName"] for line in rows}
     assert {"Stripe clearing", "Customer credits", "Provider payable", "Platform revenue"} <= (
         accounts_seen
     )
-    out = io.StringIO()
-    n = write_journal(books.h.engine, out, start=TODAY - timedelta(days=1), end=TODAY)
-    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
-    assert len(rows) == n == len(lines)  # yesterday had nothing
-    assert list(rows[0]) == ["date", "journal", "account", "debit", "credit", "memo"]
+    assert "Stripe fees" in accounts_seen
+
+
+def test_accounts_never_granted_credits_reconcile_quietly(books: Books, plans: Plans) -> None:
+    """Issue 14: three accounts made with no credits have no Redis balance key, which
+    admission reads as 0; the daily check paged the operator for each of them."""
+    for _ in range(3):
+        made = accounts.create_account(books.h.engine, books.h.r, plans,
+                                       email=f"empty{time.monotonic_ns()}@example.com",
+                                       plan="paid")  # fmt: skip
+        assert books.h.r.get(rk.balance(made.id)) is None
+    report = reconcile(books.h.engine, books.h.r, day=TODAY)
+    assert report.ok, failing(report)
+    books.h.r.set(rk.balance(made.id), 5)  # but a balance SQL does not know is drift
+    assert list(failing(reconcile(books.h.engine, books.h.r, day=TODAY))) == ["redis_balances"]
 
 
 def test_a_planted_redis_drift_fails(books: Books) -> None:
@@ -141,11 +157,11 @@ def test_cli_reconcile_exit_status_and_csv(
     monkeypatch.setenv("DARKGPU_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("DARKGPU_PLANS_FILE", str(REPO / "configs" / "plans.toml"))
     runner = CliRunner()
-    journal = tmp_path / "journal.csv"
-    ok = runner.invoke(app, ["reconcile", "--date", TODAY.isoformat(), "--csv", str(journal)])
+    journal_csv = tmp_path / "journal.csv"
+    ok = runner.invoke(app, ["reconcile", "--date", TODAY.isoformat(), "--csv", str(journal_csv)])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["ok"] is True
-    assert journal.read_text().startswith("date,journal,account,debit,credit,memo")
+    assert journal_csv.read_text().startswith(",".join(journal.COLUMNS))
     books.h.r.decrby(rk.balance(books.customer), 5)
     bad = runner.invoke(app, ["reconcile", "--date", TODAY.isoformat()])
     assert bad.exit_code == 1 and json.loads(bad.stdout)["ok"] is False

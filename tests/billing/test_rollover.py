@@ -10,12 +10,12 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from billing import accounts as svc
-from billing import redis_keys as rk
 from billing.admission import Admission, Admitted, Refused
 from billing.meter import UsageMeter
 from billing.plans import Plans
 from billing.rebuild import rebuild
-from billing.schema import UsageEvent
+from core.schema import UsageEvent
+from kernel import redis_keys as rk
 from tests.billing.conftest import MODEL, Customer, make_customer, redis_int
 
 # Day D starts two days ahead (Redis expires day counters by the wall clock, so test days must

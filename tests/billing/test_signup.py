@@ -4,10 +4,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from billing import ledger, signup
-from billing import redis_keys as rk
-from billing.keys import hash_key
 from billing.plans import Plans
-from billing.schema import Account, AccountPassword, LedgerTransfer
+from core.schema import Account, AccountPassword, LedgerTransfer
+from kernel import redis_keys as rk
+from kernel.tokens import hash_key
 from tests.billing.conftest import USD, redis_int
 
 PASSWORD = "correct horse battery"

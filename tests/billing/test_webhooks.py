@@ -11,7 +11,7 @@ from billing import accounts, connect, ledger, webhooks
 from billing.admission import Admission, Admitted
 from billing.meter import UsageMeter
 from billing.plans import Plans
-from billing.schema import (
+from core.schema import (
     AccountFlag,
     LedgerTransfer,
     PayoutAccount,
@@ -19,6 +19,7 @@ from billing.schema import (
     StripeMovement,
     StripePayment,
 )
+from kernel.money import NUSD_PER_CENT as CENT
 from tests.billing.conftest import MODEL, OUT, USD
 from tests.billing.fake_stripe import WEBHOOK_SECRET, signed
 from tests.billing.payments_harness import Harness
@@ -37,6 +38,12 @@ def count(engine: Engine, model: type, *where: object) -> int:
 def clearing(engine: Engine) -> int:
     with Session(engine) as session:
         return ledger.balance(session, ledger.PAYMENT_CLEARING)
+
+
+def stripe_holds(h: Harness) -> int:
+    """What the clearing account should say: minus the net of every balance transaction at
+    Stripe (charges less Stripe's fees, refunds, disputes and their fees), in nUSD."""
+    return -h.fake.net_cents() * CENT
 
 
 def flags(engine: Engine, account_id: int) -> list[AccountFlag]:
@@ -83,7 +90,7 @@ def test_duplicates_change_nothing(h: Harness, monkeypatch: pytest.MonkeyPatch) 
     assert h.balance(aid) == 60 * USD and h.redis_balance(aid) == 60 * USD
     assert count(h.engine, LedgerTransfer, LedgerTransfer.kind == "purchase") == 1
     assert count(h.engine, StripeEvent) == 2
-    assert clearing(h.engine) == -50 * USD
+    assert clearing(h.engine) == stripe_holds(h) == -(5000 - 175) * CENT  # net of the fee
 
 
 @pytest.mark.parametrize(
@@ -138,7 +145,7 @@ def test_refunds_claw_back_cumulatively_in_any_order(h: Harness) -> None:
     # the first refund's event delivered again, late: it is older news
     assert h.deliver("charge.refunded", first).outcome == "no_change"
     assert h.balance(aid) == 10 * USD
-    assert clearing(h.engine) == 0  # $50 in, $50 refunded
+    assert clearing(h.engine) == stripe_holds(h) == 175 * CENT  # $50 in, $50 out, fee kept
     assert not flags(h.engine, aid)
 
 
@@ -148,13 +155,14 @@ def test_refund_before_fulfilment_is_applied_after_it(h: Harness) -> None:
     completed = h.fake.event("checkout.session.completed", h.fake.pay(cs))
     refunded = h.fake.refund(cs, 2000)
     assert h.deliver("charge.refunded", refunded).outcome == "deferred"
-    assert h.balance(aid) == 10 * USD and clearing(h.engine) == 0
+    # only Stripe's fee on the charge is booked: it was taken, whatever we know of the purchase
+    assert h.balance(aid) == 10 * USD and clearing(h.engine) == 175 * CENT
     assert h.deliver_raw(completed).outcome == "applied"
     assert h.balance(aid) == 40 * USD and h.redis_balance(aid) == 40 * USD
-    assert clearing(h.engine) == -30 * USD
+    assert clearing(h.engine) == stripe_holds(h) == -(3000 - 175) * CENT
     assert count(h.engine, StripePayment) == 1  # the two records of the purchase merged
     kinds = {m: n for m, n in _movements(h.engine)}
-    assert kinds == {"charge": 5000, "refund": 2000}
+    assert kinds == {"charge": 5000, "refund": 2000, "fee": 175}  # 2.9% + 30¢ of $50
 
 
 def _movements(engine: Engine) -> list[tuple[str, int]]:
@@ -185,7 +193,7 @@ async def test_refund_after_spending_never_goes_below_zero_and_flags(
     assert h.balance(aid) == 0 and h.redis_balance(aid) == 0
     [flag] = flags(h.engine, aid)
     assert flag.reason == "refund_after_spend" and flag.unrecovered_nusd == 35 * USD
-    assert clearing(h.engine) == 0  # the whole refund left Stripe: clearing says so
+    assert clearing(h.engine) == stripe_holds(h)  # the whole refund left Stripe: clearing says so
     with Session(h.engine) as session:
         assert ledger.balance(session, webhooks.PAYMENT_LOSSES) == -35 * USD
 
@@ -203,7 +211,8 @@ async def test_credits_held_by_requests_in_flight_are_not_clawed_back(
     assert h.deliver("charge.dispute.created", dispute).outcome == "flagged"
     assert h.redis_balance(aid) == 0
     assert h.balance(aid) == 40 * USD  # only the $20 not held was clawed back
-    [flag] = flags(h.engine, aid)
+    assert sorted(f.reason for f in flags(h.engine, aid)) == ["dispute_after_spend", "dispute_open"]
+    [flag] = [f for f in flags(h.engine, aid) if f.reason != "dispute_open"]
     assert flag.reason == "dispute_after_spend" and flag.unrecovered_nusd == 30 * USD
     # the request finishes, using all it reserved: the ledger can still bill it
     await admission.settle(
@@ -220,10 +229,19 @@ async def test_credits_held_by_requests_in_flight_are_not_clawed_back(
 def test_dispute_of_unspent_credits(h: Harness) -> None:
     aid = h.account()
     cs = h.buy(aid, "team")  # $10 + $150
-    assert h.deliver("charge.dispute.created", h.fake.dispute(cs)).outcome == "applied"
+    dispute = h.fake.dispute(cs)
+    assert h.deliver("charge.dispute.created", dispute).outcome == "applied"
     assert h.balance(aid) == 10 * USD and h.redis_balance(aid) == 10 * USD
-    assert not flags(h.engine, aid)
-    assert clearing(h.engine) == 0
+    [opened] = flags(h.engine, aid)  # open until it closes: the account's payouts wait
+    assert opened.reason == "dispute_open" and opened.stripe_id == dispute["id"]
+    assert opened.resolved_at is None and opened.unrecovered_nusd == 0
+    assert clearing(h.engine) == stripe_holds(h) == (15_000 + 1_500 - 14_535) * CENT  # fees too
+    closed = h.deliver("charge.dispute.closed", {**dispute, "status": "won"})
+    assert closed.outcome == "applied"
+    [opened] = flags(h.engine, aid)
+    assert opened.resolved_at is not None
+    again = h.deliver("charge.dispute.closed", {**dispute, "status": "won"})
+    assert again.outcome == "ignored"  # a new event about a dispute already closed
 
 
 def test_events_for_others_are_recorded_and_ignored(h: Harness) -> None:

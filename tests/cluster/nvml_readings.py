@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pynvml
 
-from cluster.nvml import CcReading, DeviceReading, GpuProcess, GpuReading, with_processes
+from agent_bootstrap.nvml import CcReading, DeviceReading, GpuProcess, GpuReading, with_processes
 
 MIB = 1024**2
 

@@ -6,19 +6,18 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent_bootstrap.evidence import CcEvidence, bound_nonce, make_evidence
+from agent_bootstrap.nvml import RecordedReader
 from cluster.attestation import (
     AttestationError,
-    CcEvidence,
     NoVerifier,
     SignedReportVerifier,
-    bound_nonce,
     check_challenge,
     decide_tier,
     issue_challenge,
-    make_evidence,
 )
-from cluster.labels import TrustTier
-from cluster.nvml import CcState, RecordedReader
+from kernel.gpu import CcState
+from kernel.labels import TrustTier
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100, H100_CC_DEVTOOLS, H100_CC_ON
 

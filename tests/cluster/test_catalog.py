@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from cluster.catalog import CatalogError, load_catalog
-from cluster.settings import CONFIGS_DIR
+from core.settings import CONFIGS_DIR
 
 SPEC_PRICES = {  # USD per 1M tokens (input, output) and min VRAM, from the consumer docs
     "qwen3.5-7b": ("0.015", "0.06", 8),

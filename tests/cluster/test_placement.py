@@ -1,7 +1,7 @@
 from cluster.catalog import load_catalog
-from cluster.labels import PRICE_FLOOR_LABEL, VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
 from cluster.placement import NodeCapacity, deployable_models, replica_bundles
-from cluster.settings import CONFIGS_DIR
+from core.settings import CONFIGS_DIR
+from kernel.labels import PRICE_FLOOR_LABEL, VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
 
 CATALOG = load_catalog(CONFIGS_DIR / "models.toml")
 

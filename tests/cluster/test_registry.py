@@ -10,13 +10,16 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from agent_bootstrap.evidence import make_evidence
+from agent_bootstrap.nvml import RecordedReader, detect
 from billing import accounts
 from billing.plans import Plans
-from billing.schema import LedgerAccount, Provider, ProviderStatus, ProviderToken, UsageEvent
 from cluster import registry
-from cluster.attestation import SignedReportVerifier, issue_challenge, make_evidence
-from cluster.nvml import RecordedReader, detect
+from cluster.attestation import SignedReportVerifier, issue_challenge
 from cluster.registry import ProviderAuthError, Registration, RegistryError
+from core.schema import Provider, ProviderReview, ProviderStatus, ProviderToken
+from kernel.errors import Conflict
+from kernel.tokens import hash_key
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100, H100_CC_ON, RTX_4090
 
@@ -52,7 +55,7 @@ def test_a_provider_gets_a_token_shown_once_and_stored_hashed(
     assert new.provider.status == "offline" and new.provider.trust_tier == "basic"
     with Session(engine) as session:
         row = session.scalars(select(ProviderToken)).one()
-        assert row.token_hash == registry.hash_token(new.token)
+        assert row.token_hash == hash_key(new.token)
         assert row.prefix == new.token[:12]
         dumped = [str(v) for v in session.execute(text("SELECT * FROM provider_tokens")).one()]
         assert new.token not in dumped
@@ -110,6 +113,7 @@ def test_register_records_facts_and_an_h100_with_cc_off_stays_basic(
     assert p.public_key == body.public_key and p.price_floor_pct == 20
     assert p.schedule == schedule
     assert p.status == "paused"  # registered, not yet joined
+    assert p.review == "pending"  # basic hardware waits for the operator
     assert registry.get_provider(engine, p.id) == p
 
 
@@ -132,6 +136,7 @@ def test_register_with_checked_cc_evidence_is_verified_and_a_new_key_resets_it(
     )
     assert done.provider.trust_tier == "verified", done.tier_reason
     assert done.provider.cc_evidence and done.provider.cc_evidence["nonce"] == evidence.nonce
+    assert done.provider.review == "approved"  # the rule: its attestation passed
     # The same evidence under another key no longer binds: back to basic, evidence dropped.
     again = body.model_copy(update={"public_key": _public_key()})
     redone = registry.register(
@@ -179,54 +184,6 @@ def test_list_by_account(engine: Engine, r: redis.Redis, plans: Plans, account_i
     assert len(registry.list_providers(engine)) == 2
 
 
-def test_earnings_come_from_the_usage_ledger(engine: Engine, account_id: int) -> None:
-    new = registry.create_provider(engine, account_id=account_id, name="x")
-    pid = new.provider.id
-    assert registry.earnings(engine, pid).to_json() == {
-        "requests": 0,
-        "earned_nusd": 0,
-        "payable_nusd": 0,
-    }
-    with Session(engine) as session, session.begin():
-        for i, share in enumerate((950, 1900)):
-            session.add(
-                UsageEvent(
-                    request_id=f"req-{i}",
-                    account_id=account_id,
-                    model="m",
-                    provider_id=pid,
-                    prompt_tokens=1,
-                    completion_tokens=1,
-                    input_nusd_per_token=500,
-                    output_nusd_per_token=500 * (i + 1),
-                    cost_nusd=share * 100 // 95,
-                    provider_share_nusd=share,
-                    platform_share_nusd=share * 100 // 95 - share,
-                    outcome="settled",
-                    usage_day="2030-01-01",
-                    created_at_ms=i,
-                    settled_at_ms=i,
-                    prev_hash=str(i) * 64,
-                    row_hash=str(i + 1) * 64,
-                )
-            )
-        session.add(
-            LedgerAccount(
-                name=f"provider:{pid}:payable",
-                kind="provider_payable",
-                provider_id=pid,
-                balance=2850,
-                version=2,
-                allow_negative=False,
-            )
-        )
-    assert registry.earnings(engine, pid).to_json() == {
-        "requests": 2,
-        "earned_nusd": 2850,
-        "payable_nusd": 2850,
-    }
-
-
 def test_the_schema_refuses_unknown_statuses_and_tiers(engine: Engine, account_id: int) -> None:
     new = registry.create_provider(engine, account_id=account_id, name="x")
     for column, value in (("status", "gone"), ("trust_tier", "gold"), ("cc_state", "maybe")):
@@ -246,3 +203,38 @@ def test_registration_validates_its_body() -> None:
         Registration.model_validate({**good, "schedule": bad})
     with pytest.raises(ValueError):
         Registration.model_validate({**good, "surprise": 1})
+
+
+def test_only_an_approved_provider_may_join_and_the_operator_decides(
+    engine: Engine, account_id: int
+) -> None:
+    """A new provider is pending (the provider routes give its agent no cluster address or
+    Ray token, and routing none of its requests) until the operator approves it.
+    Suspending stops that again and approving lifts it; revoking is final and ends every
+    token."""
+    new = registry.create_provider(engine, account_id=account_id, name="rig")
+    pid = new.provider.id
+
+    def refusal() -> str | None:
+        review = registry.authenticate(engine, new.token).review
+        assert registry.provider_terms(engine)[pid].approved is (review == "approved")
+        return None if review == "approved" else f"provider_{review}"
+
+    assert refusal() == "provider_pending"
+    approved = registry.review(engine, pid, ProviderReview.approved, note="checked by hand")
+    assert (approved.review, refusal()) == ("approved", None)
+    assert registry.provider_terms(engine)[pid].approved
+    registry.review(engine, pid, ProviderReview.suspended, note="bad output")
+    assert refusal() == "provider_suspended" and not registry.provider_terms(engine)[pid].approved
+    registry.review(engine, pid, ProviderReview.approved)
+    assert refusal() is None
+    registry.review(engine, pid, ProviderReview.revoked, note="fraud")
+    with pytest.raises(ProviderAuthError):  # its tokens went with it
+        registry.authenticate(engine, new.token)
+    with pytest.raises(Conflict):
+        registry.review(engine, pid, ProviderReview.approved)
+    with pytest.raises(RegistryError):
+        registry.review(engine, pid, ProviderReview.pending)
+    with Session(engine) as session:
+        row = session.get(Provider, pid)
+        assert row is not None and row.review == "revoked" and row.review_note == "fraud"

@@ -8,7 +8,7 @@ from sqlalchemy import Engine
 from billing import accounts as svc
 from billing.admission import Admission
 from billing.plans import Plans
-from cluster.labels import TrustTier
+from kernel.labels import TrustTier
 from serve_app.account_tiers import AccountTiers
 from tests.billing import conftest as billing
 from tests.billing.conftest import make_customer

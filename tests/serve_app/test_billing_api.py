@@ -5,7 +5,12 @@ and races that must never overshoot a cap or a balance."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import sqlite3
 import time
+from contextlib import closing
+from pathlib import Path
 
 import httpx
 import openai
@@ -235,6 +240,45 @@ def test_two_hundred_racing_requests_never_overdraw_the_credits(platform):
     assert credits["balance_nusd"] == 75_000 - billed["cost_nusd"] >= 0
 
 
-def test_the_ledger_verifies(platform):
+def _verify(platform, database: Path | None = None) -> tuple[int, dict]:
+    """`darkgpu admin ledger verify`, on the platform's database or on `database`."""
+    if database is not None:
+        env = {**platform.env, "DARKGPU_DATABASE_URL": f"sqlite:///{database}"}
+        platform = dataclasses.replace(platform, env=env)
     done = platform.darkgpu("admin", "ledger", "verify", timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_the_ledger_verifies(platform, tmp_path):
+    """The ledger holds what was served (this request at least) and verifies, counting every
+    row; a row changed behind the append-only triggers' back is caught. The change is made on
+    a copy: the platform's own ledger is never touched."""
+    _, key = platform.new_key("paid", usd="1")
+    sdk(platform, key).chat.completions.create(model=LOCAL, messages=MSG, max_tokens=3)
+    assert account_usage(platform, key, 1)["requests"] == 1
+    copy = tmp_path / "ledger.db"
+    live = Path(platform.env["DARKGPU_DATA_DIR"]) / "darkgpu.db"
+    with closing(sqlite3.connect(live)) as source, closing(sqlite3.connect(copy)) as target:
+        source.backup(target)  # a consistent snapshot while the billing actor writes
+    with closing(sqlite3.connect(copy)) as db:
+        [(rows, billed_row)] = db.execute(
+            "SELECT count(*), max(CASE WHEN cost_nusd > 0 THEN id END) FROM usage_events"
+        ).fetchall()
+    assert rows >= 1 and billed_row is not None
+
+    code, live_report = _verify(platform)
+    assert code == 0 and live_report["ok"], live_report
+    assert live_report["usage_rows"] >= rows  # the live ledger only grows
+    code, report = _verify(platform, copy)
+    assert code == 0 and report["ok"] and report["usage_rows"] == rows, report
+
+    with closing(sqlite3.connect(copy)) as db, db:
+        for action in ("update", "delete"):
+            db.execute(f"DROP TRIGGER usage_events_no_{action}")
+        db.execute(
+            "UPDATE usage_events SET completion_tokens = completion_tokens + 1 WHERE id = ?",
+            (billed_row,),
+        )
+    code, report = _verify(platform, copy)
+    assert code == 1 and not report["ok"], report
+    assert any(p.startswith(f"usage row {billed_row} (") for p in report["problems"]), report

@@ -90,7 +90,7 @@ def test_sign_up_key_call_usage_revoke(platform, page: Page) -> None:
 
     # a new key: shown once, with a working copy button
     nav(page, "API keys")
-    page.get_by_label("Name").fill("e2e")
+    page.get_by_label("Name", exact=True).fill("e2e")
     page.get_by_role("button", name="Create key").click()
     key = page.locator("#new-key").inner_text().strip()
     assert key.startswith("dgpu-")
@@ -149,6 +149,8 @@ def test_sign_up_key_call_usage_revoke(platform, page: Page) -> None:
     page.route("https://checkout.stripe.com/**",
                lambda route: route.fulfill(body="<h1>Stripe Checkout</h1>",
                                            content_type="text/html"))  # fmt: skip
+    solo = page.locator("section.card", has=page.get_by_role("heading", name="Solo"))
+    solo.get_by_label("Capped budget").check()  # the storefront's promise: a daily cap
     page.get_by_role("button", name="Buy Solo").click()
     page.wait_for_url("https://checkout.stripe.com/**")
     session_id = page.url.rstrip("/").rsplit("/", 1)[1]
@@ -160,6 +162,9 @@ def test_sign_up_key_call_usage_revoke(platform, page: Page) -> None:
     page.goto(f"{console}/billing?checkout=success")
     expect(page.locator("tr", has_text="Solo")).to_contain_text("paid")
     expect(page.locator("tr", has_text="Solo")).to_contain_text("$50.00")
+    credits = httpx.get(f"{platform.api_url}/credits", timeout=30,
+                        headers={"authorization": f"Bearer {key}"}).json()  # fmt: skip
+    assert (credits["plan"], credits["tokens_per_day"]) == ("paid", 2000)  # as it chose
     shot(page, "billing")
 
     nav(page, "Provider")

@@ -1,9 +1,10 @@
-"""The console's routes in process: a FastAPI app holding only the console router, on real
+"""The console's routes in process: the app `create_app` builds (no ingress), on real
 SQLite and a real Redis (`DARKGPU_TEST_REDIS_URL`, flushed around each test). Sessions,
 CSRF, sign-in refusals, one account never touching another's data, and errors as pages."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -12,11 +13,20 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from httpx import Response
+from typer.testing import CliRunner
 
-from billing.db import make_engine, migrate
-from serve_app import console
-from serve_app.console.sessions import COOKIE, MAX_LOGIN_FAILURES, SessionStore, digest
-from serve_app.errors import install_error_handlers
+from billing import accounts
+from billing.cli import app as cli_app
+from core.db import make_engine, migrate
+from serve_app.console.sessions import (
+    COOKIE,
+    CSRF_COOKIE,
+    MAX_LOGIN_FAILURES,
+    SessionStore,
+    digest,
+)
+from serve_app.http_app import create_app
 from serve_app.services import Services
 
 REDIS_URL = os.environ.get("DARKGPU_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -36,15 +46,11 @@ def svc(tmp_path: Path) -> Iterator[Services]:
 
 @pytest.fixture
 def app(svc: Services) -> FastAPI:
-    app = FastAPI()
-    install_error_handlers(app)  # the API's own handlers: the console must not need them
-    app.include_router(console.router)
-    app.state.services = svc
-    return app
+    return create_app(svc)  # the API's routes and handlers too: the console must not need them
 
 
-def client(app: FastAPI, base_url: str = HOST) -> TestClient:
-    return TestClient(app, base_url=base_url, follow_redirects=False)
+def client(app: FastAPI, base_url: str = HOST, ip: str = "testclient") -> TestClient:
+    return TestClient(app, base_url=base_url, follow_redirects=False, client=(ip, 50000))
 
 
 def csrf_of(html: str) -> str:
@@ -61,21 +67,45 @@ def signed_up(app: FastAPI, email: str) -> tuple[TestClient, str]:
     return c, csrf_of(done.text)
 
 
-def test_session_cookie_flags_and_only_the_hash_in_redis(app: FastAPI, svc: Services) -> None:
-    c = client(app)
-    page = c.get("/console/login")
+def test_anonymous_views_store_nothing_and_sessions_only_their_hash(
+    app: FastAPI, svc: Services
+) -> None:
+    for _ in range(5):  # cookieless views of the forms: nothing stored per view
+        page = client(app).get("/console/login")
+        assert client(app).get("/console/signup").status_code == 200
+    assert svc.redis.keys("dg:console:*") == [b"dg:console:secret"]  # the one CSRF secret
+    assert 0 < svc.redis.ttl("dg:console:secret") <= 30 * 24 * 3600
     cookie = page.headers["set-cookie"]
+    assert cookie.startswith(f"{CSRF_COOKIE}=") and COOKIE not in cookie
     for flag in ("HttpOnly", "Secure", "SameSite=lax", "Path=/console"):
         assert flag in cookie
-    token = c.cookies[COOKIE]
-    keys = [k.decode() for k in svc.redis.keys("dg:console:*")]
-    assert keys == [f"dg:console:session:{digest(token)}"]
-    assert token.encode() not in b"".join(
-        v for k in keys for v in svc.redis.hgetall(k).values()
-    )  # fmt: skip
-    assert 0 < svc.redis.ttl(keys[0]) <= 3600  # anonymous: an hour
     assert page.headers["cache-control"] == "no-store"
     assert "default-src 'self'" in page.headers["content-security-policy"]
+    c, _ = signed_up(app, "hash@example.com")  # the first thing stored: a signed-in session
+    token = c.cookies[COOKIE]
+    keys = [k.decode() for k in svc.redis.keys("dg:console:session:*")]
+    assert keys == [f"dg:console:session:{digest(token)}"]
+    assert token.encode() not in b"".join(svc.redis.hgetall(keys[0]).values())
+    for key in svc.redis.keys("dg:console:*") + svc.redis.keys("dg:throttle:*"):
+        assert svc.redis.ttl(key) > 0, key  # nothing that is not money lives forever
+
+
+def test_anonymous_forms_need_the_signed_token_of_their_cookie(app: FastAPI) -> None:
+    signed_up(app, "anon@example.com")
+    c = client(app)
+    csrf = csrf_of(c.get("/console/login").text)
+    data = {"email": "anon@example.com", "password": PASSWORD}
+    other = client(app)
+    other_csrf = csrf_of(other.get("/console/login").text)  # another visitor's pair
+    for token in ("", "x", other_csrf, c.cookies[CSRF_COOKIE]):
+        refused = c.post("/console/login", data={**data, "csrf_token": token})
+        assert refused.status_code == 403 and "could not be verified" in refused.text
+    forged = client(app)  # a cookie of the attacker's choosing, without the server's secret
+    forged.cookies.set(CSRF_COOKIE, "chosen-nonce", path="/console")
+    refused = forged.post("/console/login", data={**data, "csrf_token": csrf})
+    assert refused.status_code == 403
+    ok = c.post("/console/login", data={**data, "csrf_token": csrf})
+    assert ok.status_code == 303 and ok.headers["location"] == "/console/overview"
 
 
 def test_signup_shows_the_first_key_once_and_signs_in(app: FastAPI, svc: Services) -> None:
@@ -209,3 +239,81 @@ def test_session_store(svc: Services) -> None:
     assert sessions.find(token + "x") is None and sessions.find(None) is None
     sessions.end(found)
     assert sessions.find(token) is None
+
+
+def login_from(app: FastAPI, ip: str, email: str, password: str) -> Response:
+    c = client(app, ip=ip)
+    csrf = csrf_of(c.get("/console/login").text)
+    return c.post("/console/login", data={"email": email, "password": password,
+                                          "csrf_token": csrf})  # fmt: skip
+
+
+def test_failed_sign_ins_lock_the_email_only_from_their_network(app: FastAPI) -> None:
+    signed_up(app, "victim@example.com")
+    for _ in range(MAX_LOGIN_FAILURES):
+        assert login_from(app, "203.0.113.5", "victim@example.com", "guess").status_code == 400
+    for ip in ("203.0.113.5", "203.0.113.200"):  # the attacker's /24: locked there
+        blocked = login_from(app, ip, "victim@example.com", PASSWORD)
+        assert blocked.status_code == 400 and "Too many failed sign-ins" in blocked.text
+    ok = login_from(app, "198.51.100.7", "victim@example.com", PASSWORD)  # the victim, elsewhere
+    assert ok.status_code == 303 and ok.headers["location"] == "/console/overview"
+
+
+def test_sign_in_and_sign_up_are_throttled_per_ip_before_hashing(
+    svc: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(svc.settings, "signin_limit_per_ip", 3)
+    monkeypatch.setattr(svc.settings, "signup_limit_per_ip", 1)
+    app = create_app(svc)
+    signed_up(app, "someone@example.com")
+    for _ in range(3):
+        assert login_from(app, "203.0.113.5", "someone@example.com", "guess").status_code == 400
+    throttled = login_from(app, "203.0.113.5", "someone@example.com", PASSWORD)
+    assert throttled.status_code == 429 and 0 < int(throttled.headers["retry-after"]) <= 900
+    assert "Too many sign-in attempts from your network" in throttled.text
+    assert 'name="csrf_token"' in throttled.text  # the form again, in words
+    assert login_from(app, "198.51.100.7", "someone@example.com", PASSWORD).status_code == 303
+    c = client(app, ip="192.0.2.1")
+    form = {"password": PASSWORD, "csrf_token": csrf_of(c.get("/console/signup").text)}
+    assert c.post("/console/signup", data={**form, "email": "one@example.com"}).status_code == 200
+    c = client(app, ip="192.0.2.1")
+    form["csrf_token"] = csrf_of(c.get("/console/signup").text)
+    again = c.post("/console/signup", data={**form, "email": "two@example.com"})
+    assert again.status_code == 429 and "Too many sign-ups" in again.text
+    assert accounts.find_account(svc.db, "two@example.com") is None
+
+
+def test_suspending_an_account_ends_its_sessions_and_refuses_its_keys(
+    app: FastAPI, svc: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, _ = signed_up(app, "gone@example.com")
+    second = client(app)  # the same account signed in a second time, elsewhere
+    csrf = csrf_of(second.get("/console/login").text)
+    data = {"email": "gone@example.com", "password": PASSWORD}
+    signed_in = second.post("/console/login", data={**data, "csrf_token": csrf})
+    assert signed_in.status_code == 303
+    other, _ = signed_up(app, "stays@example.com")
+    account_id = accounts.find_account(svc.db, "gone@example.com").id
+    api_key = accounts.create_key(svc.db, svc.redis, account_id=account_id, name="k").key
+    auth = {"authorization": f"Bearer {api_key}"}
+    with TestClient(app) as api:  # one event loop for admission's async Redis
+        before = api.get("/v1/providers/me/earnings", headers=auth)
+        assert before.status_code == 404 and "owns no providers" in before.text  # it works
+
+        monkeypatch.setenv("DARKGPU_DATA_DIR", str(tmp_path))
+        monkeypatch.setenv("DARKGPU_REDIS_URL", REDIS_URL)
+        done = CliRunner().invoke(cli_app, ["account", "suspend", "--account", str(account_id)])
+        assert done.exit_code == 0, done.output
+        shown = json.loads(done.stdout)
+        assert shown["status"] == "suspended" and shown["console_sessions_ended"] == 2
+
+        for browser in (c, second):
+            assert browser.get("/console/overview").status_code == 303  # signed out
+        assert other.get("/console/overview").status_code == 200  # another account's stays
+        after = api.get("/v1/providers/me/earnings", headers=auth)
+        assert after.status_code == 401 and after.json()["error"]["type"] == "auth", after.text
+    assert svc.redis.keys(f"dg:console:acct:{account_id}") == []
+    login = client(app)
+    csrf = csrf_of(login.get("/console/login").text)
+    again = login.post("/console/login", data={**data, "csrf_token": csrf})
+    assert again.status_code == 400 and "suspended" in again.text

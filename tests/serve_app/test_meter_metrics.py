@@ -9,12 +9,12 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from billing import redis_keys as rk
 from billing.accounts import create_account
 from billing.plans import load_plans
-from billing.schema import Payout, ProviderStatus
-from cluster.labels import TrustTier
 from cluster.registry import ProviderTerms, create_provider, set_status
+from core.schema import Payout, ProviderStatus
+from kernel import redis_keys as rk
+from kernel.labels import TrustTier
 from serve_app.meter_metrics import (
     read_backlog,
     read_payouts,

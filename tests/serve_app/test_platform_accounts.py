@@ -72,7 +72,8 @@ def test_buy_a_bundle_through_checkout_and_its_webhook(platform):
 
     credits = get(platform, "/credits", key).json()
     assert credits["balance_nusd"] == 60 * 10**9  # $10 signup + $50 Solo, once
-    assert credits["plan"] == "paid" and credits["tokens_per_day"] == 2000
+    # the paid plan: credits are its only limit (the free plan's allowance is never lowered)
+    assert credits["plan"] == "paid" and credits["tokens_per_day"] is None
 
 
 def test_lend_a_gpu_provider_token_credentials_and_attestation(platform):
@@ -84,11 +85,14 @@ def test_lend_a_gpu_provider_token_credentials_and_attestation(platform):
     assert token.startswith("dgpp-")
 
     assert post(platform, "/providers/auth", "dgpp-" + "x" * 43).status_code == 401
-    credentials = post(platform, "/providers/auth", token)
-    assert credentials.status_code == 200, credentials.text
-    body = credentials.json()
-    assert body["provider_id"] == provider["id"]
-    assert body["cluster_address"] and body["ray_auth_token"]
+    pending = post(platform, "/providers/auth", token)
+    assert pending.status_code == 200, pending.text
+    body = pending.json()  # signing up gives nobody the cluster: the operator approves first
+    assert body["provider_id"] == provider["id"] and body["review"] == "pending"
+    assert body["cluster_address"] is None and body["ray_auth_token"] is None
+    platform.admin("provider", "approve", "--provider", provider["id"])
+    body = post(platform, "/providers/auth", token).json()
+    assert body["review"] == "approved" and body["cluster_address"] and body["ray_auth_token"]
 
     attestation = get(platform, f"/providers/{provider['id']}/attestation")
     assert attestation.status_code == 200

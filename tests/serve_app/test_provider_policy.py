@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from billing.schema import ProviderStatus
-from cluster.labels import TrustTier
 from cluster.registry import ProviderTerms
-from serve_app.errors import APIError
+from core.schema import ProviderReview, ProviderStatus
+from kernel.errors import DarkGpuError
+from kernel.labels import TrustTier
+from serve_app.errors import body
 from serve_app.provider_policy import (
+    DEMOTE_STRIKES,
+    EXCLUDE_STRIKES,
     NoCandidate,
     NoProviderReason,
     Price,
@@ -125,8 +130,8 @@ def test_no_candidate_error_is_a_503_naming_the_reason() -> None:
     assert isinstance(none, NoCandidate)
     error = no_candidate_error(none, retry_after_s=7)
     assert error.status == 503
-    assert error.body()["error"]["type"] == "service_unavailable"
-    assert error.body()["error"]["code"] == "no_provider_online"
+    assert body(error)["error"]["type"] == "service_unavailable"
+    assert body(error)["error"]["code"] == "no_provider_online"
     assert error.headers == {"Retry-After": "7"}
 
 
@@ -155,6 +160,26 @@ def test_the_registry_overrides_self_declared_labels() -> None:
         "r", {**claims, "provider_id": "prv_?", "price_floor_pct": 20}, registry=registry
     )
     assert stranger is not None and (stranger.trust_tier, stranger.price_floor_pct) == (B, 20)
+    assert got.approved and not stranger.approved  # a made-up provider id serves nothing
+    head = ReplicaStats.from_routing_stats("r", {"provider_id": "local"}, registry=registry)
+    assert head is not None and head.approved and head.trust_tier is B  # the platform's own
+
+
+@pytest.mark.parametrize("review", [ProviderReview.pending, ProviderReview.suspended,
+                                    ProviderReview.revoked])  # fmt: skip
+def test_a_provider_the_operator_has_not_approved_serves_nothing(review: ProviderReview) -> None:
+    """Not even as a last resort (as a draining replica would), and whatever its replica
+    claims: its node may still be in the cluster with a replica running."""
+    registry = {"prv_x": ProviderTerms(V, 0, ProviderStatus.online, review),
+                "prv_y": ProviderTerms(B, 0, ProviderStatus.online)}  # fmt: skip
+    held = ReplicaStats.from_routing_stats("x", {"provider_id": "prv_x"}, registry=registry)
+    good = ReplicaStats.from_routing_stats("y", {"provider_id": "prv_y"}, registry=registry)
+    assert held is not None and good is not None
+    assert not held.approved and not held.plain and good.plain
+    assert ranked_ids(rank([held, good], Requirements(), CATALOG)) == ["y"]
+    alone = rank([held], Requirements(), CATALOG)
+    assert isinstance(alone, NoCandidate) and alone.reason is NoProviderReason.no_provider_online
+    assert fitting_providers(registry, Requirements(), CATALOG) == {"prv_y"}
 
 
 @pytest.mark.parametrize(
@@ -201,7 +226,7 @@ def test_parse_requirements() -> None:
     ],
 )
 def test_parse_requirements_refuses_bad_input(provider: object, param: str) -> None:
-    with pytest.raises(APIError) as info:
+    with pytest.raises(DarkGpuError) as info:
         parse_requirements(provider, CATALOG)
     assert info.value.status == 400 and info.value.param == param
 
@@ -217,3 +242,60 @@ def test_fitting_providers_come_from_the_registry_whether_or_not_they_have_repli
     assert fitting_providers(registry, Requirements(trust_tier=V), CATALOG) == {"verified"}
     allow_more = Requirements(max_price=Price(100, 100))
     assert fitting_providers(registry, allow_more, CATALOG) == {"basic", "dear", "verified"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"provider_id": {"$ne": 1}},
+        {"provider_id": ""},
+        {"provider_id": "p" * 65},
+        {"provider_id": "prv_x", "price_floor_pct": "cheap"},
+        {"provider_id": "prv_x", "price_floor_pct": 10**30},
+        {"provider_id": "prv_x", "price_floor_pct": -5},
+        {"provider_id": "prv_x", "ongoing": "lots"},
+        {"provider_id": "prv_x", "ongoing": float("nan")},
+        {"provider_id": "prv_x", "ongoing": -1},
+        {"provider_id": "prv_x", "ongoing": True},
+    ],
+)
+def test_a_malformed_stats_entry_costs_only_its_replica(bad: dict) -> None:
+    """Issue 11: one malformed entry broke routing for its whole model. Stats come from a
+    replica on the provider's machine: a bad one is ignored (logged), the others route."""
+    assert ReplicaStats.from_routing_stats("bad", bad) is None
+    good = ReplicaStats.from_routing_stats("good", {"provider_id": "prv_y", "ongoing": 2})
+    assert good is not None and good.load == 2.0
+    odd = ReplicaStats.from_routing_stats(
+        "odd", {"provider_id": "prv_z", "trust_tier": ["verified"], "healthy": "yes",
+                "draining": "no"})  # fmt: skip
+    assert odd is not None and odd.trust_tier is B and not odd.healthy and odd.draining
+
+
+def test_a_provider_with_recent_strikes_ranks_last_and_past_a_threshold_not_at_all() -> None:
+    """Strikes come from the registry (its engine reported more than the ingress delivered):
+    one demotes its replicas behind every other, however idle; `EXCLUDE_STRIKES` removes
+    them; and a replica of a struck provider is never routed unrestricted."""
+    approved = ProviderTerms(B, 0, ProviderStatus.online)
+
+    def replicas(strikes: int) -> list[ReplicaStats]:
+        registry = {"cheat": replace(approved, recent_strikes=strikes), "fair": approved}
+        out = [
+            ReplicaStats.from_routing_stats(
+                f"r-{provider}",
+                {"provider_id": provider, "trust_tier": "basic", "ongoing": ongoing},
+                registry=registry,
+            )
+            for provider, ongoing in (("cheat", 0), ("fair", 9))
+        ]
+        return [r for r in out if r is not None]
+
+    assert ranked_ids(rank(replicas(0), Requirements(), CATALOG)) == ["r-cheat", "r-fair"]
+    demoted = replicas(DEMOTE_STRIKES)
+    assert ranked_ids(rank(demoted, Requirements(), CATALOG)) == ["r-fair", "r-cheat"]
+    assert not demoted[0].plain and demoted[1].plain
+    excluded = replicas(EXCLUDE_STRIKES)
+    assert ranked_ids(rank(excluded, Requirements(), CATALOG)) == ["r-fair"]
+    registry = {"cheat": replace(approved, recent_strikes=EXCLUDE_STRIKES), "fair": approved}
+    assert fitting_providers(registry, Requirements(), CATALOG) == {"fair"}
+    alone = rank(excluded[:1], Requirements(), CATALOG)
+    assert isinstance(alone, NoCandidate) and alone.reason.value == "no_provider_online"

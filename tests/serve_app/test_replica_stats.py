@@ -10,8 +10,8 @@ import time
 import pytest
 import redis.asyncio as aredis
 
-from cluster.labels import TrustTier
-from serve_app.replica_stats import ReplicaDirectory, parse, publish, replicas_key, withdraw
+from kernel.labels import TrustTier
+from serve_app.replica_stats import ReplicaDirectory, parse, publish, replicas_key
 
 REDIS_URL = os.environ.get("DARKGPU_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -40,7 +40,7 @@ async def test_published_replicas_are_read_back_until_they_expire(ar) -> None:
     assert replicas["r2"].trust_tier is TrustTier.verified
     assert (replicas["r2"].price_floor_pct, replicas["r2"].load) == (20, 3.0)
     assert 0 < await ar.pttl(replicas_key("m")) <= 12_000
-    await withdraw(ar, "m", "r1")
+    await ar.hdel(replicas_key("m"), "r1")  # r1's entry gone, as when it expires
     await directory.replicas("m")  # answers with the last reading, and reads again
     await asyncio.sleep(0.1)
     assert [r.replica_id for r in await directory.replicas("m")] == ["r2"]

@@ -1,6 +1,19 @@
+import asyncio
 from dataclasses import dataclass, field
 
-from serve_app.router import Allowed, accepts, allowed, rank, restrict
+from ray.serve.request_router import ReplicaID
+
+from serve_app.router import (
+    Allowed,
+    InFlight,
+    ProviderRequestRouter,
+    accepts,
+    allowed,
+    load,
+    rank,
+    reported_load,
+    restrict,
+)
 
 
 @dataclass
@@ -85,3 +98,119 @@ def test_the_router_keeps_the_ingress_pick_and_new_replicas_of_its_providers():
     assert [r.name for r in kept] == ["r2", "r1", "r5"]
     listed = Allowed(("r7",), frozenset())  # listed by the ingress: kept
     assert [r.name for r in restrict(replicas, listed, id_of=lambda r: r.name)] == ["r7"]
+
+
+def test_a_load_that_is_not_a_count_draws_no_traffic():
+    """A replica's stats come from its provider's machine: a malformed `ongoing` must not
+    raise in the router (it broke routing for the model) nor make the replica look idle."""
+    assert reported_load({"ongoing": 3}) == 3.0
+    for bad in ("0", None, True, float("nan"), -1, [0]):
+        assert reported_load({"ongoing": bad}) == float("inf")
+    replicas = [Replica("liar", 0.0, {**stats(), "ongoing": "0"}), Replica("ok", 0.0, stats())]
+    ranked = rank(replicas, lambda r: reported_load(r.routing_stats))
+    assert names(ranked) == [["ok", "liar"]]
+
+
+# --- load the router counts itself ------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """What Ray Serve's router reads of a running replica."""
+
+    replica_id: ReplicaID
+    routing_stats: dict
+    max_ongoing_requests: int = 100
+
+
+@dataclass(frozen=True)
+class DeploymentID:  # what the router reads of Serve's (internal) deployment id
+    name: str
+    app_name: str
+
+
+@dataclass(frozen=True)
+class HandleSource:  # a deployment handle's source (Serve's enum is internal): not the proxy
+    value: str = "UNKNOWN"
+
+
+def serve_router() -> ProviderRequestRouter:
+    """The request router as Serve builds it for a handle (queue length cache on)."""
+    return ProviderRequestRouter(
+        deployment_id=DeploymentID(name="llm", app_name="darkgpu"),
+        handle_source=HandleSource(),
+        use_replica_queue_len_cache=True,
+    )
+
+
+async def route(router: ProviderRequestRouter, replicas: list[Running]) -> Running:
+    """One request as Serve routes it: the router's ranks, best first, and within a rank the
+    replica Serve's own selection takes (the real `_select_from_candidate_replicas`, by its
+    queue length cache); then it is sent."""
+    for group in await router.choose_replicas(replicas):
+        chosen = await router._select_from_candidate_replicas(group, 0)
+        if chosen is not None:
+            router.on_send_request(chosen.replica_id)
+            return chosen
+    raise AssertionError("no replica chosen")
+
+
+async def test_a_replica_reporting_no_load_gets_no_more_than_its_share():
+    """A replica runs on its provider's machine: it reports `ongoing: 0` in its routing stats
+    and answers Serve's queue-length protocol with 0 (a patched replica controls both). The
+    router weighs the requests it has in flight there itself, so the liar gets its share of
+    twenty requests, not all of them."""
+    deployment = DeploymentID(name="llm", app_name="darkgpu")
+    liar = Running(ReplicaID("liar", deployment), stats("p1"))
+    honest = Running(ReplicaID("honest", deployment), stats("p2"))
+    replicas = [liar, honest]
+    router = serve_router()
+    router._replicas = {r.replica_id: r for r in replicas}
+    served: dict[str, int] = {"liar": 0, "honest": 0}
+    for _ in range(20):
+        for r in replicas:  # each answers Serve's probe with the load it claims
+            claimed = 0 if r is liar else served["honest"]
+            router.on_new_queue_len_info(r.replica_id, claimed)
+        honest.routing_stats["ongoing"] = served["honest"]
+        chosen = await route(router, replicas)
+        served[chosen.replica_id.unique_id] += 1
+    assert served == {"liar": 10, "honest": 10}
+    # requests that complete free their replica's share again
+    for _ in range(10):
+        router.on_request_completed(liar.replica_id, "request")
+    assert router.in_flight[liar.replica_id] == 0
+    assert router.in_flight[honest.replica_id] == 10
+
+
+def test_load_is_the_most_of_the_routers_count_the_cache_and_the_report():
+    counts = InFlight()
+    counts.sent("r")
+    counts.sent("r")
+    counts.completed("r")
+    assert counts["r"] == 1 and counts["other"] == 0
+    counts.completed("r")
+    counts.completed("r")  # a completion Serve reports for a request never sent: no debt
+    assert counts["r"] == 0
+    assert load(3, 0, {"ongoing": 0}) == 3.0
+    assert load(0, 5, {"ongoing": 0}) == 5.0
+    assert load(0, None, {"ongoing": 7}) == 7.0  # a replica may say it is busier
+    assert load(0, None, {"ongoing": "0"}) == float("inf")
+
+
+def test_providers_with_recent_strikes_come_after_every_other():
+    allow = Allowed(("r1", "r2", "r3"), frozenset({"p1", "p2"}), frozenset({"p1"}))
+    assert allowed(Pending(["request", Info(allow.headers())])) == allow
+    deployment = DeploymentID(name="llm", app_name="darkgpu")
+    struck = Running(ReplicaID("r1", deployment), stats("p1"))
+    fine = Running(ReplicaID("r2", deployment), {**stats("p2"), "ongoing": 50})
+    leaving = Running(ReplicaID("r3", deployment), {**stats("p2"), "draining": True})
+
+    async def ranks() -> list[list[str]]:
+        router = serve_router()
+        pending = Pending(["request", Info(allow.headers())])
+        pending.future = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
+        chosen = await router.choose_replicas([struck, fine, leaving], pending)  # type: ignore[arg-type]
+        return [[r.replica_id.unique_id for r in group] for group in chosen]
+
+    # the struck provider's idle replica only after the busy one without strikes
+    assert asyncio.run(ranks()) == [["r2"], ["r1"], ["r3"]]

@@ -10,18 +10,19 @@ from datetime import UTC, datetime
 
 import pytest
 import redis
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from billing import ledger
-from billing import redis_keys as rk
-from billing.meter import Entry, UsageMeter
+from billing import fees, ledger
+from billing.meter import UsageMeter
 from billing.plans import Plans
-from billing.schema import Provider, StripeEvent
-from serve_app.errors import install_error_handlers
-from serve_app.routes_payments import router
+from billing.redis_replies import StreamEntry
+from core.schema import Provider, StripeEvent
+from kernel import redis_keys as rk
+from kernel.money import split_cost
+from kernel.usage_event import UsageRecord
+from serve_app.http_app import create_app
 from serve_app.services import Services
 from tests.billing import conftest as billing
 from tests.billing.fake_stripe import API_KEY, WEBHOOK_SECRET, FakeStripe, client_for, signed
@@ -79,10 +80,7 @@ def api(db_url: str, engine: Engine, r: redis.Redis, plans: Plans) -> Iterator[A
     assert services.stripe is not None  # made from the settings; the test swaps its transport
     fake = FakeStripe(available_cents=0)
     services.stripe = client_for(fake)
-    app = FastAPI()
-    install_error_handlers(app)
-    app.state.services = services
-    app.include_router(router)
+    app = create_app(services)
     with TestClient(app) as client:
         yield App(client, services, fake)
     services.db.dispose()
@@ -134,10 +132,29 @@ def test_checkout_then_webhook_grants_credits_and_cap(api: App, r: redis.Redis) 
     assert done.status_code == 200 and done.json()["outcome"] == "applied"
     assert api.balance(user["id"]) == 60 * USD
     assert int(r.get(rk.balance(user["id"])) or 0) == 60 * USD
-    assert r.hmget(rk.account(user["id"]), "plan", "tpd") == [b"paid", b"2000"]
+    # the paid plan: credits are the only limit (the free plan's 200,000/day is not lowered)
+    assert r.hmget(rk.account(user["id"]), "plan", "tpd") == [b"paid", None]
     dup = api.webhook(payload)
     assert dup.status_code == 200 and dup.json()["outcome"] == "duplicate"
     assert api.balance(user["id"]) == 60 * USD
+    # Stripe's fee on the charge, read after the answer: booked once, clearing holds the net
+    with Session(api.services.db) as session:
+        assert ledger.balance(session, fees.PAYMENT_FEES) == -175 * USD // 100
+        assert ledger.balance(session, ledger.PAYMENT_CLEARING) == -(5000 - 175) * USD // 100
+
+    capped = api.post("/v1/billing/checkout", key, json={"bundle": "solo", "daily_cap": True})
+    assert capped.status_code == 200, capped.text
+    api.fake.lose_next_response = True  # Stripe does not answer the fee read: the event stands
+    second = api.webhook(
+        api.fake.event("checkout.session.completed", api.fake.pay(capped.json()["id"]))
+    )
+    assert second.status_code == 200 and second.json()["outcome"] == "applied"
+    assert api.balance(user["id"]) == 110 * USD
+    with Session(api.services.db) as session:  # only the first purchase's fee, until a sync
+        assert ledger.balance(session, fees.PAYMENT_FEES) == -175 * USD // 100
+    assert r.hmget(rk.account(user["id"]), "plan", "tpd") == [b"paid", b"2000"]
+    odd = api.post("/v1/billing/checkout", key, json={"bundle": "solo", "daily_cap": "yes"})
+    assert odd.status_code == 400 and odd.json()["error"]["param"] == "daily_cap"
 
 
 @pytest.mark.parametrize("header", ["t=1,v1=deadbeef", "", "stale", "wrong"])
@@ -171,29 +188,29 @@ def test_payments_off_without_stripe(api: App) -> None:
 def _serve(api: App, customer: int, provider: str, rid: str, day: str, out: int) -> None:
     """A settled request, recorded by the billing meter (as if drained from the stream)."""
     cost = 7 * billing.IN + out * billing.OUT
-    share = cost * 95 // 100
+    share, platform = split_cost(cost)
     ms = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp() * 1000) + 3600_000
-    fields = {
-        "request_id": rid,
-        "account_id": str(customer),
-        "key_id": "",
-        "customer_tag": "",
-        "model": billing.MODEL.id,
-        "provider_id": provider,
-        "prompt_tokens": "7",
-        "completion_tokens": str(out),
-        "input_nusd_per_token": str(billing.IN),
-        "output_nusd_per_token": str(billing.OUT),
-        "cost_nusd": str(cost),
-        "provider_share_nusd": str(share),
-        "platform_share_nusd": str(cost - share),
-        "outcome": "settled",
-        "usage_day": day.replace("-", ""),
-        "created_at_ms": str(ms),
-        "settled_at_ms": str(ms + 1000),
-    }
+    event = UsageRecord(
+        request_id=rid,
+        account_id=customer,
+        key_id=None,
+        customer_tag=None,
+        model=billing.MODEL.id,
+        provider_id=provider,
+        prompt_tokens=7,
+        completion_tokens=out,
+        input_nusd_per_token=billing.IN,
+        output_nusd_per_token=billing.OUT,
+        cost_nusd=cost,
+        provider_share_nusd=share,
+        platform_share_nusd=platform,
+        outcome="settled",
+        usage_day=day,
+        created_at_ms=ms,
+        settled_at_ms=ms + 1000,
+    )
     meter = UsageMeter(api.services.db, api.services.redis)
-    assert meter.record([Entry("1-0", fields)]) == []
+    assert meter.record([StreamEntry("1-0", event.to_stream())]) == []
 
 
 def test_provider_onboarding_and_earnings(api: App) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
@@ -20,16 +19,19 @@ from agent_bootstrap import credentials as creds
 from agent_bootstrap.agent import Agent, AgentDeps, NodeSpec, Phase
 from agent_bootstrap.api import PlatformClient
 from agent_bootstrap.config import ProviderConfig
-from agent_bootstrap.idle import StaticProcTable
+from agent_bootstrap.evidence import make_evidence
 from agent_bootstrap.keys import load_or_create
+from agent_bootstrap.nvml import RecordedReader, detect
 from agent_bootstrap.paths import mode_of
 from billing.plans import Plans
-from cluster.attestation import SignedReportVerifier, make_evidence
-from cluster.nvml import RecordedReader, detect
-from cluster.registry import ProviderPlatform, RegistrySettings
-from serve_app.errors import install_error_handlers
-from serve_app.routes_providers import router
+from cluster import registry
+from cluster.attestation import NoVerifier, SignedReportVerifier
+from cluster.registry import ProviderPlatform
+from core.schema import ProviderReview
+from core.settings import Settings
+from serve_app.http_app import create_app
 from serve_app.services import Services
+from tests.agent_bootstrap.proc_tables import StaticProcTable
 from tests.billing import conftest as billing
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100, H100_CC_ON
@@ -71,16 +73,13 @@ def platform(
     token_file.write_text(RAY_TOKEN + "\n")
     services = Services.create({"database_url": db_url, "redis_url": billing.REDIS_URL})
     services.providers = ProviderPlatform(
-        RegistrySettings(
+        Settings(
             cluster_address="10.8.0.1:6380",
             ray_auth_token_path=token_file,
             heartbeat_interval_s=7,
         )
     )
-    app = FastAPI()
-    install_error_handlers(app)
-    app.state.services = services
-    app.include_router(router)
+    app = create_app(services)
     customer = billing.make_customer(engine, r, plans, plan="paid")
     with TestClient(app) as client:
         yield Platform(client, services, customer.key, token_file)
@@ -124,12 +123,18 @@ def test_darkgpu_auth_exchanges_the_token_for_private_credentials(
     platform: Platform, tmp_path: Path
 ) -> None:
     provider_id, token = platform.new_provider()
+    home = tmp_path / "cfg"
+    pending = creds.exchange("http://testserver", token, client=platform.client)
+    assert (pending.review, pending.cluster_address, pending.ray_auth_token) == (
+        "pending", None, None)  # fmt: skip
+    creds.save(pending, home)
+    assert not creds.ray_token_path(home).exists()
+    registry.review(platform.services.db, provider_id, ProviderReview.approved)
     got = creds.exchange("http://testserver", token, client=platform.client)
-    assert got.provider_id == provider_id
+    assert got.provider_id == provider_id and got.review == "approved"
     assert got.cluster_address == "10.8.0.1:6380"
     assert got.ray_auth_token == RAY_TOKEN
     assert got.heartbeat_interval_s == 7
-    home = tmp_path / "cfg"
     saved = creds.save(got, home)
     assert mode_of(saved) == 0o600 and mode_of(creds.ray_token_path(home)) == 0o600
     assert mode_of(home) == 0o700
@@ -140,7 +145,8 @@ def test_darkgpu_auth_exchanges_the_token_for_private_credentials(
 
 
 def test_auth_is_503_while_the_cluster_has_no_token(platform: Platform) -> None:
-    _, token = platform.new_provider()
+    provider_id, token = platform.new_provider()
+    registry.review(platform.services.db, provider_id, ProviderReview.approved)
     platform.token_file.unlink()
     response = platform.post("/v1/providers/auth", token)
     assert response.status_code == 503
@@ -200,6 +206,8 @@ def test_a_cc_provider_becomes_verified_through_the_routes(platform: Platform) -
     }
     got = api.register(body)
     assert got["trust_tier"] == "verified", got["tier_reason"]
+    assert got["review"] == "approved"  # the rule: its attestation passed
+    assert api.exchange()["ray_auth_token"] == RAY_TOKEN
     assert got["node"]["labels"]["darkgpu.io/trust-tier"] == "verified"
     doc = platform.get(f"/v1/providers/{provider_id}/attestation").json()
     assert doc["trust_tier"] == "verified"
@@ -210,7 +218,7 @@ def test_a_cc_provider_becomes_verified_through_the_routes(platform: Platform) -
         evidence.gpus[0].report
     )
     # Without a configured verifier, the same kind of evidence leaves it basic.
-    platform.services.providers.verifier = ProviderPlatform().verifier
+    platform.services.providers.verifier = NoVerifier()
     again = make_evidence(reader, public, api.challenge(), 1)
     redone = api.register({**body, "cc_evidence": again.model_dump()})
     assert redone["trust_tier"] == "basic"
@@ -253,26 +261,45 @@ class RecordingRay:
 def test_the_agent_registers_and_heartbeats_through_the_routes(
     platform: Platform, tmp_path: Path
 ) -> None:
+    """A new provider's agent registers and waits, out of the cluster, until the operator
+    approves it; then it gets the cluster's credentials and joins. A suspension drains it."""
     provider_id, token = platform.new_provider()
     credentials = creds.exchange("http://testserver", token, client=platform.client)
     ray = RecordingRay()
+    moment = [datetime(2030, 1, 7, 12, 0, tzinfo=UTC)]
+    saved: list[creds.Credentials] = []
     deps = AgentDeps(
         gpu=RecordedReader(H100),
         procs=StaticProcTable([]),
         platform=PlatformClient("http://testserver", token, platform.client),
         ray=ray,
-        now=lambda: datetime(2030, 1, 7, 12, 0, tzinfo=UTC),
+        now=lambda: moment[0],
         log=lambda line: None,
+        save_credentials=saved.append,
     )
+
+    def tick() -> Phase:
+        moment[0] += timedelta(seconds=8)  # past the heartbeat interval (7 s)
+        return agent.tick()
+
     config = ProviderConfig(api_url="http://testserver", price_floor_pct=5)
     agent = Agent(config, credentials, load_or_create(tmp_path / "x25519.key"), deps)
     agent.start()
-    assert agent.tick() is Phase.joined
+    assert tick() is Phase.out and ray.calls == []
+    assert agent.reason == "the provider is pending: waiting for the operator's approval"
+    registry.review(platform.services.db, provider_id, ProviderReview.approved)
+    assert tick() is Phase.out  # its heartbeat's answer says approved
+    assert tick() is Phase.joined
+    assert [c.ray_auth_token for c in saved] == [RAY_TOKEN]
     spec = ray.calls[0][1]
     assert isinstance(spec, NodeSpec) and spec.address == "10.8.0.1:6380"
     me = platform.get("/v1/providers/me", token).json()
     assert me["status"] == "online" and me["price_floor_pct"] == 5
     assert me["public_key"] == agent.key.public_b64
+    registry.review(platform.services.db, provider_id, ProviderReview.suspended)
+    assert tick() is Phase.joined  # the heartbeat brings the news
+    assert tick() is Phase.draining and agent.reason == (
+        "the provider is suspended: the operator suspended it")  # fmt: skip
     agent.shutdown()
     assert [c[0] for c in ray.calls] == ["join", "drain", "leave"]
     assert platform.get("/v1/providers/me", token).json()["status"] == "offline"

@@ -1,0 +1,69 @@
+"""The billing actor's chore that removes nodes with no right to be in the cluster
+(`cluster.nodes.nodes_to_remove`): one that claims the control role, one labelled as a
+provider it is not bound to once `grace_s` has passed for it to redeem its join ticket, one
+whose provider the operator suspended or revoked.
+Each is asked to drain once (Serve moves its replicas away and schedules nothing new
+there); the router already gives such a node no traffic (`serve_app.node_bindings`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import ray
+from sqlalchemy.engine import Engine
+
+from cluster import nodes
+from cluster.ray_internals import drain_node
+
+logger = logging.getLogger("darkgpu.nodes")
+DRAIN_DEADLINE_S = 30
+
+
+class NodeWarden:
+    def __init__(
+        self,
+        engine: Engine,
+        control_nodes: frozenset[str],
+        grace_s: float = 120.0,
+        drain: Callable[[str, str], bool] | None = None,
+        list_nodes: Callable[[], list[nodes.ClusterNode]] = nodes.cluster_nodes,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._control = control_nodes
+        self._grace_s = grace_s
+        self._drain = drain or _drain
+        self._list_nodes = list_nodes
+        self._clock = clock
+        self._first_seen: dict[str, float] = {}
+        self.removed: dict[str, str] = {}  # node id -> why
+
+    def tick(self) -> None:
+        try:
+            self._tick()
+        except Exception as exc:  # noqa: BLE001 - the GCS or SQL away: the next reap tries again
+            logger.warning("checking the cluster's nodes failed: %r", exc)
+
+    def _tick(self) -> None:
+        now = self._clock()
+        found = self._list_nodes()
+        for node in found:
+            self._first_seen.setdefault(node.node_id, now)
+        bound = nodes.bindings(self._engine)
+        approved = nodes.approved_providers(self._engine)
+        verdicts = nodes.nodes_to_remove(
+            found, bound, self._control, self._first_seen, now, self._grace_s, approved
+        )
+        for node_id, why in verdicts.items():
+            if self.removed.get(node_id) == why:
+                continue  # asked once for this reason
+            logger.warning("removing node %s from the cluster: %s", node_id, why)
+            if self._drain(node_id, f"darkgpu: {why}"):
+                self.removed[node_id] = why
+
+
+def _drain(node_id: str, message: str) -> bool:
+    address = ray.get_runtime_context().gcs_address
+    return drain_node(address, node_id, message, DRAIN_DEADLINE_S)

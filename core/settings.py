@@ -1,0 +1,236 @@
+"""The platform's settings: one object per process, from `DARKGPU_*` environment variables
+over defaults that run everything on one machine with no setup (SQLite under the data
+directory, a private Redis on localhost, the repository's `configs/`).
+
+`Settings(**args)` also takes the `args` of `configs/serve.yaml`; an unknown or misspelt key
+is an error (`extra="forbid"`), never silently dropped. Replicas receive the settings as
+constructor arguments (`settings_args`), not as environment variables: Ray shows a runtime
+environment in its dashboard, and these hold secrets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core import redis_users
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"
+DEFAULT_PLANS_FILE = CONFIGS_DIR / "plans.toml"
+# The console's pages that Stripe sends a visitor back to (Checkout, Connect onboarding);
+# each says what happened from its query.
+# Which Redis user each URL setting authenticates as, on the local platform's servers.
+REDIS_URL_ROLES = (
+    ("redis_url", "money", "platform"),
+    ("meter_redis_url", "money", "meter"),
+    ("state_redis_url", "state", "platform"),
+    ("replica_redis_url", "state", "replica"),
+)
+RETURN_PATHS = {
+    "checkout_success_url": "/console/billing?checkout=success&session_id={CHECKOUT_SESSION_ID}",
+    "checkout_cancel_url": "/console/billing?checkout=cancelled",
+    "connect_refresh_url": "/console/provider?onboarding=refresh",
+    "connect_return_url": "/console/provider?onboarding=done",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DARKGPU_", extra="forbid")
+
+    data_dir: Path = Field(
+        default=Path("~/.local/share/darkgpu"),
+        description="State of the local platform: the made model, the Ray token, SQLite, "
+        "the private Redis.",
+    )
+
+    # --- money: the ledger, admission state, plans --------------------------------------
+    database_url: str = ""  # empty: sqlite:///<data_dir>/darkgpu.db
+    # The money Redis (balances, holds, day counters, keys, the usage stream): `darkgpu up`
+    # starts one there when nothing answers. Its `maxmemory-policy` must be `noeviction` (a
+    # full Redis refuses writes, never drops a balance): the platform refuses to start else.
+    redis_url: str = "redis://127.0.0.1:6381/0"
+    # The state Redis: console sessions and reveals, sign-up/sign-in throttles, replica stats.
+    # Every key there has a TTL and may be evicted. `darkgpu up` starts one there (no
+    # persistence, `state_redis_maxmemory_mb` with `allkeys-lru`) when nothing answers. Model
+    # replicas, on providers' nodes, are handed this URL only, never `redis_url`. It may name
+    # the money Redis (its noeviction then covers these keys too, which can then fill it:
+    # requests refused with 503 until their TTLs pass); `up` never starts that one evicting.
+    state_redis_url: str = "redis://127.0.0.1:6382/0"
+    state_redis_maxmemory_mb: int = Field(default=256, ge=1)
+    # Each role its own Redis user (core.redis_users): the billing actor's URL for the money
+    # Redis, and the URL model replicas get for the state Redis (a user that may only write
+    # `dg:replicas:*`). Empty: `redis_url` / `state_redis_url`. A local URL that names no
+    # user gets the local platform's credentials for its role, when `darkgpu up` made them.
+    meter_redis_url: str = ""
+    replica_redis_url: str = ""
+    plans_file: Path = DEFAULT_PLANS_FILE
+    # How long a reservation may stay open unextended before the reaper settles it at its
+    # last checkpoint (zero usage without one); an ingress extends its live requests' holds.
+    hold_ttl_s: int = Field(default=1800, ge=1)
+    # How often the billing actor reaps expired holds; a stream checkpoints its usage into its
+    # hold every this many tokens (or every few seconds), what a crash bills at most short.
+    reap_every_s: float = Field(default=5.0, gt=0)
+    checkpoint_tokens: int = Field(default=64, ge=1)
+
+    # --- Stripe (billing.stripe_client) -------------------------------------------------
+    # Empty secrets: payments are off and their endpoints answer 503. `stripe_api_base`
+    # points the client elsewhere (a local Stripe stand-in).
+    stripe_secret_key: SecretStr = SecretStr("")
+    stripe_webhook_secret: SecretStr = SecretStr("")
+    stripe_webhook_tolerance_s: int = Field(default=300, ge=1)
+    stripe_api_base: str = ""
+    # Where Stripe sends the visitor back (absolute URLs). Empty: the console's pages that
+    # say what happened, on this platform: under `public_url`, else http://<http_host>:<http_port>
+    # (`_return_urls`).
+    checkout_success_url: str = ""
+    checkout_cancel_url: str = ""
+    connect_refresh_url: str = ""
+    connect_return_url: str = ""
+
+    @model_validator(mode="after")
+    def _return_urls(self) -> Settings:
+        base = (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
+        for name, path in RETURN_PATHS.items():
+            if not getattr(self, name):
+                setattr(self, name, base + path)
+        return self
+
+    # --- sign-up and sign-in (serve_app.throttle, serve_app.console) --------------------
+    # Reverse proxies whose X-Forwarded-For is believed (addresses or networks, e.g.
+    # ["10.0.0.0/8"]); none by default: the socket peer is the client.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # Attempts per client IP and per network (/24, /64) in a window, before any argon2 hash.
+    signup_limit_per_ip: int = Field(default=5, ge=1)
+    signup_limit_per_network: int = Field(default=20, ge=1)
+    signup_window_s: int = Field(default=3600, ge=1)
+    signin_limit_per_ip: int = Field(default=30, ge=1)
+    signin_limit_per_network: int = Field(default=120, ge=1)
+    signin_window_s: int = Field(default=900, ge=1)
+
+    # --- email verification (billing.email_verification) --------------------------------
+    # Empty smtp_host: no verification (the local platform), signup credits granted at once;
+    # set: they are granted when the link mailed to the address is followed.
+    smtp_host: str = ""
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_starttls: bool = True
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    mail_from: str = "DarkGPU <no-reply@darkgpu.ai>"
+    # Base of the links in mail; empty: http://<http_host>:<http_port>.
+    public_url: str = ""
+    email_link_ttl_s: int = Field(default=48 * 3600, ge=60)
+
+    # --- the cluster and the Serve application -------------------------------------------
+    models_file: Path = CONFIGS_DIR / "models.toml"
+    # The local Ray head. Its GCS is not on 6379, where Redis listens on these machines.
+    ray_port: int = 6380
+    dashboard_port: int = 8265
+    metrics_port: int = Field(
+        default=8080, description="Prometheus metrics of Ray, Serve, vLLM and the ingress."
+    )
+    num_cpus: int = Field(
+        default=8,
+        description="Logical CPUs the head declares; a count for scheduling, not cores.",
+    )
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    # Model deployments.
+    max_ongoing_requests: int = 64
+    min_replicas: int = Field(default=1, ge=1, description="Replicas each model keeps up.")
+    target_ongoing_requests: int = 16
+    max_replicas: int = 4
+    local_kv_cache_gb: int = 1
+
+    # --- providers (cluster.registry) ----------------------------------------------------
+    cluster_address: str = Field(
+        default="",
+        description="host:port of the Ray head that agents join, on the overlay network "
+        "(e.g. 10.8.0.1:6380); empty: the local head, 127.0.0.1:<ray_port>.",
+    )
+    ray_auth_token_path: Path | None = Field(
+        default=None,
+        description="The cluster's Ray token; unset: <data_dir>/ray_auth_token (cluster.local).",
+    )
+    attestation_secret: str = Field(
+        default="",
+        description="HMAC key of attestation challenges; empty: derived from the Ray token, "
+        "which every head-side process has.",
+    )
+    heartbeat_interval_s: int = Field(default=15, ge=1)
+    offline_after_s: int = Field(default=90, ge=1)
+    # The operator's own Ray nodes (control plane) besides the one the billing actor and each
+    # ingress run on: the platform's `local` replicas may serve there, and they may carry the
+    # control role. Any other node serves only as the provider it bound itself to with a join
+    # ticket (cluster.nodes), within `node_join_grace_s` of joining, or is drained.
+    control_node_ids: list[str] = Field(default_factory=list)
+    node_join_grace_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry.strip(), strict=False)  # ValueError names the entry
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'darkgpu.db'}"
+        plans = self.plans_file.expanduser()
+        if not plans.is_absolute() and not plans.exists():
+            plans = REPO_ROOT / plans
+        self.plans_file = plans
+        self.meter_redis_url = self.meter_redis_url or self.redis_url
+        self.replica_redis_url = self.replica_redis_url or self.state_redis_url
+        self._fill_redis_users()
+        return self
+
+    def _fill_redis_users(self) -> None:
+        """URLs that name one of the local platform's own Redis servers (core.redis_users)
+        and no user authenticate as their role's user there."""
+        passwords = redis_users.load(self.data_dir)
+        if passwords is None:
+            return
+        own = redis_users.ports(self.data_dir)
+        for name, server, user in REDIS_URL_ROLES:
+            url = getattr(self, name)
+            port = redis_users.port_of(url)
+            if port is None or redis_users.names_user(url):
+                continue
+            if own.get(server) != port and own.get("money") == port:
+                server = "money"  # the state keys share the money server, and its users
+            if own.get(server) == port:
+                setattr(self, name, redis_users.with_user(url, user, passwords[server][user]))
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}/v1"
+
+    @property
+    def ray_token_path(self) -> Path:
+        path = self.ray_auth_token_path
+        return path.expanduser() if path else self.data_dir / "ray_auth_token"
+
+    @property
+    def agent_cluster_address(self) -> str:
+        """Where agents join: the configured address, or the local head."""
+        return self.cluster_address or f"127.0.0.1:{self.ray_port}"
+
+    def as_args(self) -> dict[str, Any]:
+        """The settings as the replicas' constructor arguments, secrets in clear (they cross
+        to the replicas as arguments, never as environment variables)."""
+        args = self.model_dump(mode="json")
+        for name, value in self:
+            if isinstance(value, SecretStr):
+                args[name] = value.get_secret_value()
+        return args

@@ -1,0 +1,104 @@
+"""Which models are online, as the ingress's `ReplicaAvailability` sees them, on a real Serve.
+
+A Ray cluster of this module's own (`ray.init(address="local")`: never another test's) runs
+one application with two deployments: `Gate`, standing for a model's replica, whose
+constructor waits until a file exists (so the test decides when a replica may start), and
+`Probe`, standing for the ingress: a replica that holds a `ReplicaAvailability` for `Gate`
+and answers what it reads. A replica still starting is offline; once it runs it is online;
+its process SIGKILLed, it is offline while its replacement starts; once that runs, online.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from ray import serve
+
+from serve_app.availability import ReplicaAvailability
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "availability"
+
+
+@serve.deployment(health_check_period_s=1, health_check_timeout_s=5)
+class Gate:
+    """A model replica that may start only while `door` exists."""
+
+    def __init__(self, door: str) -> None:
+        while not os.path.exists(door):
+            time.sleep(0.1)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@serve.deployment
+class Probe:
+    """The ingress's view: `ReplicaAvailability` of `Gate` (as the model "m") in a replica."""
+
+    def __init__(self, gate: Any) -> None:
+        self._gate = gate
+        self._availability = ReplicaAvailability(
+            serve.get_replica_context().app_name, {"m": "Gate"}
+        )
+
+    async def online(self) -> list[str]:
+        return sorted(await self._availability.online())
+
+    async def gate_pid(self) -> int:
+        return int(await self._gate.pid.remote())
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    serve.start(http_options={"location": "NoServer"})
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_online_follows_the_replica_through_start_death_and_restart(
+    cluster: None, tmp_path: Path
+) -> None:
+    door = tmp_path / "door"
+    door.touch()
+    probe = serve.run(Probe.bind(Gate.bind(str(door))), name=APP, route_prefix=None)
+
+    def online() -> list[str]:
+        return probe.online.remote().result(timeout_s=30)  # type: ignore[no-any-return]
+
+    wait_for(lambda: online() == ["m"])
+    pid = probe.gate_pid.remote().result(timeout_s=30)
+
+    # The replica's process dies; its replacement may not start until the door is back.
+    door.unlink()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: online() == [])
+    assert online() == []
+
+    door.touch()
+    wait_for(lambda: online() == ["m"])
+    assert probe.gate_pid.remote().result(timeout_s=30) != pid
