@@ -9,9 +9,10 @@ The node's labels are read from the cluster's own node table, never from the req
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster import nodes
@@ -37,17 +38,25 @@ def issue_ticket(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
     }
 
 
+def node_table() -> Callable[[], list[nodes.ClusterNode]]:
+    """How the cluster's node table is read (this process is one of the cluster's workers)."""
+    return nodes.cluster_nodes
+
+
+NodeTable = Annotated[Callable[[], list[nodes.ClusterNode]], Depends(node_table)]
+
+
 @router.post("/v1/providers/nodes", status_code=201)
-async def bind_node(body: BindNode, provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
+async def bind_node(
+    body: BindNode, provider: AuthedProvider, svc: Svc, table: NodeTable
+) -> dict[str, Any]:
     node_id = nodes.check_node_id(body.node_id)
-    found = await asyncio.to_thread(cluster_node, node_id)
+    found = await asyncio.to_thread(find_node, table, node_id)
     await asyncio.to_thread(nodes.redeem, svc.db, provider.id, body.ticket, found)
     return {"object": "provider.node", "provider_id": provider.id, "node_id": node_id}
 
 
-def cluster_node(node_id: str) -> nodes.ClusterNode | None:
-    """The node as the cluster's node table shows it (this process is one of its workers)."""
-    for node in nodes.cluster_nodes():
-        if node.node_id == node_id:
-            return node
-    return None
+def find_node(
+    table: Callable[[], list[nodes.ClusterNode]], node_id: str
+) -> nodes.ClusterNode | None:
+    return next((node for node in table() if node.node_id == node_id), None)

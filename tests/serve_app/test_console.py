@@ -187,7 +187,7 @@ def test_sign_up_key_call_usage_revoke(platform, page: Page) -> None:
 
     # revoke the key → the next call gets 401
     page.goto(f"{console}/keys")
-    page.locator("tr", has_text="e2e").get_by_role("button", name="Revoke").click()
+    page.get_by_role("button", name="Revoke key e2e").click()
     expect(page.get_by_role("status")).to_contain_text("revoked")
     expect(page.locator("tr", has_text="e2e")).to_contain_text("Revoked")
     with pytest.raises(openai.AuthenticationError):

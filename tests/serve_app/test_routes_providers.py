@@ -24,12 +24,14 @@ from agent_bootstrap.keys import load_or_create
 from agent_bootstrap.nvml import RecordedReader, detect
 from agent_bootstrap.paths import mode_of
 from billing.plans import Plans
-from cluster import registry
+from cluster import nodes, registry
 from cluster.attestation import NoVerifier, SignedReportVerifier
+from cluster.nodes import ClusterNode
 from cluster.registry import ProviderPlatform
 from core.schema import ProviderReview
 from core.settings import Settings
 from serve_app.http_app import create_app
+from serve_app.routes_nodes import node_table
 from serve_app.services import Services
 from tests.agent_bootstrap.proc_tables import StaticProcTable
 from tests.billing import conftest as billing
@@ -245,11 +247,24 @@ def test_bad_requests_get_openai_shaped_errors(platform: Platform) -> None:
 
 
 class RecordingRay:
+    """Records the agent's Ray commands; the node it "starts" shows in `table` as the GCS
+    would show it (alive, with the labels it was started with)."""
+
+    NODE_ID = "ab" * 28
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
+        self.started: list[ClusterNode] = []
 
     def join(self, spec: NodeSpec) -> None:
         self.calls.append(("join", spec))
+        self.started = [ClusterNode(self.NODE_ID, alive=True, labels=dict(spec.labels))]
+
+    def node_id(self) -> str:
+        return self.NODE_ID
+
+    def table(self) -> list[ClusterNode]:
+        return self.started
 
     def drain(self, message: str, deadline_s: int) -> None:
         self.calls.append(("drain", message))
@@ -266,6 +281,7 @@ def test_the_agent_registers_and_heartbeats_through_the_routes(
     provider_id, token = platform.new_provider()
     credentials = creds.exchange("http://testserver", token, client=platform.client)
     ray = RecordingRay()
+    platform.client.app.dependency_overrides[node_table] = lambda: ray.table
     moment = [datetime(2030, 1, 7, 12, 0, tzinfo=UTC)]
     saved: list[creds.Credentials] = []
     deps = AgentDeps(
@@ -293,6 +309,7 @@ def test_the_agent_registers_and_heartbeats_through_the_routes(
     assert [c.ray_auth_token for c in saved] == [RAY_TOKEN]
     spec = ray.calls[0][1]
     assert isinstance(spec, NodeSpec) and spec.address == "10.8.0.1:6380"
+    assert nodes.bindings(platform.services.db) == {RecordingRay.NODE_ID: provider_id}
     me = platform.get("/v1/providers/me", token).json()
     assert me["status"] == "online" and me["price_floor_pct"] == 5
     assert me["public_key"] == agent.key.public_b64
