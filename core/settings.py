@@ -94,10 +94,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _return_urls(self) -> Settings:
-        base = (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
         for name, path in RETURN_PATHS.items():
             if not getattr(self, name):
-                setattr(self, name, base + path)
+                setattr(self, name, self.base_url + path)
         return self
 
     # --- sign-up and sign-in (serve_app.throttle, serve_app.console) --------------------
@@ -211,6 +210,12 @@ class Settings(BaseSettings):
     @property
     def resolved_data_dir(self) -> Path:
         return self.data_dir
+
+    @property
+    def base_url(self) -> str:
+        """This platform's public base URL, as the operator configured it (never a request's
+        Host header): `public_url`, else http://<http_host>:<http_port>."""
+        return (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
 
     @property
     def api_url(self) -> str:

@@ -57,11 +57,6 @@ class AgentWheel:
         return self.path.name
 
 
-def platform_url(settings: Settings) -> str:
-    """This platform's public base URL, as the operator configured it."""
-    return (settings.public_url or f"http://{settings.http_host}:{settings.http_port}").rstrip("/")
-
-
 def source_root() -> Path | None:
     """The repository the platform runs from (None when installed from a wheel)."""
     root = Path(__file__).resolve().parents[1]
@@ -160,7 +155,7 @@ def script_template() -> str:
 
 def render_script(settings: Settings, wheel: AgentWheel, template: str | None = None) -> str:
     """install.sh with this platform's defaults; every other line as it is."""
-    base = platform_url(settings)
+    base = settings.base_url
     values = {
         "DEFAULT_API_URL": base,
         "DEFAULT_PACKAGE": f"{base}{WHEEL_PATH}/{wheel.name}",

@@ -45,7 +45,6 @@ from serve_app.console.web import (
 
 router = APIRouter(route_class=ConsoleRoute)
 NAME_MAX = 100
-INSTALL = "curl -fsSL https://darkgpu.ai/install.sh | bash"
 SIGN_IN_AND_SERVE = "darkgpu auth && darkgpu serve"
 ONBOARDING_OUTCOMES = {
     "done": "Back from Stripe: payouts start once Stripe confirms the account.",
@@ -79,7 +78,7 @@ def _provider_page(session: SignedIn, svc: Svc, start: str | None = None,
         payout_account=connect.payout_account(svc.db, account_id),
         payments_on=svc.stripe is not None,
         query={"start": first.isoformat(), "end": last.isoformat()},
-        install=INSTALL,
+        install=f"curl -fsSL {svc.settings.base_url}/install.sh | bash",
         sign_in_and_serve=SIGN_IN_AND_SERVE,
         now=datetime.now(UTC),
         **context,

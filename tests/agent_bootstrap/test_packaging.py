@@ -240,6 +240,9 @@ def test_the_wheel_holds_every_package_and_the_base_requirements(tmp_path: Path)
             p.relative_to(REPO).as_posix() for p in (REPO / package).rglob("*.py")
         }  # every module of ours, the kernel's and core's included
         assert expected <= names, sorted(expected - names)
+    data = {"agent_bootstrap/install.sh", "serve_app/console/templates/keys.html",
+            "serve_app/site/templates/landing.html", "serve_app/site/static/site.css"}  # fmt: skip
+    assert data <= names, sorted(data - names)  # what the code reads from its own package
     requires = [Requirement(r) for r in info.get_all("Requires-Dist")]
     unconditional = {canonicalize_name(r.name) for r in requires if r.marker is None}
     assert unconditional == {"typer", "httpx", "pydantic", "cryptography", "nvidia-ml-py", "ray"}

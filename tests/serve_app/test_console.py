@@ -175,7 +175,8 @@ def test_sign_up_key_call_usage_revoke(platform, page: Page) -> None:
     page.reload()  # the token is never shown again, and no second GPU is added
     expect(page.locator("#provider-token")).to_have_count(0)
     expect(page.locator("tr", has_text="garage-4090")).to_have_count(1)
-    expect(page.get_by_text("curl -fsSL https://darkgpu.ai/install.sh | bash")).to_be_visible()
+    base = platform.api_url.removesuffix("/v1")  # the installer this platform serves
+    expect(page.get_by_text(f"curl -fsSL {base}/install.sh | bash")).to_be_visible()
     shot(page, "provider")
 
     # phone width
