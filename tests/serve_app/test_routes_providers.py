@@ -30,6 +30,7 @@ from cluster.nodes import ClusterNode
 from cluster.registry import ProviderPlatform
 from core.schema import ProviderReview
 from core.settings import Settings
+from kernel.labels import PROVIDER_ID_LABEL
 from serve_app.http_app import create_app
 from serve_app.routes_nodes import node_table
 from serve_app.services import Services
@@ -321,3 +322,36 @@ def test_the_agent_registers_and_heartbeats_through_the_routes(
     assert [c[0] for c in ray.calls] == ["join", "drain", "leave"]
     assert platform.get("/v1/providers/me", token).json()["status"] == "offline"
     assert platform.get(f"/v1/providers/{provider_id}/attestation").json()["status"] == "offline"
+
+
+def test_binding_a_node_through_the_routes_refuses_what_is_not_the_providers(
+    platform: Platform,
+) -> None:
+    """Tickets only for an approved provider's token; a node binds only as the cluster's
+    table shows it: alive and labelled as that provider."""
+    provider_id, token = platform.new_provider()
+    other_id, _ = platform.new_provider("other")
+    for key in (None, platform.consumer_key):
+        assert platform.post("/v1/providers/tickets", key).status_code == 401
+    pending = platform.post("/v1/providers/tickets", token)
+    assert pending.status_code == 403, pending.text
+    registry.review(platform.services.db, provider_id, ProviderReview.approved)
+    shown: list[ClusterNode] = []
+    platform.client.app.dependency_overrides[node_table] = lambda: lambda: shown
+    ticket = platform.post("/v1/providers/tickets", token).json()["ticket"]
+    node = RecordingRay.NODE_ID
+
+    def bind(node_id: str = node):
+        return platform.post(
+            "/v1/providers/nodes", token, json={"ticket": ticket, "node_id": node_id}
+        )
+
+    assert bind().json()["error"]["code"] == "node_not_found"  # not in the table (yet)
+    shown.append(ClusterNode(node, alive=True, labels={PROVIDER_ID_LABEL: other_id}))
+    refused = bind()
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "node_label_mismatch"
+    assert bind("not-a-node").status_code == 400
+    shown[0] = ClusterNode(node, alive=True, labels={PROVIDER_ID_LABEL: provider_id})
+    assert bind().status_code == 201  # the same ticket: only a binding that succeeds spends it
+    assert bind().status_code == 401  # spent
+    assert nodes.bindings(platform.services.db) == {node: provider_id}
