@@ -132,10 +132,7 @@ def create_key(
 ) -> Response:
     name = form.get("name", "").strip()
     if not name or len(name) > KEY_NAME_MAX:
-        return _keys_page(
-            session, svc, status=400,
-            error=f"Give the key a name of 1 to {KEY_NAME_MAX} characters.",
-        )  # fmt: skip
+        return _bad_key_name(session, svc)
     try:
         key = accounts.create_key(
             svc.db, svc.redis, account_id=account_of(session), name=name, expires_at=_expiry(form)
@@ -146,6 +143,11 @@ def create_key(
     # post/redirect/get: a reload shows the list, and never makes another key
     sessions.stash(request.cookies.get(COOKIE, ""), key.key)
     return redirect(f"{PREFIX}/keys?{urlencode({'created': name})}")
+
+
+def _bad_key_name(session: SignedIn, svc: Svc) -> Response:
+    error = f"Give the key a name of 1 to {KEY_NAME_MAX} characters."
+    return _keys_page(session, svc, status=400, error=error)
 
 
 @router.post(PREFIX + "/keys/{key_id}/revoke", include_in_schema=False)
@@ -161,10 +163,7 @@ def revoke_key(key_id: int, form: Form, session: SignedIn, svc: Svc) -> Response
 def rename_key(key_id: int, form: Form, session: SignedIn, svc: Svc) -> Response:
     name = form.get("name", "").strip()
     if not name or len(name) > KEY_NAME_MAX:
-        return _keys_page(
-            session, svc, status=400,
-            error=f"Give the key a name of 1 to {KEY_NAME_MAX} characters.",
-        )  # fmt: skip
+        return _bad_key_name(session, svc)
     try:
         info = accounts.rename_key(svc.db, key_id=key_id, account_id=account_of(session),
                                    name=name)  # fmt: skip

@@ -55,7 +55,6 @@ from cluster.processes import (
     session_processes,
     stop_session,
 )
-from cluster.ray_internals import DrainingNodes
 from core.db import make_engine, migrate
 from core.schema import ProviderReview, ProviderStatus
 from core.settings import CONFIGS_DIR, Settings
@@ -180,6 +179,16 @@ class Cluster:
             registry.heartbeat(engine, IDS[provider], status)
         finally:
             engine.dispose()
+
+    def draining(self) -> set[str]:
+        """The node ids the cluster's GCS says are draining (`ray_internals.DrainingNodes`),
+        asked from a process with this cluster's Ray token."""
+        ask = ("import sys; from cluster.ray_internals import DrainingNodes; "
+               "print(*DrainingNodes(sys.argv[1]).node_ids())")  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", ask, self.address], env=self.ray_env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return set(done.stdout.split())
 
 
 def name(provider_id: str) -> str:
@@ -526,8 +535,7 @@ def test_a_node_that_labels_itself_another_provider_gets_no_request_and_is_drain
     with pytest.raises(PlatformError) as refused:
         mallory.bind_node(mallory.join_ticket(), rogue_node)
     assert refused.value.status == 409 and refused.value.code == "node_label_mismatch"
-    draining = DrainingNodes(cluster.address)
-    assert wait_for(lambda: rogue_node in draining.node_ids(), timeout_s=JOIN_GRACE_S + 60)
+    assert wait_for(lambda: rogue_node in cluster.draining(), timeout_s=JOIN_GRACE_S + 60)
     assert {chat(client, ANY_PRICE)[0] for _ in range(4)} == {"p3"}
 
 
@@ -555,9 +563,8 @@ def test_a_suspended_provider_gets_no_more_requests_and_its_node_is_drained(
     review("suspend")
     assert wait_for(lambda: refused() == "no_provider_online")
     assert {refused() for _ in range(4)} == {"no_provider_online"}
-    draining = DrainingNodes(cluster.address)
     p3_node = cluster.nodes["p3"].node_id()
-    assert wait_for(lambda: p3_node in draining.node_ids(), timeout_s=60)
+    assert wait_for(lambda: p3_node in cluster.draining(), timeout_s=60)
     agent = PlatformClient(cluster.api_url.removesuffix("/v1"), TOKENS["p3"])
     with pytest.raises(PlatformError) as no_ticket:  # suspended: it may not join again
         agent.join_ticket()
