@@ -37,6 +37,10 @@ from kernel.labels import TrustTier
 from kernel.money import MAX_BALANCE_NUSD
 from kernel.tokens import generate_key
 
+# The largest daily token cap anyone may set (far above any use; exact in Lua's doubles and
+# in a BIGINT column).
+MAX_TOKENS_PER_DAY = 10**12
+
 if TYPE_CHECKING:
     import redis
 
@@ -144,6 +148,7 @@ def publish_account_state(engine: Engine, r: redis.Redis, account_id: int) -> No
         requests_per_minute=limits.requests_per_minute if limits else None,
         tokens_per_day=limits.tokens_per_day if limits else None,
         trust_tier=account.default_trust_tier,
+        own_tokens_per_day=limits.own_tokens_per_day if limits else None,
     )
     rs.publish_tag_caps(r, account_id, {tag: n for tag, n in caps})
 
@@ -408,6 +413,35 @@ def set_limits(
     _publish(engine, r, account_id)
 
 
+def set_own_cap(
+    engine: Engine, r: redis.Redis | None, *, account_id: int, tokens_per_day: int | None
+) -> None:
+    """The customer's own daily token cap (None removes it). It only ever lowers the cap that
+    applies (`plans.daily_cap`): raising one is the operator's (`set_limits`)."""
+    if tokens_per_day is not None and not 0 <= tokens_per_day <= MAX_TOKENS_PER_DAY:
+        raise AccountError(f"a daily cap is 0..{MAX_TOKENS_PER_DAY:,} tokens")
+    with Session(engine) as session, session.begin():
+        _require_account(session, account_id)
+        limits = session.get(AccountLimits, account_id)
+        if limits is None:
+            limits = AccountLimits(account_id=account_id)
+            session.add(limits)
+        limits.own_tokens_per_day = tokens_per_day
+        limits.updated_at = utcnow()
+    _publish(engine, r, account_id)
+
+
+def customer_caps(engine: Engine, account_id: int) -> dict[str, int]:
+    """The account's customer-tag caps: tag -> tokens per day."""
+    with Session(engine) as session:
+        rows = session.execute(
+            select(CustomerCap.customer_tag, CustomerCap.tokens_per_day)
+            .where(CustomerCap.account_id == account_id)
+            .order_by(CustomerCap.customer_tag)
+        ).all()
+    return {tag: n for tag, n in rows}
+
+
 def set_customer_cap(
     engine: Engine,
     r: redis.Redis | None,
@@ -420,8 +454,8 @@ def set_customer_cap(
     None removes the cap."""
     if not customer_tag or len(customer_tag) > 256:
         raise AccountError("a customer tag is 1..256 characters")
-    if tokens_per_day is not None and tokens_per_day < 0:
-        raise AccountError("tokens per day must be >= 0")
+    if tokens_per_day is not None and not 0 <= tokens_per_day <= MAX_TOKENS_PER_DAY:
+        raise AccountError(f"a daily cap is 0..{MAX_TOKENS_PER_DAY:,} tokens")
     with Session(engine) as session, session.begin():
         _require_account(session, account_id)
         cap = session.scalar(

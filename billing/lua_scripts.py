@@ -62,7 +62,7 @@ if redis.call('EXISTS', KEYS[5]) == 0 then return reply('cold') end
 local k = redis.call('HMGET', KEYS[1], 'account', 'key_id')
 local acct, key_id = k[1], k[2]
 if not acct then return reply('nokey') end
-local a = redis.call('HMGET', 'dg:acct:' .. acct, 'plan', 'status', 'rpm', 'tpd')
+local a = redis.call('HMGET', 'dg:acct:' .. acct, 'plan', 'status', 'rpm', 'tpd', 'own')
 local plan = a[1] and cjson.decode(ARGV[11])[a[1]]
 if not plan or a[2] ~= 'active' then return reply('disabled', acct, key_id) end
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
@@ -70,6 +70,8 @@ if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
 end
 local rpm = tonumber(a[3]) or plan[1]
 local tpd = tonumber(a[4]) or plan[2]
+local own = tonumber(a[5])  -- the customer's own cap only lowers it (billing.plans.daily_cap)
+if own and (tpd < 0 or own < tpd) then tpd = own end
 
 -- daily token room (-1: no cap), the tighter of the account's cap and the tag's cap
 local daykey = 'dg:day:' .. acct .. ':' .. day

@@ -90,3 +90,13 @@ def load_plans(path: str | Path) -> Plans:
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise PlansError(f"{path}: invalid plans file: " + "; ".join(problems)) from None
+
+
+def daily_cap(plan_cap: int | None, operator_cap: int | None, own_cap: int | None) -> int | None:
+    """The daily token cap that applies (None: none): the operator's override (or a capped
+    budget's) else the plan's, lowered by the customer's own. The admission script applies the
+    same rule to the account's Redis record (`billing.lua_scripts.ADMIT`: tpd, own)."""
+    cap = operator_cap if operator_cap is not None else plan_cap
+    if own_cap is not None and (cap is None or own_cap < cap):
+        return own_cap
+    return cap

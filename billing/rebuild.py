@@ -82,6 +82,7 @@ def rebuild(
                 AccountLimits.requests_per_minute,
                 AccountLimits.tokens_per_day,
                 Account.default_trust_tier,
+                AccountLimits.own_tokens_per_day,
             ).outerjoin(AccountLimits, AccountLimits.account_id == Account.id)
         ).all()
         caps: dict[int, dict[str, int]] = {}
@@ -90,10 +91,10 @@ def rebuild(
         ):
             caps.setdefault(account_id, {})[tag] = n
 
-    for account_id, plan, status, rpm, tpd, tier in accounts:
+    for account_id, plan, status, rpm, tpd, tier, own in accounts:
         rs.publish_account(
             r, account_id, plan=plan, status=status, requests_per_minute=rpm, tokens_per_day=tpd,
-            trust_tier=tier,
+            trust_tier=tier, own_tokens_per_day=own,
         )  # fmt: skip
         rs.publish_tag_caps(r, account_id, caps.get(account_id, {}))
     active = {rk.api_key(key_hash) for key_hash, _a, _k, _e in keys}

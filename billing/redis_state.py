@@ -28,11 +28,13 @@ def publish_account(
     requests_per_minute: int | None,
     tokens_per_day: int | None,
     trust_tier: str | None = None,
+    own_tokens_per_day: int | None = None,
 ) -> None:
     key = rk.account(account_id)
     pipe = r.pipeline(transaction=True)
     pipe.hset(key, mapping={"plan": plan, "status": status})
-    optional = (("rpm", requests_per_minute), ("tpd", tokens_per_day), ("tier", trust_tier))
+    optional = (("rpm", requests_per_minute), ("tpd", tokens_per_day), ("tier", trust_tier),
+                ("own", own_tokens_per_day))  # fmt: skip
     for name, value in optional:
         if value is None:
             pipe.hdel(key, name)

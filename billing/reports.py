@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from billing import chain, csv_cells, ledger
 from billing import redis_state as rs
 from billing.admission import utc_day
-from billing.plans import Plans
+from billing.plans import Plans, daily_cap
 from core.schema import (
     Account,
     AccountLimits,
@@ -77,9 +77,11 @@ def credits_summary(
             ).where(UsageEvent.account_id == account_id, UsageEvent.usage_day == sql_day)
         )
         plan = account.plan
-    cap = limits.tokens_per_day if limits and limits.tokens_per_day is not None else None
-    if cap is None and plan in plans.plans:
-        cap = plans.plans[plan].tokens_per_day
+    cap = daily_cap(
+        plans.plans[plan].tokens_per_day if plan in plans.plans else None,
+        limits.tokens_per_day if limits else None,
+        limits.own_tokens_per_day if limits else None,
+    )
     available = None
     used = int(used_sql or 0)
     if r is not None and rs.is_ready(r):

@@ -131,18 +131,24 @@ class ApiKey(Base):
 
 
 class AccountLimits(Base):
-    """Per-account overrides of the plan's limits; NULL keeps the plan's value."""
+    """Per-account overrides of the plan's limits; NULL keeps the plan's value.
+
+    `tokens_per_day` is the operator's (or a capped budget's) daily cap; `own_tokens_per_day`
+    is the customer's own, which can only lower it: the tighter of the two applies
+    (`billing.plans.daily_cap`)."""
 
     __tablename__ = "account_limits"
 
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
     tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    own_tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (
         CheckConstraint("requests_per_minute IS NULL OR requests_per_minute > 0", name="rpm"),
         CheckConstraint("tokens_per_day IS NULL OR tokens_per_day >= 0", name="tpd"),
+        CheckConstraint("own_tokens_per_day IS NULL OR own_tokens_per_day >= 0", name="own_tpd"),
     )
 
 

@@ -1,4 +1,5 @@
 import asyncio
+from functools import partial
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -369,6 +370,31 @@ async def test_customer_tag_caps(
     assert untagged.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 300 - 1000 - 5100)
     too_long = await admit(admission, c, "e", 1, 1, tag="x" * 257)
     assert isinstance(too_long, Refused) and too_long.status == 400
+
+
+async def test_the_customers_own_cap_only_lowers_the_cap_that_applies(
+    sqlite_engine: Engine, r: redis.Redis, plans: Plans, admission: Admission
+) -> None:
+    c = make_customer(sqlite_engine, r, plans, usd=100, tokens_per_day=1000)
+    own = partial(svc.set_own_cap, sqlite_engine, r, account_id=c.account_id)
+    own(tokens_per_day=300)
+    a = await admit(admission, c, "a", 100, 5000)
+    assert isinstance(a, Admitted) and a.max_tokens == 200
+    assert a.headers["x-ratelimit-limit-tokens"] == "300"
+    refused = await admit(admission, c, "b", 1, 1)
+    assert isinstance(refused, Refused) and refused.code == "daily_cap_exceeded"
+    own(tokens_per_day=50_000)  # above the operator's 1,000: the 1,000 still applies
+    b = await admit(admission, c, "c", 100, 5000)
+    assert isinstance(b, Admitted) and b.max_tokens == 1000 - 300 - 100
+    own(tokens_per_day=None)
+    uncapped = make_customer(sqlite_engine, r, plans, usd=100)  # paid: credits only
+    svc.set_own_cap(sqlite_engine, r, account_id=uncapped.account_id, tokens_per_day=400)
+    d = await admit(admission, uncapped, "d", 100, 5000)
+    assert isinstance(d, Admitted) and d.max_tokens == 300
+    with pytest.raises(svc.AccountError):
+        own(tokens_per_day=-1)
+    with pytest.raises(svc.AccountError):
+        own(tokens_per_day=svc.MAX_TOKENS_PER_DAY + 1)
 
 
 async def test_credits_lower_max_tokens_then_402(

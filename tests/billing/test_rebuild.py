@@ -35,6 +35,7 @@ async def test_rebuild_after_redis_loss(
     svc.set_customer_cap(
         engine, r, account_id=a.account_id, customer_tag="acme", tokens_per_day=700
     )
+    svc.set_own_cap(engine, r, account_id=b.account_id, tokens_per_day=9_000)
     revoked = svc.create_key(engine, r, account_id=b.account_id)
     svc.revoke_key(engine, r, key_id=revoked.id)
     for i, (c, tag) in enumerate([(a, "acme"), (a, None), (b, None)]):
@@ -51,6 +52,7 @@ async def test_rebuild_after_redis_loss(
         )
     meter.drain_all()
     before = snapshot(r)
+    assert r.hget(rk.account(b.account_id), "own") == b"9000"  # kept by the rebuild below
     assert before[rk.balance(b.account_id).encode()] == str(3 * USD - 40 * IN - 60 * OUT).encode()
 
     r.flushdb()  # Redis lost everything

@@ -1,0 +1,30 @@
+"""The customer's own daily token cap, beside the operator's: it can only lower the cap that
+applies (the tighter of the two).
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-12-03
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("account_limits") as batch:
+        batch.add_column(sa.Column("own_tokens_per_day", sa.BigInteger(), nullable=True))
+        batch.create_check_constraint(
+            "ck_account_limits_own_tpd", "own_tokens_per_day IS NULL OR own_tokens_per_day >= 0"
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("account_limits") as batch:
+        batch.drop_column("own_tokens_per_day")  # its check constraint goes with it
