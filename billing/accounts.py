@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from billing import ledger, sync
 from billing import redis_state as rs
-from billing.plans import Plans
+from billing.plans import Plans, daily_cap
 from core.schema import (
     Account,
     AccountLimits,
@@ -411,6 +411,29 @@ def set_limits(
             limits.tokens_per_day = tokens_per_day
         limits.updated_at = utcnow()
     _publish(engine, r, account_id)
+
+
+@dataclass(frozen=True)
+class DailyCaps:
+    """An account's daily token caps (None: none): `ceiling` is the plan's or the operator's
+    (or a capped budget's), `own` the customer's; the tighter applies."""
+
+    ceiling: int | None
+    own: int | None
+
+    @property
+    def applies(self) -> int | None:
+        return daily_cap(None, self.ceiling, self.own)
+
+
+def daily_caps(engine: Engine, plans: Plans, account_id: int) -> DailyCaps:
+    with Session(engine) as session:
+        account = _require_account(session, account_id)
+        limits = session.get(AccountLimits, account_id)
+    plan = plans.plans.get(account.plan)
+    operator = limits.tokens_per_day if limits else None
+    ceiling = daily_cap(plan.tokens_per_day if plan else None, operator, None)
+    return DailyCaps(ceiling, limits.own_tokens_per_day if limits else None)
 
 
 def set_own_cap(

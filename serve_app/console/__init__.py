@@ -11,7 +11,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from kernel.errors import NotFound
-from serve_app.console import account_routes, auth_routes, password_routes, provider_routes
+from serve_app.console import (
+    account_routes,
+    auth_routes,
+    caps_routes,
+    password_routes,
+    provider_routes,
+)
 from serve_app.console.web import PREFIX, ConsoleRoute
 
 router = APIRouter()
@@ -19,6 +25,7 @@ router.include_router(auth_routes.router)
 router.include_router(account_routes.router)
 router.include_router(provider_routes.router)
 router.include_router(password_routes.router)
+router.include_router(caps_routes.router)
 unknown = APIRouter(route_class=ConsoleRoute)
 
 

@@ -1,6 +1,6 @@
 import asyncio
-from functools import partial
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 import redis

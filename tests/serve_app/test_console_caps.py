@@ -1,0 +1,138 @@
+"""Daily caps set by the customer in the console, on the app `create_app` builds, real SQLite
+or PostgreSQL and a real Redis: the customer's own cap only lowers the one that applies, and
+the admission script enforces what the page says; customer-tag caps are added and removed;
+what a hostile form sends is refused in words and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aredis
+from fastapi import FastAPI
+
+from billing import accounts
+from billing.admission import Admission, Admitted, Refused
+from kernel import redis_keys as rk
+from serve_app.http_app import create_app
+from serve_app.services import Services
+from tests.billing import conftest as billing
+from tests.billing.conftest import MODEL
+from tests.serve_app.test_console_app import REDIS_URL, signed_up
+
+db_url = billing.db_url
+
+
+@pytest.fixture
+def svc(db_url: str) -> Iterator[Services]:
+    services = Services.create({"database_url": db_url, "redis_url": REDIS_URL})
+    services.redis.flushdb()
+    from core.db import migrate
+
+    migrate(services.db)
+    yield services
+    services.redis.flushdb()
+    services.db.dispose()
+
+
+@pytest.fixture
+def app(svc: Services) -> FastAPI:
+    return create_app(svc)
+
+
+def admit(svc: Services, key: str, request_id: str, max_tokens: int, tag: str | None = None):
+    async def run():
+        r = aredis.Redis.from_url(REDIS_URL)
+        try:
+            return await Admission(r, svc.plans).admit(
+                api_key=key, request_id=request_id, model=MODEL, prompt_tokens=10,
+                max_tokens=max_tokens, customer_tag=tag,
+            )  # fmt: skip
+        finally:
+            await r.aclose()
+
+    return asyncio.run(run())
+
+
+def test_the_customer_sets_and_removes_its_own_daily_cap(app: FastAPI, svc: Services) -> None:
+    c, csrf = signed_up(app, "caps@example.com")
+    account = accounts.find_account(svc.db, "caps@example.com")
+    assert account is not None
+    free = svc.plans.get(svc.plans.default_plan).tokens_per_day
+    page = c.get("/console/caps")
+    assert page.status_code == 200 and f"{free:,} tokens a day" in page.text
+    saved = c.post("/console/caps/daily", data={"csrf_token": csrf, "tokens_per_day": "1,000"})
+    assert saved.status_code == 303 and saved.headers["location"] == "/console/caps?done=daily"
+    assert accounts.daily_caps(svc.db, svc.plans, account.id).applies == 1000
+    assert svc.redis.hget(rk.account(account.id), "own") == b"1000"
+    key = accounts.create_key(svc.db, svc.redis, account_id=account.id).key
+    assert key is not None
+    granted = admit(svc, key, "a", 5000)
+    assert isinstance(granted, Admitted) and granted.max_tokens == 990  # 10 prompt + 990
+    refused = admit(svc, key, "b", 1)
+    assert isinstance(refused, Refused) and refused.code == "daily_cap_exceeded"
+    # above the plan's cap: the plan's still applies (only the operator raises it)
+    c.post("/console/caps/daily", data={"csrf_token": csrf, "tokens_per_day": str(free * 10)})
+    assert accounts.daily_caps(svc.db, svc.plans, account.id).applies == free
+    c.post("/console/caps/daily", data={"csrf_token": csrf, "tokens_per_day": ""})
+    caps = accounts.daily_caps(svc.db, svc.plans, account.id)
+    assert (caps.own, caps.applies) == (None, free)
+    assert svc.redis.hget(rk.account(account.id), "own") is None
+
+
+def test_customer_caps_are_added_and_removed(app: FastAPI, svc: Services) -> None:
+    c, csrf = signed_up(app, "tags@example.com")
+    account = accounts.find_account(svc.db, "tags@example.com")
+    assert account is not None
+    for tag, tokens in (("acme", "300"), ("*", "2,000"), ("acme", "400")):
+        fields = {"csrf_token": csrf, "customer_tag": tag, "tokens_per_day": tokens}
+        done = c.post("/console/caps/customers", data=fields)
+        assert done.status_code == 303
+    assert accounts.customer_caps(svc.db, account.id) == {"*": 2000, "acme": 400}
+    assert svc.redis.hgetall(rk.tag_caps(account.id)) == {b"*": b"2000", b"acme": b"400"}
+    page = c.get("/console/caps?done=customer").text
+    assert "<code>acme</code>" in page and "Remove the cap of acme" in page
+    c.post("/console/caps/customers",
+           data={"csrf_token": csrf, "customer_tag": "acme", "tokens_per_day": ""})  # fmt: skip
+    assert accounts.customer_caps(svc.db, account.id) == {"*": 2000}
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [
+        ("/console/caps/daily", {"tokens_per_day": "-5"}),
+        ("/console/caps/daily", {"tokens_per_day": "1e9"}),
+        ("/console/caps/daily", {"tokens_per_day": "9" * 40}),  # past BIGINT and Lua's doubles
+        ("/console/caps/daily", {"tokens_per_day": "١٢٣"}),  # digits, not ASCII ones
+        ("/console/caps/customers", {"customer_tag": "", "tokens_per_day": "5"}),
+        ("/console/caps/customers", {"customer_tag": "x" * 257, "tokens_per_day": "5"}),
+        ("/console/caps/customers", {"customer_tag": "acme", "tokens_per_day": "lots"}),
+    ],
+)
+def test_hostile_forms_are_refused_in_words_and_change_nothing(
+    app: FastAPI, svc: Services, path: str, fields: dict[str, str]
+) -> None:
+    c, csrf = signed_up(app, "hostile@example.com")
+    account = accounts.find_account(svc.db, "hostile@example.com")
+    assert account is not None
+    before = (accounts.daily_caps(svc.db, svc.plans, account.id),
+              accounts.customer_caps(svc.db, account.id))  # fmt: skip
+    refused = c.post(path, data={"csrf_token": csrf, **fields})
+    assert refused.status_code == 400 and 'role="alert"' in refused.text
+    assert (accounts.daily_caps(svc.db, svc.plans, account.id),
+            accounts.customer_caps(svc.db, account.id)) == before  # fmt: skip
+    no_csrf = c.post(path, data={**fields, "tokens_per_day": "5", "customer_tag": "t"})
+    assert no_csrf.status_code == 403
+    assert accounts.customer_caps(svc.db, account.id) == before[1]
+
+
+def test_caps_need_a_session(app: FastAPI) -> None:
+    from tests.serve_app.test_console_app import client
+
+    anonymous = client(app)
+    assert anonymous.get("/console/caps").status_code == 303
+    assert anonymous.post("/console/caps/daily", data={"tokens_per_day": "1"}).status_code in (
+        303,
+        403,
+    )
