@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from kernel.errors import Unavailable
 from serve_app import (
     console,
+    routes_caps,
     routes_install,
     routes_keys,
     routes_nodes,
@@ -73,8 +74,9 @@ def create_app(
         app.add_exception_handler(cls, _redis_unavailable)
     app.state.services = services
     app.state.model_cards = model_cards
-    public = (routes_providers.router, routes_payments.router, routes_keys.router, console.router,
-              site.router, routes_install.router, routes_nodes.router)  # fmt: skip
+    public = (routes_providers.router, routes_payments.router, routes_keys.router,
+              routes_caps.router, console.router, site.router, routes_install.router,
+              routes_nodes.router)  # fmt: skip
     for router in (*public, *routers):
         app.include_router(router)
     return app

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aredis
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from billing import accounts
 from billing.admission import Admission, Admitted, Refused
@@ -136,3 +137,38 @@ def test_caps_need_a_session(app: FastAPI) -> None:
         303,
         403,
     )
+
+
+def test_caps_over_the_api_are_the_callers_own(app: FastAPI, svc: Services) -> None:
+    signed_up(app, "alice@example.com")
+    signed_up(app, "bob@example.com")
+    alice_id = accounts.find_account(svc.db, "alice@example.com").id  # type: ignore[union-attr]
+    bob_id = accounts.find_account(svc.db, "bob@example.com").id  # type: ignore[union-attr]
+    alice_key = accounts.create_key(svc.db, svc.redis, account_id=alice_id).key
+    free = svc.plans.get(svc.plans.default_plan).tokens_per_day
+    with TestClient(app) as api:
+        auth = {"authorization": f"Bearer {alice_key}"}
+        shown = api.get("/v1/caps", headers=auth).json()
+        assert shown["tokens_per_day"] == free and shown["own_tokens_per_day"] is None
+        lowered = api.post("/v1/caps/daily", headers=auth, json={"tokens_per_day": 500})
+        assert lowered.status_code == 200 and lowered.json()["tokens_per_day"] == 500
+        tagged = api.post("/v1/caps/customers", headers=auth,
+                          json={"customer_tag": "acme", "tokens_per_day": 50})  # fmt: skip
+        assert tagged.json()["customers"] == {"acme": 50}
+        # no field names another account: bob's caps are untouched
+        assert accounts.daily_caps(svc.db, svc.plans, bob_id).own is None
+        assert accounts.customer_caps(svc.db, bob_id) == {}
+        for body in ({"tokens_per_day": -1}, {"tokens_per_day": "500"},
+                     {"tokens_per_day": 10**13}, {"tokens_per_day": 5, "account_id": bob_id},
+                     {}):  # fmt: skip
+            bad = api.post("/v1/caps/daily", headers=auth, json=body)
+            assert bad.status_code == 400, (body, bad.text)
+            assert set(bad.json()["error"]) == {"message", "type", "param", "code"}
+        bad_tag = api.post("/v1/caps/customers", headers=auth,
+                           json={"customer_tag": "x" * 257, "tokens_per_day": 1})  # fmt: skip
+        assert bad_tag.status_code == 400
+        assert api.get("/v1/caps").status_code == 401
+        assert api.post("/v1/caps/daily", json={"tokens_per_day": 1}).status_code == 401
+        removed = api.post("/v1/caps/daily", headers=auth, json={"tokens_per_day": None})
+        assert removed.json()["own_tokens_per_day"] is None
+    assert accounts.daily_caps(svc.db, svc.plans, alice_id).applies == free
