@@ -1,9 +1,10 @@
 """The self-service pages in a real browser (Debian's Chromium, driven by Playwright) against
 the app `create_app` builds, served over HTTP by uvicorn, on real SQLite, a real Redis and a
-real SMTP server (aiosmtpd): keys (expiry, rename, usage), the account page (password,
-low-balance email), a password reset by the mailed link, a receipt, a GPU's token rotated and
-the GPU removed, the enterprise form. Every page at desktop and phone width, none of them
-scrolling sideways; screenshots under `artifacts/selfservice/`."""
+real SMTP server (aiosmtpd): keys (expiry, rename, usage), daily caps (the account's own, a
+customer's), the account page (password, low-balance email), a password reset by the mailed
+link, a receipt, a GPU's token rotated and the GPU removed, the enterprise form. Every page
+at desktop and phone width, none of them scrolling sideways; screenshots under
+`artifacts/selfservice/`."""
 
 from __future__ import annotations
 
@@ -121,6 +122,22 @@ def test_self_service_pages_in_the_browser(
         expect(page.get_by_role("status")).to_contain_text("is renamed")
         expect(page.locator("#keys-table input[value='ci-runner']")).to_have_count(1)
         shot("keys")
+
+        # caps: the account's own daily cap, a customer's cap added then removed
+        page.get_by_role("navigation", name="Console").get_by_role("link", name="Caps").click()
+        page.get_by_label("Your own cap (tokens a day)").fill("50,000")
+        page.get_by_role("button", name="Save").click()
+        expect(page.get_by_role("status")).to_contain_text("daily cap applies")
+        expect(page.get_by_test_id("cap-applies")).to_have_text("50,000 tokens a day")
+        page.get_by_label("Customer (as in X-Customer-Id)").fill("acme")
+        page.get_by_label("Tokens a day", exact=True).fill("2,000")
+        page.get_by_role("button", name="Set the customer's cap").click()
+        expect(page.locator("#customer-caps tr", has_text="acme")).to_contain_text("2,000")
+        shot("caps")
+        page.get_by_role("button", name="Remove the cap of acme").click()
+        expect(page.locator("#customer-caps")).to_contain_text("No customer caps.")
+        assert accounts.customer_caps(svc.db, account_id) == {}
+        assert accounts.daily_caps(svc.db, svc.plans, account_id).own == 50_000
 
         # the account page: the low-balance email, then a new password
         page.get_by_role("navigation", name="Console").get_by_role("link", name="Account").click()
