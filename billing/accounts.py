@@ -82,6 +82,7 @@ class KeyInfo:
     key: str | None = None  # the secret: only in the answer to create_key, shown once
     last_used_at: str | None = None  # the newest request billed to it (set by the meter)
     expires_at: str | None = None  # refused from then on (None: never expires)
+    tokens_per_day: int | None = None  # the key's own daily cap (None: none)
 
     def expired(self, now: datetime | None = None) -> bool:
         if self.expires_at is None:
@@ -120,6 +121,7 @@ def _key_info(row: ApiKey, secret: str | None = None) -> KeyInfo:
         key=secret,
         last_used_at=_iso(row.last_used_at),
         expires_at=_iso(row.expires_at),
+        tokens_per_day=row.tokens_per_day,
     )
 
 
@@ -276,9 +278,11 @@ def publish_key(
     account_id: int,
     key_id: int,
     expires_at: datetime | None = None,
+    tokens_per_day: int | None = None,
 ) -> None:
     """The key's Redis record, expiring with the key (`r` may be a pipeline)."""
-    rs.publish_key(r, key_hash, account_id=account_id, key_id=key_id)
+    rs.publish_key(r, key_hash, account_id=account_id, key_id=key_id,
+                   tokens_per_day=tokens_per_day)  # fmt: skip
     if expires_at is not None:
         r.pexpireat(rk.api_key(key_hash), expires_at)
 
@@ -295,6 +299,30 @@ def rename_key(engine: Engine, *, key_id: int, account_id: int, name: str) -> Ke
         row.name = name
         session.flush()
         return _key_info(row)
+
+
+def set_key_cap(
+    engine: Engine,
+    r: redis.Redis | None,
+    *,
+    key_id: int,
+    account_id: int,
+    tokens_per_day: int | None,
+) -> KeyInfo:
+    """One of the account's keys gets a daily token cap of its own (None removes it); another
+    account's key is "no key". A revoked or expired key keeps no Redis record, and this never
+    makes one (`rs.set_key_cap` changes only a record that exists)."""
+    if tokens_per_day is not None and not 0 <= tokens_per_day <= MAX_TOKENS_PER_DAY:
+        raise AccountError(f"a daily cap is 0..{MAX_TOKENS_PER_DAY:,} tokens")
+    with Session(engine) as session, session.begin():
+        row = session.get(ApiKey, key_id)
+        if row is None or row.account_id != account_id:
+            raise AccountError(f"no key {key_id}")
+        row.tokens_per_day = tokens_per_day
+        session.flush()
+        info, key_hash = _key_info(row), row.key_hash
+    sync.after_commit(engine, r, lambda r: rs.set_key_cap(r, key_hash, tokens_per_day))
+    return info
 
 
 def list_keys(engine: Engine, account_id: int) -> list[KeyInfo]:

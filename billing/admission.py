@@ -2,7 +2,7 @@
 
 `admit` decides, atomically and before inference: the key is known and not revoked (401),
 requests per minute (GCRA, burst = the limit; 429 `rate_limit_exceeded`), the daily token
-cap of the account and of the customer tag (429 `daily_cap_exceeded`, Retry-After until
+cap of the account, of the API key and of the customer tag (429 `daily_cap_exceeded`, Retry-After until
 00:00 UTC), and credits (402 `insufficient_credits`). It reserves the request's worst case:
 prompt + max_tokens x completions tokens (completions: the sequences the engine generates,
 prompts x n) against the caps and their cost (prompt at the input price, the rest at the
@@ -74,6 +74,8 @@ class PricedModel(Protocol):
 MAX_REQUEST_ID_LEN = 128
 MAX_CUSTOMER_TAG_LEN = 256
 _SETTLE_RETRY_DELAYS_S = (0.05, 0.25, 1.0)
+# The admission script's daily-cap outcomes -> whose cap was reached, in the refusal's words
+CAPS = {"cap": "account", "tagcap": "customer '{customer_tag}'", "keycap": "API key"}
 
 
 @dataclass
@@ -466,11 +468,11 @@ def _decide(
             retry,
             headers,
         )
-    if outcome in ("cap", "tagcap"):
+    if outcome in CAPS:
         retry = retry_after_seconds(retry_ms)
         headers["retry-after"] = str(retry)
         headers["x-should-retry"] = "false"
-        whose = f"customer '{customer_tag}'" if outcome == "tagcap" else "account"
+        whose = CAPS[outcome].format(customer_tag=customer_tag)
         return Refused(
             429,
             "rate_limit",

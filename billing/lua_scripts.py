@@ -59,8 +59,8 @@ local function reply(...)
 end
 
 if redis.call('EXISTS', KEYS[5]) == 0 then return reply('cold') end
-local k = redis.call('HMGET', KEYS[1], 'account', 'key_id')
-local acct, key_id = k[1], k[2]
+local k = redis.call('HMGET', KEYS[1], 'account', 'key_id', 'tpd')
+local acct, key_id, keycap = k[1], k[2], tonumber(k[3])
 if not acct then return reply('nokey') end
 local a = redis.call('HMGET', 'dg:acct:' .. acct, 'plan', 'status', 'rpm', 'tpd', 'own')
 local plan = a[1] and cjson.decode(ARGV[11])[a[1]]
@@ -73,9 +73,10 @@ local tpd = tonumber(a[4]) or plan[2]
 local own = tonumber(a[5])  -- the customer's own cap only lowers it (billing.plans.daily_cap)
 if own and (tpd < 0 or own < tpd) then tpd = own end
 
--- daily token room (-1: no cap), the tighter of the account's cap and the tag's cap
+-- daily token room (-1: no cap), the tightest of the account's, the key's and the tag's caps
 local daykey = 'dg:day:' .. acct .. ':' .. day
 local tagdaykey = 'dg:tagday:' .. acct .. ':' .. day
+local keydaykey = 'dg:keyday:' .. acct .. ':' .. day
 local used = tonumber(redis.call('GET', daykey) or '0')
 local room, tok_limit, bound = -1, -1, 'cap'
 if tpd >= 0 then room = math.max(tpd - used, 0); tok_limit = tpd end
@@ -87,6 +88,11 @@ if tag ~= '' then
     local troom = math.max(tagcap - tagused, 0)
     if room < 0 or troom < room then room = troom; tok_limit = tagcap; bound = 'tagcap' end
   end
+end
+if keycap then
+  local kused = tonumber(redis.call('HGET', keydaykey, key_id) or '0')
+  local kroom = math.max(keycap - kused, 0)
+  if room < 0 or kroom < room then room = kroom; tok_limit = keycap; bound = 'keycap' end
 end
 
 -- credits: output tokens the balance affords after the prompt (-1: unlimited, free output)
@@ -142,6 +148,8 @@ if tag ~= '' then
   redis.call('HINCRBY', tagdaykey, tag, s(tokens))
   redis.call('PEXPIREAT', tagdaykey, s(day_end + DAY_GRACE_MS))
 end
+redis.call('HINCRBY', keydaykey, key_id, s(tokens))  -- every key's: a cap set later counts it
+redis.call('PEXPIREAT', keydaykey, s(day_end + DAY_GRACE_MS))
 redis.call('HSET', KEYS[2], 'account', acct, 'key_id', key_id, 'day', day,
   'day_end', s(day_end), 'tag', tag, 'model', ARGV[10], 'pin', s(pin), 'pout', s(pout),
   'prompt', s(prompt), 'max', s(mt * copies), 'cost', s(cost), 'created', s(now))
@@ -234,6 +242,9 @@ local function settle_one(rid, prompt, completion, provider, now, outcome, done_
       redis.call('HINCRBY', tk, tag, s(-unused))
       redis.call('PEXPIREAT', tk, s(day_end + DAY_GRACE_MS))
     end
+    local kk = 'dg:keyday:' .. acct .. ':' .. day
+    redis.call('HINCRBY', kk, key_id, s(-unused))
+    redis.call('PEXPIREAT', kk, s(day_end + DAY_GRACE_MS))
   end
   redis.call('DEL', hk)
   redis.call('ZREM', 'dg:holds', rid)
@@ -341,7 +352,8 @@ return n
 # Rebuild one account's balance and today's usage from SQL, atomically, if no settlement of
 # the account happened since the SQL snapshot was taken. Open holds are subtracted again.
 # ARGV: 1 account, 2 settle counter seen before the snapshot, 3 SQL balance, 4 day YYYYMMDD,
-#       5 day_end_ms, 6 SQL tokens today, 7 json {tag: SQL tokens today}
+#       5 day_end_ms, 6 SQL tokens today, 7 json {tag: SQL tokens today},
+#       8 json {key id: SQL tokens today}
 # Reply: 1 written, 0 the account settled meanwhile (take a new snapshot).
 REBUILD_ACCOUNT = (
     COMMON
@@ -353,14 +365,17 @@ end
 if tonumber(redis.call('GET', 'dg:undrained:' .. acct) or '0') > 0 then return 0 end
 local bal, used = tonumber(ARGV[3]), tonumber(ARGV[6])
 local tags = cjson.decode(ARGV[7])
+local keys = cjson.decode(ARGV[8])
 for _, rid in ipairs(redis.call('SMEMBERS', 'dg:aholds:' .. acct)) do
-  local h = redis.call('HMGET', 'dg:hold:' .. rid, 'cost', 'prompt', 'max', 'day', 'tag')
+  local h = redis.call('HMGET', 'dg:hold:' .. rid, 'cost', 'prompt', 'max', 'day', 'tag',
+                       'key_id')
   if h[1] then
     bal = bal - tonumber(h[1])
     if h[4] == day then
       local toks = tonumber(h[2]) + tonumber(h[3])
       used = used + toks
       if h[5] ~= '' then tags[h[5]] = (tags[h[5]] or 0) + toks end
+      keys[h[6]] = (keys[h[6]] or 0) + toks
     end
   else
     redis.call('SREM', 'dg:aholds:' .. acct, rid)
@@ -373,6 +388,10 @@ local tk = 'dg:tagday:' .. acct .. ':' .. day
 redis.call('DEL', tk)
 for tag, n in pairs(tags) do redis.call('HSET', tk, tag, s(n)) end
 if next(tags) ~= nil then redis.call('PEXPIREAT', tk, s(day_end + DAY_GRACE_MS)) end
+local kk = 'dg:keyday:' .. acct .. ':' .. day
+redis.call('DEL', kk)
+for key_id, n in pairs(keys) do redis.call('HSET', kk, key_id, s(n)) end
+if next(keys) ~= nil then redis.call('PEXPIREAT', kk, s(day_end + DAY_GRACE_MS)) end
 return 1
 """
 )

@@ -66,7 +66,13 @@ def rebuild(
         # an expired key is left out (and removed below as stale); one that will expire
         # gets its Redis record's expiry again
         keys = session.execute(
-            select(ApiKey.key_hash, ApiKey.account_id, ApiKey.id, ApiKey.expires_at).where(
+            select(
+                ApiKey.key_hash,
+                ApiKey.account_id,
+                ApiKey.id,
+                ApiKey.expires_at,
+                ApiKey.tokens_per_day,
+            ).where(
                 ApiKey.revoked_at.is_(None),
                 or_(
                     ApiKey.expires_at.is_(None),
@@ -97,10 +103,10 @@ def rebuild(
             trust_tier=tier, own_tokens_per_day=own,
         )  # fmt: skip
         rs.publish_tag_caps(r, account_id, caps.get(account_id, {}))
-    active = {rk.api_key(key_hash) for key_hash, _a, _k, _e in keys}
+    active = {rk.api_key(key_hash) for key_hash, *_ in keys}
     pipe = r.pipeline(transaction=False)
-    for key_hash, account_id, key_id, expires_at in keys:
-        rs.publish_key(pipe, key_hash, account_id=account_id, key_id=key_id)
+    for key_hash, account_id, key_id, expires_at, cap in keys:
+        rs.publish_key(pipe, key_hash, account_id=account_id, key_id=key_id, tokens_per_day=cap)
         if expires_at is not None:
             pipe.pexpireat(rk.api_key(key_hash), expires_at)
     pipe.execute()
@@ -124,7 +130,7 @@ def rebuild(
             if undrained > 0:
                 retry.append(account_id)
                 continue
-            balance, used, tags = snapshot[account_id]
+            balance, used, tags, by_key = snapshot[account_id]
             ok = script(
                 keys=[],
                 args=[
@@ -135,6 +141,7 @@ def rebuild(
                     day_end_ms,
                     used,
                     json.dumps(tags, separators=(",", ":")),
+                    json.dumps(by_key, separators=(",", ":")),
                 ],
             )
             if not int(ok):
@@ -160,9 +167,10 @@ def _counters(r: redis.Redis, account_ids: list[int]) -> dict[int, tuple[int, in
 
 def _snapshot(
     engine: Engine, account_ids: list[int], sql_day: str
-) -> dict[int, tuple[int, int, dict[str, int]]]:
-    """account → (SQL credit balance, tokens today, {tag: tokens today})."""
-    result: dict[int, tuple[int, int, dict[str, int]]] = {}
+) -> dict[int, tuple[int, int, dict[str, int], dict[str, int]]]:
+    """account → (SQL credit balance, tokens today, {tag: tokens today}, {key id: tokens
+    today})."""
+    result: dict[int, tuple[int, int, dict[str, int], dict[str, int]]] = {}
     with Session(engine) as session:
         balances = ledger.customer_balances(session)
         tokens = UsageEvent.prompt_tokens + UsageEvent.completion_tokens
@@ -181,10 +189,19 @@ def _snapshot(
         ):
             if tag is not None:  # (left out by the query; the type checker cannot know)
                 tags.setdefault(account_id, {})[tag] = int(n)
+        by_key: dict[int, dict[str, int]] = {}
+        for account_id, key_id, n in session.execute(
+            select(UsageEvent.account_id, UsageEvent.key_id, func.sum(tokens))
+            .where(UsageEvent.usage_day == sql_day)
+            .group_by(UsageEvent.account_id, UsageEvent.key_id)
+        ):
+            if key_id is not None:
+                by_key.setdefault(account_id, {})[str(key_id)] = int(n)
     for account_id in account_ids:
         result[account_id] = (
             balances.get(account_id, 0),
             int(used.get(account_id) or 0),
             tags.get(account_id, {}),
+            by_key.get(account_id, {}),
         )
     return result

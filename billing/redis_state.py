@@ -52,9 +52,36 @@ def publish_tag_caps(r: redis.Redis, account_id: int, caps: Mapping[str, int]) -
     pipe.execute()
 
 
-def publish_key(r: redis.Redis, key_hash: str, *, account_id: int, key_id: int) -> None:
+def publish_key(
+    r: redis.Redis,
+    key_hash: str,
+    *,
+    account_id: int,
+    key_id: int,
+    tokens_per_day: int | None = None,
+) -> None:
     """`r` may be a pipeline: rebuild writes every key in one round trip."""
-    r.hset(rk.api_key(key_hash), mapping={"account": str(account_id), "key_id": str(key_id)})
+    key = rk.api_key(key_hash)
+    r.hset(key, mapping={"account": str(account_id), "key_id": str(key_id)})
+    if tokens_per_day is None:
+        r.hdel(key, "tpd")
+    else:
+        r.hset(key, "tpd", str(tokens_per_day))
+
+
+# A key's daily cap, in its record only while the record exists: a key revoked meanwhile
+# (its record deleted) must not come back as a record. ARGV: cap ('' removes it).
+_SET_KEY_CAP = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] == '' then redis.call('HDEL', KEYS[1], 'tpd')
+else redis.call('HSET', KEYS[1], 'tpd', ARGV[1]) end
+return 1
+"""
+
+
+def set_key_cap(r: redis.Redis, key_hash: str, tokens_per_day: int | None) -> None:
+    cap = "" if tokens_per_day is None else str(tokens_per_day)
+    r.eval(_SET_KEY_CAP, 1, rk.api_key(key_hash), cap)
 
 
 def unpublish_key(r: redis.Redis, key_hash: str) -> None:

@@ -128,6 +128,9 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)  # the customer's cap, if any
+
+    __table_args__ = (CheckConstraint("tokens_per_day IS NULL OR tokens_per_day >= 0", name="tpd"),)
 
 
 class AccountLimits(Base):

@@ -4,13 +4,15 @@ The money Redis (`Settings.redis_url`; `maxmemory-policy noeviction`, persistent
 fast copy, SQL being the truth. Nothing a visitor can make grow is written there.
 
 - `dg:ready`                    set once Redis holds billing state (rebuild or first write)
-- `dg:key:<sha256>`             hash: account, key_id — present only while the key is valid
+- `dg:key:<sha256>`             hash: account, key_id, tpd (the key's daily cap, if any) —
+                                present only while the key is valid
 - `dg:acct:<id>`                hash: plan, status, rpm / tpd (per-account overrides), tier
                                 (the trust tier its requests inherit, when set)
 - `dg:bal:<id>`                 available credits, nUSD (SQL balance − open holds − undrained)
 - `dg:day:<id>:<YYYYMMDD>`      tokens used or reserved that UTC day
 - `dg:tagcap:<id>`              hash: customer tag (or `*`) → tokens/day
 - `dg:tagday:<id>:<YYYYMMDD>`   hash: customer tag → tokens used or reserved that day
+- `dg:keyday:<id>:<YYYYMMDD>`   hash: API key id → tokens used or reserved that day
 - `dg:rpm:<id>`                 GCRA theoretical arrival time (ms) for requests/min
 - `dg:hold:<request_id>`        hash: one open reservation, and its stream's last checkpoint of
                                 the usage delivered (fields: billing.lua_scripts)
@@ -78,6 +80,10 @@ def tag_caps(account_id: int) -> str:
 
 def tag_day(account_id: int, yyyymmdd: str) -> str:
     return f"{P}tagday:{account_id}:{yyyymmdd}"
+
+
+def key_day(account_id: int, yyyymmdd: str) -> str:
+    return f"{P}keyday:{account_id}:{yyyymmdd}"
 
 
 def rpm(account_id: int) -> str:

@@ -5,6 +5,8 @@
                                   only lowers the one that applies (null: none of its own)
     POST /v1/caps/customers       {"customer_tag": "acme" | "*", "tokens_per_day": n | null}:
                                   a customer tag's cap (`X-Customer-Id`; null removes it)
+    POST /v1/caps/keys            {"key_id": 12, "tokens_per_day": n | null}: one of the
+                                  account's API keys' cap (another account's key: 404)
 
 The account is the caller's key's, never a field of the request (`billing.accounts`).
 """
@@ -18,6 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from billing import accounts, reports
+from kernel.errors import NotFound
 from serve_app.services import Services, services
 
 router = APIRouter()
@@ -28,6 +31,13 @@ Tokens = Annotated[int | None, Field(ge=0, le=accounts.MAX_TOKENS_PER_DAY, stric
 class DailyCap(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    tokens_per_day: Tokens
+
+
+class KeyCap(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key_id: int = Field(ge=1, le=2**62, strict=True)
     tokens_per_day: Tokens
 
 
@@ -49,6 +59,11 @@ def _caps(svc: Services, account_id: int) -> dict[str, Any]:
         "tokens_used_today": summary.tokens_used_today,
         "resets_at": summary.resets_at,
         "customers": accounts.customer_caps(svc.db, account_id),
+        "keys": {
+            str(k.id): k.tokens_per_day
+            for k in accounts.list_keys(svc.db, account_id)
+            if k.tokens_per_day is not None and k.revoked_at is None
+        },
     }
 
 
@@ -78,6 +93,22 @@ async def set_customer(body: CustomerCap, request: Request, svc: Svc) -> dict[st
         accounts.set_customer_cap(svc.db, svc.redis, account_id=account_id,
                                   customer_tag=body.customer_tag,
                                   tokens_per_day=body.tokens_per_day)  # fmt: skip
+        return _caps(svc, account_id)
+
+    return await asyncio.to_thread(save)
+
+
+@router.post("/v1/caps/keys")
+async def set_key(body: KeyCap, request: Request, svc: Svc) -> dict[str, Any]:
+    account_id = await svc.gate.account(request)
+
+    def save() -> dict[str, Any]:
+        try:
+            accounts.set_key_cap(svc.db, svc.redis, key_id=body.key_id, account_id=account_id,
+                                 tokens_per_day=body.tokens_per_day)  # fmt: skip
+        except accounts.AccountError:  # another account's key, or none: the same answer
+            raise NotFound(f"There is no key {body.key_id} in this account.",
+                           code="key_not_found") from None  # fmt: skip
         return _caps(svc, account_id)
 
     return await asyncio.to_thread(save)

@@ -4,10 +4,11 @@
     POST /console/caps/daily        the customer's own daily cap (empty: none of its own)
     POST /console/caps/customers    a customer tag's daily cap (`X-Customer-Id`; `*`: every
                                     tag without its own); empty tokens: the tag's cap removed
+    POST /console/caps/keys         one API key's daily cap (empty: none)
 
 The customer's own daily cap only lowers the one that applies (the plan's, a capped budget's
 or the operator's): raising that is the operator's (`darkgpu admin cap set`). Tag caps
-are the customer's own sub-budgets. Either takes effect at the next request (429
+and key caps are the customer's own sub-budgets. Each takes effect at the next request (429
 `daily_cap_exceeded` past it), and resets at 00:00 UTC.
 """
 
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from billing import accounts, reports
+from kernel.errors import NotFound
 from serve_app.console.web import (
     PREFIX,
     ConsoleRoute,
@@ -34,6 +36,7 @@ TAG_MAX = 256
 NOTICES = {
     "daily": "Saved: your daily cap applies from your next request.",
     "customer": "Saved: the customer's daily cap applies from its next request.",
+    "key": "Saved: the key's daily cap applies from its next request.",
 }
 BAD_TOKENS = (
     f"Give a whole number of tokens from 0 to {accounts.MAX_TOKENS_PER_DAY:,}, or leave it "
@@ -49,7 +52,9 @@ def caps_page(session: SignedIn, svc: Svc, status: int = 200, **context: Any) ->
         "caps.html", session, status=status, active="caps",
         caps=accounts.daily_caps(svc.db, svc.plans, account_id),
         summary=reports.credits_summary(svc.db, svc.redis, svc.plans, account_id),
-        customers=accounts.customer_caps(svc.db, account_id), tag_max=TAG_MAX, **context,
+        customers=accounts.customer_caps(svc.db, account_id), tag_max=TAG_MAX,
+        keys=[k for k in accounts.list_keys(svc.db, account_id)
+              if k.revoked_at is None and not k.expired()], **context,
     )  # fmt: skip
 
 
@@ -96,3 +101,19 @@ def set_customer(form: Form, session: SignedIn, svc: Svc) -> Response:
     accounts.set_customer_cap(svc.db, svc.redis, account_id=account_of(session),
                               customer_tag=tag, tokens_per_day=tokens)  # fmt: skip
     return redirect(f"{PREFIX}/caps?done=customer")
+
+
+@router.post(PREFIX + "/caps/keys", include_in_schema=False)
+def set_key(form: Form, session: SignedIn, svc: Svc) -> Response:
+    try:
+        tokens = parse_tokens(form.get("tokens_per_day", ""))
+    except ValueError:
+        return caps_page(session, svc, status=400, error=BAD_TOKENS)
+    text = form.get("key_id", "")
+    key_id = int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else 0
+    try:
+        accounts.set_key_cap(svc.db, svc.redis, key_id=key_id, account_id=account_of(session),
+                             tokens_per_day=tokens)  # fmt: skip
+    except accounts.AccountError:  # another account's key, or none: the same answer
+        raise NotFound("There is no such key in this account.") from None
+    return redirect(f"{PREFIX}/caps?done=key")

@@ -10,6 +10,7 @@ from billing import accounts as svc
 from billing.admission import Admission, Admitted, Refused, Settlement
 from billing.plans import Plans
 from kernel import redis_keys as rk
+from kernel.tokens import hash_key
 from kernel.usage_event import FIELDS, UsageRecord
 from tests.billing.conftest import IN, MODEL, OUT, USD, Customer, make_customer, redis_int
 
@@ -395,6 +396,42 @@ async def test_the_customers_own_cap_only_lowers_the_cap_that_applies(
         own(tokens_per_day=-1)
     with pytest.raises(svc.AccountError):
         own(tokens_per_day=svc.MAX_TOKENS_PER_DAY + 1)
+
+
+async def test_a_keys_own_cap_counts_the_days_use_before_it_was_set(
+    sqlite_engine: Engine, r: redis.Redis, plans: Plans, admission: Admission
+) -> None:
+    c = make_customer(sqlite_engine, r, plans, usd=100)  # paid: no account cap
+    other = svc.create_key(sqlite_engine, r, account_id=c.account_id)
+    first = await admit(admission, c, "a", 100, 200)  # 300 tokens on this key, uncapped
+    assert isinstance(first, Admitted) and first.max_tokens == 200
+    svc.set_key_cap(sqlite_engine, r, key_id=c.key_id, account_id=c.account_id,
+                    tokens_per_day=500)  # fmt: skip
+    second = await admit(admission, c, "b", 100, 5000)  # 200 left of the key's 500
+    assert isinstance(second, Admitted) and second.max_tokens == 100
+    assert second.headers["x-ratelimit-limit-tokens"] == "500"
+    refused = await admit(admission, c, "c", 1, 1)
+    assert isinstance(refused, Refused) and refused.code == "daily_cap_exceeded"
+    assert "API key" in refused.message
+    # the account's other key is not held by this key's cap
+    free_key = Customer(c.account_id, other.key or "", other.id)
+    assert isinstance(await admit(admission, free_key, "d", 100, 5000), Admitted)
+    # settling with less usage frees the key's room
+    await admission.settle(request_id="b", prompt_tokens=100, completion_tokens=0,
+                           provider_id="p")  # fmt: skip
+    third = await admit(admission, c, "e", 50, 5000)
+    assert isinstance(third, Admitted) and third.max_tokens == 50
+    # another account's key is "no key"; a revoked key's record is not made again by a cap
+    stranger = make_customer(sqlite_engine, r, plans, usd=1)
+    with pytest.raises(svc.AccountError):
+        svc.set_key_cap(sqlite_engine, r, key_id=c.key_id, account_id=stranger.account_id,
+                        tokens_per_day=1)  # fmt: skip
+    svc.revoke_key(sqlite_engine, r, key_id=other.id)
+    svc.set_key_cap(sqlite_engine, r, key_id=other.id, account_id=c.account_id,
+                    tokens_per_day=10)  # fmt: skip
+    assert not r.exists(rk.api_key(hash_key(other.key or "")))
+    gone = await admit(admission, free_key, "f", 1, 1)
+    assert isinstance(gone, Refused) and gone.status == 401
 
 
 async def test_credits_lower_max_tokens_then_402(

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from billing import accounts
 from billing.admission import Admission, Admitted, Refused
 from kernel import redis_keys as rk
+from kernel.tokens import hash_key
 from serve_app.http_app import create_app
 from serve_app.services import Services
 from tests.billing import conftest as billing
@@ -172,3 +173,41 @@ def test_caps_over_the_api_are_the_callers_own(app: FastAPI, svc: Services) -> N
         removed = api.post("/v1/caps/daily", headers=auth, json={"tokens_per_day": None})
         assert removed.json()["own_tokens_per_day"] is None
     assert accounts.daily_caps(svc.db, svc.plans, alice_id).applies == free
+
+
+def test_a_keys_cap_is_set_in_its_row_and_only_for_the_accounts_own_keys(
+    app: FastAPI, svc: Services
+) -> None:
+    c, csrf = signed_up(app, "keycap@example.com")
+    account_id = accounts.find_account(svc.db, "keycap@example.com").id  # type: ignore[union-attr]
+    key = accounts.create_key(svc.db, svc.redis, account_id=account_id, name="script")
+    theirs = accounts.create_key(svc.db, svc.redis, account_id=billing_customer(svc))
+    page = c.get("/console/caps").text
+    assert f'data-key-id="{key.id}"' in page and "Daily cap of key script" in page
+    fields = {"csrf_token": csrf, "key_id": str(key.id), "tokens_per_day": "800"}
+    saved = c.post("/console/caps/keys", data=fields)
+    assert saved.status_code == 303 and saved.headers["location"] == "/console/caps?done=key"
+    assert svc.redis.hget(rk.api_key(hash_key(key.key or "")), "tpd") == b"800"
+    granted = admit(svc, key.key or "", "a", 5000)
+    assert isinstance(granted, Admitted) and granted.max_tokens == 790
+    for key_id in (str(theirs.id), "0", "-1", "abc", "9" * 30):
+        fields = {"csrf_token": csrf, "key_id": key_id, "tokens_per_day": "1"}
+        stolen = c.post("/console/caps/keys", data=fields)
+        assert stolen.status_code == 404, key_id
+    assert svc.redis.hget(rk.api_key(hash_key(theirs.key or "")), "tpd") is None
+    with TestClient(app) as api:
+        auth = {"authorization": f"Bearer {key.key}"}
+        shown = api.get("/v1/caps", headers=auth).json()
+        assert shown["keys"] == {str(key.id): 800}
+        other = api.post("/v1/caps/keys", headers=auth,
+                         json={"key_id": theirs.id, "tokens_per_day": 1})  # fmt: skip
+        assert other.status_code == 404 and other.json()["error"]["code"] == "key_not_found"
+        cleared = api.post("/v1/caps/keys", headers=auth,
+                           json={"key_id": key.id, "tokens_per_day": None})  # fmt: skip
+        assert cleared.status_code == 200 and cleared.json()["keys"] == {}
+    assert svc.redis.hget(rk.api_key(hash_key(key.key or "")), "tpd") is None
+
+
+def billing_customer(svc: Services) -> int:
+    """Another account, with a key of its own."""
+    return billing.make_customer(svc.db, svc.redis, svc.plans, usd=1).account_id

@@ -1,7 +1,7 @@
 """The self-service pages in a real browser (Debian's Chromium, driven by Playwright) against
 the app `create_app` builds, served over HTTP by uvicorn, on real SQLite, a real Redis and a
 real SMTP server (aiosmtpd): keys (expiry, rename, usage), daily caps (the account's own, a
-customer's), the account page (password, low-balance email), a password reset by the mailed
+key's, a customer's), the account page (password, low-balance email), a password reset by the mailed
 link, a receipt, a GPU's token rotated and the GPU removed, the enterprise form. Every page
 at desktop and phone width, none of them scrolling sideways; screenshots under
 `artifacts/selfservice/`."""
@@ -123,12 +123,16 @@ def test_self_service_pages_in_the_browser(
         expect(page.locator("#keys-table input[value='ci-runner']")).to_have_count(1)
         shot("keys")
 
-        # caps: the account's own daily cap, a customer's cap added then removed
+        # caps: the account's own daily cap, a key's, a customer's cap added then removed
         page.get_by_role("navigation", name="Console").get_by_role("link", name="Caps").click()
         page.get_by_label("Your own cap (tokens a day)").fill("50,000")
-        page.get_by_role("button", name="Save").click()
+        page.get_by_role("button", name="Save", exact=True).click()
         expect(page.get_by_role("status")).to_contain_text("daily cap applies")
         expect(page.get_by_test_id("cap-applies")).to_have_text("50,000 tokens a day")
+        page.get_by_label("Daily cap of key ci-runner").fill("5,000")
+        page.get_by_role("button", name="Save the cap of key ci-runner").click()
+        expect(page.get_by_role("status")).to_contain_text("key's daily cap applies")
+        expect(page.get_by_label("Daily cap of key ci-runner")).to_have_value("5000")
         page.get_by_label("Customer (as in X-Customer-Id)").fill("acme")
         page.get_by_label("Tokens a day", exact=True).fill("2,000")
         page.get_by_role("button", name="Set the customer's cap").click()

@@ -1,5 +1,5 @@
-"""The customer's own daily token cap, beside the operator's: it can only lower the cap that
-applies (the tighter of the two).
+"""Daily caps the customer sets: its account's own cap, beside the operator's (it can only
+lower the cap that applies: the tighter of the two), and a cap per API key.
 
 Revision ID: 0009
 Revises: 0008
@@ -23,8 +23,15 @@ def upgrade() -> None:
         batch.create_check_constraint(
             "ck_account_limits_own_tpd", "own_tokens_per_day IS NULL OR own_tokens_per_day >= 0"
         )
+    with op.batch_alter_table("api_keys") as batch:
+        batch.add_column(sa.Column("tokens_per_day", sa.BigInteger(), nullable=True))
+        batch.create_check_constraint(
+            "ck_api_keys_tpd", "tokens_per_day IS NULL OR tokens_per_day >= 0"
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("tokens_per_day")  # its check constraint goes with it
     with op.batch_alter_table("account_limits") as batch:
         batch.drop_column("own_tokens_per_day")  # its check constraint goes with it
