@@ -2,8 +2,8 @@
 
 `admit` decides, atomically and before inference: the key is known and not revoked (401),
 requests per minute (GCRA, burst = the limit; 429 `rate_limit_exceeded`), the daily token
-cap of the account, of the API key and of the customer tag (429 `daily_cap_exceeded`, Retry-After until
-00:00 UTC), and credits (402 `insufficient_credits`). It reserves the request's worst case:
+caps of the account, of the API key and of the customer tag (429 `daily_cap_exceeded`,
+Retry-After until 00:00 UTC), and credits (402 `insufficient_credits`). It reserves the request's worst case:
 prompt + max_tokens x completions tokens (completions: the sequences the engine generates,
 prompts x n) against the caps and their cost (prompt at the input price, the rest at the
 output price) against the balance, lowering max_tokens (per completion) to what remains when
