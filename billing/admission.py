@@ -3,12 +3,12 @@
 `admit` decides, atomically and before inference: the key is known and not revoked (401),
 requests per minute (GCRA, burst = the limit; 429 `rate_limit_exceeded`), the daily token
 caps of the account, of the API key and of the customer tag (429 `daily_cap_exceeded`,
-Retry-After until 00:00 UTC), and credits (402 `insufficient_credits`). It reserves the request's worst case:
-prompt + max_tokens x completions tokens (completions: the sequences the engine generates,
-prompts x n) against the caps and their cost (prompt at the input price, the rest at the
-output price) against the balance, lowering max_tokens (per completion) to what remains when
-that is less. Nothing is cached in the process: a revoked key fails on the next request on
-every ingress.
+Retry-After until 00:00 UTC), and credits (402 `insufficient_credits`). It reserves the
+request's worst case: prompt + max_tokens x completions tokens (completions: the sequences
+the engine generates, prompts x n) against the caps and their cost (prompt at the input
+price, the rest at the output price) against the balance, lowering max_tokens (per
+completion) to what remains when that is less. Nothing is cached in the process: a revoked
+key fails on the next request on every ingress.
 
 `settle` bills the tokens the engine reported, refunds the rest of the reservation, and
 appends the usage event to the `dg:usage` stream. A report above the reservation is a bug in
