@@ -39,7 +39,7 @@ from ray.serve._private.long_poll import LongPollClient, LongPollNamespace
 __all__ = ["ErrorResponse", "RawRequestInfo", "DrainingNodes", "ray_address_file",
            "DeploymentID", "DeploymentTargetInfo", "LongPollClient", "LongPollNamespace",
            "SERVE_CONTROLLER_NAME", "SERVE_NAMESPACE", "alive_actor_nodes",
-           "drain_node"]  # fmt: skip
+           "actor_states", "drain_node"]  # fmt: skip
 
 
 class DrainingNodes:
@@ -59,6 +59,19 @@ def ray_address_file() -> Path:
     """Ray's note of this machine's current cluster (`ray_current_cluster`), which a plain
     `ray.init()` connects to and `ray stop` removes."""
     return Path(get_ray_address_file(None))
+
+
+def actor_states(name_prefix: str) -> dict[str, str]:
+    """Named actors whose name starts with `name_prefix` -> their state in the GCS actor table
+    (`PENDING_CREATION`: waiting for a node with the resources; `ALIVE`: placed and running,
+    its constructor included; `DEAD`, ...). Blocking: call it from a process connected to
+    the cluster."""
+    table = _state.state.actor_table(None)
+    return {
+        str(info["Name"]): str(info["State"])
+        for info in table.values()
+        if str(info.get("Name", "")).startswith(name_prefix)
+    }
 
 
 def alive_actor_nodes(name_prefix: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ started, nothing it did not.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from billing.redis_server import LocalRedis, check_money_redis, money_server, state_server
@@ -18,6 +17,7 @@ from cluster.local import LocalCluster
 from core import redis_users
 from core.db import migrate
 from core.settings import Settings
+from darkgpu.progress import Progress
 
 
 @dataclass
@@ -48,7 +48,7 @@ class LocalPlatform:
 
         return cluster.is_running() and is_deployed(cluster.address)
 
-    def up(self, say: Callable[[str], object] = print) -> None:
+    def up(self, progress: Progress) -> None:
         cluster = self.cluster
         cluster.apply_env()
         from serve_app.deploy import deploy
@@ -60,17 +60,19 @@ class LocalPlatform:
             # servers it starts get one ACL user per role; the settings then carry them
             redis_users.ensure(self.settings.resolved_data_dir, starting)
             self.settings = Settings(**self.settings.as_args())
-        for redis in self.own_redis():
+        for role, redis in self.own_redis_roles():
             if not redis.is_running():
-                say(f"Starting Redis on {redis.url} ...")
-                redis.start()
-        check_money_redis(self.settings.redis_url)
-        migrate(self.settings.database_url)
+                with progress.step(f"Redis ({role}) on port {redis.port}"):
+                    redis.start()
+        with progress.step("Money Redis checked (persistent, never evicts)"):
+            check_money_redis(self.settings.redis_url)
+        with progress.step("Database migrated"):
+            migrate(self.settings.database_url)
         if not cluster.is_running():
-            say(f"Starting the Ray head on {cluster.address} ...")
-            cluster.start_head()
-        say("Deploying the Serve application (the first start takes a few minutes) ...")
-        deploy(self.settings, cluster.address)
+            with progress.step(f"Ray head on {cluster.address}"):
+                cluster.start_head()
+        with progress.step("Serve application deployed (the first start takes a few minutes)"):
+            deploy(self.settings, cluster.address, note=progress.note)
 
     def down(self) -> bool:
         """Stop what `up` started; False when nothing was running."""

@@ -7,14 +7,13 @@ without them.
 
 from __future__ import annotations
 
-import time
-
 import typer
 
 from billing.cli import app as admin_app
 from billing.enterprise_cli import app as enterprise_app
 from cluster.cli import app as provider_admin_app
 from darkgpu.local_platform import LocalPlatform
+from darkgpu.progress import Progress, captured
 
 # `admin` is billing's Typer app; the provider registry's commands join it here, where both
 # are in reach (billing and cluster never import each other).
@@ -27,17 +26,25 @@ def up() -> None:
     """Start the platform on this machine and print where the API is."""
     platform = LocalPlatform.from_env()
     settings = platform.settings
-    if platform.is_up():
-        typer.echo(f"DarkGPU is already running: {settings.api_url}")
-        return
-    started = time.monotonic()
-    try:
-        platform.up(say=typer.echo)
-    except Exception as exc:  # a failed start leaves nothing half-started
-        typer.echo(f"Start-up failed: {exc}", err=True)
-        platform.down()
-        raise typer.Exit(1) from None
-    typer.echo(f"DarkGPU is up in {time.monotonic() - started:.0f} s.")
+    log = settings.resolved_data_dir / "logs" / "up.log"
+    failed: BaseException | None = None
+    with captured(log) as terminal:  # importing Serve and vLLM prints too
+        if platform.is_up():
+            terminal.write(f"DarkGPU is already running: {settings.api_url}\n")
+            return
+        terminal.write(f"Starting DarkGPU (Ray's, Serve's, vLLM's and Redis's own output: {log})\n")
+        progress = Progress(terminal)
+        try:
+            platform.up(progress)
+        except Exception as exc:  # a failed start leaves nothing half-started
+            failed = exc
+            with progress.step("Stopping what was started"):
+                platform.down()
+    if failed is not None:
+        typer.echo(f"Start-up failed: {failed}", err=True)
+        typer.echo(f"The details are in {log}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"DarkGPU is up in {progress.elapsed():.0f} s.")
     typer.echo(f"  API:        {settings.api_url}")
     typer.echo(f"  Console:    {settings.api_url.removesuffix('/v1')}/console")
     typer.echo(f"  Dashboard:  http://127.0.0.1:{settings.dashboard_port}")
@@ -47,10 +54,10 @@ def up() -> None:
 
 def down() -> None:
     """Stop everything `darkgpu up` started."""
-    if LocalPlatform.from_env().down():
-        typer.echo("DarkGPU is down.")
-    else:
-        typer.echo("DarkGPU is not running.")
+    platform = LocalPlatform.from_env()
+    with captured(platform.settings.resolved_data_dir / "logs" / "down.log"):
+        stopped = platform.down()
+    typer.echo("DarkGPU is down." if stopped else "DarkGPU is not running.")
 
 
 def register_commands(target: typer.Typer) -> None:

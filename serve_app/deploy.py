@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import ray
 from ray import serve
+from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview
 
+from cluster.ray_internals import actor_states
 from core.settings import Settings
 from serve_app.app import APP_NAME, build_app
+from serve_app.node_bindings import REPLICA_ACTOR_PREFIX
 
 
 def _connect(address: str) -> None:
@@ -16,8 +21,18 @@ def _connect(address: str) -> None:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
 
 
-def deploy(settings: Settings, address: str) -> None:
-    """Connect, start Serve's HTTP proxy, and run the application until it is ready."""
+class DeployFailed(RuntimeError):
+    """Serve gave the application up (a replica's constructor failed, and so on)."""
+
+
+def deploy(
+    settings: Settings,
+    address: str,
+    note: Callable[[str], object] = lambda line: None,
+    poll_s: float = 0.5,
+) -> None:
+    """Connect, start Serve's HTTP proxy, and run the application until it is ready,
+    telling `note` each time a deployment's replicas change state (`replica_progress`)."""
     _connect(address)
     # The HTTP proxy runs on the head only: provider nodes serve model replicas, never the
     # public API (and nodes sharing one host, as in tests, would fight over its port).
@@ -25,7 +40,45 @@ def deploy(settings: Settings, address: str) -> None:
         proxy_location="HeadOnly",
         http_options={"host": settings.http_host, "port": settings.http_port},
     )
-    serve.run(build_app(settings.as_args()), name=APP_NAME, route_prefix="/", blocking=False)
+    target = serve.RunTarget(build_app(settings.as_args()), name=APP_NAME, route_prefix="/")
+    serve.run_many([target], wait_for_applications_running=False)
+    said: dict[str, str] = {}
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        for name, line in replica_progress(app).items():
+            if said.get(name) != line:
+                said[name] = line
+                note(line)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise DeployFailed(app.message or "Serve gave the application up")
+        time.sleep(poll_s)
+
+
+# A replica's Serve state, and where the cluster's actor table has its actor, in words
+WAITING, LOADING, READY = "scheduled (waiting for a node)", "loading", "ready"
+
+
+def replica_progress(app: ApplicationStatusOverview | None) -> dict[str, str]:
+    """deployment -> one line: how many of its replicas are scheduled (their actor waits for
+    a node with the resources), loading (placed, the constructor running: a model's weights)
+    and ready."""
+    if app is None:
+        return {}
+    actors = actor_states(f"{REPLICA_ACTOR_PREFIX}{APP_NAME}#")
+    out = {}
+    for name, deployment in sorted(app.deployments.items()):
+        states = {str(k.value if hasattr(k, "value") else k): n
+                  for k, n in deployment.replica_states.items()}  # fmt: skip
+        ready = states.get("RUNNING", 0)
+        mine = [state for actor, state in actors.items() if actor.split("#")[1:2] == [name]]
+        waiting = sum(1 for state in mine if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"))
+        loading = max(states.get("STARTING", 0) - waiting, 0)
+        parts = [f"{n} {what}" for n, what in ((waiting, WAITING), (loading, LOADING),
+                                                (ready, READY)) if n]  # fmt: skip
+        out[name] = f"{name}: " + (", ".join(parts) if parts else "no replica yet")
+    return out
 
 
 def is_deployed(address: str) -> bool:

@@ -93,6 +93,14 @@ def platform(tmp_path_factory: pytest.TempPathFactory, fake_stripe) -> Iterator[
         pytest.fail(f"darkgpu up failed:\n{started.stdout}\n{started.stderr[-4000:]}")
     assert platform.api_url in started.stdout
     assert platform.api_url.removesuffix("/v1") + "/console" in started.stdout
+    # each step with its time, each deployment's replicas to ready; the rest in its log
+    shown = started.stdout
+    for step in ("✓ Database migrated", "✓ Ray head on", "✓ Serve application deployed",
+                 "llm-darkgpu-tiny: 1 ready", "ingress: 1 ready"):  # fmt: skip
+        assert step in shown, shown
+    assert not [line for line in shown.splitlines() if line.lstrip().startswith("{")], shown
+    assert "redis://" not in shown and "password" not in shown.lower()  # no credentials
+    assert "logs/up.log" in shown
     try:
         yield platform
     finally:
