@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
 
 from billing import ledger, sync
@@ -40,6 +40,8 @@ from kernel.tokens import generate_key
 # The largest daily token cap anyone may set (far above any use; exact in Lua's doubles and
 # in a BIGINT column).
 MAX_TOKENS_PER_DAY = 10**12
+# Customer tags an account may cap (each is a field of its Redis record: bounded)
+MAX_CUSTOMER_CAPS = 1000
 
 if TYPE_CHECKING:
     import redis
@@ -518,6 +520,9 @@ def set_customer_cap(
             if cap is not None:
                 session.delete(cap)
         elif cap is None:
+            count = select(func.count()).where(CustomerCap.account_id == account_id)
+            if (session.scalar(count.select_from(CustomerCap)) or 0) >= MAX_CUSTOMER_CAPS:
+                raise AccountError(f"an account has at most {MAX_CUSTOMER_CAPS:,} customer caps")
             session.add(
                 CustomerCap(
                     account_id=account_id, customer_tag=customer_tag, tokens_per_day=tokens_per_day

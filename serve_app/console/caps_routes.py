@@ -98,8 +98,11 @@ def set_customer(form: Form, session: SignedIn, svc: Svc) -> Response:
         tokens = parse_tokens(form.get("tokens_per_day", ""))
     except ValueError:
         return caps_page(session, svc, status=400, error=BAD_TOKENS)
-    accounts.set_customer_cap(svc.db, svc.redis, account_id=account_of(session),
-                              customer_tag=tag, tokens_per_day=tokens)  # fmt: skip
+    try:
+        accounts.set_customer_cap(svc.db, svc.redis, account_id=account_of(session),
+                                  customer_tag=tag, tokens_per_day=tokens)  # fmt: skip
+    except accounts.AccountError as exc:  # too many tags: in the customer's words
+        return caps_page(session, svc, status=400, error=f"Not saved: {exc}.")
     return redirect(f"{PREFIX}/caps?done=customer")
 
 

@@ -98,6 +98,14 @@ def test_customer_caps_are_added_and_removed(app: FastAPI, svc: Services) -> Non
     c.post("/console/caps/customers",
            data={"csrf_token": csrf, "customer_tag": "acme", "tokens_per_day": ""})  # fmt: skip
     assert accounts.customer_caps(svc.db, account.id) == {"*": 2000}
+    # a bounded number of them: each is a field of the account's record in the money Redis
+    for n in range(accounts.MAX_CUSTOMER_CAPS - 1):
+        accounts.set_customer_cap(svc.db, None, account_id=account.id, customer_tag=f"t{n}",
+                                  tokens_per_day=1)  # fmt: skip
+    fields = {"csrf_token": csrf, "customer_tag": "one-too-many", "tokens_per_day": "5"}
+    refused = c.post("/console/caps/customers", data=fields)
+    assert refused.status_code == 400 and "at most 1,000 customer caps" in refused.text
+    assert len(accounts.customer_caps(svc.db, account.id)) == accounts.MAX_CUSTOMER_CAPS
 
 
 @pytest.mark.parametrize(
