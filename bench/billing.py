@@ -1,7 +1,9 @@
 """What billing costs, measured side by side in one run against the same Redis:
 
 1. admission and settlement round trips (one Lua script each): operations per second and
-   p50/p99 latency, sequentially and with 16 concurrent callers;
+   p50/p99 latency, sequentially and with 16 concurrent callers, with each reply parser
+   (`--parsers`: hiredis's C parser, redis-py's default where hiredis is installed as the
+   platform installs it, and redis-py's pure-Python one), and the ratios between them;
 2. the usage meter: ledger rows per second flushed from the Redis stream into SQLite and
    into PostgreSQL, at batch sizes 100 and 500.
 
@@ -17,6 +19,7 @@ holds any key) and flushes it at the end; PostgreSQL gets a schema of its own, d
 the end; SQLite a temporary file.
 
     .venv/bin/python bench/billing.py [--requests 2000] [--events 5000] [--batches 100,500]
+                                      [--parsers hiredis,python]
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import redis
+from redis.asyncio import connection as aconnection
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
@@ -138,7 +143,13 @@ async def timed_phase(
     )
 
 
-async def bench_admission(r: redis.Redis, redis_url: str, requests: int) -> list[OpResult]:
+# redis-py's reply parsers for the asyncio client (private names: this bench only)
+PARSERS = {"hiredis": aconnection._AsyncHiredisParser, "python": aconnection._AsyncRESP3Parser}
+
+
+async def bench_admission(
+    r: redis.Redis, redis_url: str, requests: int, parsers: list[str]
+) -> list[OpResult]:
     plans = load_plans(DEFAULT_PLANS_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(f"sqlite:///{tmp}/accounts.db")
@@ -149,10 +160,9 @@ async def bench_admission(r: redis.Redis, redis_url: str, requests: int) -> list
         key = svc.create_key(engine, r, account_id=account.id).key
         engine.dispose()
     assert key is not None
-    client = connect(redis_url)
-    adm = Admission(client, plans)
+    clients = {name: connect(redis_url, parser_class=PARSERS[name]) for name in parsers}
 
-    async def admit(rid: str) -> None:
+    async def admit(adm: Admission, rid: str) -> None:
         result = await adm.admit(
             api_key=key,
             request_id=rid,
@@ -163,7 +173,7 @@ async def bench_admission(r: redis.Redis, redis_url: str, requests: int) -> list
         )
         assert isinstance(result, Admitted), result
 
-    async def settle(rid: str) -> None:
+    async def settle(adm: Admission, rid: str) -> None:
         assert await adm.settle(
             request_id=rid, prompt_tokens=50, completion_tokens=120, provider_id="bench"
         )
@@ -171,11 +181,17 @@ async def bench_admission(r: redis.Redis, redis_url: str, requests: int) -> list
     results = []
     try:
         for mode, concurrency in (("sequential", 1), ("concurrency 16", 16)):
-            ids = [f"bench-{mode[0]}-{i}" for i in range(requests)]
-            results.append(await timed_phase("admit", mode, ids, concurrency, admit, r))
-            results.append(await timed_phase("settle", mode, ids, concurrency, settle, r))
+            for name, client in clients.items():  # each parser in turn, same phase
+                adm = Admission(client, plans)
+                label = f"{mode}, {name}"
+                ids = [f"bench-{mode[0]}-{name}-{i}" for i in range(requests)]
+                results.append(await timed_phase(
+                    "admit", label, ids, concurrency, partial(admit, adm), r))  # fmt: skip
+                results.append(await timed_phase(
+                    "settle", label, ids, concurrency, partial(settle, adm), r))  # fmt: skip
     finally:
-        await client.aclose()
+        for client in clients.values():
+            await client.aclose()
     return results
 
 
@@ -279,10 +295,17 @@ def print_tables(ops: list[OpResult], flushes: list[FlushResult], redis_url: str
             f"{o.p50_ms:.3f} | {o.p99_ms:.3f} | {o.client_cpu_us:.0f} | {o.server_us:.1f} |"
         )
     pairs = [o for o in ops if o.op in ("admit", "settle")]
+    rates = {}
     for mode in dict.fromkeys(o.mode for o in pairs):
         admit, settle = (o for o in pairs if o.mode == mode)
-        rate = 1 / (1 / admit.ops_per_s + 1 / settle.ops_per_s)
-        print(f"\n{mode}: {rate:,.0f} admission + settlement pairs/s")
+        rates[mode] = 1 / (1 / admit.ops_per_s + 1 / settle.ops_per_s)
+        cpu = admit.client_cpu_us + settle.client_cpu_us
+        print(f"\n{mode}: {rates[mode]:,.0f} admission + settlement pairs/s, "
+              f"client CPU {cpu:.0f} µs per pair")  # fmt: skip
+    for mode in ("sequential", "concurrency 16"):
+        if f"{mode}, hiredis" in rates and f"{mode}, python" in rates:
+            ratio = rates[f"{mode}, hiredis"] / rates[f"{mode}, python"]
+            print(f"{mode}: hiredis / python pairs/s = {ratio:.2f}x")
     print("\n### Usage meter: ledger rows flushed from the stream into SQL\n")
     print("| database | batch | rows | rows/s | meter CPU µs/row |")
     print("|---|---:|---:|---:|---:|")
@@ -296,14 +319,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--batches", default="100,500")
+    parser.add_argument("--parsers", default="hiredis,python", help="of: hiredis, python")
     args = parser.parse_args()
+    parsers = args.parsers.split(",")
+    if not set(parsers) <= set(PARSERS):
+        sys.exit(f"--parsers: choose among {', '.join(PARSERS)}")
     batches = [int(b) for b in args.batches.split(",")]
 
     r = redis.Redis.from_url(args.redis_url)
     if r.dbsize():
         sys.exit(f"{args.redis_url} holds keys; the benchmark needs an empty Redis database")
     try:
-        ops = asyncio.run(bench_admission(r, args.redis_url, args.requests))
+        ops = asyncio.run(bench_admission(r, args.redis_url, args.requests, parsers))
         template = event_template(r)
         flushes = bench_flushes(r, template, args.events, batches)
     finally:

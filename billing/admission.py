@@ -143,7 +143,13 @@ def plans_json(plans: Plans) -> str:
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 
-def connect(url: str, *, max_connections: int = 512, wait_s: float = 5.0) -> redis.asyncio.Redis:
+def connect(
+    url: str,
+    *,
+    max_connections: int = 512,
+    wait_s: float = 5.0,
+    parser_class: type | None = None,
+) -> redis.asyncio.Redis:
     """The asyncio Redis client to give `Admission`.
 
     - Its pool waits up to `wait_s` for a free connection once `max_connections` are busy.
@@ -152,6 +158,8 @@ def connect(url: str, *, max_connections: int = 512, wait_s: float = 5.0) -> red
       would answer 503 and settlement would give up, under nothing worse than a burst.
     - A Redis that is down fails fast (two quick retries, connect timeout 2 s) so the client
       gets its 503 at once; redis-py's default retries back off for about 4 s.
+    - Replies are parsed by redis-py's default parser: hiredis's C parser, installed with the
+      platform (`parser_class` is for bench/billing.py, which compares it with the Python one).
     """
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry
@@ -164,6 +172,7 @@ def connect(url: str, *, max_connections: int = 512, wait_s: float = 5.0) -> red
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
+        **({"parser_class": parser_class} if parser_class is not None else {}),
     )
     return aredis.Redis.from_pool(pool)
 
