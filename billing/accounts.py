@@ -295,12 +295,23 @@ def rename_key(engine: Engine, *, key_id: int, account_id: int, name: str) -> Ke
     if not name or len(name) > KEY_NAME_MAX:
         raise AccountError(f"a key's name is 1 to {KEY_NAME_MAX} characters")
     with Session(engine) as session, session.begin():
-        row = session.get(ApiKey, key_id)
-        if row is None or row.account_id != account_id:
-            raise AccountError(f"no key {key_id}")
+        row = _key_of(session, key_id, account_id)
         row.name = name
         session.flush()
         return _key_info(row)
+
+
+def _key_of(session: Session, key_id: int, account_id: int) -> ApiKey:
+    """One of the account's keys, for a change (another account's is "no key")."""
+    row = session.get(ApiKey, key_id)
+    if row is None or row.account_id != account_id:
+        raise AccountError(f"no key {key_id}")
+    return row
+
+
+def _check_cap(tokens_per_day: int | None) -> None:
+    if tokens_per_day is not None and not 0 <= tokens_per_day <= MAX_TOKENS_PER_DAY:
+        raise AccountError(f"a daily cap is 0..{MAX_TOKENS_PER_DAY:,} tokens")
 
 
 def set_key_cap(
@@ -314,12 +325,9 @@ def set_key_cap(
     """One of the account's keys gets a daily token cap of its own (None removes it); another
     account's key is "no key". A revoked or expired key keeps no Redis record, and this never
     makes one (`rs.set_key_cap` changes only a record that exists)."""
-    if tokens_per_day is not None and not 0 <= tokens_per_day <= MAX_TOKENS_PER_DAY:
-        raise AccountError(f"a daily cap is 0..{MAX_TOKENS_PER_DAY:,} tokens")
+    _check_cap(tokens_per_day)
     with Session(engine) as session, session.begin():
-        row = session.get(ApiKey, key_id)
-        if row is None or row.account_id != account_id:
-            raise AccountError(f"no key {key_id}")
+        row = _key_of(session, key_id, account_id)
         row.tokens_per_day = tokens_per_day
         session.flush()
         info, key_hash = _key_info(row), row.key_hash
@@ -423,8 +431,10 @@ def set_limits(
     account_id: int,
     requests_per_minute: int | None | _Unset = UNSET,
     tokens_per_day: int | None | _Unset = UNSET,
+    own_tokens_per_day: int | None | _Unset = UNSET,
 ) -> None:
-    """Per-account overrides; None returns that limit to the plan's value."""
+    """Per-account overrides; None returns that limit to the plan's value. `tokens_per_day`
+    is the operator's; `own_tokens_per_day` the customer's (`set_own_cap`)."""
     with Session(engine) as session, session.begin():
         _require_account(session, account_id)
         limits = session.get(AccountLimits, account_id)
@@ -439,6 +449,9 @@ def set_limits(
             if tokens_per_day is not None and tokens_per_day < 0:
                 raise AccountError("tokens per day must be >= 0")
             limits.tokens_per_day = tokens_per_day
+        if own_tokens_per_day is not UNSET:
+            _check_cap(own_tokens_per_day)
+            limits.own_tokens_per_day = own_tokens_per_day
         limits.updated_at = utcnow()
     _publish(engine, r, account_id)
 
@@ -471,17 +484,7 @@ def set_own_cap(
 ) -> None:
     """The customer's own daily token cap (None removes it). It only ever lowers the cap that
     applies (`plans.daily_cap`): raising one is the operator's (`set_limits`)."""
-    if tokens_per_day is not None and not 0 <= tokens_per_day <= MAX_TOKENS_PER_DAY:
-        raise AccountError(f"a daily cap is 0..{MAX_TOKENS_PER_DAY:,} tokens")
-    with Session(engine) as session, session.begin():
-        _require_account(session, account_id)
-        limits = session.get(AccountLimits, account_id)
-        if limits is None:
-            limits = AccountLimits(account_id=account_id)
-            session.add(limits)
-        limits.own_tokens_per_day = tokens_per_day
-        limits.updated_at = utcnow()
-    _publish(engine, r, account_id)
+    set_limits(engine, r, account_id=account_id, own_tokens_per_day=tokens_per_day)
 
 
 def customer_caps(engine: Engine, account_id: int) -> dict[str, int]:
@@ -507,8 +510,7 @@ def set_customer_cap(
     None removes the cap."""
     if not customer_tag or len(customer_tag) > 256:
         raise AccountError("a customer tag is 1..256 characters")
-    if tokens_per_day is not None and not 0 <= tokens_per_day <= MAX_TOKENS_PER_DAY:
-        raise AccountError(f"a daily cap is 0..{MAX_TOKENS_PER_DAY:,} tokens")
+    _check_cap(tokens_per_day)
     with Session(engine) as session, session.begin():
         _require_account(session, account_id)
         cap = session.scalar(

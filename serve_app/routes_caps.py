@@ -14,6 +14,7 @@ The account is the caller's key's, never a field of the request (`billing.accoun
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -73,42 +74,40 @@ async def get_caps(request: Request, svc: Svc) -> dict[str, Any]:
     return await asyncio.to_thread(_caps, svc, account_id)
 
 
-@router.post("/v1/caps/daily")
-async def set_daily(body: DailyCap, request: Request, svc: Svc) -> dict[str, Any]:
+async def _changed(
+    request: Request, svc: Services, change: Callable[[int], object]
+) -> dict[str, Any]:
+    """`change(account_id)` for the caller's account, then its caps as they now are."""
     account_id = await svc.gate.account(request)
 
     def save() -> dict[str, Any]:
-        accounts.set_own_cap(svc.db, svc.redis, account_id=account_id,
-                             tokens_per_day=body.tokens_per_day)  # fmt: skip
+        change(account_id)
         return _caps(svc, account_id)
 
     return await asyncio.to_thread(save)
+
+
+@router.post("/v1/caps/daily")
+async def set_daily(body: DailyCap, request: Request, svc: Svc) -> dict[str, Any]:
+    return await _changed(request, svc, lambda account_id: accounts.set_own_cap(
+        svc.db, svc.redis, account_id=account_id, tokens_per_day=body.tokens_per_day))  # fmt: skip
 
 
 @router.post("/v1/caps/customers")
 async def set_customer(body: CustomerCap, request: Request, svc: Svc) -> dict[str, Any]:
-    account_id = await svc.gate.account(request)
-
-    def save() -> dict[str, Any]:
-        accounts.set_customer_cap(svc.db, svc.redis, account_id=account_id,
-                                  customer_tag=body.customer_tag,
-                                  tokens_per_day=body.tokens_per_day)  # fmt: skip
-        return _caps(svc, account_id)
-
-    return await asyncio.to_thread(save)
+    return await _changed(request, svc, lambda account_id: accounts.set_customer_cap(
+        svc.db, svc.redis, account_id=account_id, customer_tag=body.customer_tag,
+        tokens_per_day=body.tokens_per_day))  # fmt: skip
 
 
 @router.post("/v1/caps/keys")
 async def set_key(body: KeyCap, request: Request, svc: Svc) -> dict[str, Any]:
-    account_id = await svc.gate.account(request)
-
-    def save() -> dict[str, Any]:
+    def change(account_id: int) -> None:
         try:
             accounts.set_key_cap(svc.db, svc.redis, key_id=body.key_id, account_id=account_id,
                                  tokens_per_day=body.tokens_per_day)  # fmt: skip
         except accounts.AccountError:  # another account's key, or none: the same answer
             raise NotFound(f"There is no key {body.key_id} in this account.",
                            code="key_not_found") from None  # fmt: skip
-        return _caps(svc, account_id)
 
-    return await asyncio.to_thread(save)
+    return await _changed(request, svc, change)

@@ -6,7 +6,6 @@ what a hostile form sends is refused in words and changes nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aredis
@@ -17,30 +16,14 @@ from billing import accounts
 from billing.admission import Admission, Admitted, Refused
 from kernel import redis_keys as rk
 from kernel.tokens import hash_key
-from serve_app.http_app import create_app
 from serve_app.services import Services
 from tests.billing import conftest as billing
 from tests.billing.conftest import MODEL
 from tests.serve_app.test_console_app import REDIS_URL, signed_up
+from tests.serve_app.test_console_keys import app, svc
 
 db_url = billing.db_url
-
-
-@pytest.fixture
-def svc(db_url: str) -> Iterator[Services]:
-    services = Services.create({"database_url": db_url, "redis_url": REDIS_URL})
-    services.redis.flushdb()
-    from core.db import migrate
-
-    migrate(services.db)
-    yield services
-    services.redis.flushdb()
-    services.db.dispose()
-
-
-@pytest.fixture
-def app(svc: Services) -> FastAPI:
-    return create_app(svc)
+__all__ = ["app", "svc"]  # the fixtures: the app on a fresh database and Redis
 
 
 def admit(svc: Services, key: str, request_id: str, max_tokens: int, tag: str | None = None):
