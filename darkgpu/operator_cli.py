@@ -7,6 +7,8 @@ without them.
 
 from __future__ import annotations
 
+import traceback
+
 import typer
 
 from billing.cli import app as admin_app
@@ -29,17 +31,25 @@ def up() -> None:
     log = settings.resolved_data_dir / "logs" / "up.log"
     failed: BaseException | None = None
     with captured(log) as terminal:  # importing Serve and vLLM prints too
-        if platform.is_up():
-            terminal.write(f"DarkGPU is already running: {settings.api_url}\n")
-            return
-        terminal.write(f"Starting DarkGPU (Ray's, Serve's, vLLM's and Redis's own output: {log})\n")
         progress = Progress(terminal)
         try:
-            platform.up(progress)
-        except Exception as exc:  # a failed start leaves nothing half-started
-            failed = exc
-            with progress.step("Stopping what was started"):
-                platform.down()
+            running = platform.is_up()
+        except Exception as exc:
+            traceback.print_exc()  # into the log
+            running, failed = False, exc
+        if running:
+            terminal.write(f"DarkGPU is already running: {settings.api_url}\n")
+            return
+        if failed is None:
+            terminal.write(f"Starting DarkGPU (Ray's, Serve's, vLLM's and Redis's own output: "
+                           f"{log})\n")  # fmt: skip
+            try:
+                platform.up(progress)
+            except Exception as exc:  # a failed start leaves nothing half-started
+                traceback.print_exc()  # into the log
+                failed = exc
+                with progress.step("Stopping what was started"):
+                    platform.down()
     if failed is not None:
         typer.echo(f"Start-up failed: {failed}", err=True)
         typer.echo(f"The details are in {log}", err=True)

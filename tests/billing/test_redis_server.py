@@ -271,7 +271,8 @@ def test_darkgpu_up_refuses_a_money_redis_that_may_evict(tmp_path: Path) -> None
         # the step that failed, in words, and where the servers' own output went
         assert "✗ Money Redis checked (persistent, never evicts): failed" in done.stdout
         log = tmp_path / "platform" / "logs" / "up.log"
-        assert f"The details are in {log}" in done.stderr and log.is_file()
+        assert f"The details are in {log}" in done.stderr
+        assert "Traceback" in log.read_text() and "maxmemory-policy" in log.read_text()
         state = LocalRedis(tmp_path / "platform" / "state-redis", state_port)
         assert not state.is_running() and state.pid() is None  # what it started, stopped
         assert lru.is_running()  # not its own: left alone
