@@ -592,6 +592,19 @@ def set_default_tier(
     _publish(engine, r, account_id)
 
 
+def set_operator(engine: Engine, *, account_id: int, operator: bool) -> None:
+    """Make the account one of the operator's (the console's operator pages), or not. Only
+    the operator's CLI calls it: nothing a customer sends reaches it."""
+    with Session(engine) as session, session.begin():
+        _require_account(session, account_id).operator = operator
+
+
+def is_operator(engine: Engine, account_id: int) -> bool:
+    with Session(engine) as session:
+        account = session.get(Account, account_id)
+        return bool(account is not None and account.operator and account.deleted_at is None)
+
+
 def set_low_balance(engine: Engine, *, account_id: int, threshold_nusd: int | None) -> None:
     """The credit balance below which the account is emailed once (None: no email); a new
     threshold re-arms the alert (`billing.low_balance`)."""

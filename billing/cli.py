@@ -135,8 +135,13 @@ def account_update(
         str | None,
         typer.Option(help="Trust tier its requests inherit: basic | verified | any."),
     ] = None,
+    operator: Annotated[
+        bool | None,
+        typer.Option("--operator/--no-operator",
+                     help="One of the operator's accounts (the console's operator pages)."),
+    ] = None,  # fmt: skip
 ) -> None:
-    """Change an account's plan, status, requests/min or default trust tier."""
+    """Change an account's plan, status, requests/min, default trust tier or operator role."""
 
     def update(c: Ctx) -> dict[str, Any]:
         if plan:
@@ -150,7 +155,10 @@ def account_update(
         if tier:
             default = None if tier == "any" else tier
             svc.set_default_tier(c.engine, c.redis, account_id=account, tier=default)
-        return svc.get_account(c.engine, account).to_json()
+        if operator is not None:
+            svc.set_operator(c.engine, account_id=account, operator=operator)
+        return {**svc.get_account(c.engine, account).to_json(),
+                "operator": svc.is_operator(c.engine, account)}  # fmt: skip
 
     _print(_run(update))
 

@@ -37,6 +37,7 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -114,6 +115,9 @@ class Account(Base):
     low_balance_notified_at: Mapped[datetime | None]
     # a deleted account keeps its ledger rows (the law keeps them); its email is scrubbed
     deleted_at: Mapped[datetime | None]
+    # the operator's own account: the console's operator pages (providers' review); granted
+    # only by `darkgpu admin account update --operator`
+    operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ApiKey(Base):

@@ -15,6 +15,7 @@ from serve_app.console import (
     account_routes,
     auth_routes,
     caps_routes,
+    operator_routes,
     password_routes,
     provider_routes,
 )
@@ -26,6 +27,7 @@ router.include_router(account_routes.router)
 router.include_router(provider_routes.router)
 router.include_router(password_routes.router)
 router.include_router(caps_routes.router)
+router.include_router(operator_routes.router)
 unknown = APIRouter(route_class=ConsoleRoute)
 
 

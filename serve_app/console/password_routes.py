@@ -58,7 +58,8 @@ def settings_page(session: SignedIn, svc: Svc, status: int = 200, **context: Any
     context.setdefault("notice", None)
     threshold = accounts.low_balance_of(svc.db, account_of(session))
     return page("account.html", session, status=status, active="account",
-                threshold=threshold, mail_on=mail.enabled(svc.settings), **context)  # fmt: skip
+                threshold=threshold, mail_on=mail.enabled(svc.settings),
+                operator=accounts.is_operator(svc.db, account_of(session)), **context)  # fmt: skip
 
 
 NOTICES = {

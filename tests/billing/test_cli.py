@@ -9,6 +9,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from billing import accounts as svc
 from billing.admission import Admission
 from billing.cli import app
 from billing.flags import holds
@@ -36,7 +37,7 @@ def cli(engine: Engine, db_url: str, r: redis.Redis, monkeypatch: pytest.MonkeyP
     return run
 
 
-def test_account_key_credits_and_caps(cli, r: redis.Redis) -> None:
+def test_account_key_credits_and_caps(cli, r: redis.Redis, engine: Engine) -> None:
     account = json.loads(cli("account", "create", "--email", "cli@example.com", "--plan", "free"))
     assert account["email"] == "cli@example.com" and account["balance_nusd"] == 10 * USD
     aid = str(account["id"])
@@ -68,6 +69,11 @@ def test_account_key_credits_and_caps(cli, r: redis.Redis) -> None:
     cli("cap", "set", "--account", aid, "--clear", "--customer", "acme")
     assert not r.exists(rk.tag_caps(int(aid)))
     cli("cap", "set", "--account", aid, code=1)
+    # the console's operator pages: only this command grants them
+    assert json.loads(cli("account", "update", "--account", aid, "--operator"))["operator"]
+    assert svc.is_operator(engine, int(aid))
+    cli("account", "update", "--account", aid, "--no-operator")
+    assert not svc.is_operator(engine, int(aid))
     shown = json.loads(cli("account", "show", "--account", aid))
     assert shown["credits"]["tokens_per_day"] == 1234
 

@@ -1,10 +1,10 @@
 """The self-service pages in a real browser (Debian's Chromium, driven by Playwright) against
 the app `create_app` builds, served over HTTP by uvicorn, on real SQLite, a real Redis and a
 real SMTP server (aiosmtpd): keys (expiry, rename, usage), daily caps (the account's own, a
-key's, a customer's), the account page (password, low-balance email), a password reset by the mailed
-link, a receipt, a GPU's token rotated and the GPU removed, the enterprise form. Every page
-at desktop and phone width, none of them scrolling sideways; screenshots under
-`artifacts/selfservice/`."""
+key's, a customer's), the account page (password, low-balance email), a password reset by
+the mailed link, a receipt, a GPU approved by the operator, its token rotated and the GPU
+removed, the enterprise form. Every page at desktop and phone width, none of them scrolling
+sideways; screenshots under `artifacts/selfservice/`."""
 
 from __future__ import annotations
 
@@ -175,6 +175,21 @@ def test_self_service_pages_in_the_browser(
         expect(page.get_by_role("status")).to_contain_text("Every earlier token")
         expect(page.locator("#statements tr.statement-total")).to_have_count(8)
         shot("provider")
+
+        # the operator approves the new GPU (this account made one of the operator's by the CLI)
+        accounts.set_operator(svc.db, account_id=account_id, operator=True)
+        page.get_by_role("navigation", name="Console").get_by_role("link", name="Account").click()
+        page.get_by_role("link", name="review providers").click()
+        row = page.locator("#providers tr", has_text="rig")
+        expect(row.locator(".review")).to_have_text("pending")
+        row.get_by_label("Note on rig").fill("owner known")
+        row.get_by_role("button", name="Approve rig").click()
+        expect(page.get_by_role("status")).to_contain_text("is approved")
+        expect(page.locator("#providers tr", has_text="rig").locator(".review")).to_have_text(
+            "approved"
+        )
+        shot("operator")
+        page.goto(f"{console}/provider")
         page.get_by_role("button", name="Remove rig").click()
         expect(page.get_by_role("status")).to_contain_text("is removed")
         expect(page.locator("tr", has_text="rig").first).to_contain_text("removed")

@@ -1,5 +1,6 @@
 """Daily caps the customer sets: its account's own cap, beside the operator's (it can only
-lower the cap that applies: the tighter of the two), and a cap per API key.
+lower the cap that applies: the tighter of the two), and a cap per API key. The operator's
+own accounts, for the console's operator pages.
 
 Revision ID: 0009
 Revises: 0008
@@ -28,9 +29,15 @@ def upgrade() -> None:
         batch.create_check_constraint(
             "ck_api_keys_tpd", "tokens_per_day IS NULL OR tokens_per_day >= 0"
         )
+    with op.batch_alter_table("accounts") as batch:
+        batch.add_column(
+            sa.Column("operator", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("accounts") as batch:
+        batch.drop_column("operator")
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_column("tokens_per_day")  # its check constraint goes with it
     with op.batch_alter_table("account_limits") as batch:
