@@ -37,6 +37,7 @@ from cluster.attestation import (
 from core.schema import (
     Account,
     Provider,
+    ProviderHour,
     ProviderReview,
     ProviderStatus,
     ProviderToken,
@@ -347,11 +348,19 @@ def register(
 def heartbeat(
     engine: Engine, provider_id: str, status: ProviderStatus, now: datetime | None = None
 ) -> ProviderInfo:
-    """The agent is alive and in `status`."""
+    """The agent is alive and in `status`; an hour it says `online` in counts to its uptime
+    (`cluster.market`)."""
+    now = now or utcnow()
     with Session(engine) as session, session.begin():
-        row = _provider(session, provider_id, lock=True)
+        row = _provider(session, provider_id, lock=True)  # its heartbeats one at a time
         row.status = status.value
-        row.last_heartbeat_at = now or utcnow()
+        row.last_heartbeat_at = now
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        if (
+            status == ProviderStatus.online
+            and session.get(ProviderHour, (provider_id, hour)) is None
+        ):
+            session.add(ProviderHour(provider_id=provider_id, hour=hour))
         session.flush()
         return ProviderInfo.of(row)
 

@@ -257,6 +257,9 @@ class UsageEvent(Base):
     __table_args__ = (
         Index("ix_usage_events_account_created", "account_id", "created_at_ms"),
         Index("ix_usage_events_day", "usage_day", "account_id"),
+        # demand per model and each provider's record (cluster.market)
+        Index("ix_usage_events_model_settled", "model", "settled_at_ms"),
+        Index("ix_usage_events_provider_settled", "provider_id", "settled_at_ms"),
         CheckConstraint(
             "prompt_tokens >= 0 AND completion_tokens >= 0 AND cost_nusd >= 0", name="nonneg"
         ),
@@ -515,6 +518,16 @@ class UsageStrike(Base):
     reported_tokens: Mapped[int] = mapped_column(BigInteger)
     counted_tokens: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ProviderHour(Base):
+    """An hour (UTC, its start) in which the provider's agent said it was online: its uptime
+    (`cluster.market`). One row per provider and hour, written by its heartbeats."""
+
+    __tablename__ = "provider_hours"
+
+    provider_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(primary_key=True)
 
 
 class EnterpriseInquiry(Base):
