@@ -30,8 +30,10 @@ class PlatformClient:
         self._token = token
         self._client = client or httpx.Client(timeout=TIMEOUT_S)
 
-    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
-        url = f"{self.api_url}/v1/providers{path}"
+    def _call(
+        self, method: str, path: str, json: Any = None, prefix: str = "/v1/providers"
+    ) -> dict[str, Any]:
+        url = f"{self.api_url}{prefix}{path}"
         headers = {"authorization": f"Bearer {self._token}"}
         try:
             response = self._client.request(method, url, json=json, headers=headers)
@@ -71,3 +73,7 @@ class PlatformClient:
 
     def me(self) -> dict[str, Any]:
         return self._call("GET", "/me")
+
+    def market(self) -> dict[str, Any]:
+        """GET /v1/market: demand per model, last week's earnings per GPU by size."""
+        return self._call("GET", "/market", prefix="/v1")

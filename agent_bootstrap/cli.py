@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -159,6 +159,44 @@ def status(config_path: ConfigOption = None) -> None:
         f"{earnings.get('requests', 0)} requests; "
         f"${nusd_to_usd(int(earnings.get('payable_nusd', 0)))} to be paid out"
     )
+    for line in market_lines(me, _market(api_url, credentials.provider_token)):
+        typer.echo(line)
+
+
+def _market(api_url: str, token: str) -> dict[str, Any] | None:
+    try:
+        return PlatformClient(api_url, token).market()
+    except PlatformError:  # an older platform, or away: the rest of the status stands
+        return None
+
+
+def market_lines(me: dict[str, Any], market: dict[str, Any] | None) -> list[str]:
+    """This provider's record, the demand per model and what a GPU like its own earned."""
+    lines = []
+    record = me.get("reputation")
+    if record:
+        lines.append(
+            f"Record:    online {record['uptime_pct']}% of the last {record['window_hours']} h; "
+            f"{record['requests_served']} requests served; {record['strikes']} usage strikes"
+        )
+    if market is None:
+        return lines
+    busiest = sorted(market.get("models", []), key=lambda m: -m["requests_per_hour"])[:3]
+    for m in busiest:
+        lines.append(
+            f"Demand:    {m['model']}: {m['requests_per_hour']} requests/h over the last day, "
+            f"{m['providers_last_hour']} providers serving in the last hour"
+        )
+    gpu = me.get("gpu") or {}
+    gpus, vram = int(gpu.get("count") or 0), float(gpu.get("vram_gb") or 0)
+    size = round(vram / gpus) if gpus else None
+    for e in market.get("gpu_earnings", {}).get("data", []):
+        if e["vram_gb_per_gpu"] == size:
+            lines.append(
+                f"Last week: a {size} GB GPU earned ${e['median_usd_per_gpu']} (median of "
+                f"{e['gpus']}; the most ${e['most_usd_per_gpu']})"
+            )
+    return lines
 
 
 def register_commands(target: typer.Typer) -> None:

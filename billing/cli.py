@@ -137,8 +137,10 @@ def account_update(
     ] = None,
     operator: Annotated[
         bool | None,
-        typer.Option("--operator/--no-operator",
-                     help="One of the operator's accounts (the console's operator pages)."),
+        typer.Option(
+            "--operator/--no-operator",
+            help="One of the operator's accounts (the console's operator pages).",
+        ),
     ] = None,  # fmt: skip
 ) -> None:
     """Change an account's plan, status, requests/min, default trust tier or operator role."""

@@ -29,6 +29,7 @@ from serve_app import (
     routes_caps,
     routes_install,
     routes_keys,
+    routes_market,
     routes_nodes,
     routes_payments,
     routes_providers,
@@ -76,7 +77,7 @@ def create_app(
     app.state.model_cards = model_cards
     public = (routes_providers.router, routes_payments.router, routes_keys.router,
               routes_caps.router, console.router, site.router, routes_install.router,
-              routes_nodes.router)  # fmt: skip
+              routes_nodes.router, routes_market.router)  # fmt: skip
     for router in (*public, *routers):
         app.include_router(router)
     return app

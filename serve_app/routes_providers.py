@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from billing import earnings
-from cluster import registry
+from cluster import market, registry
 from cluster.attestation import CHALLENGE_MAX_AGE_S
 from cluster.attestation_document import attestation_document
 from cluster.registry import ProviderInfo, Registration
@@ -151,4 +151,6 @@ def heartbeat(
 
 @router.get("/v1/providers/me")
 def me(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
-    return {**provider.to_json(), "earnings": earnings.totals(svc.db, provider.id).to_json()}
+    record = market.reputation(svc.db, [provider.id])[provider.id]
+    return {**provider.to_json(), "earnings": earnings.totals(svc.db, provider.id).to_json(),
+            "reputation": record.to_json()}  # fmt: skip

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from billing import connect, earnings, payouts, statements
 from billing.stripe_client import PaymentsNotConfigured
-from cluster import registry
+from cluster import market, registry
 from serve_app.console.account_routes import Text, chosen_days, returned_from_stripe
 from serve_app.console.sessions import COOKIE
 from serve_app.console.web import (
@@ -42,6 +42,7 @@ from serve_app.console.web import (
     page,
     redirect,
 )
+from serve_app.routes_market import market_document
 
 router = APIRouter(route_class=ConsoleRoute)
 NAME_MAX = 100
@@ -81,6 +82,8 @@ def _provider_page(session: SignedIn, svc: Svc, start: str | None = None,
         install=f"curl -fsSL {svc.settings.base_url}/install.sh | bash",
         sign_in_and_serve=SIGN_IN_AND_SERVE,
         now=datetime.now(UTC),
+        record=market.reputation(svc.db, ids),
+        market=market_document(svc),
         **context,
     )
 

@@ -23,7 +23,7 @@ from billing.payouts import IsoWeek
 from billing.plans import load_plans
 from cluster import registry
 from cluster.registry import ProviderAuthError
-from core.schema import Payout
+from core.schema import Payout, ProviderStatus
 from serve_app.console.format import usd
 from serve_app.services import Services
 from tests.billing.conftest import IN, MODEL, OUT, REDIS_URL, REPO, USD
@@ -137,3 +137,14 @@ def test_weekly_statements_show_what_each_gpu_earned_and_the_payout(
     older = str(IsoWeek.of(datetime.fromtimestamp(now, UTC) - timedelta(weeks=3)))
     empty = re.search(rf'<tr data-week="{older}" class="statement-total">(.*?)</tr>', page, re.S)[1]
     assert re.findall(r'<td class="num">([^<]*)</td>', empty) == ["0", "0", "$0.00"]
+
+
+def test_the_provider_page_shows_demand_and_each_gpus_record(app: FastAPI, svc: Services) -> None:
+    """The numbers of `GET /v1/market` and each node's last 7 days (cluster.market)."""
+    c, csrf = signed_up(app, "lender@example.com")
+    gpu, _ = add_gpu(c, csrf, "rig")
+    registry.heartbeat(svc.db, gpu, ProviderStatus.online)
+    page = c.get("/console/provider").text
+    assert 'id="demand-models"' in page and "darkgpu-tiny" in page
+    assert "No GPU earned anything that week." in page
+    assert "online 100.0%, 0 requests, 0 strikes" in page

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from agent_bootstrap import credentials as creds
 from agent_bootstrap.agent import Agent, AgentDeps, NodeSpec, Phase
 from agent_bootstrap.api import PlatformClient
+from agent_bootstrap.cli import market_lines
 from agent_bootstrap.config import ProviderConfig
 from agent_bootstrap.evidence import make_evidence
 from agent_bootstrap.keys import load_or_create
@@ -355,3 +356,31 @@ def test_binding_a_node_through_the_routes_refuses_what_is_not_the_providers(
     assert bind().status_code == 201  # the same ticket: only a binding that succeeds spends it
     assert bind().status_code == 401  # spent
     assert nodes.bindings(platform.services.db) == {node: provider_id}
+
+
+def test_demand_and_reputation_are_public_and_the_agent_shows_them(platform: Platform) -> None:
+    """`GET /v1/market`, `GET /v1/providers/{id}/reputation` (no key needed: counts only), the
+    record in `/v1/providers/me`, and the lines `darkgpu status` prints from them."""
+    provider_id, token = platform.new_provider()
+    platform.post("/v1/providers/register", token, json=_register_body())
+    registry.heartbeat(platform.services.db, provider_id, registry.ProviderStatus.online)
+    market = platform.get("/v1/market").json()
+    assert market["object"] == "market"
+    catalog = {m["model"] for m in market["models"]}
+    assert "darkgpu-tiny" in catalog and all(m["requests_per_hour"] == 0 for m in market["models"])
+    assert market["gpu_earnings"]["data"] == []  # nobody earned last week here
+    record = platform.get(f"/v1/providers/{provider_id}/reputation").json()
+    assert record["uptime_pct"] > 0 and record["requests_served"] == record["strikes"] == 0
+    unknown = platform.get("/v1/providers/prv_nobody/reputation")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "provider_not_found"
+    me = platform.get("/v1/providers/me", token).json()
+    assert me["reputation"] == {k: v for k, v in record.items() if k != "object"}
+    client = PlatformClient("http://testserver", token, platform.client)
+    lines = market_lines(me, client.market())
+    assert lines[0].startswith("Record:    online ") and "0 usage strikes" in lines[0]
+    assert any(line.startswith("Demand:    ") for line in lines)
+    earned = {"gpu_earnings": {"data": [{"vram_gb_per_gpu": 80, "gpus": 3,
+                                         "median_usd_per_gpu": "12.50",
+                                         "most_usd_per_gpu": "20.00"}]}}  # fmt: skip
+    assert market_lines(me, earned)[-1] == (
+        "Last week: a 80 GB GPU earned $12.50 (median of 3; the most $20.00)")  # fmt: skip

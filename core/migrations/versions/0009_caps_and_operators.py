@@ -35,7 +35,6 @@ def upgrade() -> None:
             sa.Column("operator", sa.Boolean(), nullable=False, server_default=sa.false())
         )
 
-
     op.create_table(
         "provider_hours",
         sa.Column("provider_id", sa.String(64), nullable=False),
