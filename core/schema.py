@@ -257,8 +257,9 @@ class UsageEvent(Base):
     __table_args__ = (
         Index("ix_usage_events_account_created", "account_id", "created_at_ms"),
         Index("ix_usage_events_day", "usage_day", "account_id"),
-        # demand per model and each provider's record (cluster.market)
-        Index("ix_usage_events_model_settled", "model", "settled_at_ms"),
+        # demand and last week's earnings (a range of settlement), each provider's record
+        # (cluster.market)
+        Index("ix_usage_events_settled", "settled_at_ms"),
         Index("ix_usage_events_provider_settled", "provider_id", "settled_at_ms"),
         CheckConstraint(
             "prompt_tokens >= 0 AND completion_tokens >= 0 AND cost_nusd >= 0", name="nonneg"

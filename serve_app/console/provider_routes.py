@@ -42,7 +42,7 @@ from serve_app.console.web import (
     page,
     redirect,
 )
-from serve_app.routes_market import market_document
+from serve_app.routes_market import current_market
 
 router = APIRouter(route_class=ConsoleRoute)
 NAME_MAX = 100
@@ -83,7 +83,7 @@ def _provider_page(session: SignedIn, svc: Svc, start: str | None = None,
         sign_in_and_serve=SIGN_IN_AND_SERVE,
         now=datetime.now(UTC),
         record=market.reputation(svc.db, ids),
-        market=market_document(svc),
+        market=current_market(svc),
         **context,
     )
 

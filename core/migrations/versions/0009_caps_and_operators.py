@@ -1,7 +1,7 @@
 """Daily caps the customer sets: its account's own cap, beside the operator's (it can only
 lower the cap that applies: the tighter of the two), and a cap per API key. The operator's
 own accounts, for the console's operator pages. The hours each provider was online, and the
-usage indexes by model and by provider: demand and reputation (cluster.market).
+usage indexes by settlement time and by provider: demand and reputation (cluster.market).
 
 Revision ID: 0009
 Revises: 0008
@@ -41,7 +41,7 @@ def upgrade() -> None:
         sa.Column("hour", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("provider_id", "hour", name="pk_provider_hours"),
     )
-    op.create_index("ix_usage_events_model_settled", "usage_events", ["model", "settled_at_ms"])
+    op.create_index("ix_usage_events_settled", "usage_events", ["settled_at_ms"])
     op.create_index(
         "ix_usage_events_provider_settled", "usage_events", ["provider_id", "settled_at_ms"]
     )
@@ -49,7 +49,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_usage_events_provider_settled", "usage_events")
-    op.drop_index("ix_usage_events_model_settled", "usage_events")
+    op.drop_index("ix_usage_events_settled", "usage_events")
     op.drop_table("provider_hours")
     with op.batch_alter_table("accounts") as batch:
         batch.drop_column("operator")
