@@ -24,7 +24,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.sql import ColumnElement
 
 from core.schema import Provider, ProviderHour, UsageEvent, UsageStrike, utcnow
 
@@ -167,33 +168,18 @@ def reputation(
             .tuples()
             .all()
         )
-        hours = dict(
-            session.execute(
-                select(ProviderHour.provider_id, func.count())
-                .where(ProviderHour.provider_id.in_(ids), ProviderHour.hour >= since)
-                .group_by(ProviderHour.provider_id)
-            )
-            .tuples()
-            .all()
-        )
-        served = dict(
-            session.execute(
-                select(UsageEvent.provider_id, func.count())
-                .where(UsageEvent.provider_id.in_(ids), UsageEvent.settled_at_ms >= _ms(since))
-                .group_by(UsageEvent.provider_id)
-            )
-            .tuples()
-            .all()
-        )
-        strikes = dict(
-            session.execute(
-                select(UsageStrike.provider_id, func.count())
-                .where(UsageStrike.provider_id.in_(ids), UsageStrike.created_at >= since)
-                .group_by(UsageStrike.provider_id)
-            )
-            .tuples()
-            .all()
-        )
+        hours = _count_by(
+            session, ProviderHour.provider_id, ProviderHour.provider_id.in_(ids),
+            ProviderHour.hour >= since,
+        )  # fmt: skip
+        served = _count_by(
+            session, UsageEvent.provider_id, UsageEvent.provider_id.in_(ids),
+            UsageEvent.settled_at_ms >= _ms(since),
+        )  # fmt: skip
+        strikes = _count_by(
+            session, UsageStrike.provider_id, UsageStrike.provider_id.in_(ids),
+            UsageStrike.created_at >= since,
+        )  # fmt: skip
     out = {}
     for provider_id, born in created.items():
         window = max(1, min(168, int((now - max(born, since)).total_seconds() // 3600) + 1))
@@ -203,3 +189,11 @@ def reputation(
             int(served.get(provider_id, 0)), int(strikes.get(provider_id, 0)),
         )  # fmt: skip
     return out
+
+
+def _count_by(
+    session: Session, key: InstrumentedAttribute[str], *where: ColumnElement[bool]
+) -> dict[str, int]:
+    """key -> how many rows of its table match `where`."""
+    rows = session.execute(select(key, func.count()).where(*where).group_by(key)).tuples()
+    return {k: int(n) for k, n in rows}
