@@ -116,6 +116,11 @@ class Throttle:
     def client(self, request: Request) -> str:
         return client_ip(request, self.trusted)
 
+    def check_signin(self, request: Request) -> None:
+        """One attempt at a password from the request's client (sign-in, a password change
+        or reset, deleting the account): `check` of the sign-in limit, before argon2."""
+        self.check(self.signin, self.client(request))
+
     def check(self, limit: Limit, ip: str) -> None:
         """Count one attempt from `ip`; past either limit raise `RateLimited` with
         `Retry-After` (and nothing is hashed)."""

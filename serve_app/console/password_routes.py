@@ -62,6 +62,13 @@ def settings_page(session: SignedIn, svc: Svc, status: int = 200, **context: Any
                 operator=accounts.is_operator(svc.db, account_of(session)), **context)  # fmt: skip
 
 
+def _throttled_settings(session: SignedIn, svc: Svc, exc: RateLimited) -> Response:
+    """The settings page again, 429 with Retry-After: too many password attempts."""
+    response = settings_page(session, svc, status=exc.status, error=exc.message)
+    response.headers.update(exc.headers)
+    return response
+
+
 NOTICES = {
     "changed": "Your password is changed; your other sessions are signed out.",
     "alert-on": "Saved: we email you once each time your credits fall below it.",
@@ -101,13 +108,10 @@ def delete_account(request: Request, form: Form, session: SignedIn, svc: Svc) ->
     account_id = account_of(session)
     if form.get("confirm", "").strip() != DELETE_WORD:
         return settings_page(session, svc, status=400, error=CONFIRM_DELETE)
-    throttle = Throttle(svc.state, svc.settings)
     try:
-        throttle.check(throttle.signin, throttle.client(request))  # before argon2
+        Throttle(svc.state, svc.settings).check_signin(request)
     except RateLimited as exc:
-        response = settings_page(session, svc, status=exc.status, error=exc.message)
-        response.headers.update(exc.headers)
-        return response
+        return _throttled_settings(session, svc, exc)
     if not signup.password_matches(svc.db, account_id, form.get("password", "")):
         return settings_page(session, svc, status=400, error="The password is not right.")
     for node in registry.list_providers(svc.db, account_id=account_id):
@@ -121,17 +125,14 @@ def delete_account(request: Request, form: Form, session: SignedIn, svc: Svc) ->
 
 @router.post(PREFIX + "/account/password", include_in_schema=False)
 def change_password(request: Request, form: Form, session: SignedIn, svc: Svc) -> Response:
-    throttle = Throttle(svc.state, svc.settings)
     try:
-        throttle.check(throttle.signin, throttle.client(request))  # before argon2
+        Throttle(svc.state, svc.settings).check_signin(request)
         passwords.change_password(
             svc.db, account_id=account_of(session), current=form.get("current_password", ""),
             new=form.get("new_password", ""),
         )  # fmt: skip
     except RateLimited as exc:
-        response = settings_page(session, svc, status=exc.status, error=exc.message)
-        response.headers.update(exc.headers)
-        return response
+        return _throttled_settings(session, svc, exc)
     except (passwords.WrongPassword, signup.SignupError) as exc:
         return settings_page(session, svc, status=400, error=exc.message)
     passwords.void_reset(svc.redis, account_of(session))
@@ -159,9 +160,8 @@ def reset_request(
     if not mail.enabled(svc.settings):
         return _anonymous_form("reset.html", request, session, sessions, email=email,
                                error=NO_MAIL)  # fmt: skip
-    throttle = Throttle(svc.state, svc.settings)
     try:
-        throttle.check(throttle.signin, throttle.client(request))
+        Throttle(svc.state, svc.settings).check_signin(request)
     except RateLimited as exc:
         return _throttled("reset.html", request, session, sessions, exc, email=email)
     pending = passwords.start_reset(svc.db, svc.redis, svc.state, email=email)
@@ -194,9 +194,8 @@ def reset_confirm(
 ) -> Response:
     assert session is not None
     token = form.get("token", "")
-    throttle = Throttle(svc.state, svc.settings)
     try:
-        throttle.check(throttle.signin, throttle.client(request))  # before argon2
+        Throttle(svc.state, svc.settings).check_signin(request)
         account_id = passwords.complete_reset(
             svc.db, svc.redis, token=token, new=form.get("new_password", "")
         )
