@@ -23,8 +23,8 @@ from fastapi import APIRouter, Depends, Path
 from cluster import market
 from core.schema import utcnow
 from kernel.errors import NotFound
+from serve_app.catalog_file import catalog_of
 from serve_app.services import Services, services
-from serve_app.site.routes import catalog_of
 
 router = APIRouter()
 Svc = Annotated[Services, Depends(services)]

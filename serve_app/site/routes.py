@@ -27,7 +27,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
-from cluster.catalog import Catalog, CatalogModel, load_catalog
+from cluster.catalog import CatalogModel
 from kernel.errors import NotFound
 from kernel.money import (
     MIN_PAYOUT_CENTS,
@@ -36,6 +36,7 @@ from kernel.money import (
     PROVIDER_SHARE_PCT,
     split_cost,
 )
+from serve_app.catalog_file import catalog_of
 from serve_app.console.account_routes import ModelCards
 from serve_app.console.web import ConsoleRoute, Svc, template_env
 from serve_app.services import Services
@@ -65,18 +66,6 @@ def page(name: str, active: str, **context: Any) -> HTMLResponse:
 
 
 # --- what the pages read --------------------------------------------------------------------
-
-_catalogs: dict[Path, tuple[int, Catalog]] = {}
-
-
-def catalog_of(svc: Services) -> Catalog:
-    """The catalog file, parsed once per change of the file."""
-    path = Path(svc.settings.models_file)
-    changed = path.stat().st_mtime_ns if path.exists() else -1
-    cached = _catalogs.get(path)
-    if cached is None or cached[0] != changed:
-        _catalogs[path] = cached = (changed, load_catalog(path))
-    return cached[1]
 
 
 @dataclass(frozen=True)

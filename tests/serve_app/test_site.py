@@ -30,11 +30,11 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 
 from core.db import migrate
 from core.settings import RETURN_PATHS, Settings
+from serve_app.catalog_file import catalog_of
 from serve_app.http_app import create_app
 from serve_app.ingress import model_card
 from serve_app.services import Services
 from serve_app.site import latency
-from serve_app.site.routes import catalog_of
 
 REDIS_URL = os.environ.get("DARKGPU_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 HOST = "https://127.0.0.1:8000"  # the console's Secure cookies travel over https
