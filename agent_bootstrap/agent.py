@@ -29,7 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -225,7 +225,9 @@ class Platform(Protocol):
 
     def join_ticket(self) -> str: ...
 
-    def bind_node(self, ticket: str, node_id: str) -> dict[str, Any]: ...
+    def bind_node(
+        self, ticket: str, node_id: str, models: Sequence[str] = ()
+    ) -> dict[str, Any]: ...
 
 
 def registration_body(detection: Detection, key: KeyPair, config: ProviderConfig) -> dict[str, Any]:
@@ -409,7 +411,7 @@ class Agent:
             self.credentials = self.credentials.model_copy(update={"ray_auth_token": None})
             return
         try:  # the node serves only once bound to this provider (cluster.nodes)
-            self.deps.platform.bind_node(ticket, self.deps.ray.node_id())
+            self.deps.platform.bind_node(ticket, self.deps.ray.node_id(), self.config.models)
         except Exception as exc:  # unbound, it would get no traffic and be drained
             self._leave(f"could not bind this node to the provider: {exc}")
             return

@@ -6,6 +6,7 @@ become `PlatformError` (with `status` and `code`), `PlatformAuthError` for a 401
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -67,9 +68,11 @@ class PlatformClient:
         """POST /v1/providers/tickets: a one-time ticket to bind the node about to join."""
         return str(self._call("POST", "/tickets")["ticket"])
 
-    def bind_node(self, ticket: str, node_id: str) -> dict[str, Any]:
-        """POST /v1/providers/nodes: this provider serves from that Ray node."""
-        return self._call("POST", "/nodes", {"ticket": ticket, "node_id": node_id})
+    def bind_node(self, ticket: str, node_id: str, models: Sequence[str] = ()) -> dict[str, Any]:
+        """POST /v1/providers/nodes: this provider serves from that Ray node, those catalog
+        models (none: any that fits)."""
+        body = {"ticket": ticket, "node_id": node_id, "models": list(models)}
+        return self._call("POST", "/nodes", body)
 
     def me(self) -> dict[str, Any]:
         return self._call("GET", "/me")

@@ -11,6 +11,7 @@ with defaults that run as the spec describes:
     drain_timeout_s = 120        # the most in-flight requests get to finish when leaving
     node_ip_address = "10.8.0.2" # this machine's overlay (WireGuard) address, for Ray
     ignore_processes = []        # more process names idle detection never counts
+    models = []                  # catalog models this GPU serves (ids); empty: any that fits
 
     [[schedule]]                 # none: always lend the GPU
     days = ["mon", "tue", "wed", "thu", "fri"]
@@ -26,6 +27,7 @@ import json
 import sys
 import tomllib
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -52,6 +54,9 @@ class ProviderConfig(BaseModel):
     node_ip_address: str | None = None
     ignore_processes: list[str] = Field(default_factory=list, max_length=100)
     schedule: list[Window] = Field(default_factory=list, max_length=64)
+    models: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=64
+    )
 
     @field_validator("api_url")
     @classmethod

@@ -39,7 +39,7 @@ class Model:
 class Probe:
     def __init__(self, model: Any) -> None:
         self._availability = ReplicaAvailability(
-            serve.get_replica_context().app_name, {"m": "Model"}
+            {"m": (serve.get_replica_context().app_name, "Model")}
         )
 
     async def measure(self, calls: int) -> dict[str, tuple[float, float]]:

@@ -14,8 +14,9 @@ are not bound to, or the control role (`nodes_to_remove`).
 
 from __future__ import annotations
 
+import json
 import secrets
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -114,9 +115,11 @@ def redeem(
     ticket: str,
     node: ClusterNode | None,
     now: datetime | None = None,
+    models: Sequence[str] = (),
 ) -> None:
-    """Bind `node` to `provider_id` with its ticket. The ticket is spent only by a binding
-    that succeeds (a node not yet in the table may be tried again with it)."""
+    """Bind `node` to `provider_id` with its ticket, and the catalog models the provider lets
+    it serve (`models`; empty: any that fits). The ticket is spent only by a binding that
+    succeeds (a node not yet in the table may be tried again with it)."""
     now = now or utcnow()
     with Session(engine) as session, session.begin():
         found = session.scalars(
@@ -143,8 +146,12 @@ def redeem(
         bound = session.get(ProviderNode, node.node_id, with_for_update=True)
         if bound is not None and bound.provider_id != provider_id:
             raise NodeBindingError("The node is bound to another provider.", code="node_taken")
+        allowed_models = json.dumps(sorted(set(models)))
         if bound is None:
-            session.add(ProviderNode(node_id=node.node_id, provider_id=provider_id, bound_at=now))
+            session.add(ProviderNode(node_id=node.node_id, provider_id=provider_id, bound_at=now,
+                                     models=allowed_models))  # fmt: skip
+        else:
+            bound.models = allowed_models
         found.used_at, found.node_id = now, node.node_id
 
 
@@ -152,6 +159,13 @@ def bindings(engine: Engine) -> dict[str, str]:
     """node id -> the provider bound to it."""
     with Session(engine) as session:
         return dict(session.execute(select(ProviderNode.node_id, ProviderNode.provider_id)).all())
+
+
+def allow_lists(engine: Engine) -> dict[str, frozenset[str]]:
+    """node id -> the models its provider lets it serve (empty: any that fits)."""
+    with Session(engine) as session:
+        rows = session.execute(select(ProviderNode.node_id, ProviderNode.models)).all()
+    return {node_id: frozenset(json.loads(models or "[]")) for node_id, models in rows}
 
 
 def approved_providers(engine: Engine) -> set[str]:

@@ -1,11 +1,12 @@
-"""Which catalog models the cluster can serve, and what a replica of each asks for."""
+"""What a node offers, whether a catalog model fits it, and what a replica of each asks for
+(which models are deployed where: `cluster.supply`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cluster.catalog import Catalog, CatalogModel
+from cluster.catalog import CatalogModel
 from kernel.labels import VRAM_RESOURCE
 
 
@@ -31,31 +32,6 @@ class NodeCapacity:
             self.gpus >= model.tensor_parallel_size
             and self.vram_gb_per_gpu >= model.vram_gb_per_gpu
         )
-
-
-def cluster_capacity() -> list[NodeCapacity]:
-    """The capacity of every alive node of the connected Ray cluster."""
-    import ray
-
-    nodes = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
-    return [NodeCapacity.from_resources(node["Resources"]) for node in nodes if node["Alive"]]
-
-
-def deployable_models(catalog: Catalog, nodes: Iterable[NodeCapacity]) -> list[CatalogModel]:
-    """Catalog models some node can hold; where no node has a GPU, the local models only
-    (those with a min VRAM only where some node offers that much `vram_gb`: CPU nodes of a
-    test cluster standing in for providers).
-
-    Catalog models whose min VRAM no node offers are listed by the API but not deployed.
-    """
-    nodes = list(nodes)
-    if not any(node.gpus for node in nodes):
-        return [
-            m
-            for m in catalog.models
-            if m.is_local and (not m.min_vram_gb or any(n.fits(m) for n in nodes))
-        ]
-    return [m for m in catalog.models if not m.is_local and any(n.fits(m) for n in nodes)]
 
 
 def replica_bundles(model: CatalogModel) -> list[dict[str, float]]:

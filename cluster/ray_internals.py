@@ -35,11 +35,12 @@ from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.serve._private.common import DeploymentID, DeploymentTargetInfo
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve._private.long_poll import LongPollClient, LongPollNamespace
+from ray.serve.deployment import Application
 
 __all__ = ["ErrorResponse", "RawRequestInfo", "DrainingNodes", "ray_address_file",
            "DeploymentID", "DeploymentTargetInfo", "LongPollClient", "LongPollNamespace",
            "SERVE_CONTROLLER_NAME", "SERVE_NAMESPACE", "alive_actor_nodes",
-           "actor_states", "drain_node"]  # fmt: skip
+           "actor_states", "drain_node", "with_code_version"]  # fmt: skip
 
 
 class DrainingNodes:
@@ -100,3 +101,13 @@ def drain_node(gcs_address: str, node_id: str, message: str, deadline_s: int) ->
         deadline_ms,
     )
     return bool(accepted)
+
+
+def with_code_version(app: Application, version: str) -> Application:
+    """`app` with its deployment's code version set. Serve gives a deployment deployed
+    without one a random version on every deploy, and restarts its replicas for it; with the
+    same version, a deploy that changes only its autoscaling bounds is a light update (no
+    replica restarted). 2.60 removed `version` from `@serve.deployment` and `.options()`,
+    and kept it on the `Deployment` (`_version`) that `serve.run` sends."""
+    app._bound_deployment._version = version
+    return app

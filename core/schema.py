@@ -36,6 +36,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     false,
 )
@@ -569,3 +570,5 @@ class ProviderNode(Base):
     node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     provider_id: Mapped[str] = mapped_column(ForeignKey("providers.id"), index=True)
     bound_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the catalog models the provider lets this node serve, a JSON list; empty: any that fits
+    models: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")

@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     target_ongoing_requests: int = 16
     max_replicas: int = 4
     local_kv_cache_gb: int = 1
+    # The supply reconciler (serve_app.supply): how often it looks at the nodes and the
+    # demand; after how long without a request a model scales to zero (0: never); how long a
+    # model takes to load, told as `Retry-After` until one load has been measured.
+    supply_every_s: float = Field(default=2.0, gt=0)
+    scale_to_zero_after_s: float = Field(default=0.0, ge=0)
+    model_load_s: int = Field(default=60, ge=1)
 
     # --- providers (cluster.registry) ----------------------------------------------------
     cluster_address: str = Field(

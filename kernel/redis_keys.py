@@ -40,6 +40,10 @@ counter, and never moves money.
                                 (serve_app.throttle)
 - `dg:replicas:<model id>`      hash: the model's replicas' routing stats
                                 (serve_app.replica_stats), written by the replicas
+- `dg:supply:plan`              the supply reconciler's plan: which models are deployed, their
+                                replica bounds (serve_app.supply), refreshed every few seconds
+- `dg:supply:asked`             hash: model id → when an ingress last had a request for it
+- `dg:supply:load_s`            hash: model id → seconds its last replica took to come online
 
 The admission script reads account keys it finds through the API key, so these keys are
 not declared up front: billing needs a single Redis (or one primary), not Redis Cluster.
@@ -52,6 +56,9 @@ READY = P + "ready"
 HOLDS = P + "holds"
 USAGE_STREAM = P + "usage"
 DEAD_STREAM = P + "usage:dead"
+SUPPLY_PLAN = P + "supply:plan"
+SUPPLY_ASKED = P + "supply:asked"
+SUPPLY_LOAD_S = P + "supply:load_s"
 METER_GROUP = "billing"
 # How long a settled request id stays refused for reuse. Ids are made by the ingress, so reuse
 # is a bug; SQL's unique request_id is the lasting guard. Kept short: one key per request.

@@ -2,9 +2,11 @@
 
 `build_app` serves `darkgpu up` and `serve deploy configs/serve.yaml` alike
 (`import_path: serve_app.app:build_app`; the YAML's `args` override `DARKGPU_*` settings).
-It must run connected to the cluster: which models get a deployment depends on what the
-alive nodes offer (`cluster.placement`). Besides the ingress and one deployment per model,
-the application holds the billing actor (`billing_meter`), so it lives and dies with it.
+The application is the ingress, the billing actor (`billing-meter`) and the supply
+reconciler (`supply`), which live and die with it. The models are not part of it: each is an
+application of its own that the reconciler deploys on the nodes that may hold it, as they
+join and leave (`serve_app.supply`), so a model comes and goes without restarting the
+ingress.
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ from ray.serve import Application, Deployment
 
 from billing.loop import BillingLoop
 from billing.redis_server import sync_client
-from cluster.catalog import CatalogModel, load_catalog
+from cluster.catalog import load_catalog
 from cluster.node_warden import NodeWarden
-from cluster.placement import cluster_capacity, deployable_models
 from cluster.registry import mark_stale_offline
 from core.settings import Settings
 from kernel.labels import CONTROL_SELECTOR
 from serve_app.ingress import INGRESS
 from serve_app.meter_metrics import MeterMetrics
-from serve_app.models import build_model_deployment, deployment_name, model_source
+from serve_app.supply import Supply
 
 APP_NAME = "darkgpu"
 
@@ -79,25 +80,11 @@ class BillingMeter:
         self._metrics.stop()
 
 
-def model_deployments(models: list[CatalogModel], settings: Settings) -> dict[str, Application]:
-    """One deployment per model. Its replicas run on providers' nodes: they are handed the
-    state Redis's URL as its `replica` user (who may only publish routing stats), never the
-    money Redis's, and none of the settings (`as_args` holds secrets and the ledger's URL)."""
-    return {m.id: build_model_deployment(m, settings, settings.replica_redis_url) for m in models}
-
-
 def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = Settings(**(args or {}))
     args = settings.as_args()
-    catalog = load_catalog(settings.models_file)
-    models = deployable_models(catalog, cluster_capacity())
-    # `@serve.deployment` made BillingMeter a Deployment; mypy does not apply class decorators.
-    meter = cast(Deployment, BillingMeter)
+    # `@serve.deployment` made these Deployments; mypy does not apply class decorators.
+    meter, supply = cast(Deployment, BillingMeter), cast(Deployment, Supply)
     return INGRESS.bind(
-        catalog,
-        model_deployments(models, settings),
-        {m.id: deployment_name(m) for m in models},
-        {m.id: model_source(m, settings) for m in models},
-        args,
-        meter.bind(args),
+        load_catalog(settings.models_file), args, meter.bind(args), supply.bind(args)
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -45,14 +46,22 @@ RESTART_EVERY_S = 1.0
 
 
 class ReplicaAvailability:
-    """The models of `deployments` (model id -> deployment name in `app_name`) that have
-    at least one replica Serve would route a request to."""
+    """The models of `deployments` (model id -> its application and deployment names) that
+    have at least one replica Serve would route a request to. A deployment need not exist
+    yet: it is online from the moment Serve pushes a running replica of it (each model is an
+    application the supply reconciler deploys and deletes: `serve_app.supply`).
+    `on_online(model_id)` is called on the event loop as a model comes online."""
 
-    def __init__(self, app_name: str, deployments: dict[str, str]) -> None:
+    def __init__(
+        self,
+        deployments: Mapping[str, tuple[str, str]],
+        on_online: Callable[[str], object] | None = None,
+    ) -> None:
         self._models = {
             DeploymentID(name=name, app_name=app_name): model_id
-            for model_id, name in deployments.items()
+            for model_id, (app_name, name) in deployments.items()
         }
+        self._on_online = on_online
         self._running: dict[str, int] = {}  # model id -> running replicas, as last told
         self._online: frozenset[str] = frozenset()
         self._client: LongPollClient | None = None
@@ -103,5 +112,8 @@ class ReplicaAvailability:
     def _update(self, model_id: str, info: DeploymentTargetInfo) -> None:
         """Called on this replica's event loop with a deployment's new running set."""
         self._running[model_id] = len(info.running_replicas) if info.is_available else 0
+        was = model_id in self._online
         self._online = frozenset(m for m, n in self._running.items() if n > 0)
         self._first.set()
+        if not was and model_id in self._online and self._on_online is not None:
+            self._on_online(model_id)

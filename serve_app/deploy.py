@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import httpx
 import ray
 from ray import serve
 from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview
@@ -13,6 +14,7 @@ from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview
 from cluster.ray_internals import actor_states
 from core.settings import Settings
 from serve_app.app import APP_NAME, build_app
+from serve_app.models import MODEL_APP_PREFIX
 from serve_app.node_bindings import REPLICA_ACTOR_PREFIX
 
 
@@ -43,30 +45,44 @@ def deploy(
     target = serve.RunTarget(build_app(settings.as_args()), name=APP_NAME, route_prefix="/")
     serve.run_many([target], wait_for_applications_running=False)
     said: dict[str, str] = {}
+    ready_url = f"http://{settings.http_host}:{settings.http_port}/readyz"
     while True:
-        app = serve.status().applications.get(APP_NAME)
-        for name, line in replica_progress(app).items():
-            if said.get(name) != line:
-                said[name] = line
-                note(line)
-        if app is not None and app.status == ApplicationStatus.RUNNING:
-            return
-        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
-            raise DeployFailed(app.message or "Serve gave the application up")
+        apps = {name: app for name, app in serve.status().applications.items()
+                if name == APP_NAME or name.startswith(MODEL_APP_PREFIX)}  # fmt: skip
+        for name, app in sorted(apps.items()):
+            for deployment, line in replica_progress(name, app).items():
+                if said.get(deployment) != line:
+                    said[deployment] = line
+                    note(line)
+            if app.status == ApplicationStatus.DEPLOY_FAILED:
+                raise DeployFailed(f"{name}: {app.message or 'Serve gave the application up'}")
+        platform = apps.get(APP_NAME)
+        # up: the platform's application runs, and the ingress says every warm model the
+        # supply reconciler deployed has a replica online (`Ingress.readyz`)
+        if platform is not None and platform.status == ApplicationStatus.RUNNING:
+            if _ready(ready_url):
+                return
         time.sleep(poll_s)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # A replica's Serve state, and where the cluster's actor table has its actor, in words
 WAITING, LOADING, READY = "scheduled (waiting for a node)", "loading", "ready"
 
 
-def replica_progress(app: ApplicationStatusOverview | None) -> dict[str, str]:
+def replica_progress(app_name: str, app: ApplicationStatusOverview | None) -> dict[str, str]:
     """deployment -> one line: how many of its replicas are scheduled (their actor waits for
     a node with the resources), loading (placed, the constructor running: a model's weights)
     and ready."""
     if app is None:
         return {}
-    actors = actor_states(f"{REPLICA_ACTOR_PREFIX}{APP_NAME}#")
+    actors = actor_states(f"{REPLICA_ACTOR_PREFIX}{app_name}#")
     out = {}
     for name, deployment in sorted(app.deployments.items()):
         states = {str(k.value if hasattr(k, "value") else k): n

@@ -119,6 +119,14 @@ def no_replica(model_id: str, retry_after_s: int) -> Unavailable:
     )
 
 
+def model_warming(model_id: str, retry_after_s: int) -> Unavailable:
+    return Unavailable(
+        f"The model '{model_id}' is starting on a provider's GPU; retry in {retry_after_s} s.",
+        code="model_warming",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 def payment_provider_down(exc: stripe.StripeError) -> Unavailable:
     """Stripe failing (down, timing out, refusing our key) as the 503 a client may retry; the
     cause goes to the log only."""

@@ -59,12 +59,18 @@ from serve_app import node_bindings
 from serve_app.account_tiers import AccountTiers
 from serve_app.availability import ReplicaAvailability
 from serve_app.errors import engine_error as told_by_engine
-from serve_app.errors import model_not_found, no_replica, sse
+from serve_app.errors import model_not_found, model_warming, no_replica, sse
 from serve_app.gate import bearer_key
 from serve_app.holds import HoldKeeper
 from serve_app.http_app import create_app
 from serve_app.metrics import IngressMetrics
-from serve_app.models import ServedBy
+from serve_app.models import (
+    MODEL_APP_PREFIX,
+    ServedBy,
+    deployment_name,
+    model_app_name,
+    model_source,
+)
 from serve_app.node_bindings import NodeBindings
 from serve_app.provider_policy import (
     DEMOTE_STRIKES,
@@ -84,6 +90,8 @@ from serve_app.router import Allowed, InFlight
 from serve_app.schemas import decode_json, parse_chat, parse_completion, require_model
 from serve_app.services import Services
 from serve_app.streaming import ClosingStream, SSERelay, Usage, told_billed
+from serve_app.supply import Plan
+from serve_app.supply_view import SupplyView
 from serve_app.tokens import PromptCounter
 
 PROVIDER_HEADER = "x-darkgpu-provider"
@@ -194,34 +202,33 @@ class Ingress:
     def __init__(
         self,
         catalog: Catalog,
-        models: dict[str, DeploymentHandle[Any]],
-        deployment_names: dict[str, str],
-        model_sources: dict[str, str],
         billing: dict[str, Any],
-        meter: DeploymentHandle[Any],  # the billing actor: bound here so it is part of the app
+        # bound here so that they are part of the app: the billing actor, the supply reconciler
+        meter: DeploymentHandle[Any],
+        supply: DeploymentHandle[Any],
     ) -> None:
         self._catalog = catalog
-        self._handles = {model_id: h.options(stream=True) for model_id, h in models.items()}
-        self._counters = {
-            model_id: PromptCounter(source, catalog.by_id[model_id].context_length)
-            for model_id, source in model_sources.items()
-        }
-        app_name = serve.get_replica_context().app_name
-        self._availability = ReplicaAvailability(app_name, deployment_names)
+        self._handles: dict[str, DeploymentHandle[Any]] = {}  # made on first use
+        self._counters: dict[str, PromptCounter] = {}  # made on first use, in a thread
         self._metrics = IngressMetrics()
         self._created = int(time.time())
 
         self._services = Services.create(billing, self._metrics)
         self._gate = self._services.gate
+        settings = self._services.settings
         db = self._services.db
-        own_node = ray.get_runtime_context().get_node_id()
-        control = frozenset({own_node, *self._services.settings.control_node_ids})
-        node_bindings.install(NodeBindings(db, app_name, control))
-        self._directory = ReplicaDirectory(
-            # the replicas publish their stats to the state Redis (they never reach money)
-            connect(self._services.settings.state_redis_url, max_connections=8),
-            RegistryTerms(lambda: provider_terms(db)),
+        # the replicas publish their stats to the state Redis (they never reach money); the
+        # supply reconciler its plan
+        state = connect(settings.state_redis_url, max_connections=8)
+        self._supply = SupplyView(state, settings.model_load_s)
+        self._availability = ReplicaAvailability(
+            {m.id: (model_app_name(m), deployment_name(m)) for m in catalog.models},
+            on_online=self._supply.online,
         )
+        own_node = ray.get_runtime_context().get_node_id()
+        control = frozenset({own_node, *settings.control_node_ids})
+        node_bindings.install(NodeBindings(db, MODEL_APP_PREFIX, control))
+        self._directory = ReplicaDirectory(state, RegistryTerms(lambda: provider_terms(db)))
         self._tiers = AccountTiers(self._services.admission)
         self._recounting: set[asyncio.Task[None]] = set()
         self._in_flight = InFlight()  # this replica's requests per model replica
@@ -236,9 +243,7 @@ class Ingress:
             self._services,
             self.routes(),
             model_cards=self.model_cards,
-            max_context_tokens=max(
-                (self._catalog.by_id[m].context_length for m in self._handles), default=0
-            ),
+            max_context_tokens=max(m.context_length for m in self._catalog.models),
         )
 
     def routes(self) -> APIRouter:
@@ -263,34 +268,50 @@ class Ingress:
         return {"status": "ok"}
 
     async def readyz(self) -> dict[str, Any]:
+        """Ready once the supply reconciler has published its plan and every warm model of it
+        has a replica online (none deployed: ready, with nothing to serve)."""
+        plan = await self._supply.plan()
         online = await self._availability.online()
-        waiting = sorted(set(self._handles) - online)
-        if waiting or not self._handles:
+        if plan is None:
             raise Unavailable(
-                "Not ready: no replica online for " + (", ".join(waiting) or "any model"),
+                "Not ready: no supply plan yet", headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
+        waiting = {m for m, supply in plan.models.items() if supply.warm} - online
+        if waiting:
+            raise Unavailable(
+                "Not ready: no replica online for " + ", ".join(sorted(waiting)),
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
-        return {"status": "ready", "models": sorted(online)}
+        return {"status": "ready", "models": sorted(online & set(plan.models))}
 
     # --- catalog ------------------------------------------------------------------------
 
-    def _listed(self, model: CatalogModel) -> bool:
-        """Local models are listed only where they are deployed (machines without a GPU)."""
-        return not model.is_local or model.id in self._handles
+    @staticmethod
+    def _listed(model: CatalogModel, plan: Plan | None) -> bool:
+        """The CPU engine's local models are listed only where the platform serves them (no
+        node has a GPU); every other catalog model always."""
+        return not model.is_local or (plan is not None and plan.local)
 
-    def _model(self, model_id: str) -> CatalogModel:
+    async def _model(self, model_id: str) -> CatalogModel:
         model = self._catalog.get(model_id)
-        if model is None or not self._listed(model):
+        if model is None or not self._listed(model, await self._supply.plan()):
             raise model_not_found(model_id)
         return model
 
+    async def _available(self) -> frozenset[str]:
+        """The models deployed now with a replica online."""
+        plan = await self._supply.plan()
+        online = await self._availability.online()
+        return online & frozenset(plan.models) if plan is not None else frozenset()
+
     async def model_cards(self) -> list[dict[str, Any]]:
         """The listed catalog, with which models have a replica online now."""
-        online = await self._availability.online()
+        plan = await self._supply.plan()
+        available = await self._available()
         return [
-            model_card(m, m.id in online, self._created)
+            model_card(m, m.id in available, self._created)
             for m in self._catalog.models
-            if self._listed(m)
+            if self._listed(m, plan)
         ]
 
     async def list_models(self, request: Request) -> dict[str, Any]:
@@ -299,8 +320,26 @@ class Ingress:
 
     async def get_model(self, request: Request, model_id: str) -> dict[str, Any]:
         await self._gate.account(request)
-        model = self._model(model_id)
-        return model_card(model, await self._availability.is_online(model_id), self._created)
+        model = await self._model(model_id)
+        return model_card(model, model.id in await self._available(), self._created)
+
+    def _handle(self, model: CatalogModel) -> DeploymentHandle[Any]:
+        """The handle of the model's own application (it may be deployed after this replica
+        started: Serve resolves the name when a request is sent)."""
+        handle = self._handles.get(model.id)
+        if handle is None:
+            found = serve.get_deployment_handle(deployment_name(model), model_app_name(model))
+            handle = self._handles[model.id] = found.options(stream=True)
+        return handle
+
+    async def _counter(self, model: CatalogModel) -> PromptCounter:
+        """The model's prompt counter: its tokenizer, loaded in a thread on first use."""
+        counter = self._counters.get(model.id)
+        if counter is None:
+            source = model_source(model, self._services.settings)
+            counter = await asyncio.to_thread(PromptCounter, source, model.context_length)
+            self._counters[model.id] = counter
+        return counter
 
     # --- the account --------------------------------------------------------------------
 
@@ -353,7 +392,7 @@ class Ingress:
         try:
             raw = await request.body()
             body = decode_json(raw)
-            model = self._model(require_model(body))
+            model = await self._model(require_model(body))
             call.model = model.id
             default_tier = await self._tiers.default_for(bearer_key(request))
             restricted = "provider" in body or default_tier is not None
@@ -361,10 +400,7 @@ class Ingress:
             requirements = parse_requirements(body.pop("provider", None), catalog, default_tier)
             parse = parse_chat if call.endpoint == "chat" else parse_completion
             parsed = parse(body, model, call.request_id)
-            handle = self._handles.get(model.id)
-            if handle is None:  # listed, but no node can hold it: nothing to reserve for
-                await self._gate.account(request)  # a bad key is told so first
-                raise no_replica(model.id, RETRY_AFTER_S)
+            await self._deployed(request, model)
             ranked = await self._rank(model, requirements, catalog, restricted)
             if isinstance(ranked, NoCandidate):
                 await self._gate.account(request)  # a bad key is told so first
@@ -377,9 +413,10 @@ class Ingress:
                 request, model, parsed, reserve, len(raw)
             )
             self._holds.track(call.request_id)  # until `_finish`
+            self._supply.asked(model.id)  # demand keeps the model warm
             if not await self._availability.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
-            method = getattr(handle, call.endpoint)
+            method = getattr(self._handle(model), call.endpoint)
             if ranked is None:
                 stream = method.remote(parsed)
                 served_by, first = await self._open(stream)
@@ -396,7 +433,7 @@ class Ingress:
             )
             call.price = (served.input_nusd_per_token, served.output_nusd_per_token)
             delivered = Delivered(Ending.of(parsed), echoed_prompts(parsed, parsed.n or 1))
-            count = self._counters[model.id].texts
+            count = (await self._counter(model)).texts
             if not parsed.stream:
                 payload = first.model_dump(mode="json")
                 call.usage = await self._billed(payload, delivered, count, call.prompt_counted)
@@ -425,6 +462,20 @@ class Ingress:
             if not streaming:
                 self._finish(call)
 
+    async def _deployed(self, request: Request, model: CatalogModel) -> None:
+        """Refuse, before anything is reserved, a request for a model that no node may hold
+        (503 `no_provider_online`), or whose replica is still starting (503 `model_warming`,
+        `Retry-After` the measured load time). A warming model's request, once its key is
+        known good, counts as demand, which warms a cold model (`serve_app.supply`)."""
+        plan = await self._supply.plan()
+        if plan is None or model.id not in plan.models:
+            await self._gate.account(request)  # a bad key is told so first
+            raise no_replica(model.id, RETRY_AFTER_S)
+        if not await self._availability.is_online(model.id):
+            await self._gate.account(request)
+            self._supply.asked(model.id)
+            raise model_warming(model.id, self._supply.retry_after_s(model.id))
+
     async def _rank(
         self, model: CatalogModel, requirements: Requirements, catalog: Price, restricted: bool
     ) -> Ranked | NoCandidate | None:
@@ -452,7 +503,7 @@ class Ingress:
         max_tokens granted, per completion. Templating and tokenizing a large body run in a
         thread; a small one (well under a millisecond) inline, since a thread's hand-offs of the
         GIL cost more than that (measured: ~15 ms at c=1 in bench/serving_overhead.py)."""
-        counter = self._counters[model.id]  # every deployed model has one
+        counter = await self._counter(model)
         count: Callable[[Any], list[int]] = (
             (lambda chat: [counter.chat(chat)])
             if hasattr(parsed, "messages")

@@ -13,6 +13,9 @@ reads them before routing (and corrects them with the provider registry's terms)
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib.metadata
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -28,7 +31,8 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from cluster.catalog import CatalogModel
 from cluster.local_model import ensure_local_model
 from cluster.placement import replica_bundles
-from cluster.ray_internals import DrainingNodes
+from cluster.ray_internals import DrainingNodes, with_code_version
+from cluster.supply import ModelSupply
 from core.settings import Settings
 from kernel.labels import NodeIdentity
 from serve_app import replica_stats
@@ -36,6 +40,7 @@ from serve_app import replica_stats
 logger = logging.getLogger("darkgpu.models")
 
 ROUTER_CLASS = "serve_app.router:ProviderRequestRouter"
+MODEL_APP_PREFIX = "model-"
 ROUTING_STATS_PERIOD_S = 1
 DRAIN_CHECK_PERIOD_S = 1.0
 
@@ -142,7 +147,14 @@ def model_source(model: CatalogModel, settings: Settings) -> str:
     return model.source
 
 
-def llm_config_for(model: CatalogModel, settings: Settings) -> LLMConfig:
+def llm_config_for(
+    model: CatalogModel, settings: Settings, supply: ModelSupply | None = None
+) -> LLMConfig:
+    """The model's Serve LLM config; its replicas between `supply`'s bounds (the supply
+    reconciler's, `cluster.supply`), or the settings' where none is given."""
+    supply = supply or ModelSupply(
+        settings.min_replicas, max(settings.max_replicas, settings.min_replicas)
+    )
     engine_kwargs: dict[str, Any] = {
         "max_model_len": model.context_length,
         "tensor_parallel_size": model.tensor_parallel_size,
@@ -167,9 +179,9 @@ def llm_config_for(model: CatalogModel, settings: Settings) -> LLMConfig:
             "max_ongoing_requests": settings.max_ongoing_requests,
             # Its defaults (1e9 ongoing requests per replica) never scale up.
             "autoscaling_config": {
-                "min_replicas": settings.min_replicas,
-                "initial_replicas": settings.min_replicas,
-                "max_replicas": max(settings.max_replicas, settings.min_replicas),
+                "min_replicas": supply.min_replicas,
+                "initial_replicas": supply.min_replicas,
+                "max_replicas": supply.max_replicas,
                 "target_ongoing_requests": settings.target_ongoing_requests,
             },
             "request_router_config": {
@@ -184,16 +196,46 @@ def deployment_name(model: CatalogModel) -> str:
     return "llm-" + model.id.replace(".", "_")
 
 
+def model_app_name(model: CatalogModel) -> str:
+    """Each model is a Serve application of its own: deploying or removing one restarts
+    nothing else (the ingress finds it by name, `serve.get_deployment_handle`)."""
+    return MODEL_APP_PREFIX + model.id.replace(".", "_")
+
+
+def deployment_version(config: LLMConfig) -> str:
+    """The deployment's code version: everything but its replica bounds. Serve restarts the
+    replicas of a deployment whose version changed (a deployment without one gets a random
+    one on every deploy), so that the supply reconciler's new bounds change only the
+    autoscaler's (a light update, no replica restarted)."""
+    fixed = config.model_dump(mode="json")
+    fixed.get("deployment_config", {}).pop("autoscaling_config", None)
+    text = json.dumps([fixed, darkgpu_version()], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def darkgpu_version() -> str:
+    try:
+        return importlib.metadata.version("darkgpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
 def build_model_deployment(
-    model: CatalogModel, settings: Settings, redis_url: str | None = None
+    model: CatalogModel,
+    settings: Settings,
+    redis_url: str | None = None,
+    supply: ModelSupply | None = None,
 ) -> Application:
-    """A bound Serve deployment of one catalog model; its replicas publish their routing
-    stats to the Redis at `redis_url` (a constructor argument: the URL may hold a password,
-    and Ray shows runtime environments in its dashboard)."""
-    return build_llm_deployment(
-        llm_config_for(model, settings),
+    """A bound Serve deployment of one catalog model, with its replicas between `supply`'s
+    bounds; they publish their routing stats to the Redis at `redis_url` (a constructor
+    argument: the URL may hold a password, and Ray shows runtime environments in its
+    dashboard)."""
+    config = llm_config_for(model, settings, supply)
+    app = build_llm_deployment(
+        config,
         name_prefix="",
         bind_kwargs={"redis_url": redis_url} if redis_url else None,
         override_serve_options={"name": deployment_name(model)},
         deployment_cls=ProviderLLMServer,
     )
+    return with_code_version(app, deployment_version(config))

@@ -29,13 +29,14 @@ class NodeBindings:
     def __init__(
         self,
         engine: Engine,
-        app_name: str,
+        app_prefix: str,
         control_nodes: frozenset[str],
         ttl_s: float = 1.0,
         placements: Callable[[str], Mapping[str, str]] = alive_actor_nodes,
     ) -> None:
         self._engine = engine
-        self._prefix = f"{REPLICA_ACTOR_PREFIX}{app_name}#"
+        # the replicas of every application whose name starts so (each model is one)
+        self._prefix = f"{REPLICA_ACTOR_PREFIX}{app_prefix}"
         self._control = control_nodes
         self._ttl_s = ttl_s
         self._placements = placements

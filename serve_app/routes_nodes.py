@@ -1,7 +1,9 @@
 """A provider binds its Ray node to itself (`cluster.nodes`), with its provider token:
 
     POST /v1/providers/tickets   a one-time join ticket (approved providers only)
-    POST /v1/providers/nodes     {"ticket", "node_id"}: bind that node, as the cluster sees it
+    POST /v1/providers/nodes     {"ticket", "node_id", "models"}: bind that node, as the
+                                 cluster sees it, to serve those catalog models (none: any
+                                 that fits; `models = [...]` in the agent's provider.toml)
 
 The node's labels are read from the cluster's own node table, never from the request.
 """
@@ -16,6 +18,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster import nodes
+from kernel.errors import InvalidRequest
+from serve_app.catalog_file import catalog_of
 from serve_app.routes_providers import AuthedProvider, Svc
 
 router = APIRouter()
@@ -26,6 +30,9 @@ class BindNode(BaseModel):
 
     ticket: str = Field(min_length=1, max_length=200)
     node_id: str = Field(min_length=1, max_length=100)
+    models: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=64
+    )
 
 
 @router.post("/v1/providers/tickets", status_code=201)
@@ -51,9 +58,17 @@ async def bind_node(
     body: BindNode, provider: AuthedProvider, svc: Svc, table: NodeTable
 ) -> dict[str, Any]:
     node_id = nodes.check_node_id(body.node_id)
+    unknown = sorted(set(body.models) - set(catalog_of(svc).by_id))
+    if unknown:
+        raise InvalidRequest(
+            f"Not catalog models: {', '.join(unknown)} (see GET /v1/models).", param="models"
+        )
     found = await asyncio.to_thread(find_node, table, node_id)
-    await asyncio.to_thread(nodes.redeem, svc.db, provider.id, body.ticket, found)
-    return {"object": "provider.node", "provider_id": provider.id, "node_id": node_id}
+    await asyncio.to_thread(
+        nodes.redeem, svc.db, provider.id, body.ticket, found, models=body.models
+    )
+    return {"object": "provider.node", "provider_id": provider.id, "node_id": node_id,
+            "models": sorted(set(body.models))}  # fmt: skip
 
 
 def find_node(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class Platform:
         self.exchanges = 0
         self.tickets: list[str] = []
         self.bound: list[tuple[str, str]] = []
+        self.models: list[list[str]] = []  # the allow-list sent with each binding
         self.refuse_binding: Exception | None = None
 
     def challenge(self) -> str:
@@ -94,10 +96,11 @@ class Platform:
         self.tickets.append(f"dgpj-{len(self.tickets)}")
         return self.tickets[-1]
 
-    def bind_node(self, ticket: str, node_id: str) -> dict[str, Any]:
+    def bind_node(self, ticket: str, node_id: str, models: Sequence[str] = ()) -> dict[str, Any]:
         if self.refuse_binding is not None:
             raise self.refuse_binding
         self.bound.append((ticket, node_id))
+        self.models.append(list(models))
         return {"node_id": node_id}
 
     @property
@@ -330,6 +333,14 @@ def test_the_node_ip_address_goes_to_ray_start(tmp_path: Path) -> None:
     agent.start()
     agent.tick()
     assert runner.commands[0][-2:] == ["--node-ip-address", "10.8.0.2"]
+
+
+def test_the_models_the_provider_allows_go_with_the_binding(tmp_path: Path) -> None:
+    config = ProviderConfig(models=["llama-3.1-8b", "qwen3.5-7b"])
+    agent, platform, _ = make_agent(tmp_path, [H100], config, Clock(MONDAY))
+    agent.start()
+    agent.tick()
+    assert platform.models == [["llama-3.1-8b", "qwen3.5-7b"]]
 
 
 def test_heartbeat_failures_do_not_stop_the_loop_but_a_revoked_token_does(

@@ -186,9 +186,9 @@ def test_the_cluster_tables_say_where_nodes_and_replicas_are(ray_node: str) -> N
         def ping(self) -> int:
             return 1
 
-    actor = Replica.options(name="SERVE_REPLICA::darkgpu#llm-x#r1").remote()  # type: ignore[attr-defined]
+    actor = Replica.options(name="SERVE_REPLICA::model-x#llm-x#r1").remote()  # type: ignore[attr-defined]
     assert ray.get(actor.ping.remote()) == 1
-    assert alive_actor_nodes("SERVE_REPLICA::darkgpu#") == {
-        "SERVE_REPLICA::darkgpu#llm-x#r1": ray_node
+    assert alive_actor_nodes("SERVE_REPLICA::model-") == {
+        "SERVE_REPLICA::model-x#llm-x#r1": ray_node
     }
     ray.kill(actor)

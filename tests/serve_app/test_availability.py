@@ -6,6 +6,8 @@ constructor waits until a file exists (so the test decides when a replica may st
 `Probe`, standing for the ingress: a replica that holds a `ReplicaAvailability` for `Gate`
 and answers what it reads. A replica still starting is offline; once it runs it is online;
 its process SIGKILLed, it is offline while its replacement starts; once that runs, online.
+A model whose application does not exist yet (`Late`, in an application of its own, as the
+supply reconciler deploys each model) is offline; deployed, online; deleted, offline again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from serve_app.availability import ReplicaAvailability
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "availability"
+LATE_APP = "late-model"
 
 
 @serve.deployment(health_check_period_s=1, health_check_timeout_s=5)
@@ -46,7 +49,7 @@ class Probe:
     def __init__(self, gate: Any) -> None:
         self._gate = gate
         self._availability = ReplicaAvailability(
-            serve.get_replica_context().app_name, {"m": "Gate"}
+            {"m": (serve.get_replica_context().app_name, "Gate"), "late": (LATE_APP, "Late")}
         )
 
     async def online(self) -> list[str]:
@@ -54,6 +57,12 @@ class Probe:
 
     async def gate_pid(self) -> int:
         return int(await self._gate.pid.remote())
+
+
+@serve.deployment
+class Late:
+    def __call__(self) -> str:
+        return "ok"
 
 
 def wait_for(check: Callable[[], bool], timeout_s: float = 60) -> None:
@@ -102,3 +111,20 @@ def test_online_follows_the_replica_through_start_death_and_restart(
     door.touch()
     wait_for(lambda: online() == ["m"])
     assert probe.gate_pid.remote().result(timeout_s=30) != pid
+
+
+def test_a_model_application_deployed_later_comes_online_and_goes_with_it(
+    cluster: None, tmp_path: Path
+) -> None:
+    door = tmp_path / "door"
+    door.touch()
+    probe = serve.run(Probe.bind(Gate.bind(str(door))), name=APP, route_prefix=None)
+
+    def online() -> list[str]:
+        return probe.online.remote().result(timeout_s=30)  # type: ignore[no-any-return]
+
+    wait_for(lambda: online() == ["m"])
+    serve.run(Late.bind(), name=LATE_APP, route_prefix=None)
+    wait_for(lambda: online() == ["late", "m"])
+    serve.delete(LATE_APP)
+    wait_for(lambda: online() == ["m"])

@@ -25,8 +25,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ from tests.ports import port
 
 BIN = Path(sys.executable).parent
 MODEL = "darkgpu-tiny"
+MODEL_B = "darkgpu-tiny-b"  # the same weights; only p4 allows it
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
 EXACT = {"ignore_eos": True}
 PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
@@ -97,16 +99,17 @@ class Cluster:
     session: str = ""  # the Ray session of this cluster
     nodes: dict[str, RayCli] = field(default_factory=dict)  # each provider's agent's Ray
 
-    def join(self, provider: str, claimed_tier: TrustTier) -> None:
+    def join(self, provider: str, claimed_tier: TrustTier, models: Sequence[str] = ()) -> None:
         """A provider node joins as its agent joins it: a join ticket from the platform, the
         agent's node spec and `ray start` run by the agent's `RayCli`, the ticket redeemed
-        with the node's id (the agent's own `PlatformClient` calls)."""
+        with the node's id and the models its provider.toml allows (the agent's own
+        `PlatformClient` calls)."""
         agent = PlatformClient(self.api_url.removesuffix("/v1"), TOKENS[provider])
         ticket = agent.join_ticket()
         ray = RayCli(self.token_path, run=self._runner(provider))
         ray.join(node_spec(self.address, IDS[provider], claimed_tier, NODE_GPU, "127.0.0.1"))
         self.nodes[provider] = ray
-        agent.bind_node(ticket, ray.node_id())
+        agent.bind_node(ticket, ray.node_id(), models)
 
     def join_unbound(self, provider: str, claimed_tier: TrustTier) -> None:
         """A node that joins before the platform answers HTTP: `ray start`, then its ticket
@@ -121,7 +124,7 @@ class Cluster:
         try:
             ticket = nodes.issue_ticket(engine, IDS[provider]).ticket
             seen = nodes.ClusterNode(ray.node_id(), True, dict(spec.labels))
-            nodes.redeem(engine, IDS[provider], ticket, seen)
+            nodes.redeem(engine, IDS[provider], ticket, seen, models=[MODEL])
         finally:
             engine.dispose()
 
@@ -209,7 +212,7 @@ def _register(data: Path) -> None:
             engine, None, load_plans(settings.plans_file), email="gpus@example.com"
         )
         for provider, reading, floor in (("p1", RTX_4090, 0), ("p2", H100_CC_ON, 50),
-                                         ("p3", RTX_4090, 0)):  # fmt: skip
+                                         ("p3", RTX_4090, 0), ("p4", RTX_4090, 0)):  # fmt: skip
             new = registry.create_provider(engine, account_id=owner.id, name=provider)
             IDS[provider], TOKENS[provider] = new.provider.id, new.token
             key = X25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -255,7 +258,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     models = data / "models.toml"
     catalog = (CONFIGS_DIR / "models.toml").read_text()
     tiny = catalog[catalog.index('[[models]]\nid = "darkgpu-tiny"') :]
-    models.write_text(tiny.replace("min_vram_gb = 0", "min_vram_gb = 16"))
+    tiny = tiny.replace("min_vram_gb = 0", "min_vram_gb = 16")
+    models.write_text(tiny + "\n" + tiny.replace(f'id = "{MODEL}"', f'id = "{MODEL_B}"'))
     env = {**os.environ, "DARKGPU_DATA_DIR": str(data), "DARKGPU_MODELS_FILE": str(models),
            "DARKGPU_MIN_REPLICAS": "2", "DARKGPU_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
            "DARKGPU_STATE_REDIS_URL": f"redis://127.0.0.1:{STATE_REDIS_PORT}/0",
@@ -358,6 +362,77 @@ def usage(cluster: Cluster, key: str, requests: int) -> dict:
 def test_replicas_land_only_on_nodes_with_the_vram(cluster: Cluster) -> None:
     replicas = wait_for(lambda: len(cluster.replicas()) == 2 and cluster.replicas())
     assert sorted(replicas.values()) == ["p1", "p2"]  # one per provider, none on the head
+
+
+def _b_refused(client: openai.OpenAI) -> tuple[str, int] | None:
+    """How a request for the model only p4 allows is refused now: its code and Retry-After
+    (None: it was served)."""
+    try:
+        client.chat.completions.create(model=MODEL_B, messages=MSG, max_tokens=2,
+                                       extra_body=EXACT)  # fmt: skip
+    except openai.APIStatusError as exc:
+        assert exc.status_code == 503, exc.body
+        return exc.body["code"], int(exc.response.headers["retry-after"])
+    return None
+
+
+def test_a_model_comes_and_goes_with_the_provider_that_allows_it(
+    cluster: Cluster, client: openai.OpenAI
+) -> None:
+    """p1 and p2 allow only darkgpu-tiny: nobody serves darkgpu-tiny-b, which is listed as
+    unavailable and refused with its code. p4 joins, allowing only darkgpu-tiny-b: the supply
+    reconciler deploys it (an application of its own) on p4's node, and it is served, while a
+    client calling darkgpu-tiny throughout is answered every time by the same ingress (never
+    restarted: its `created` stamp is unchanged). p4 leaves (drained, then stopped): the
+    model is removed again. darkgpu-tiny is never placed on p4, which does not allow it."""
+
+    def card(model: str) -> dict:
+        return client.models.retrieve(model).model_dump()
+
+    created = card(MODEL)["created"]
+    assert card(MODEL_B)["available"] is False
+    assert _b_refused(client) == ("no_provider_online", 10)
+
+    failures: list[Exception] = []
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            try:
+                chat(client)
+            except Exception as exc:  # noqa: BLE001 - counted, asserted below
+                failures.append(exc)
+            time.sleep(0.2)
+
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    try:
+        joined = time.monotonic()
+        cluster.join("p4", TrustTier.basic, models=[MODEL_B])
+        warming = []
+        while (refused := _b_refused(client)) is not None:
+            assert time.monotonic() - joined < 300, f"never served: {refused}"
+            warming.append(refused)
+            time.sleep(1)
+        served_s = time.monotonic() - joined
+    finally:
+        stop.set()
+        caller.join()
+    assert failures == []
+    assert card(MODEL)["created"] == created  # the same ingress all along
+    assert card(MODEL_B)["available"] is True
+    # while its replica loaded: 503 model_warming, with a Retry-After
+    assert warming and all(code == "model_warming" and after >= 1 for code, after in warming), (
+        warming
+    )
+    print(f"darkgpu-tiny-b served {served_s:.1f} s after p4 began to join")
+    assert "p4" not in cluster.replicas().values()  # p4 never got darkgpu-tiny
+
+    cluster.nodes["p4"].drain("darkgpu agent: leaving", 60)
+    raylet = _raylet(cluster.session, "p4")
+    end([raylet.pid, *(p.pid for p in descendants(raylet.pid))], signal.SIGTERM, wait_s=30)
+    assert wait_for(lambda: _b_refused(client) == ("no_provider_online", 10), timeout_s=120)
+    assert card(MODEL_B)["available"] is False
 
 
 def test_by_default_only_providers_at_the_catalog_price_serve(client: openai.OpenAI) -> None:

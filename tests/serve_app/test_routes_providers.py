@@ -342,9 +342,9 @@ def test_binding_a_node_through_the_routes_refuses_what_is_not_the_providers(
     ticket = platform.post("/v1/providers/tickets", token).json()["ticket"]
     node = RecordingRay.NODE_ID
 
-    def bind(node_id: str = node):
+    def bind(node_id: str = node, **more: object):
         return platform.post(
-            "/v1/providers/nodes", token, json={"ticket": ticket, "node_id": node_id}
+            "/v1/providers/nodes", token, json={"ticket": ticket, "node_id": node_id, **more}
         )
 
     assert bind().json()["error"]["code"] == "node_not_found"  # not in the table (yet)
@@ -353,9 +353,16 @@ def test_binding_a_node_through_the_routes_refuses_what_is_not_the_providers(
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "node_label_mismatch"
     assert bind("not-a-node").status_code == 400
     shown[0] = ClusterNode(node, alive=True, labels={PROVIDER_ID_LABEL: provider_id})
-    assert bind().status_code == 201  # the same ticket: only a binding that succeeds spends it
+    # the models it serves: catalog ids only, a bounded list of bounded strings
+    for models in (["no-such-model"], ["darkgpu-tiny", "x" * 101], ["darkgpu-tiny"] * 65, "all"):
+        refused = bind(models=models)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"].startswith("models")
+    bound = bind(models=["darkgpu-tiny"])  # the same ticket: only a binding that succeeds spends it
+    assert bound.status_code == 201 and bound.json()["models"] == ["darkgpu-tiny"]
     assert bind().status_code == 401  # spent
     assert nodes.bindings(platform.services.db) == {node: provider_id}
+    assert nodes.allow_lists(platform.services.db) == {node: frozenset({"darkgpu-tiny"})}
 
 
 def test_demand_and_reputation_are_public_and_the_agent_shows_them(platform: Platform) -> None:

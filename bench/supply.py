@@ -1,0 +1,223 @@
+"""How fast supply follows the providers: seconds from a provider's node joining to the first
+request it serves, split into join, schedule and load, and from its leave to the last
+request moved to another provider.
+
+On this machine: `darkgpu up` on ports of its own, with a catalog of the tiny model needing
+16 GiB of VRAM, which the head does not offer (so nothing is deployed at first), and two
+providers registered and approved, each standing for an RTX 4090 (24 GiB, one replica). Each
+node joins as the agent joins it (a join ticket, the agent's `ray start`, the ticket
+redeemed with the node's id):
+
+1. p1 joins. join: until its node is bound; schedule: until the supply reconciler has
+   deployed the model and Ray has placed its replica on p1's node (the GCS's actor table);
+   load: until a request is answered by p1 (the engine loaded and routable).
+2. p2 joins; then p1 leaves as its agent leaves (`ray drain-node`, then its processes end).
+   moved: from the drain to the first request answered by p2 after which none is answered
+   by p1; a client calls throughout, and every failed request is counted.
+
+    .venv/bin/python bench/supply.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from agent_bootstrap.agent import RayCli, node_spec
+from agent_bootstrap.api import PlatformClient
+from agent_bootstrap.nvml import RecordedReader, detect
+from billing import accounts
+from billing.plans import load_plans
+from cluster import registry
+from cluster.local import LocalCluster
+from cluster.processes import cmdline, descendants, end, session_of, session_processes
+from cluster.ray_internals import alive_actor_nodes
+from core.db import make_engine, migrate
+from core.schema import ProviderReview, ProviderStatus
+from core.settings import CONFIGS_DIR, Settings
+from kernel.labels import PROVIDER_ID_LABEL, TrustTier
+from serve_app.node_bindings import REPLICA_ACTOR_PREFIX
+from tests.cluster.nvml_readings import RTX_4090
+
+MODEL = "darkgpu-tiny"
+BIN = Path(sys.executable).parent
+PORTS = {"RAY_PORT": 6410, "HTTP_PORT": 8030, "METRICS_PORT": 8110, "DASHBOARD_PORT": 8295}
+REDIS = {"DARKGPU_REDIS_URL": "redis://127.0.0.1:6412/0",
+         "DARKGPU_STATE_REDIS_URL": "redis://127.0.0.1:6413/0"}  # fmt: skip
+GPU = detect(RecordedReader(RTX_4090))
+NODE_ENV = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 4})}
+
+
+def wait(check: Callable[[], object], timeout_s: float = 600, every_s: float = 0.2) -> float:
+    """Seconds until `check()` is truthy."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError("timed out")
+        time.sleep(every_s)
+    return time.monotonic() - start
+
+
+class Bench:
+    def __init__(self, data: Path) -> None:
+        models = data / "models.toml"
+        catalog = (CONFIGS_DIR / "models.toml").read_text()
+        tiny = catalog[catalog.index(f'[[models]]\nid = "{MODEL}"') :]
+        models.write_text(tiny.replace("min_vram_gb = 0", "min_vram_gb = 16"))
+        self.env = {**os.environ, "DARKGPU_DATA_DIR": str(data),
+                    "DARKGPU_MODELS_FILE": str(models), **REDIS,
+                    **{f"DARKGPU_{k}": str(v) for k, v in PORTS.items()}}  # fmt: skip
+        self.env.pop("DARKGPU_DATABASE_URL", None)
+        self.settings = Settings(data_dir=data, ray_port=PORTS["RAY_PORT"])
+        self.local = LocalCluster(self.settings)
+        self.api = f"http://127.0.0.1:{PORTS['HTTP_PORT']}"
+        self.ids: dict[str, str] = {}
+        self.tokens: dict[str, str] = {}
+        self.nodes: dict[str, RayCli] = {}
+        self.key = ""
+
+    def register(self) -> None:
+        migrate(self.settings.database_url)
+        engine = make_engine(self.settings.database_url)
+        owner = accounts.create_account(
+            engine, None, load_plans(self.settings.plans_file), email="gpus@example.com"
+        )
+        for name in ("p1", "p2"):
+            new = registry.create_provider(engine, account_id=owner.id, name=name)
+            self.ids[name], self.tokens[name] = new.provider.id, new.token
+            registry.review(engine, new.provider.id, ProviderReview.approved)
+            registry.heartbeat(engine, new.provider.id, ProviderStatus.online)
+        engine.dispose()
+
+    def darkgpu(self, *args: str) -> str:
+        done = subprocess.run([str(BIN / "darkgpu"), *args], env=self.env, check=True,
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        return done.stdout
+
+    def new_key(self) -> None:
+        admin = lambda *a: json.loads(self.darkgpu("admin", *a))  # noqa: E731
+        account = admin("account", "create", "--email", "bench@example.com", "--plan", "paid")
+        admin("credits", "grant", "--account", str(account["id"]), "--usd", "100")
+        admin("account", "update", "--account", str(account["id"]), "--rpm", "100000")
+        self.key = admin("key", "create", "--account", str(account["id"]))["key"]
+
+    def raylet(self, name: str) -> int:
+        session = session_of(PORTS["RAY_PORT"]) or ""
+        label = f'"{PROVIDER_ID_LABEL}": "{self.ids[name]}"'
+        [pid] = [p.pid for p in session_processes(session)
+                 if "raylet" in p.name() and label in cmdline(p)]  # fmt: skip
+        return pid
+
+    def join(self, name: str) -> str:
+        """As the agent joins: a ticket, `ray start`, the ticket redeemed; the node's id."""
+        agent = PlatformClient(self.api, self.tokens[name])
+        ticket = agent.join_ticket()
+        ray_env = {**self.env, **self.local.env()}
+        ray_env.pop("RAY_ADDRESS")
+
+        def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            if command[1:] == ["-m", "agent_bootstrap.ray_node_id"]:  # this machine's raylets
+                node_id = cmdline_node_id(self.raylet(name))
+                return subprocess.CompletedProcess(command, 0, node_id + "\n", "")
+            return subprocess.run(command, env={**ray_env, **env, **NODE_ENV},
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+
+        ray = RayCli(self.local.token_path, run=run)
+        ray.join(node_spec(self.local.address, self.ids[name], TrustTier.basic, GPU, "127.0.0.1"))
+        self.nodes[name] = ray
+        agent.bind_node(ticket, ray.node_id())
+        return ray.node_id()
+
+    def served_by(self) -> str | None:
+        """Who answered one request (None: refused, e.g. 503 while no replica is up)."""
+        got = httpx.post(f"{self.api}/v1/chat/completions", timeout=120,
+                         headers={"authorization": f"Bearer {self.key}"},
+                         json={"model": MODEL, "max_tokens": 2, "messages": [
+                             {"role": "user", "content": "hello"}]})  # fmt: skip
+        if got.status_code != 200:
+            return None
+        provider = got.headers["x-darkgpu-provider"]
+        return {v: k for k, v in self.ids.items()}.get(provider, provider)
+
+
+def cmdline_node_id(pid: int) -> str:
+    import psutil
+
+    return cmdline(psutil.Process(pid)).split("--node-id=", 1)[1].split()[0]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="darkgpu-supply-") as tmp:
+        bench = Bench(Path(tmp))
+        bench.register()
+        bench.local.start_head()
+        try:
+            bench.darkgpu("up")
+            bench.new_key()
+            assert bench.served_by() is None  # nothing deployed: the head has no VRAM
+            os.environ.update(bench.local.env())
+            import ray
+
+            ray.init(address=bench.local.address, logging_level="ERROR", log_to_driver=False)
+            start = time.monotonic()
+            node = bench.join("p1")
+            joined = time.monotonic() - start
+            scheduled = wait(lambda: node in alive_actor_nodes(REPLICA_ACTOR_PREFIX).values())
+            loaded = wait(lambda: bench.served_by() == "p1", every_s=0.5)
+            total = time.monotonic() - start
+            split = f"join {joined:.1f} s, schedule {scheduled:.1f} s, load {loaded:.1f} s"
+            print(f"p1 join → first request served: {total:.1f} s ({split})")
+
+            bench.join("p2")
+            served: list[tuple[float, str | None]] = []
+            stop = threading.Event()
+
+            def keep_calling() -> None:
+                while not stop.is_set():
+                    served.append((time.monotonic(), bench.served_by()))
+
+            caller = threading.Thread(target=keep_calling)
+            caller.start()
+            time.sleep(2)
+            left = time.monotonic()
+            bench.nodes["p1"].drain("darkgpu agent: leaving", 120)
+
+            def moved_away() -> bool:
+                recent = {who for t, who in served if t > time.monotonic() - 5}
+                return "p1" not in recent and any(who == "p2" for t, who in served if t > left)
+
+            try:
+                wait(moved_away, every_s=0.5)
+            finally:
+                stop.set()
+                caller.join()
+            by_p1 = [t for t, who in served if who == "p1"]
+            moved = (max(by_p1) - left) if by_p1 else 0.0
+            since = [who for t, who in served if t > left]
+            failed = since.count(None)
+            print(f"p1 leave → last request moved: {moved:.1f} s "
+                  f"({len(since)} requests meanwhile, {failed} failed)")  # fmt: skip
+            raylet = bench.raylet("p1")
+            end([raylet, *(p.pid for p in descendants(raylet))], signal.SIGTERM, wait_s=30)
+            ray.shutdown()
+        finally:
+            stop_serve = "import sys; from serve_app.deploy import undeploy; undeploy(sys.argv[1])"
+            subprocess.run([str(BIN / "python"), "-c", stop_serve, bench.local.address],
+                           env={**bench.env, **bench.local.env()}, capture_output=True,
+                           timeout=180)  # fmt: skip
+            bench.local.stop()
+            subprocess.run([str(BIN / "darkgpu"), "down"], env=bench.env, capture_output=True)
+
+
+if __name__ == "__main__":
+    main()

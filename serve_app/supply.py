@@ -1,0 +1,248 @@
+"""The supply reconciler: a Serve application per catalog model, kept on the nodes that may
+hold it and sized by the demand, as `cluster.supply.plan_supply` decides.
+
+Every `supply_every_s` the `supply` deployment (on a control node) reads the alive nodes
+(the GCS's table: resources), which of them are the platform's own (control nodes) or bound
+to an approved provider with the models it allows (SQL, `cluster.nodes`), which are draining
+(the GCS), and when each model was last asked for (`dg:supply:asked`, written by the
+ingresses); plans; deploys each model whose bounds changed as an application of its own
+(`serve_app.models.model_app_name`: adding or removing one restarts nothing else, the
+ingress least of all), deletes those no node may hold any longer, and publishes the plan
+(`dg:supply:plan`, the state Redis) for the ingresses: which models are deployed, which are
+warm, and whether the platform serves the CPU engine's models (no node has a GPU).
+
+A deploy that changes only a model's bounds keeps its replicas (its code version is fixed by
+its config: `serve_app.models.deployment_version`); Serve's autoscaler then moves the replica
+count between the bounds by the model's ongoing requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import ray
+import redis as redis_lib
+from ray import serve
+from sqlalchemy.engine import Engine
+
+from cluster import nodes
+from cluster.catalog import Catalog, CatalogModel, load_catalog
+from cluster.placement import NodeCapacity
+from cluster.ray_internals import DrainingNodes
+from cluster.supply import ModelSupply, SupplyNode, SupplyPolicy, plan_supply
+from core.db import make_engine
+from core.settings import Settings
+from kernel import redis_keys
+from kernel.labels import CONTROL_SELECTOR
+from serve_app.models import MODEL_APP_PREFIX, build_model_deployment, model_app_name
+
+logger = logging.getLogger("darkgpu.supply")
+PLAN_TTL_S = 60  # a plan not refreshed for this long is gone: the ingresses then serve nothing
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The plan as published: the deployed models' bounds, and whether the platform serves
+    the CPU engine's local models (no node has a GPU)."""
+
+    models: Mapping[str, ModelSupply]
+    local: bool
+
+    def to_json(self) -> str:
+        models = {m: s.to_json() for m, s in self.models.items()}
+        return json.dumps({"models": models, "local": self.local})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Plan:
+        found = json.loads(raw)
+        models = {
+            str(m): ModelSupply(int(s["min_replicas"]), int(s["max_replicas"]))
+            for m, s in found["models"].items()
+        }
+        return cls(models, bool(found["local"]))
+
+
+@dataclass(frozen=True)
+class AliveNode:
+    node_id: str
+    resources: Mapping[str, float]
+
+
+def alive_nodes() -> list[AliveNode]:
+    """The alive nodes of the connected cluster and their resources (the GCS's table)."""
+    return [
+        AliveNode(str(entry["NodeID"]), dict(entry["Resources"]))
+        for entry in ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
+        if entry["Alive"]
+    ]
+
+
+def supply_nodes(
+    alive: Collection[AliveNode],
+    control: Collection[str],
+    bound: Mapping[str, str],
+    approved: Collection[str],
+    allowed: Mapping[str, frozenset[str]],
+    draining: Collection[str],
+) -> list[SupplyNode]:
+    """The alive nodes that may serve: control nodes (any model that fits), and nodes bound to
+    an approved provider (the models it allows). Any other node (unbound, or its provider
+    suspended) counts for nothing, whatever its labels say."""
+    out = []
+    for node in alive:
+        own = node.node_id in control
+        if not own and bound.get(node.node_id) not in approved:
+            continue
+        out.append(
+            SupplyNode(
+                node.node_id,
+                NodeCapacity.from_resources(node.resources),
+                frozenset() if own else allowed.get(node.node_id, frozenset()),
+                node.node_id in draining,
+            )
+        )
+    return out
+
+
+def deploy_model(model: CatalogModel, supply: ModelSupply, settings: Settings) -> None:
+    """Deploy (or update the bounds of) the model's own application; returns once Serve has
+    taken it, before its replicas start."""
+    app = build_model_deployment(model, settings, settings.replica_redis_url, supply)
+    target = serve.RunTarget(app, name=model_app_name(model), route_prefix=None)
+    serve.run_many([target], wait_for_applications_running=False)
+
+
+def delete_model(app_name: str) -> None:
+    serve.delete(app_name, _blocking=False)
+
+
+def model_apps() -> set[str]:
+    """The model applications Serve runs now."""
+    return {name for name in serve.status().applications if name.startswith(MODEL_APP_PREFIX)}
+
+
+class SupplyReconciler:
+    """One tick: read, plan, apply, publish. The readers and Serve's calls are parameters, so
+    that tests can drive it against a recorded cluster."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        settings: Settings,
+        engine: Engine,
+        state: redis_lib.Redis,
+        control: Collection[str],
+        *,
+        list_nodes: Callable[[], list[AliveNode]] = alive_nodes,
+        draining: Callable[[], Collection[str]] = lambda: (),
+        deploy: Callable[[CatalogModel, ModelSupply, Settings], None] = deploy_model,
+        delete: Callable[[str], None] = delete_model,
+        running_apps: Callable[[], set[str]] = model_apps,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._catalog = catalog
+        self._settings = settings
+        self._engine = engine
+        self._state = state
+        self._control = frozenset(control)
+        self._list_nodes = list_nodes
+        self._draining = draining
+        self._deploy = deploy
+        self._delete = delete
+        self._running_apps = running_apps
+        self._clock = clock
+        self._policy = SupplyPolicy(
+            min_replicas=settings.min_replicas,
+            max_replicas=max(settings.max_replicas, settings.min_replicas),
+            cool_after_s=settings.scale_to_zero_after_s or None,
+        )
+        self.applied: dict[str, ModelSupply] | None = None  # None: not read from Serve yet
+
+    def tick(self) -> Plan | None:
+        try:
+            return self._tick()
+        except Exception as exc:  # noqa: BLE001 - the GCS, SQL or Redis away: the next tick
+            logger.warning("reconciling the supply failed: %r", exc)
+            return None
+
+    def _tick(self) -> Plan:
+        alive = self._list_nodes()
+        nodes_now = supply_nodes(
+            alive,
+            self._control,
+            nodes.bindings(self._engine),
+            nodes.approved_providers(self._engine),
+            nodes.allow_lists(self._engine),
+            set(self._draining()),
+        )
+        found = cast(dict[bytes, bytes], self._state.hgetall(redis_keys.SUPPLY_ASKED))
+        asked = {key.decode(): float(value) for key, value in found.items()}
+        plan = Plan(
+            plan_supply(self._catalog, nodes_now, asked, self._policy, self._clock()),
+            local=not any(node.capacity.gpus for node in nodes_now),
+        )
+        self._apply(plan.models)
+        self._state.set(redis_keys.SUPPLY_PLAN, plan.to_json(), ex=PLAN_TTL_S)
+        return plan
+
+    def _apply(self, wanted: Mapping[str, ModelSupply]) -> None:
+        if self.applied is None:  # first tick: what an earlier reconciler left running
+            apps = self._running_apps()
+            self.applied = {}
+            for model in self._catalog.models:
+                if model_app_name(model) in apps:
+                    self.applied[model.id] = ModelSupply(-1, -1)  # unknown: deploy again
+        for model in self._catalog.models:
+            supply, had = wanted.get(model.id), self.applied.get(model.id)
+            if supply is not None and supply != had:
+                logger.info("deploying %s with %s", model.id, supply)
+                self._deploy(model, supply, self._settings)
+                self.applied[model.id] = supply
+            elif supply is None and had is not None:
+                logger.info("removing %s: no node may serve it", model.id)
+                self._delete(model_app_name(model))
+                del self.applied[model.id]
+
+
+@serve.deployment(
+    name="supply",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0, "label_selector": CONTROL_SELECTOR},
+)
+class Supply:
+    """The reconciler's thread, on a control node, as part of the platform's application."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        settings = Settings(**args)
+        context = ray.get_runtime_context()
+        gcs = DrainingNodes(context.gcs_address)
+        self._reconciler = SupplyReconciler(
+            load_catalog(settings.models_file),
+            settings,
+            make_engine(settings.database_url),
+            redis_lib.Redis.from_url(settings.state_redis_url, socket_timeout=5),
+            {context.get_node_id(), *settings.control_node_ids},
+            draining=gcs.node_ids,
+        )
+        self._every_s = settings.supply_every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supply", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._reconciler.tick()
+            self._stop.wait(self._every_s)
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the supply reconciler stopped")
+
+    def __del__(self) -> None:
+        self._stop.set()

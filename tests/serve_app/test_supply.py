@@ -1,0 +1,207 @@
+"""The supply reconciler (`serve_app.supply.SupplyReconciler`) against real SQL and Redis, the
+cluster's node table recorded and Serve's deploy and delete calls recorded (the real ones run
+in the multi-node suite); and the ingress's view of its plan (`serve_app.supply_view`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis import asyncio as aredis
+from sqlalchemy import Engine
+
+from billing.plans import Plans
+from cluster import nodes, registry
+from cluster.catalog import Catalog, CatalogModel, load_catalog
+from cluster.supply import ModelSupply
+from core.schema import ProviderReview
+from core.settings import CONFIGS_DIR, Settings
+from kernel import redis_keys
+from kernel.labels import PROVIDER_ID_LABEL, VRAM_RESOURCE
+from serve_app.supply import AliveNode, Plan, SupplyReconciler
+from serve_app.supply_view import SupplyView
+from tests.billing import conftest as billing
+from tests.cluster.test_nodes import provider
+
+r, plans, sqlite_engine = billing.r, billing.plans, billing.sqlite_engine
+
+TINY = load_catalog(CONFIGS_DIR / "models.toml").get("darkgpu-tiny")
+CATALOG = Catalog(
+    models=[
+        TINY.model_copy(update={"min_vram_gb": 16}),
+        TINY.model_copy(update={"id": "darkgpu-tiny-b", "min_vram_gb": 16}),
+    ]
+)
+HEAD, NODE_A, NODE_B, ROGUE = "h" * 56, "a" * 56, "b" * 56, "c" * 56
+A_24GB = {"CPU": 4.0, VRAM_RESOURCE: 24.0}
+
+
+class Recorded:
+    """The cluster and Serve as the reconciler sees them: the alive nodes, the draining ones,
+    and the deploys and deletes it asked for."""
+
+    def __init__(self) -> None:
+        self.alive = [AliveNode(HEAD, {"CPU": 8.0})]
+        self.draining: set[str] = set()
+        self.running = {"model-darkgpu-tiny-b"}  # left by an earlier reconciler
+        self.calls: list[tuple[str, str, ModelSupply | None]] = []
+
+    def deploy(self, model: CatalogModel, supply: ModelSupply, settings: Settings) -> None:
+        self.calls.append(("deploy", model.id, supply))
+
+    def delete(self, app_name: str) -> None:
+        self.calls.append(("delete", app_name, None))
+
+    def taken(self) -> list[tuple[str, str, ModelSupply | None]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+@pytest.fixture
+def cluster() -> Recorded:
+    return Recorded()
+
+
+@pytest.fixture
+def reconciler(
+    sqlite_engine: Engine, r: redis.Redis, cluster: Recorded, tmp_path: Path
+) -> Iterator[SupplyReconciler]:
+    settings = Settings(data_dir=tmp_path, min_replicas=1, max_replicas=4,
+                        scale_to_zero_after_s=600)  # fmt: skip
+    yield SupplyReconciler(
+        CATALOG, settings, sqlite_engine, r, {HEAD},
+        list_nodes=lambda: cluster.alive, draining=lambda: cluster.draining,
+        deploy=cluster.deploy, delete=cluster.delete, running_apps=lambda: cluster.running,
+    )  # fmt: skip
+
+
+def bind(engine: Engine, provider_id: str, node_id: str, models: list[str]) -> None:
+    ticket = nodes.issue_ticket(engine, provider_id).ticket
+    seen = nodes.ClusterNode(node_id, True, {PROVIDER_ID_LABEL: provider_id})
+    nodes.redeem(engine, provider_id, ticket, seen, models=models)
+
+
+def published(r: redis.Redis) -> Plan:
+    return Plan.from_json(r.get(redis_keys.SUPPLY_PLAN))
+
+
+def test_the_head_alone_deploys_nothing_and_removes_what_was_left(
+    reconciler: SupplyReconciler, cluster: Recorded, r: redis.Redis
+) -> None:
+    assert reconciler.tick() == Plan({}, local=True)
+    assert cluster.taken() == [("delete", "model-darkgpu-tiny-b", None)]
+    assert published(r) == Plan({}, local=True)
+    assert 0 < r.ttl(redis_keys.SUPPLY_PLAN) <= 60
+
+
+def test_a_provider_serves_what_it_allows_cold_until_asked_and_leaves_with_its_node(
+    reconciler: SupplyReconciler,
+    cluster: Recorded,
+    sqlite_engine: Engine,
+    r: redis.Redis,
+    plans: Plans,
+) -> None:
+    alice = provider(sqlite_engine, r, plans, "alice@example.com")
+    bind(sqlite_engine, alice, NODE_A, ["darkgpu-tiny"])
+    cluster.alive.append(AliveNode(NODE_A, A_24GB))
+    reconciler.tick()
+    # cold: deployed with no replica; tiny-b, which nobody allows, removed and never deployed
+    assert cluster.taken() == [("deploy", "darkgpu-tiny", ModelSupply(0, 1)),
+                               ("delete", "model-darkgpu-tiny-b", None)]  # fmt: skip
+    reconciler.tick()
+    assert cluster.taken() == []  # nothing changed: nothing deployed again
+
+    r.hset(redis_keys.SUPPLY_ASKED, "darkgpu-tiny", time.time())  # an ingress had a request
+    plan = reconciler.tick()
+    assert plan is not None and plan.models == {"darkgpu-tiny": ModelSupply(1, 1)}
+    assert cluster.taken() == [("deploy", "darkgpu-tiny", ModelSupply(1, 1))]
+
+    cluster.draining.add(NODE_A)  # its window ended: kept (its replica moves first)
+    reconciler.tick()
+    assert cluster.taken() == []
+    cluster.alive.remove(AliveNode(NODE_A, A_24GB))  # gone
+    reconciler.tick()
+    assert cluster.taken() == [("delete", "model-darkgpu-tiny", None)]
+    assert published(r).models == {}
+
+
+def test_only_nodes_bound_to_an_approved_provider_count(
+    reconciler: SupplyReconciler,
+    cluster: Recorded,
+    sqlite_engine: Engine,
+    r: redis.Redis,
+    plans: Plans,
+) -> None:
+    """A node labelled as a provider but never bound (a rogue), and one whose provider the
+    operator suspended, offer nothing, whatever VRAM they declare."""
+    bob = provider(sqlite_engine, r, plans, "bob@example.com")
+    bind(sqlite_engine, bob, NODE_B, [])
+    registry.review(sqlite_engine, bob, ProviderReview.suspended)
+    cluster.alive += [AliveNode(NODE_B, A_24GB), AliveNode(ROGUE, {"GPU": 8.0, VRAM_RESOURCE: 640})]
+    assert reconciler.tick() == Plan({}, local=True)
+    registry.review(sqlite_engine, bob, ProviderReview.approved)
+    plan = reconciler.tick()
+    assert plan is not None and set(plan.models) == {"darkgpu-tiny", "darkgpu-tiny-b"}
+
+
+def test_binding_again_replaces_the_allow_list(
+    sqlite_engine: Engine, r: redis.Redis, plans: Plans
+) -> None:
+    alice = provider(sqlite_engine, r, plans, "alice@example.com")
+    bind(sqlite_engine, alice, NODE_A, ["darkgpu-tiny", "darkgpu-tiny"])
+    assert nodes.allow_lists(sqlite_engine) == {NODE_A: frozenset({"darkgpu-tiny"})}
+    bind(sqlite_engine, alice, NODE_A, [])
+    assert nodes.allow_lists(sqlite_engine) == {NODE_A: frozenset()}
+
+
+async def settled(view: SupplyView) -> Plan | None:
+    """The reading of a turn started now (a reading is taken in the background)."""
+    await view.plan()
+    await asyncio.sleep(0.1)
+    return await view.plan()
+
+
+def test_the_ingress_reads_the_plan_reports_demand_and_measures_the_load(r: redis.Redis) -> None:
+    async def main() -> None:
+        client = aredis.Redis.from_url(billing.REDIS_URL)
+        view = SupplyView(client, default_load_s=60, ttl_s=0.0)
+        try:
+            assert await view.plan() is None  # no reconciler yet
+            plan = Plan({"m": ModelSupply(0, 2)}, local=False)
+            r.set(redis_keys.SUPPLY_PLAN, plan.to_json())
+            view.asked("m")
+            assert view.retry_after_s("m") == 60  # nothing measured: the setting
+            await asyncio.sleep(0.2)
+            view.online("m")  # Serve pushed its first running replica
+            assert await settled(view) == plan
+            assert time.time() - float(r.hget(redis_keys.SUPPLY_ASKED, "m")) < 10
+            load_s = float(r.hget(redis_keys.SUPPLY_LOAD_S, "m"))
+            assert 0.2 <= load_s < 5
+            # the next warming is told the measured load
+            assert view.retry_after_s("m") == max(1, math.ceil(load_s))
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_plan_that_is_not_a_plan_keeps_the_last_reading(r: redis.Redis) -> None:
+    async def main() -> None:
+        client = aredis.Redis.from_url(billing.REDIS_URL)
+        view = SupplyView(client, default_load_s=60, ttl_s=0.0)
+        try:
+            good = Plan({"m": ModelSupply(1, 1)}, local=True)
+            r.set(redis_keys.SUPPLY_PLAN, good.to_json())
+            assert await view.plan() == good
+            r.set(redis_keys.SUPPLY_PLAN, json.dumps({"models": {"m": {}}}))
+            assert await settled(view) == good
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
