@@ -47,7 +47,13 @@ from agent_bootstrap.keys import KeyPair
 from agent_bootstrap.nvml import Detection, GpuReader, GpuUnavailable, detect
 from agent_bootstrap.schedule import is_open
 from kernel.gpu import CcState
-from kernel.labels import VRAM_RESOURCE, NodeIdentity, TrustTier, format_labels
+from kernel.labels import (
+    VRAM_RESOURCE,
+    NodeIdentity,
+    TrustTier,
+    format_labels,
+    model_resources,
+)
 
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
 APPROVED = "approved"
@@ -85,14 +91,17 @@ def node_spec(
     tier: TrustTier,
     detection: Detection,
     node_ip_address: str | None = None,
+    models: Sequence[str] = (),
 ) -> NodeSpec:
+    """How the node joins: its labels, its VRAM, and a resource for each catalog model it
+    serves (`models`), without which Ray places no replica of that model on it."""
     identity = NodeIdentity(
         provider_id=provider_id, trust_tier=tier, gpu_model=detection.name.replace(" ", "_")
     )
     return NodeSpec(
         address=address,
         labels=identity.labels(),
-        resources={VRAM_RESOURCE: detection.vram_gb_resource},
+        resources={VRAM_RESOURCE: detection.vram_gb_resource, **model_resources(models)},
         node_ip_address=node_ip_address,
     )
 
@@ -228,6 +237,8 @@ class Platform(Protocol):
     def bind_node(
         self, ticket: str, node_id: str, models: Sequence[str] = ()
     ) -> dict[str, Any]: ...
+
+    def market(self) -> dict[str, Any]: ...
 
 
 def registration_body(detection: Detection, key: KeyPair, config: ProviderConfig) -> dict[str, Any]:
@@ -389,19 +400,21 @@ class Agent:
         if not self._cluster_credentials():
             return
         assert self.credentials.cluster_address is not None
+        try:
+            ticket = self.deps.platform.join_ticket()
+            models = self.config.models or self._catalog()
+        except Exception as exc:  # the platform being away must not stop the loop
+            self.reason = f"could not get a join ticket or the catalog: {exc}"
+            self.deps.log(self.reason)
+            return
         spec = node_spec(
             self.credentials.cluster_address,
             self.credentials.provider_id,
             self.tier,
             self.detection,
             self.config.node_ip_address,
+            models,
         )
-        try:
-            ticket = self.deps.platform.join_ticket()
-        except Exception as exc:  # the platform being away must not stop the loop
-            self.reason = f"could not get a join ticket: {exc}"
-            self.deps.log(self.reason)
-            return
         try:
             self.deps.ray.join(spec)
         except RayError as exc:
@@ -418,6 +431,12 @@ class Agent:
         self.phase, self.reason = Phase.joined, "serving"
         self._last_heartbeat = -float("inf")
         self.deps.log(f"Joined the cluster at {spec.address} ({spec.resources})")
+
+    def _catalog(self) -> list[str]:
+        """Every catalog model, for a provider.toml that names none (any that fits: Ray
+        places only what fits the VRAM anyway); from the public market figures."""
+        market = self.deps.platform.market()
+        return [str(entry["model"]) for entry in market.get("models", [])]
 
     def _drain(self, why: str, now: float) -> None:
         self.deps.log(f"Leaving the cluster: {why}")

@@ -133,9 +133,11 @@ class Bench:
                                   capture_output=True, text=True, timeout=120)  # fmt: skip
 
         ray = RayCli(self.local.token_path, run=run)
-        ray.join(node_spec(self.local.address, self.ids[name], TrustTier.basic, GPU, "127.0.0.1"))
+        spec = node_spec(self.local.address, self.ids[name], TrustTier.basic, GPU, "127.0.0.1",
+                         [MODEL])  # fmt: skip
+        ray.join(spec)
         self.nodes[name] = ray
-        agent.bind_node(ticket, ray.node_id())
+        agent.bind_node(ticket, ray.node_id(), [MODEL])
         return ray.node_id()
 
     def served_by(self) -> str | None:

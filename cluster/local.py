@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.catalog import load_catalog
 from cluster.gpu import local_gpus
 from cluster.processes import forget_address, session_of, stop_session
 from core.settings import Settings
@@ -28,6 +29,7 @@ from kernel.labels import (
     NodeIdentity,
     TrustTier,
     format_labels,
+    model_resources,
 )
 
 
@@ -80,7 +82,10 @@ class LocalCluster:
             trust_tier=TrustTier.basic,
             gpu_model=gpus[0].name.replace(" ", "_") if gpus else None,
         )
-        resources = {VRAM_RESOURCE: sum(g.vram_gb for g in gpus)} if gpus else {}
+        resources: dict[str, float] = {VRAM_RESOURCE: sum(g.vram_gb for g in gpus)} if gpus else {}
+        # the platform's own node may serve any catalog model that fits it
+        catalog = load_catalog(self.settings.models_file)
+        resources.update(model_resources(m.id for m in catalog.models))
         command = [
             _ray_executable(), "start", "--head",
             "--port", str(self.settings.ray_port),

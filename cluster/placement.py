@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cluster.catalog import CatalogModel
-from kernel.labels import VRAM_RESOURCE
+from kernel.labels import VRAM_RESOURCE, model_resource
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,15 @@ class NodeCapacity:
 
 
 def replica_bundles(model: CatalogModel) -> list[dict[str, float]]:
-    """Placement-group bundles of one replica: one per GPU, each with its share of VRAM.
+    """Placement-group bundles of one replica: one per GPU, each with its share of VRAM, the
+    first also with a unit of the model's own resource, which only the nodes whose provider
+    allows the model declare (`kernel.labels.model_resources`).
 
     A local model (the CPU engine) takes one CPU, and its min VRAM as a count where it
     has one, so it lands only on nodes that declare that much `vram_gb`."""
+    allowed = {model_resource(model.id): 1.0}
     if model.is_local:
-        return [{"CPU": 1, VRAM_RESOURCE: model.min_vram_gb}] if model.min_vram_gb else [{"CPU": 1}]
-    return [{"GPU": 1, VRAM_RESOURCE: model.vram_gb_per_gpu}] * model.tensor_parallel_size
+        vram = {VRAM_RESOURCE: model.min_vram_gb} if model.min_vram_gb else {}
+        return [{"CPU": 1, **vram, **allowed}]
+    gpu: dict[str, float] = {"GPU": 1, VRAM_RESOURCE: model.vram_gb_per_gpu}
+    return [{**gpu, **allowed}] + [gpu] * (model.tensor_parallel_size - 1)

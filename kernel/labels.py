@@ -7,7 +7,7 @@ labels (provider id, trust tier, GPU model) read back by replicas and label sele
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -17,6 +17,11 @@ GPU_MODEL_LABEL = "darkgpu.io/gpu-model"
 PRICE_FLOOR_LABEL = "darkgpu.io/price-floor-pct"
 """The provider's price floor, percent above the catalog price (`price_floor_pct`)."""
 VRAM_RESOURCE = "vram_gb"
+MODEL_RESOURCE_PREFIX = "darkgpu_model:"
+MODEL_RESOURCE_UNITS = 1000
+"""A node declares `darkgpu_model:<id>` (this many units) for each catalog model its provider
+lets it serve, and each replica asks one unit of its model's: Ray places a model's replica
+only on a node that allows it (`cluster.placement.replica_bundles`)."""
 ROLE_LABEL = "darkgpu.io/role"
 CONTROL_SELECTOR = {ROLE_LABEL: "control"}
 """The operator's own nodes (the head): the only ones that run the ingress (it sees API keys)
@@ -63,6 +68,15 @@ def _pct(value: str | None) -> int:
         return max(0, int(value or 0))
     except ValueError:
         return 0
+
+
+def model_resource(model_id: str) -> str:
+    return MODEL_RESOURCE_PREFIX + model_id
+
+
+def model_resources(model_ids: Iterable[str]) -> dict[str, float]:
+    """The resources a node declares to serve these models."""
+    return {model_resource(m): float(MODEL_RESOURCE_UNITS) for m in sorted(set(model_ids))}
 
 
 def format_labels(labels: Mapping[str, str]) -> str:

@@ -207,9 +207,9 @@ def deployment_version(config: LLMConfig) -> str:
     replicas of a deployment whose version changed (a deployment without one gets a random
     one on every deploy), so that the supply reconciler's new bounds change only the
     autoscaler's (a light update, no replica restarted)."""
-    fixed = config.model_dump(mode="json")
+    fixed = config.model_dump()  # holds classes (the request router's): compared by name
     fixed.get("deployment_config", {}).pop("autoscaling_config", None)
-    text = json.dumps([fixed, darkgpu_version()], sort_keys=True, default=str)
+    text = json.dumps([fixed, darkgpu_version()], sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

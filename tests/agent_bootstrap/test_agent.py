@@ -96,6 +96,9 @@ class Platform:
         self.tickets.append(f"dgpj-{len(self.tickets)}")
         return self.tickets[-1]
 
+    def market(self) -> dict[str, Any]:
+        return {"object": "market", "models": [{"model": "qwen3.5-7b"}, {"model": "llama-3.1-8b"}]}
+
     def bind_node(self, ticket: str, node_id: str, models: Sequence[str] = ()) -> dict[str, Any]:
         if self.refuse_binding is not None:
             raise self.refuse_binding
@@ -183,7 +186,14 @@ def test_joins_inside_the_window_and_drains_and_leaves_outside_it(tmp_path: Path
         "darkgpu.io/provider-id=prv_00aa11bb22cc33dd,darkgpu.io/trust-tier=basic,"
         "darkgpu.io/gpu-model=NVIDIA_H100_80GB_HBM3",
         "--resources",
-        json.dumps({"vram_gb": 80}),
+        # no `models` in its provider.toml: every catalog model (Ray places what fits)
+        json.dumps(
+            {
+                "vram_gb": 80,
+                "darkgpu_model:llama-3.1-8b": 1000.0,
+                "darkgpu_model:qwen3.5-7b": 1000.0,
+            }
+        ),  # fmt: skip
         "--disable-usage-stats",
     ]
     assert runner.envs[0]["RAY_AUTH_MODE"] == "token"
@@ -341,6 +351,17 @@ def test_the_models_the_provider_allows_go_with_the_binding(tmp_path: Path) -> N
     agent.start()
     agent.tick()
     assert platform.models == [["llama-3.1-8b", "qwen3.5-7b"]]
+
+
+def test_a_node_declares_only_the_models_its_provider_allows(tmp_path: Path) -> None:
+    """Ray places a model's replica only where its resource is declared."""
+    config = ProviderConfig(models=["qwen3.5-7b"])
+    agent, _, runner = make_agent(tmp_path, [H100], config, Clock(MONDAY))
+    agent.start()
+    agent.tick()
+    start = runner.commands[0]
+    resources = json.loads(start[start.index("--resources") + 1])
+    assert resources == {"vram_gb": 80, "darkgpu_model:qwen3.5-7b": 1000.0}
 
 
 def test_heartbeat_failures_do_not_stop_the_loop_but_a_revoked_token_does(

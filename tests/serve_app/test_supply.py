@@ -24,6 +24,7 @@ from core.schema import ProviderReview
 from core.settings import CONFIGS_DIR, Settings
 from kernel import redis_keys
 from kernel.labels import PROVIDER_ID_LABEL, VRAM_RESOURCE
+from serve_app.models import deployment_version, llm_config_for
 from serve_app.supply import AliveNode, Plan, SupplyReconciler
 from serve_app.supply_view import SupplyView
 from tests.billing import conftest as billing
@@ -205,3 +206,14 @@ def test_a_plan_that_is_not_a_plan_keeps_the_last_reading(r: redis.Redis) -> Non
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_models_code_version_ignores_its_bounds_only(tmp_path: Path) -> None:
+    """The version Serve compares on a deploy: new bounds keep the replicas (same version),
+    anything else about the engine restarts them (another version)."""
+    settings = Settings(data_dir=tmp_path)
+    model = load_catalog(CONFIGS_DIR / "models.toml").get("qwen3.5-7b")
+    version = deployment_version(llm_config_for(model, settings, ModelSupply(0, 1)))
+    assert version == deployment_version(llm_config_for(model, settings, ModelSupply(2, 4)))
+    other = Settings(data_dir=tmp_path, max_ongoing_requests=8)
+    assert version != deployment_version(llm_config_for(model, other, ModelSupply(0, 1)))
