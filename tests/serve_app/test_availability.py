@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,42 +90,42 @@ def cluster() -> Iterator[None]:
         ray.shutdown()
 
 
-def test_online_follows_the_replica_through_start_death_and_restart(
-    cluster: None, tmp_path: Path
-) -> None:
+@dataclass
+class Probed:
+    probe: Any  # the Probe's handle
+    door: Path  # while it exists, a Gate replica may start
+
+    def online(self) -> list[str]:
+        return self.probe.online.remote().result(timeout_s=30)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def probed(cluster: None, tmp_path: Path) -> Probed:
     door = tmp_path / "door"
     door.touch()
-    probe = serve.run(Probe.bind(Gate.bind(str(door))), name=APP, route_prefix=None)
+    probed = Probed(serve.run(Probe.bind(Gate.bind(str(door))), name=APP, route_prefix=None), door)
+    wait_for(lambda: probed.online() == ["m"])
+    return probed
 
-    def online() -> list[str]:
-        return probe.online.remote().result(timeout_s=30)  # type: ignore[no-any-return]
 
-    wait_for(lambda: online() == ["m"])
-    pid = probe.gate_pid.remote().result(timeout_s=30)
+def test_online_follows_the_replica_through_start_death_and_restart(probed: Probed) -> None:
+    pid = probed.probe.gate_pid.remote().result(timeout_s=30)
 
     # The replica's process dies; its replacement may not start until the door is back.
-    door.unlink()
+    probed.door.unlink()
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: online() == [])
-    assert online() == []
+    wait_for(lambda: probed.online() == [])
+    assert probed.online() == []
 
-    door.touch()
-    wait_for(lambda: online() == ["m"])
-    assert probe.gate_pid.remote().result(timeout_s=30) != pid
+    probed.door.touch()
+    wait_for(lambda: probed.online() == ["m"])
+    assert probed.probe.gate_pid.remote().result(timeout_s=30) != pid
 
 
 def test_a_model_application_deployed_later_comes_online_and_goes_with_it(
-    cluster: None, tmp_path: Path
+    probed: Probed,
 ) -> None:
-    door = tmp_path / "door"
-    door.touch()
-    probe = serve.run(Probe.bind(Gate.bind(str(door))), name=APP, route_prefix=None)
-
-    def online() -> list[str]:
-        return probe.online.remote().result(timeout_s=30)  # type: ignore[no-any-return]
-
-    wait_for(lambda: online() == ["m"])
     serve.run(Late.bind(), name=LATE_APP, route_prefix=None)
-    wait_for(lambda: online() == ["late", "m"])
+    wait_for(lambda: probed.online() == ["late", "m"])
     serve.delete(LATE_APP)
-    wait_for(lambda: online() == ["m"])
+    wait_for(lambda: probed.online() == ["m"])

@@ -511,7 +511,7 @@ def test_draining_a_node_moves_traffic_away_with_no_failed_request(
     drain-node`) and its heartbeat says `draining`. Serve starts a replacement replica where
     the VRAM is (a third provider joins for it) and stops the drained one; every request
     meanwhile is answered, and none goes to p1 once its replica knows it is draining."""
-    cluster.join("p3", TrustTier.basic)
+    cluster.join("p3", TrustTier.basic, models=[MODEL])
     cluster.nodes["p1"].drain("darkgpu agent: outside the schedule", 300)  # RayError if not
     cluster.set_status("p1", ProviderStatus.draining)
     served = []
