@@ -199,6 +199,12 @@ class ProviderRequestRouter(RequestRouter):
             for r in candidate_replicas
             if node_bindings.permits(r.replica_id.unique_id, r.routing_stats.get("provider_id"))
         ]  # a replica serves only as the provider its node is bound to (cluster.nodes)
+        if not candidate_replicas:
+            # none may serve yet (a new replica's stats not in, its node not read yet): Serve
+            # asks again at once, and a router that answers at once spins, holding the GIL
+            # of the ingress's process (every model's router shares its thread)
+            await asyncio.sleep(NOTHING_FITS_WAIT_S)
+            return []
         allow = allowed(pending_request)
         if allow is None:
             ranks = rank(candidate_replicas, self._load)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 
 from ray.serve.request_router import ReplicaID
 
+from serve_app import node_bindings
 from serve_app.router import (
     Allowed,
     InFlight,
@@ -214,3 +215,38 @@ def test_providers_with_recent_strikes_come_after_every_other():
 
     # the struck provider's idle replica only after the busy one without strikes
     assert asyncio.run(ranks()) == [["r2"], ["r1"], ["r3"]]
+
+
+class NobodyBound:
+    """Node bindings under which no replica may serve (its node not read yet)."""
+
+    async def refresh(self) -> None:
+        return None
+
+    def allows(self, replica_id: str, provider_id: str) -> bool:
+        return False
+
+
+async def test_with_no_replica_that_may_serve_the_router_yields_before_answering_none():
+    """Serve asks again as soon as the router answers no replica: answering at once would
+    spin the router's thread (shared by every model's router in the ingress's process) and
+    starve the rest of it, as seen when a model's first replica came up before its stats."""
+    deployment = DeploymentID(name="llm", app_name="model-x")
+    replica = Running(ReplicaID("new", deployment), {})  # no stats yet
+    router = serve_router()
+    yielded = asyncio.Event()
+
+    async def other_work() -> None:
+        yielded.set()
+
+    node_bindings.install(NobodyBound())  # type: ignore[arg-type]
+    restricted = Pending(["request", Info(Allowed(("new",), frozenset({"p"})).headers())])
+    try:
+        for request in (None, restricted):
+            yielded.clear()
+            other = asyncio.ensure_future(other_work())
+            assert await router.choose_replicas([replica], request) == []
+            assert yielded.is_set()
+            await other
+    finally:
+        node_bindings.install(None)
