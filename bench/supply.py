@@ -22,32 +22,42 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from agent_bootstrap.agent import RayCli, node_spec
-from agent_bootstrap.api import PlatformClient
-from agent_bootstrap.nvml import RecordedReader, detect
-from billing import accounts
-from billing.plans import load_plans
-from cluster import registry
-from cluster.local import LocalCluster
-from cluster.processes import cmdline, descendants, end, session_of, session_processes
-from cluster.ray_internals import alive_actor_nodes
-from core.db import make_engine, migrate
-from core.schema import ProviderReview, ProviderStatus
-from core.settings import CONFIGS_DIR, Settings
-from kernel.labels import PROVIDER_ID_LABEL, TrustTier
-from serve_app.node_bindings import REPLICA_ACTOR_PREFIX
-from tests.cluster.nvml_readings import RTX_4090
+# Run as a script, this folder comes first on the path, and its billing.py would stand for the
+# `billing` package: the repository's root instead.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# The cluster's data directory, and its Ray token named before Ray is imported (Ray reads the
+# authentication mode once, at import).
+DATA = Path(tempfile.mkdtemp(prefix="darkgpu-supply-"))
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(DATA / "ray_auth_token"))
+
+from agent_bootstrap.agent import RayCli, node_spec  # noqa: E402
+from agent_bootstrap.api import PlatformClient  # noqa: E402
+from agent_bootstrap.nvml import RecordedReader, detect  # noqa: E402
+from billing import accounts  # noqa: E402
+from billing.plans import load_plans  # noqa: E402
+from cluster import registry  # noqa: E402
+from cluster.local import LocalCluster  # noqa: E402
+from cluster.processes import cmdline, descendants, end, session_of, session_processes  # noqa: E402
+from cluster.ray_internals import alive_actor_nodes  # noqa: E402
+from core.db import make_engine, migrate  # noqa: E402
+from core.schema import ProviderReview, ProviderStatus  # noqa: E402
+from core.settings import CONFIGS_DIR, Settings  # noqa: E402
+from kernel.labels import PROVIDER_ID_LABEL, TrustTier  # noqa: E402
+from serve_app.node_bindings import REPLICA_ACTOR_PREFIX  # noqa: E402
+from tests.cluster.nvml_readings import RTX_4090  # noqa: E402
 
 MODEL = "darkgpu-tiny"
 BIN = Path(sys.executable).parent
@@ -85,6 +95,7 @@ class Bench:
         self.tokens: dict[str, str] = {}
         self.nodes: dict[str, RayCli] = {}
         self.key = ""
+        self.refusals: Counter[str] = Counter()  # requests refused, by error code
 
     def register(self) -> None:
         migrate(self.settings.database_url)
@@ -147,6 +158,7 @@ class Bench:
                          json={"model": MODEL, "max_tokens": 2, "messages": [
                              {"role": "user", "content": "hello"}]})  # fmt: skip
         if got.status_code != 200:
+            self.refusals[got.json()["error"].get("code") or str(got.status_code)] += 1
             return None
         provider = got.headers["x-darkgpu-provider"]
         return {v: k for k, v in self.ids.items()}.get(provider, provider)
@@ -159,66 +171,73 @@ def cmdline_node_id(pid: int) -> str:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="darkgpu-supply-") as tmp:
-        bench = Bench(Path(tmp))
-        bench.register()
-        bench.local.start_head()
+    try:
+        run(Bench(DATA))
+    finally:
+        shutil.rmtree(DATA, ignore_errors=True)
+
+
+def run(bench: Bench) -> None:
+    bench.register()
+    bench.local.start_head()
+    try:
+        bench.darkgpu("up")
+        bench.new_key()
+        assert bench.served_by() is None  # nothing deployed: the head has no VRAM
+        os.environ.update(bench.local.env())
+        import ray
+
+        ray.init(address=bench.local.address, logging_level="ERROR", log_to_driver=False)
+        start = time.monotonic()
+        node = bench.join("p1")
+        joined = time.monotonic() - start
+        scheduled = wait(lambda: node in alive_actor_nodes(REPLICA_ACTOR_PREFIX).values())
+        loaded = wait(lambda: bench.served_by() == "p1", every_s=0.5)
+        total = time.monotonic() - start
+        split = f"join {joined:.1f} s, schedule {scheduled:.1f} s, load {loaded:.1f} s"
+        print(f"p1 join → first request served: {total:.1f} s ({split})")
+
+        bench.join("p2")
+        bench.refusals.clear()
+        served: list[tuple[float, str | None]] = []
+        stop = threading.Event()
+
+        def keep_calling() -> None:
+            while not stop.is_set():
+                served.append((time.monotonic(), bench.served_by()))
+
+        caller = threading.Thread(target=keep_calling)
+        caller.start()
+        time.sleep(2)
+        left = time.monotonic()
+        bench.nodes["p1"].drain("darkgpu agent: leaving", 120)
+
+        def moved_away() -> bool:
+            recent = {who for t, who in served if t > time.monotonic() - 5}
+            return "p1" not in recent and any(who == "p2" for t, who in served if t > left)
+
         try:
-            bench.darkgpu("up")
-            bench.new_key()
-            assert bench.served_by() is None  # nothing deployed: the head has no VRAM
-            os.environ.update(bench.local.env())
-            import ray
-
-            ray.init(address=bench.local.address, logging_level="ERROR", log_to_driver=False)
-            start = time.monotonic()
-            node = bench.join("p1")
-            joined = time.monotonic() - start
-            scheduled = wait(lambda: node in alive_actor_nodes(REPLICA_ACTOR_PREFIX).values())
-            loaded = wait(lambda: bench.served_by() == "p1", every_s=0.5)
-            total = time.monotonic() - start
-            split = f"join {joined:.1f} s, schedule {scheduled:.1f} s, load {loaded:.1f} s"
-            print(f"p1 join → first request served: {total:.1f} s ({split})")
-
-            bench.join("p2")
-            served: list[tuple[float, str | None]] = []
-            stop = threading.Event()
-
-            def keep_calling() -> None:
-                while not stop.is_set():
-                    served.append((time.monotonic(), bench.served_by()))
-
-            caller = threading.Thread(target=keep_calling)
-            caller.start()
-            time.sleep(2)
-            left = time.monotonic()
-            bench.nodes["p1"].drain("darkgpu agent: leaving", 120)
-
-            def moved_away() -> bool:
-                recent = {who for t, who in served if t > time.monotonic() - 5}
-                return "p1" not in recent and any(who == "p2" for t, who in served if t > left)
-
-            try:
-                wait(moved_away, every_s=0.5)
-            finally:
-                stop.set()
-                caller.join()
-            by_p1 = [t for t, who in served if who == "p1"]
-            moved = (max(by_p1) - left) if by_p1 else 0.0
-            since = [who for t, who in served if t > left]
-            failed = since.count(None)
-            print(f"p1 leave → last request moved: {moved:.1f} s "
-                  f"({len(since)} requests meanwhile, {failed} failed)")  # fmt: skip
-            raylet = bench.raylet("p1")
-            end([raylet, *(p.pid for p in descendants(raylet))], signal.SIGTERM, wait_s=30)
-            ray.shutdown()
+            wait(moved_away, every_s=0.5)
         finally:
-            stop_serve = "import sys; from serve_app.deploy import undeploy; undeploy(sys.argv[1])"
-            subprocess.run([str(BIN / "python"), "-c", stop_serve, bench.local.address],
-                           env={**bench.env, **bench.local.env()}, capture_output=True,
-                           timeout=180)  # fmt: skip
-            bench.local.stop()
-            subprocess.run([str(BIN / "darkgpu"), "down"], env=bench.env, capture_output=True)
+            stop.set()
+            caller.join()
+        by_p1 = [t for t, who in served if who == "p1"]
+        moved = (max(by_p1) - left) if by_p1 else 0.0
+        since = [who for t, who in served if t > left]
+        failed = since.count(None)
+        refused = dict(bench.refusals)  # by error code
+        print(f"p1 leave → last request moved: {moved:.1f} s "
+              f"({len(since)} requests meanwhile, {failed} refused: {refused})")  # fmt: skip
+        raylet = bench.raylet("p1")
+        end([raylet, *(p.pid for p in descendants(raylet))], signal.SIGTERM, wait_s=30)
+        ray.shutdown()
+    finally:
+        stop_serve = "import sys; from serve_app.deploy import undeploy; undeploy(sys.argv[1])"
+        subprocess.run([str(BIN / "python"), "-c", stop_serve, bench.local.address],
+                       env={**bench.env, **bench.local.env()}, capture_output=True,
+                       timeout=180)  # fmt: skip
+        bench.local.stop()
+        subprocess.run([str(BIN / "darkgpu"), "down"], env=bench.env, capture_output=True)
 
 
 if __name__ == "__main__":
