@@ -210,7 +210,7 @@ PLATFORM_RAY_PORT = 6395
 PROFILED = {
     "ingress": "ServeReplica:darkgpu:ingress",
     "proxy": "ProxyActor",
-    "model-replica": "ServeReplica:darkgpu:llm-",
+    "model-replica": "ServeReplica:model-",
     "billing-meter": "ServeReplica:darkgpu:billing-meter",
 }
 

@@ -44,6 +44,7 @@ counter, and never moves money.
                                 replica bounds (serve_app.supply), refreshed every few seconds
 - `dg:supply:asked`             hash: model id → when an ingress last had a request for it
 - `dg:supply:load_s`            hash: model id → seconds its last replica took to come online
+                                (both kept a week after their last write)
 
 The admission script reads account keys it finds through the API key, so these keys are
 not declared up front: billing needs a single Redis (or one primary), not Redis Cluster.
@@ -59,6 +60,7 @@ DEAD_STREAM = P + "usage:dead"
 SUPPLY_PLAN = P + "supply:plan"
 SUPPLY_ASKED = P + "supply:asked"
 SUPPLY_LOAD_S = P + "supply:load_s"
+SUPPLY_TTL_S = 7 * 24 * 3600  # demand and load times: kept a week past their last write
 METER_GROUP = "billing"
 # How long a settled request id stays refused for reuse. Ids are made by the ingress, so reuse
 # is a bug; SQL's unique request_id is the lasting guard. Kept short: one key per request.

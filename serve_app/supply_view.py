@@ -67,10 +67,13 @@ class SupplyView:
         measured, self._measured = self._measured, {}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
+                # every key of the state Redis expires (kernel.redis_keys)
                 if asked:
                     pipe.hset(redis_keys.SUPPLY_ASKED, mapping=asked)
+                    pipe.expire(redis_keys.SUPPLY_ASKED, redis_keys.SUPPLY_TTL_S)
                 if measured:
                     pipe.hset(redis_keys.SUPPLY_LOAD_S, mapping=measured)
+                    pipe.expire(redis_keys.SUPPLY_LOAD_S, redis_keys.SUPPLY_TTL_S)
                 pipe.get(redis_keys.SUPPLY_PLAN)
                 pipe.hgetall(redis_keys.SUPPLY_LOAD_S)
                 *_, raw, loads = await pipe.execute()

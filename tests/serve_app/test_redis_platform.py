@@ -20,8 +20,9 @@ from kernel.tokens import hash_key
 from tests.platform_redis import admin_client
 
 LOCAL = "darkgpu-tiny"
-REPLICA_TITLE = "ServeReplica:darkgpu:llm-"  # Ray's title of a model replica's process
-STATE_PREFIXES = (b"dg:console:", b"dg:throttle:", b"dg:replicas:")
+# Ray's title of a model replica's process: each model is an application `model-<id>`
+REPLICA_TITLE = "ServeReplica:model-"
+STATE_PREFIXES = (b"dg:console:", b"dg:throttle:", b"dg:replicas:", b"dg:supply:")
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ STATE_MB = 3
 HOST = "https://127.0.0.1:8000"
 PASSWORD = "correct horse battery staple"
 # What only the state Redis may hold: a visitor, a browser or a replica can make these grow.
-STATE_PREFIXES = (b"dg:console:", b"dg:throttle:", b"dg:replicas:")
+STATE_PREFIXES = (b"dg:console:", b"dg:throttle:", b"dg:replicas:", b"dg:supply:")
 # ... but the console's one secret, which signs its sessions: where replicas never reach.
 SECRET = b"dg:console:secret"
 

@@ -183,6 +183,8 @@ def test_the_ingress_reads_the_plan_reports_demand_and_measures_the_load(r: redi
             assert await settled(view) == plan
             assert time.time() - float(r.hget(redis_keys.SUPPLY_ASKED, "m")) < 10
             load_s = float(r.hget(redis_keys.SUPPLY_LOAD_S, "m"))
+            for key in (redis_keys.SUPPLY_ASKED, redis_keys.SUPPLY_LOAD_S):
+                assert 0 < r.ttl(key) <= redis_keys.SUPPLY_TTL_S  # the state Redis: all expire
             assert 0.2 <= load_s < 5
             # the next warming is told the measured load
             assert view.retry_after_s("m") == max(1, math.ceil(load_s))
