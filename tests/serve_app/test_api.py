@@ -204,9 +204,10 @@ def test_sixteen_concurrent_requests_are_all_answered(platform, api_key):
     assert len(results) == 16
     assert len({r.id for r in results}) == 16
     # 8 tokens generated each; the usage billed is the ingress's recount of the text delivered,
-    # never above the engine's 8, and on the random test model sometimes below it
-    # (serve_app.recount; the test's only flake before: it asked for exactly 8)
-    assert all(1 <= r.usage.completion_tokens <= 8 for r in results), [r.usage for r in results]
+    # never above the engine's 8, and on the random test model sometimes below it, even none
+    # where it loops on half a UTF-8 character (serve_app.recount; this test asked for exactly
+    # 8 before, and failed now and then)
+    assert all(0 <= r.usage.completion_tokens <= 8 for r in results), [r.usage for r in results]
 
 
 def test_ingress_metrics_are_exported_next_to_rays(platform, client):
