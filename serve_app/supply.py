@@ -31,6 +31,7 @@ import redis as redis_lib
 from ray import serve
 from sqlalchemy.engine import Engine
 
+from billing.redis_server import sync_client
 from cluster import nodes
 from cluster.catalog import Catalog, CatalogModel, load_catalog
 from cluster.placement import NodeCapacity
@@ -226,7 +227,7 @@ class Supply:
             load_catalog(settings.models_file),
             settings,
             make_engine(settings.database_url),
-            redis_lib.Redis.from_url(settings.state_redis_url, socket_timeout=5),
+            sync_client(settings.state_redis_url),
             {context.get_node_id(), *settings.control_node_ids},
             draining=gcs.node_ids,
         )
