@@ -8,7 +8,7 @@ with defaults that run as the spec describes:
     idle_detection = true        # pause when another process uses the GPU
     idle_rejoin_after_s = 600    # ...and rejoin once the GPU has been idle this long
     timezone = "local"           # schedule times: "local", "UTC" or an IANA name
-    drain_timeout_s = 120        # the most in-flight requests get to finish when leaving
+    drain_timeout_s = 300        # the most a leaving node serves on while its replicas move
     node_ip_address = "10.8.0.2" # this machine's overlay (WireGuard) address, for Ray
     ignore_processes = []        # more process names idle detection never counts
     models = []                  # catalog models this GPU serves (ids); empty: any that fits
@@ -50,7 +50,11 @@ class ProviderConfig(BaseModel):
     idle_detection: bool = True
     idle_rejoin_after_s: int = Field(default=600, ge=0, le=7 * 24 * 3600)
     timezone: str = LOCAL
-    drain_timeout_s: int = Field(default=120, ge=0, le=3600)
+    # Leaving, the node serves on until Serve has started each of its replicas elsewhere
+    # (at most this long: then Ray stops them, ready or not). A replica takes a model-load
+    # time to start (71-100 s for the tiny model on a loaded 2-core test machine; minutes for
+    # a large model on a GPU); the agent leaves as soon as its processes are gone.
+    drain_timeout_s: int = Field(default=300, ge=0, le=3600)
     node_ip_address: str | None = None
     ignore_processes: list[str] = Field(default_factory=list, max_length=100)
     schedule: list[Window] = Field(default_factory=list, max_length=64)

@@ -11,7 +11,8 @@ redeemed with the node's id):
 1. p1 joins. join: until its node is bound; schedule: until the supply reconciler has
    deployed the model and Ray has placed its replica on p1's node (the GCS's actor table);
    load: until a request is answered by p1 (the engine loaded and routable).
-2. p2 joins; then p1 leaves as its agent leaves (`ray drain-node`, then its processes end).
+2. p2 joins; then p1 leaves as its agent leaves (`ray drain-node` with the agent's default
+   `drain_timeout_s`, then its processes end).
    moved: from the drain to the first request answered by p2 after which none is answered
    by p1; a client calls throughout, and every failed request is counted.
 
@@ -45,6 +46,7 @@ os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(DATA / "ray_aut
 
 from agent_bootstrap.agent import RayCli, node_spec  # noqa: E402
 from agent_bootstrap.api import PlatformClient  # noqa: E402
+from agent_bootstrap.config import ProviderConfig  # noqa: E402
 from agent_bootstrap.nvml import RecordedReader, detect  # noqa: E402
 from billing import accounts  # noqa: E402
 from billing.plans import load_plans  # noqa: E402
@@ -210,7 +212,7 @@ def run(bench: Bench) -> None:
         caller.start()
         time.sleep(2)
         left = time.monotonic()
-        bench.nodes["p1"].drain("darkgpu agent: leaving", 120)
+        bench.nodes["p1"].drain("darkgpu agent: leaving", ProviderConfig().drain_timeout_s)
 
         def moved_away() -> bool:
             recent = {who for t, who in served if t > time.monotonic() - 5}

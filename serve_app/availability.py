@@ -111,7 +111,12 @@ class ReplicaAvailability:
 
     def _update(self, model_id: str, info: DeploymentTargetInfo) -> None:
         """Called on this replica's event loop with a deployment's new running set."""
-        self._running[model_id] = len(info.running_replicas) if info.is_available else 0
+        running = len(info.running_replicas) if info.is_available else 0
+        if running != self._running.get(model_id):
+            log.info(
+                "%s: %d replicas running (available: %s)", model_id, running, info.is_available
+            )
+        self._running[model_id] = running
         was = model_id in self._online
         self._online = frozenset(m for m, n in self._running.items() if n > 0)
         self._first.set()
