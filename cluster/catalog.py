@@ -59,6 +59,9 @@ class CatalogModel(BaseModel):
     context_length: int = Field(ge=16)
     quantization: str
     model_class: ModelClass = Field(alias="class")
+    min_replicas: int | None = Field(
+        default=None, ge=1, le=64, description="replicas kept while warm; none: the operator's"
+    )
 
     @model_validator(mode="after")
     def _prices_are_whole_nano_dollars(self) -> CatalogModel:

@@ -118,8 +118,8 @@ def redeem(
     models: Sequence[str] = (),
 ) -> None:
     """Bind `node` to `provider_id` with its ticket, and the catalog models the provider lets
-    it serve (`models`; empty: any that fits). The ticket is spent only by a binding that
-    succeeds (a node not yet in the table may be tried again with it)."""
+    it serve (`models`, most preferred first; empty: any that fits). The ticket is spent only
+    by a binding that succeeds (a node not yet in the table may be tried again with it)."""
     now = now or utcnow()
     with Session(engine) as session, session.begin():
         found = session.scalars(
@@ -146,7 +146,7 @@ def redeem(
         bound = session.get(ProviderNode, node.node_id, with_for_update=True)
         if bound is not None and bound.provider_id != provider_id:
             raise NodeBindingError("The node is bound to another provider.", code="node_taken")
-        allowed_models = json.dumps(sorted(set(models)))
+        allowed_models = json.dumps(list(dict.fromkeys(models)))  # in its order of preference
         if bound is None:
             session.add(ProviderNode(node_id=node.node_id, provider_id=provider_id, bound_at=now,
                                      models=allowed_models))  # fmt: skip
@@ -161,11 +161,12 @@ def bindings(engine: Engine) -> dict[str, str]:
         return dict(session.execute(select(ProviderNode.node_id, ProviderNode.provider_id)).all())
 
 
-def allow_lists(engine: Engine) -> dict[str, frozenset[str]]:
-    """node id -> the models its provider lets it serve (empty: any that fits)."""
+def allow_lists(engine: Engine) -> dict[str, tuple[str, ...]]:
+    """node id -> the models its provider lets it serve, most preferred first (empty: any
+    that fits)."""
     with Session(engine) as session:
         rows = session.execute(select(ProviderNode.node_id, ProviderNode.models)).all()
-    return {node_id: frozenset(json.loads(models or "[]")) for node_id, models in rows}
+    return {node_id: tuple(json.loads(models or "[]")) for node_id, models in rows}
 
 
 def approved_providers(engine: Engine) -> set[str]:

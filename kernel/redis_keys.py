@@ -60,6 +60,7 @@ DEAD_STREAM = P + "usage:dead"
 SUPPLY_PLAN = P + "supply:plan"
 SUPPLY_ASKED = P + "supply:asked"
 SUPPLY_LOAD_S = P + "supply:load_s"
+SUPPLY_REQUESTS = P + "supply:requests"  # requests per model, running totals
 SUPPLY_TTL_S = 7 * 24 * 3600  # demand and load times: kept a week past their last write
 METER_GROUP = "billing"
 # How long a settled request id stays refused for reuse. Ids are made by the ingress, so reuse

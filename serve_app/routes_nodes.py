@@ -68,7 +68,7 @@ async def bind_node(
         nodes.redeem, svc.db, provider.id, body.ticket, found, models=body.models
     )
     return {"object": "provider.node", "provider_id": provider.id, "node_id": node_id,
-            "models": sorted(set(body.models))}  # fmt: skip
+            "models": list(dict.fromkeys(body.models))}  # fmt: skip
 
 
 def find_node(

@@ -4,10 +4,12 @@ hold it and sized by the demand, as `cluster.supply.plan_supply` decides.
 Every `supply_every_s` the `supply` deployment (on a control node) reads the alive nodes
 (the GCS's table: resources), which of them are the platform's own (control nodes) or bound
 to an approved provider with the models it allows (SQL, `cluster.nodes`), which are draining
-(the GCS), and when each model was last asked for (`dg:supply:asked`, written by the
-ingresses); plans; deploys each model whose bounds changed as an application of its own
+(the GCS), and the demand the ingresses report (`dg:supply:asked`: when each model was last
+asked for; `dg:supply:requests`: running totals, made a rate by `cluster.supply.DemandRate`);
+plans; deploys each model whose bounds changed as an application of its own
 (`serve_app.models.model_app_name`: adding or removing one restarts nothing else, the
-ingress least of all), deletes those no node may hold any longer, and publishes the plan
+ingress least of all), deletes those no node may hold any longer or that got no slot (others
+need the GPUs they fit more: `cluster.supply`), and publishes the plan
 (`dg:supply:plan`, the state Redis) for the ingresses: which models are deployed, which are
 warm, and whether the platform serves the CPU engine's models (no node has a GPU).
 
@@ -24,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import ray
 import redis as redis_lib
@@ -36,7 +38,7 @@ from cluster import nodes
 from cluster.catalog import Catalog, CatalogModel, load_catalog
 from cluster.placement import NodeCapacity
 from cluster.ray_internals import DrainingNodes
-from cluster.supply import ModelSupply, SupplyNode, SupplyPolicy, plan_supply
+from cluster.supply import DemandRate, ModelSupply, SupplyNode, SupplyPolicy, plan_supply
 from core.db import make_engine
 from core.settings import Settings
 from kernel import redis_keys
@@ -89,7 +91,7 @@ def supply_nodes(
     control: Collection[str],
     bound: Mapping[str, str],
     approved: Collection[str],
-    allowed: Mapping[str, frozenset[str]],
+    allowed: Mapping[str, tuple[str, ...]],
     draining: Collection[str],
 ) -> list[SupplyNode]:
     """The alive nodes that may serve: control nodes (any model that fits), and nodes bound to
@@ -104,7 +106,7 @@ def supply_nodes(
             SupplyNode(
                 node.node_id,
                 NodeCapacity.from_resources(node.resources),
-                frozenset() if own else allowed.get(node.node_id, frozenset()),
+                () if own else allowed.get(node.node_id, ()),
                 node.node_id in draining,
             )
         )
@@ -126,6 +128,10 @@ def delete_model(app_name: str) -> None:
 def model_apps() -> set[str]:
     """The model applications Serve runs now."""
     return {name for name in serve.status().applications if name.startswith(MODEL_APP_PREFIX)}
+
+
+def _floats(found: Mapping[bytes, bytes]) -> dict[str, float]:
+    return {key.decode(): float(value) for key, value in found.items()}
 
 
 class SupplyReconciler:
@@ -163,6 +169,8 @@ class SupplyReconciler:
             max_replicas=max(settings.max_replicas, settings.min_replicas),
             cool_after_s=settings.scale_to_zero_after_s or None,
         )
+        self._demand = DemandRate()
+        self._planned: Mapping[str, ModelSupply] = {}  # the last plan: the slots held
         self.applied: dict[str, ModelSupply] | None = None  # None: not read from Serve yet
 
     def tick(self) -> Plan | None:
@@ -182,13 +190,18 @@ class SupplyReconciler:
             nodes.allow_lists(self._engine),
             set(self._draining()),
         )
-        found = cast(dict[bytes, bytes], self._state.hgetall(redis_keys.SUPPLY_ASKED))
-        asked = {key.decode(): float(value) for key, value in found.items()}
-        plan = Plan(
-            plan_supply(self._catalog, nodes_now, asked, self._policy, self._clock()),
-            local=not any(node.capacity.gpus for node in nodes_now),
+        with self._state.pipeline(transaction=False) as pipe:
+            pipe.hgetall(redis_keys.SUPPLY_ASKED)
+            pipe.hgetall(redis_keys.SUPPLY_REQUESTS)
+            asked, totals = (_floats(found) for found in pipe.execute())
+        now = self._clock()
+        demand = self._demand.update(totals, now)
+        models = plan_supply(
+            self._catalog, nodes_now, asked, self._policy, now, demand, held=self._planned
         )
-        self._apply(plan.models)
+        plan = Plan(models, local=not any(node.capacity.gpus for node in nodes_now))
+        self._apply({m: supply for m, supply in models.items() if supply.max_replicas})
+        self._planned = models
         self._state.set(redis_keys.SUPPLY_PLAN, plan.to_json(), ex=PLAN_TTL_S)
         return plan
 
@@ -199,16 +212,17 @@ class SupplyReconciler:
             for model in self._catalog.models:
                 if model_app_name(model) in apps:
                     self.applied[model.id] = ModelSupply(-1, -1)  # unknown: deploy again
+        for model in self._catalog.models:  # first what frees GPUs for the others
+            if model.id not in wanted and model.id in self.applied:
+                logger.info("removing %s: no node may serve it, or none is free", model.id)
+                self._delete(model_app_name(model))
+                del self.applied[model.id]
         for model in self._catalog.models:
-            supply, had = wanted.get(model.id), self.applied.get(model.id)
-            if supply is not None and supply != had:
+            supply = wanted.get(model.id)
+            if supply is not None and supply != self.applied.get(model.id):
                 logger.info("deploying %s with %s", model.id, supply)
                 self._deploy(model, supply, self._settings)
                 self.applied[model.id] = supply
-            elif supply is None and had is not None:
-                logger.info("removing %s: no node may serve it", model.id)
-                self._delete(model_app_name(model))
-                del self.applied[model.id]
 
 
 @serve.deployment(

@@ -3,7 +3,9 @@
 The reconciler (`serve_app.supply`) publishes which models are deployed into the state Redis;
 an ingress reads it at most once a second, in the background (a request uses the last
 reading; only the first waits). On the same turn it writes when it last had a request for
-each model (`dg:supply:asked`: what warms a cold model) and any load time it measured: from
+each model (`dg:supply:asked`: what warms a cold model), how many it had (added to the
+running totals of `dg:supply:requests`: what shares out GPUs that fit several models), and
+any load time it measured: from
 the first request it answered 503 `model_warming` to the moment Serve pushed the model's first
 running replica (`serve_app.availability`), kept in `dg:supply:load_s` so that every
 ingress's `Retry-After` matches the last measured load.
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from typing import Any
 
 from kernel import redis_keys
@@ -33,6 +36,7 @@ class SupplyView:
         self._read_at = 0.0
         self._reading: asyncio.Task[None] | None = None
         self._asked: dict[str, float] = {}  # model -> when asked, not written yet
+        self._requests: Counter[str] = Counter()  # model -> requests, not written yet
         self._warming: dict[str, float] = {}  # model -> when this ingress first said warming
         self._measured: dict[str, float] = {}  # model -> a load time not written yet
 
@@ -47,6 +51,7 @@ class SupplyView:
 
     def asked(self, model_id: str) -> None:
         self._asked[model_id] = time.time()
+        self._requests[model_id] += 1
 
     def retry_after_s(self, model_id: str) -> int:
         """How long until a warming model's replica is likely up: the measured load time
@@ -64,6 +69,7 @@ class SupplyView:
 
     async def _refresh(self) -> None:
         asked, self._asked = self._asked, {}
+        requests, self._requests = self._requests, Counter()
         measured, self._measured = self._measured, {}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -71,6 +77,9 @@ class SupplyView:
                 if asked:
                     pipe.hset(redis_keys.SUPPLY_ASKED, mapping=asked)
                     pipe.expire(redis_keys.SUPPLY_ASKED, redis_keys.SUPPLY_TTL_S)
+                    for model_id, count in requests.items():
+                        pipe.hincrby(redis_keys.SUPPLY_REQUESTS, model_id, count)
+                    pipe.expire(redis_keys.SUPPLY_REQUESTS, redis_keys.SUPPLY_TTL_S)
                 if measured:
                     pipe.hset(redis_keys.SUPPLY_LOAD_S, mapping=measured)
                     pipe.expire(redis_keys.SUPPLY_LOAD_S, redis_keys.SUPPLY_TTL_S)
@@ -83,6 +92,7 @@ class SupplyView:
         except Exception as exc:  # noqa: BLE001 - keep the last reading; report again next turn
             logger.warning("reading the supply plan failed: %r", exc)
             self._asked = {**asked, **self._asked}
+            self._requests += requests
             self._measured = {**measured, **self._measured}
             if self._read_at == 0.0:
                 return

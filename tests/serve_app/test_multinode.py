@@ -84,6 +84,7 @@ NODE_ENV = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 4})}
 IDS: dict[str, str] = {}  # provider name (p1, p2, p3) -> its id in the registry
 TOKENS: dict[str, str] = {}  # provider name -> its agent's provider token
 JOIN_GRACE_S = 120  # how long a node may claim a provider unbound before it is drained
+TARGET_ONGOING = 2  # requests per replica above which Serve adds one (within the plan's bounds)
 IN, OUT = 15, 60  # the tiny model's catalog price, nano-dollars per token
 P2_IN, P2_OUT = 23, 90  # 50% above it, rounded up
 ANY_PRICE = {"max_price": {"prompt": 1, "completion": 1}}  # USD per 1M tokens
@@ -163,11 +164,11 @@ class Cluster:
             assert updated["default_trust_tier"] == tier
         return admin("key", "create", "--account", str(account["id"]))["key"]
 
-    def replicas(self) -> dict[str, str]:
+    def replicas(self, model: str = MODEL) -> dict[str, str]:
         """replica id -> provider id, from the stats the replicas publish."""
         r = admin_client(self.env, "state")
         try:
-            entries = r.hgetall(f"dg:replicas:{MODEL}")
+            entries = r.hgetall(f"dg:replicas:{model}")
         finally:
             r.close()
         now = time.time() * 1000
@@ -215,7 +216,8 @@ def _register(data: Path) -> None:
             engine, None, load_plans(settings.plans_file), email="gpus@example.com"
         )
         for provider, reading, floor in (("p1", RTX_4090, 0), ("p2", H100_CC_ON, 50),
-                                         ("p3", RTX_4090, 0), ("p4", RTX_4090, 0)):  # fmt: skip
+                                         ("p3", RTX_4090, 0), ("p4", RTX_4090, 0),
+                                         ("p5", RTX_4090, 0)):  # fmt: skip
             new = registry.create_provider(engine, account_id=owner.id, name=provider)
             IDS[provider], TOKENS[provider] = new.provider.id, new.token
             key = X25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -262,9 +264,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     catalog = (CONFIGS_DIR / "models.toml").read_text()
     tiny = catalog[catalog.index('[[models]]\nid = "darkgpu-tiny"') :]
     tiny = tiny.replace("min_vram_gb = 0", "min_vram_gb = 16")
-    models.write_text(tiny + "\n" + tiny.replace(f'id = "{MODEL}"', f'id = "{MODEL_B}"'))
+    # darkgpu-tiny-b: the same weights, one replica while warm, a second one under load
+    tiny_b = tiny.replace(f'id = "{MODEL}"', f'id = "{MODEL_B}"\nmin_replicas = 1')
+    models.write_text(tiny + "\n" + tiny_b)
     env = {**os.environ, "DARKGPU_DATA_DIR": str(data), "DARKGPU_MODELS_FILE": str(models),
-           "DARKGPU_MIN_REPLICAS": "2", "DARKGPU_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
+           "DARKGPU_MIN_REPLICAS": "2", "DARKGPU_TARGET_ONGOING_REQUESTS": str(TARGET_ONGOING),
+           "DARKGPU_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
            "DARKGPU_STATE_REDIS_URL": f"redis://127.0.0.1:{STATE_REDIS_PORT}/0",
            "DARKGPU_NODE_JOIN_GRACE_S": str(JOIN_GRACE_S),
            **{f"DARKGPU_{k}": v for k, v in PORTS.items()}}  # fmt: skip
@@ -386,8 +391,11 @@ def test_a_model_comes_and_goes_with_the_provider_that_allows_it(
     unavailable and refused with its code. p4 joins, allowing only darkgpu-tiny-b: the supply
     reconciler deploys it (an application of its own) on p4's node, and it is served, while a
     client calling darkgpu-tiny throughout is answered every time by the same ingress (never
-    restarted: its `created` stamp is unchanged). p4 leaves (drained, then stopped): the
-    model is removed again. darkgpu-tiny is never placed on p4, which does not allow it."""
+    restarted: its `created` stamp is unchanged); darkgpu-tiny is never placed on p4, which
+    does not allow it. p5 joins allowing darkgpu-tiny-b too, and clients keep more requests
+    in flight than one replica's target: a second replica starts, on p5. p4 leaves as its
+    agent leaves (drained; stopped once its replica is gone): the traffic moves to p5 with no
+    failed request. p5 leaves: the model is removed again."""
 
     def card(model: str) -> dict:
         return client.models.retrieve(model).model_dump()
@@ -434,11 +442,61 @@ def test_a_model_comes_and_goes_with_the_provider_that_allows_it(
     print(f"darkgpu-tiny-b served {served_s:.1f} s after p4 began to join")
     assert "p4" not in cluster.replicas().values()  # p4 never got darkgpu-tiny
 
-    cluster.nodes["p4"].drain("darkgpu agent: leaving", 60)
-    raylet = _raylet(cluster.session, "p4")
-    end([raylet.pid, *(p.pid for p in descendants(raylet.pid))], signal.SIGTERM, wait_s=30)
+    _a_second_replica_under_load_and_the_first_provider_leaves(cluster, client)
+
+    _leave(cluster, "p5")
     assert wait_for(lambda: _b_refused(client) == ("no_provider_online", 10), timeout_s=120)
     assert card(MODEL_B)["available"] is False
+
+
+def _leave(cluster: Cluster, provider: str) -> None:
+    """As the agent leaves: drain, wait until the node's replicas are gone (Serve stops each
+    once its replacement serves, if it needs one), then end the node's processes."""
+    cluster.nodes[provider].drain("darkgpu agent: leaving", 300)
+    gone = lambda: provider not in {*cluster.replicas().values(),  # noqa: E731
+                                    *cluster.replicas(MODEL_B).values()}  # fmt: skip
+    assert wait_for(gone, timeout_s=300)
+    raylet = _raylet(cluster.session, provider)
+    end([raylet.pid, *(p.pid for p in descendants(raylet.pid))], signal.SIGTERM, wait_s=30)
+
+
+def _a_second_replica_under_load_and_the_first_provider_leaves(
+    cluster: Cluster, client: openai.OpenAI
+) -> None:
+    served: list[str] = []
+    failures: list[Exception] = []
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model=MODEL_B, messages=MSG, max_tokens=16, extra_body=EXACT
+                )
+                served.append(name(raw.headers["x-darkgpu-provider"]))
+            except Exception as exc:  # noqa: BLE001 - counted, asserted below
+                failures.append(exc)
+
+    cluster.join("p5", TrustTier.basic, models=[MODEL_B])
+    callers = [threading.Thread(target=keep_calling) for _ in range(3 * TARGET_ONGOING)]
+    for caller in callers:
+        caller.start()
+    try:
+        joined = time.monotonic()
+        two = wait_for(lambda: set(served[-30:]) == {"p4", "p5"}, timeout_s=420, every_s=1)
+        assert two, f"no second replica: {served[-30:]} {failures[-3:]}"
+        print(f"a second replica of darkgpu-tiny-b served {time.monotonic() - joined:.1f} s "
+              f"after p5 began to join, under load")  # fmt: skip
+        assert sorted(cluster.replicas(MODEL_B).values()) == ["p4", "p5"]
+        _leave(cluster, "p4")
+        moved = len(served)
+        assert wait_for(lambda: len(served) >= moved + 20, timeout_s=120)
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join()
+    assert failures == [], failures[:3]
+    assert set(served[moved:]) == {"p5"}
 
 
 def test_by_default_only_providers_at_the_catalog_price_serve(client: openai.OpenAI) -> None:

@@ -362,7 +362,7 @@ def test_binding_a_node_through_the_routes_refuses_what_is_not_the_providers(
     assert bound.status_code == 201 and bound.json()["models"] == ["darkgpu-tiny"]
     assert bind().status_code == 401  # spent
     assert nodes.bindings(platform.services.db) == {node: provider_id}
-    assert nodes.allow_lists(platform.services.db) == {node: frozenset({"darkgpu-tiny"})}
+    assert nodes.allow_lists(platform.services.db) == {node: ("darkgpu-tiny",)}
 
 
 def test_demand_and_reputation_are_public_and_the_agent_shows_them(platform: Platform) -> None:

@@ -113,8 +113,8 @@ def test_a_provider_serves_what_it_allows_cold_until_asked_and_leaves_with_its_n
     cluster.alive.append(AliveNode(NODE_A, A_24GB))
     reconciler.tick()
     # cold: deployed with no replica; tiny-b, which nobody allows, removed and never deployed
-    assert cluster.taken() == [("deploy", "darkgpu-tiny", ModelSupply(0, 1)),
-                               ("delete", "model-darkgpu-tiny-b", None)]  # fmt: skip
+    assert cluster.taken() == [("delete", "model-darkgpu-tiny-b", None),
+                               ("deploy", "darkgpu-tiny", ModelSupply(0, 1))]  # fmt: skip
     reconciler.tick()
     assert cluster.taken() == []  # nothing changed: nothing deployed again
 
@@ -155,10 +155,46 @@ def test_binding_again_replaces_the_allow_list(
     sqlite_engine: Engine, r: redis.Redis, plans: Plans
 ) -> None:
     alice = provider(sqlite_engine, r, plans, "alice@example.com")
-    bind(sqlite_engine, alice, NODE_A, ["darkgpu-tiny", "darkgpu-tiny"])
-    assert nodes.allow_lists(sqlite_engine) == {NODE_A: frozenset({"darkgpu-tiny"})}
+    bind(sqlite_engine, alice, NODE_A, ["darkgpu-tiny-b", "darkgpu-tiny", "darkgpu-tiny-b"])
+    # in the provider's order of preference, each once
+    assert nodes.allow_lists(sqlite_engine) == {NODE_A: ("darkgpu-tiny-b", "darkgpu-tiny")}
     bind(sqlite_engine, alice, NODE_A, [])
-    assert nodes.allow_lists(sqlite_engine) == {NODE_A: frozenset()}
+    assert nodes.allow_lists(sqlite_engine) == {NODE_A: ()}
+
+
+def test_a_gpu_that_fits_two_models_serves_the_one_asked_for_most(
+    sqlite_engine: Engine, r: redis.Redis, plans: Plans, cluster: Recorded, tmp_path: Path
+) -> None:
+    """Alice's node fits one replica of either model and prefers darkgpu-tiny: it serves that
+    one, and the other has no application, until the ingresses' request totals make the other
+    the one asked for most (HOLD times as much per replica): then the GPU changes models."""
+    alice = provider(sqlite_engine, r, plans, "alice@example.com")
+    bind(sqlite_engine, alice, NODE_A, ["darkgpu-tiny", "darkgpu-tiny-b"])
+    cluster.alive.append(AliveNode(NODE_A, A_24GB))
+    now = [1000.0]
+    reconciler = SupplyReconciler(
+        CATALOG, Settings(data_dir=tmp_path), sqlite_engine, r, {HEAD},
+        list_nodes=lambda: cluster.alive, draining=lambda: cluster.draining,
+        deploy=cluster.deploy, delete=cluster.delete, running_apps=lambda: cluster.running,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    reconciler.tick()
+    assert cluster.taken() == [("delete", "model-darkgpu-tiny-b", None),
+                               ("deploy", "darkgpu-tiny", ModelSupply(1, 1))]  # fmt: skip
+    assert published(r).models["darkgpu-tiny-b"] == ModelSupply(0, 0)  # 503 model_warming
+    r.hset(redis_keys.SUPPLY_REQUESTS, mapping={"darkgpu-tiny": 10, "darkgpu-tiny-b": 14})
+    now[0] += 60
+    reconciler.tick()
+    assert cluster.taken() == []  # a first reading: no rate yet
+    r.hset(redis_keys.SUPPLY_REQUESTS, mapping={"darkgpu-tiny": 70, "darkgpu-tiny-b": 74})
+    now[0] += 60
+    reconciler.tick()
+    assert cluster.taken() == []  # as much asked of each: the one serving keeps the GPU
+    r.hset(redis_keys.SUPPLY_REQUESTS, mapping={"darkgpu-tiny": 80, "darkgpu-tiny-b": 374})
+    now[0] += 60
+    reconciler.tick()
+    assert cluster.taken() == [("delete", "model-darkgpu-tiny", None),
+                               ("deploy", "darkgpu-tiny-b", ModelSupply(1, 1))]  # fmt: skip
 
 
 async def settled(view: SupplyView) -> Plan | None:
@@ -182,8 +218,10 @@ def test_the_ingress_reads_the_plan_reports_demand_and_measures_the_load(r: redi
             view.online("m")  # Serve pushed its first running replica
             assert await settled(view) == plan
             assert time.time() - float(r.hget(redis_keys.SUPPLY_ASKED, "m")) < 10
+            assert r.hget(redis_keys.SUPPLY_REQUESTS, "m") == b"1"  # added to the total
             load_s = float(r.hget(redis_keys.SUPPLY_LOAD_S, "m"))
-            for key in (redis_keys.SUPPLY_ASKED, redis_keys.SUPPLY_LOAD_S):
+            for key in (redis_keys.SUPPLY_ASKED, redis_keys.SUPPLY_REQUESTS,
+                        redis_keys.SUPPLY_LOAD_S):  # fmt: skip
                 assert 0 < r.ttl(key) <= redis_keys.SUPPLY_TTL_S  # the state Redis: all expire
             assert 0.2 <= load_s < 5
             # the next warming is told the measured load
