@@ -15,6 +15,12 @@ redeemed with the node's id):
    `drain_timeout_s`, then its processes end).
    moved: from the drain to the first request answered by p2 after which none is answered
    by p1; a client calls throughout, and every failed request is counted.
+3. Nobody asks: after `DARKGPU_SCALE_TO_ZERO_AFTER_S` (60 s here) the model keeps no
+   replica; the next request is answered 503 `model_warming` with a `Retry-After` from the
+   load measured in step 1, and the seconds until it is served are measured against it.
+
+The platform scales to zero here, so a model nobody asked for has no replica: in step 1 a
+consumer asks every half second from the join on, as one waiting for the model would.
 
     .venv/bin/python bench/supply.py
 """
@@ -68,6 +74,7 @@ REDIS = {"DARKGPU_REDIS_URL": "redis://127.0.0.1:6412/0",
          "DARKGPU_STATE_REDIS_URL": "redis://127.0.0.1:6413/0"}  # fmt: skip
 GPU = detect(RecordedReader(RTX_4090))
 NODE_ENV = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 4})}
+COOL_AFTER_S = 60  # silence after which the model keeps no replica
 
 
 def wait(check: Callable[[], object], timeout_s: float = 600, every_s: float = 0.2) -> float:
@@ -88,6 +95,7 @@ class Bench:
         models.write_text(tiny.replace("min_vram_gb = 0", "min_vram_gb = 16"))
         self.env = {**os.environ, "DARKGPU_DATA_DIR": str(data),
                     "DARKGPU_MODELS_FILE": str(models), **REDIS,
+                    "DARKGPU_SCALE_TO_ZERO_AFTER_S": str(COOL_AFTER_S),
                     **{f"DARKGPU_{k}": str(v) for k, v in PORTS.items()}}  # fmt: skip
         self.env.pop("DARKGPU_DATABASE_URL", None)
         self.settings = Settings(data_dir=data, ray_port=PORTS["RAY_PORT"])
@@ -153,12 +161,15 @@ class Bench:
         agent.bind_node(ticket, ray.node_id(), [MODEL])
         return ray.node_id()
 
+    def ask(self) -> httpx.Response:
+        return httpx.post(f"{self.api}/v1/chat/completions", timeout=120,
+                          headers={"authorization": f"Bearer {self.key}"},
+                          json={"model": MODEL, "max_tokens": 2, "messages": [
+                              {"role": "user", "content": "hello"}]})  # fmt: skip
+
     def served_by(self) -> str | None:
         """Who answered one request (None: refused, e.g. 503 while no replica is up)."""
-        got = httpx.post(f"{self.api}/v1/chat/completions", timeout=120,
-                         headers={"authorization": f"Bearer {self.key}"},
-                         json={"model": MODEL, "max_tokens": 2, "messages": [
-                             {"role": "user", "content": "hello"}]})  # fmt: skip
+        got = self.ask()
         if got.status_code != 200:
             self.refusals[got.json()["error"].get("code") or str(got.status_code)] += 1
             return None
@@ -193,7 +204,8 @@ def run(bench: Bench) -> None:
         start = time.monotonic()
         node = bench.join("p1")
         joined = time.monotonic() - start
-        scheduled = wait(lambda: node in alive_actor_nodes(REPLICA_ACTOR_PREFIX).values())
+        replicas = lambda: alive_actor_nodes(REPLICA_ACTOR_PREFIX)  # noqa: E731
+        scheduled = wait(lambda: bench.served_by() or node in replicas().values(), every_s=0.5)
         loaded = wait(lambda: bench.served_by() == "p1", every_s=0.5)
         total = time.monotonic() - start
         split = f"join {joined:.1f} s, schedule {scheduled:.1f} s, load {loaded:.1f} s"
@@ -223,6 +235,7 @@ def run(bench: Bench) -> None:
         finally:
             stop.set()
             caller.join()
+        quiet_since = time.monotonic()  # the last request
         by_p1 = [t for t, who in served if who == "p1"]
         moved = (max(by_p1) - left) if by_p1 else 0.0
         since = [who for t, who in served if t > left]
@@ -232,6 +245,16 @@ def run(bench: Bench) -> None:
               f"({len(since)} requests meanwhile, {failed} refused: {refused})")  # fmt: skip
         raylet = bench.raylet("p1")
         end([raylet, *(p.pid for p in descendants(raylet))], signal.SIGTERM, wait_s=30)
+
+        wait(lambda: not replicas(), timeout_s=COOL_AFTER_S + 300, every_s=1)
+        cold = time.monotonic() - quiet_since
+        warming = bench.ask()
+        back = wait(lambda: bench.served_by() == "p2", every_s=0.5)
+        code = warming.json()["error"]["code"] if warming.status_code != 200 else "served"
+        print(f"nobody asks → no replica: {cold:.1f} s after the last request "
+              f"({COOL_AFTER_S} s window); the next request: {warming.status_code} {code}, "
+              f"Retry-After {warming.headers.get('retry-after')} s; "
+              f"served {back:.1f} s later")  # fmt: skip
         ray.shutdown()
     finally:
         stop_serve = "import sys; from serve_app.deploy import undeploy; undeploy(sys.argv[1])"

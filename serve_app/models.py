@@ -183,6 +183,9 @@ def llm_config_for(
                 "initial_replicas": supply.min_replicas,
                 "max_replicas": supply.max_replicas,
                 "target_ongoing_requests": settings.target_ongoing_requests,
+                # The floor drops to 0 only once the model had no request for
+                # `scale_to_zero_after_s` (`cluster.supply`): that silence is the delay.
+                "downscale_to_zero_delay_s": 0,
             },
             "request_router_config": {
                 "request_router_class": ROUTER_CLASS,

@@ -246,10 +246,13 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _raylet(session: str, provider: str) -> psutil.Process:
+def _raylets(session: str, provider: str) -> list[psutil.Process]:
     label = f'"{PROVIDER_ID_LABEL}": "{IDS[provider]}"'
-    [raylet] = [p for p in session_processes(session)
-                if "raylet" in p.name() and label in cmdline(p)]  # fmt: skip
+    return [p for p in session_processes(session) if "raylet" in p.name() and label in cmdline(p)]
+
+
+def _raylet(session: str, provider: str) -> psutil.Process:
+    [raylet] = _raylets(session, provider)
     return raylet
 
 
@@ -451,13 +454,14 @@ def test_a_model_comes_and_goes_with_the_provider_that_allows_it(
 
 def _leave(cluster: Cluster, provider: str) -> None:
     """As the agent leaves: drain, wait until the node's replicas are gone (Serve stops each
-    once its replacement serves, if it needs one), then end the node's processes."""
+    once its replacement serves, if it needs one), then end the node's processes (Ray may
+    have ended an idle draining node itself)."""
     cluster.nodes[provider].drain("darkgpu agent: leaving", 300)
     gone = lambda: provider not in {*cluster.replicas().values(),  # noqa: E731
                                     *cluster.replicas(MODEL_B).values()}  # fmt: skip
     assert wait_for(gone, timeout_s=300)
-    raylet = _raylet(cluster.session, provider)
-    end([raylet.pid, *(p.pid for p in descendants(raylet.pid))], signal.SIGTERM, wait_s=30)
+    for raylet in _raylets(cluster.session, provider):
+        end([raylet.pid, *(p.pid for p in descendants(raylet.pid))], signal.SIGTERM, wait_s=30)
 
 
 def _a_second_replica_under_load_and_the_first_provider_leaves(
