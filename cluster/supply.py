@@ -19,7 +19,7 @@ out one replica at a time, each to the model that needs it most:
    fewest replicas, then the catalog's order.
 
 Each takes the free slot of a node whose provider prefers it most, and of those the node that
-serves the fewest other models (so that a model only a few nodes allow keeps room there).
+serves the fewest models (so that a model only a few nodes allow keeps room there).
 Nothing is shared out beyond `max_replicas` per model. A model's bounds are then
 `[min(floor, slots), slots]`: Serve's autoscaler moves the count between the two by its
 ongoing requests. A model that got no slot (others need them more) stays in the plan with
@@ -42,8 +42,8 @@ until a replica scales down (see the notes of the supply issue).
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from cluster.catalog import Catalog, CatalogModel
@@ -188,31 +188,41 @@ def _share_slots(
     policy: SupplyPolicy,
 ) -> Counter[str]:
     """How many slots each model gets: one at a time, to the model that needs one most
-    (the module's rules), on the node that suits it best."""
+    (the module's rules), on the node that suits it best. Each model's nodes are sorted once
+    (preference, then width); a node full for a model stays full (room only shrinks), so
+    each list is walked once: the work is the nodes times the models, plus the slots times
+    the models."""
     free = {node.node_id: node.units for node in nodes}
     got: Counter[str] = Counter()
     order = {model.id: i for i, model in enumerate(models)}
-    widths = {n.node_id: sum(n.serves(m) for m in models) for n in nodes}
+    serving = {m.id: [n for n in nodes if n.serves(m)] for m in models}
+    width = Counter(n.node_id for m in models for n in serving[m.id])
 
-    def room(model: CatalogModel) -> list[SupplyNode]:
-        return [n for n in nodes if n.serves(model) and free[n.node_id] >= n.cost(model)]
+    def suits(model_id: str) -> Callable[[SupplyNode], tuple[int, int]]:
+        return lambda node: (node.rank(model_id), width[node.node_id])
 
-    def need(model: CatalogModel, where: list[SupplyNode]) -> tuple[float, ...]:
+    queue = {m.id: deque(sorted(serving[m.id], key=suits(m.id))) for m in models}
+
+    def best_node(model: CatalogModel) -> SupplyNode | None:
+        """The node this model's next replica takes (None: no room left anywhere)."""
+        if got[model.id] >= policy.max_replicas:
+            return None
+        nodes_left = queue[model.id]
+        while nodes_left and free[nodes_left[0].node_id] < nodes_left[0].cost(model):
+            nodes_left.popleft()
+        return nodes_left[0] if nodes_left else None
+
+    def need(model: CatalogModel, node: SupplyNode) -> tuple[float, ...]:
         count, asked = got[model.id], demand.get(model.id, 0.0)
         holds = count < held.get(model.id, ModelSupply(0, 0)).max_replicas
         per_replica = asked * (HOLD if holds else 1.0) / (count + 1)
-        preferred = min(n.rank(model.id) for n in where)
+        preferred = node.rank(model.id)
         return (count < floor[model.id], per_replica, holds, -preferred, -count, -order[model.id])
 
     while True:
-        open_ = {
-            m.id: where for m in models if got[m.id] < policy.max_replicas and (where := room(m))
-        }
+        open_ = [(model, node) for model in models if (node := best_node(model)) is not None]
         if not open_:
             return got
-        model = max((m for m in models if m.id in open_), key=lambda m: need(m, open_[m.id]))
-        node = min(
-            open_[model.id], key=lambda n: (n.rank(model.id), widths[n.node_id], -free[n.node_id])
-        )
+        model, node = max(open_, key=lambda pair: need(*pair))
         free[node.node_id] -= node.cost(model)
         got[model.id] += 1
