@@ -472,8 +472,8 @@ class Ingress:
             await self._gate.account(request)  # a bad key is told so first
             raise no_replica(model.id, RETRY_AFTER_S)
         if not await self._availability.is_online(model.id):
-            await self._gate.account(request)
-            self._supply.asked(model.id)
+            account = await self._gate.account(request)
+            self._supply.asked(model.id, refused_account=account)
             raise model_warming(model.id, self._supply.retry_after_s(model.id))
 
     async def _rank(

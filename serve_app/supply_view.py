@@ -4,7 +4,9 @@ The reconciler (`serve_app.supply`) publishes which models are deployed into the
 an ingress reads it at most once a second, in the background (a request uses the last
 reading; only the first waits). On the same turn it writes when it last had a request for
 each model (`dg:supply:asked`: what warms a cold model), how many it had (added to the
-running totals of `dg:supply:requests`: what shares out GPUs that fit several models), and
+running totals of `dg:supply:requests`: what shares out GPUs that fit several models; a
+request it refused, which costs its caller nothing, counts once per account and model a
+minute, so that nobody can move GPUs with free refusals), and
 any load time it measured: from
 the first request it answered 503 `model_warming` to the moment Serve pushed the model's first
 running replica (`serve_app.availability`), kept in `dg:supply:load_s` so that every
@@ -24,6 +26,8 @@ from kernel import redis_keys
 from serve_app.supply import Plan
 
 logger = logging.getLogger("darkgpu.supply")
+# A refused request counts as demand once per account and model in this many seconds.
+REFUSED_COUNT_EVERY_S = 60.0
 
 
 class SupplyView:
@@ -37,6 +41,7 @@ class SupplyView:
         self._reading: asyncio.Task[None] | None = None
         self._asked: dict[str, float] = {}  # model -> when asked, not written yet
         self._requests: Counter[str] = Counter()  # model -> requests, not written yet
+        self._refused: dict[tuple[int, str], float] = {}  # (account, model) -> counted when
         self._warming: dict[str, float] = {}  # model -> when this ingress first said warming
         self._measured: dict[str, float] = {}  # model -> a load time not written yet
 
@@ -49,8 +54,16 @@ class SupplyView:
                 await asyncio.shield(self._reading)
         return self._plan
 
-    def asked(self, model_id: str) -> None:
-        self._asked[model_id] = time.time()
+    def asked(self, model_id: str, refused_account: int | None = None) -> None:
+        """A request for the model: admitted, or refused to `refused_account` (503
+        `model_warming`), which counts towards the model's demand at most once a minute."""
+        now = time.time()
+        self._asked[model_id] = now
+        if refused_account is not None:
+            counted = self._refused.get((refused_account, model_id))
+            if counted is not None and now - counted < REFUSED_COUNT_EVERY_S:
+                return
+            self._refused[(refused_account, model_id)] = now
         self._requests[model_id] += 1
 
     def retry_after_s(self, model_id: str) -> int:
@@ -69,6 +82,8 @@ class SupplyView:
 
     async def _refresh(self) -> None:
         asked, self._asked = self._asked, {}
+        fresh = time.time() - REFUSED_COUNT_EVERY_S
+        self._refused = {who: at for who, at in self._refused.items() if at > fresh}
         requests, self._requests = self._requests, Counter()
         measured, self._measured = self._measured, {}
         try:

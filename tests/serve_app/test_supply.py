@@ -232,6 +232,34 @@ def test_the_ingress_reads_the_plan_reports_demand_and_measures_the_load(r: redi
     asyncio.run(main())
 
 
+def test_refused_requests_cannot_buy_gpus(r: redis.Redis) -> None:
+    """A caller with a valid key sends a thousand requests for a model that has no replica
+    (each refused 503 model_warming, at no cost): they count as one request of demand, not a
+    thousand, so they cannot take a GPU from a model that paying callers use. Two accounts
+    count two; requests that were admitted each count."""
+
+    async def main() -> None:
+        client = aredis.Redis.from_url(billing.REDIS_URL)
+        view = SupplyView(client, default_load_s=60, ttl_s=0.0)
+        try:
+            for _ in range(1000):
+                view.asked("cold", refused_account=7)
+            view.asked("cold", refused_account=8)
+            for _ in range(5):
+                view.asked("paid")
+            await settled(view)
+            for _ in range(1000):  # the next turn: still within the minute
+                view.asked("cold", refused_account=7)
+            await settled(view)
+            totals = r.hgetall(redis_keys.SUPPLY_REQUESTS)
+            assert totals == {b"cold": b"2", b"paid": b"5"}
+            assert r.hget(redis_keys.SUPPLY_ASKED, "cold")  # it is still asked for: warm
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_plan_that_is_not_a_plan_keeps_the_last_reading(r: redis.Redis) -> None:
     async def main() -> None:
         client = aredis.Redis.from_url(billing.REDIS_URL)
