@@ -132,12 +132,12 @@ class Bench:
         admin("account", "update", "--account", str(account["id"]), "--rpm", "100000")
         self.key = admin("key", "create", "--account", str(account["id"]))["key"]
 
-    def raylet(self, name: str) -> int:
+    def raylets(self, name: str) -> list[int]:
+        """The provider's raylet, none once it has ended (Ray ends a node drained idle)."""
         session = session_of(PORTS["RAY_PORT"]) or ""
         label = f'"{PROVIDER_ID_LABEL}": "{self.ids[name]}"'
-        [pid] = [p.pid for p in session_processes(session)
-                 if "raylet" in p.name() and label in cmdline(p)]  # fmt: skip
-        return pid
+        return [p.pid for p in session_processes(session)
+                if "raylet" in p.name() and label in cmdline(p)]  # fmt: skip
 
     def join(self, name: str) -> str:
         """As the agent joins: a ticket, `ray start`, the ticket redeemed; the node's id."""
@@ -148,7 +148,8 @@ class Bench:
 
         def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
             if command[1:] == ["-m", "agent_bootstrap.ray_node_id"]:  # this machine's raylets
-                node_id = cmdline_node_id(self.raylet(name))
+                [raylet] = self.raylets(name)
+                node_id = cmdline_node_id(raylet)
                 return subprocess.CompletedProcess(command, 0, node_id + "\n", "")
             return subprocess.run(command, env={**ray_env, **env, **NODE_ENV},
                                   capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -243,8 +244,8 @@ def run(bench: Bench) -> None:
         refused = dict(bench.refusals)  # by error code
         print(f"p1 leave → last request moved: {moved:.1f} s "
               f"({len(since)} requests meanwhile, {failed} refused: {refused})")  # fmt: skip
-        raylet = bench.raylet("p1")
-        end([raylet, *(p.pid for p in descendants(raylet))], signal.SIGTERM, wait_s=30)
+        for raylet in bench.raylets("p1"):  # as its agent leaves
+            end([raylet, *(p.pid for p in descendants(raylet))], signal.SIGTERM, wait_s=30)
 
         wait(lambda: not replicas(), timeout_s=COOL_AFTER_S + 300, every_s=1)
         cold = time.monotonic() - quiet_since
