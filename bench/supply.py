@@ -64,6 +64,7 @@ from core.db import make_engine, migrate  # noqa: E402
 from core.schema import ProviderReview, ProviderStatus  # noqa: E402
 from core.settings import CONFIGS_DIR, Settings  # noqa: E402
 from kernel.labels import PROVIDER_ID_LABEL, TrustTier  # noqa: E402
+from serve_app.models import MODEL_APP_PREFIX  # noqa: E402
 from serve_app.node_bindings import REPLICA_ACTOR_PREFIX  # noqa: E402
 from tests.cluster.nvml_readings import RTX_4090  # noqa: E402
 
@@ -205,7 +206,8 @@ def run(bench: Bench) -> None:
         start = time.monotonic()
         node = bench.join("p1")
         joined = time.monotonic() - start
-        replicas = lambda: alive_actor_nodes(REPLICA_ACTOR_PREFIX)  # noqa: E731
+        # the model's replicas (not the platform application's own)
+        replicas = lambda: alive_actor_nodes(REPLICA_ACTOR_PREFIX + MODEL_APP_PREFIX)  # noqa: E731
         scheduled = wait(lambda: bench.served_by() or node in replicas().values(), every_s=0.5)
         loaded = wait(lambda: bench.served_by() == "p1", every_s=0.5)
         total = time.monotonic() - start
