@@ -130,7 +130,8 @@ def model_apps() -> set[str]:
     return {name for name in serve.status().applications if name.startswith(MODEL_APP_PREFIX)}
 
 
-def _floats(found: Mapping[bytes, bytes]) -> dict[str, float]:
+def floats(found: Mapping[bytes, bytes]) -> dict[str, float]:
+    """A Redis hash of numbers, as read: field -> value."""
     return {key.decode(): float(value) for key, value in found.items()}
 
 
@@ -193,7 +194,7 @@ class SupplyReconciler:
         with self._state.pipeline(transaction=False) as pipe:
             pipe.hgetall(redis_keys.SUPPLY_ASKED)
             pipe.hgetall(redis_keys.SUPPLY_REQUESTS)
-            asked, totals = (_floats(found) for found in pipe.execute())
+            asked, totals = (floats(found) for found in pipe.execute())
         now = self._clock()
         demand = self._demand.update(totals, now)
         models = plan_supply(

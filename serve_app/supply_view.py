@@ -6,8 +6,7 @@ reading; only the first waits). On the same turn it writes when it last had a re
 each model (`dg:supply:asked`: what warms a cold model), how many it had (added to the
 running totals of `dg:supply:requests`: what shares out GPUs that fit several models; a
 request it refused, which costs its caller nothing, counts once per account and model a
-minute, so that nobody can move GPUs with free refusals), and
-any load time it measured: from
+minute, so that nobody can move GPUs with free refusals), and any load time it measured: from
 the first request it answered 503 `model_warming` to the moment Serve pushed the model's first
 running replica (`serve_app.availability`), kept in `dg:supply:load_s` so that every
 ingress's `Retry-After` matches the last measured load.
@@ -23,7 +22,7 @@ from collections import Counter
 from typing import Any
 
 from kernel import redis_keys
-from serve_app.supply import Plan
+from serve_app.supply import Plan, floats
 
 logger = logging.getLogger("darkgpu.supply")
 # A refused request counts as demand once per account and model in this many seconds.
@@ -92,6 +91,7 @@ class SupplyView:
                 if asked:
                     pipe.hset(redis_keys.SUPPLY_ASKED, mapping=asked)
                     pipe.expire(redis_keys.SUPPLY_ASKED, redis_keys.SUPPLY_TTL_S)
+                if requests:
                     for model_id, count in requests.items():
                         pipe.hincrby(redis_keys.SUPPLY_REQUESTS, model_id, count)
                     pipe.expire(redis_keys.SUPPLY_REQUESTS, redis_keys.SUPPLY_TTL_S)
@@ -102,8 +102,7 @@ class SupplyView:
                 pipe.hgetall(redis_keys.SUPPLY_LOAD_S)
                 *_, raw, loads = await pipe.execute()
             self._plan = Plan.from_json(raw) if raw else None
-            found = {k.decode(): float(v) for k, v in loads.items()}
-            self._load_s = {**found, **measured}
+            self._load_s = {**floats(loads), **measured}
         except Exception as exc:  # noqa: BLE001 - keep the last reading; report again next turn
             logger.warning("reading the supply plan failed: %r", exc)
             self._asked = {**asked, **self._asked}
