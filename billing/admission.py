@@ -48,6 +48,7 @@ import redis.exceptions
 from billing.lua_scripts import ADMIT, CHECKPOINT, EXTEND, REAP, SETTLE
 from billing.plans import Plans
 from billing.ratelimit_headers import format_duration, rate_limit_headers, retry_after_seconds
+from billing.redis_packing import hiredis_packing
 from billing.redis_replies import as_str
 from kernel import redis_keys as rk
 from kernel.money import nusd_to_usd
@@ -159,7 +160,8 @@ def connect(
     - A Redis that is down fails fast (two quick retries, connect timeout 2 s) so the client
       gets its 503 at once; redis-py's default retries back off for about 4 s.
     - Replies are parsed by redis-py's default parser: hiredis's C parser, installed with the
-      platform (`parser_class` is for bench/billing.py, which compares it with the Python one).
+      platform (`parser_class` is for bench/billing.py, which compares it with the Python one);
+      commands are packed by hiredis too (`billing.redis_packing`).
     """
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry
@@ -174,6 +176,7 @@ def connect(
         socket_timeout=5.0,
         **({"parser_class": parser_class} if parser_class is not None else {}),
     )
+    pool.connection_class = hiredis_packing(pool.connection_class)
     return aredis.Redis.from_pool(pool)
 
 
