@@ -10,7 +10,13 @@ p50/p99 latency of short completions, p50/p99 time to first token when streaming
 requests/s. Prints a table, then the ratios of the platform to the other two.
 
     .venv/bin/python bench/serving_overhead.py [--requests 48] [--max-tokens 8]
-        [--servers vllm,serve-llm,platform] [--profile DIR]
+        [--servers vllm,serve-llm,platform] [--serve-modes default,throughput] [--profile DIR]
+
+`--serve-modes`: the Serve-based servers (bare Serve LLM and the platform) run once per mode:
+`default`, and `throughput` with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in every Ray process's
+environment (Ray 2.56+: user code on the replica's own event loop, gRPC between deployments,
+direct ingress, request logs buffered, GC frozen after start-up). Rows and ratios are per
+mode (`platform+throughput ÷ serve-llm+throughput`, …).
 
 `--servers platform` measures the platform alone: the bare Serve LLM step ends with
 `ray stop --force`, which stops every Ray cluster on the machine, so run it only where no
@@ -166,8 +172,18 @@ def vllm_alone(model_dir: Path, port: int) -> Iterator[str]:
         proc.wait(60)
 
 
+SERVE_MODES: dict[str, dict[str, str]] = {
+    "default": {},
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def labelled(server: str, mode: str) -> str:
+    return server if mode == "default" else f"{server}+{mode}"
+
+
 @contextmanager
-def bare_serve_llm(model_dir: Path, port: int) -> Iterator[str]:
+def bare_serve_llm(model_dir: Path, port: int, mode: str = "default") -> Iterator[str]:
     code = f"""
 import signal, sys, time, ray
 from ray import serve
@@ -189,7 +205,7 @@ if __name__ == "__main__":
     while True:
         time.sleep(60)
 """
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **SERVE_MODES[mode]}
     proc = subprocess.Popen(
         [str(BIN / "python"), "-c", code],
         env=env,
@@ -275,10 +291,11 @@ def py_spy_profiler(out: Path) -> Callable[[], Callable[[], None]]:
 
 
 @contextmanager
-def platform(data_dir: Path, port: int) -> Iterator[tuple[str, str]]:
+def platform(data_dir: Path, port: int, mode: str = "default") -> Iterator[tuple[str, str]]:
     """The platform with billing on: a paid account with credits, and its key."""
     env = {
         **os.environ,
+        **SERVE_MODES[mode],
         "DARKGPU_DATA_DIR": str(data_dir),
         "DARKGPU_HTTP_PORT": str(port),
         "DARKGPU_RAY_PORT": str(PLATFORM_RAY_PORT),
@@ -319,19 +336,20 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def ratios(results: list[Result]) -> str:
+def ratios(results: list[Result], modes: list[str]) -> str:
     by = {(r.server, r.concurrency): r for r in results}
     fields: dict[str, Callable[[Result], float]] = {
         "latency p50": lambda r: r.latency_p50, "latency p99": lambda r: r.latency_p99,
         "TTFT p50": lambda r: r.ttft_p50, "TTFT p99": lambda r: r.ttft_p99,
         "req/s": lambda r: r.rps,
     }  # fmt: skip
-    rows = ["| platform ÷ | c | " + " | ".join(fields) + " |", "|---|---|" + "---|" * len(fields)]
-    for other in ("vllm", "serve-llm"):
-        for c in (1, 16):
-            mine, theirs = by[("platform", c)], by[(other, c)]
-            cells = " | ".join(f"{get(mine) / get(theirs):.2f}" for get in fields.values())
-            rows.append(f"| {other} | {c} | {cells} |")
+    rows = ["| ratio | c | " + " | ".join(fields) + " |", "|---|---|" + "---|" * len(fields)]
+    for mode in modes:
+        for other in ("vllm", labelled("serve-llm", mode)):
+            for c in (1, 16):
+                mine, theirs = by[(labelled("platform", mode), c)], by[(other, c)]
+                cells = " | ".join(f"{get(mine) / get(theirs):.2f}" for get in fields.values())
+                rows.append(f"| {labelled('platform', mode)} ÷ {other} | {c} | {cells} |")
     return "\n".join(rows)
 
 
@@ -351,8 +369,16 @@ def main() -> None:
         metavar="DIR",
         help="py-spy the platform's processes during its c=16 run, into DIR",
     )
+    parser.add_argument(
+        "--serve-modes",
+        default="default",
+        help=f"the Serve-based servers once per mode, of: {', '.join(SERVE_MODES)}",
+    )
     args = parser.parse_args()
     servers = set(args.servers.split(","))
+    modes = args.serve_modes.split(",")
+    if not set(modes) <= set(SERVE_MODES):
+        sys.exit(f"--serve-modes: choose among {', '.join(SERVE_MODES)}")
 
     from cluster.local_model import ensure_local_model
 
@@ -364,22 +390,25 @@ def main() -> None:
             print("vLLM alone ...", flush=True)
             with vllm_alone(model_dir, 8101) as base:
                 results += measure("vllm", base, args.requests, args.max_tokens)
-        if "serve-llm" in servers:
-            print("bare Ray Serve LLM ...", flush=True)
-            with bare_serve_llm(model_dir, 8102) as base:
-                results += measure("serve-llm", base, args.requests, args.max_tokens)
-        if "platform" in servers:
-            print("this platform ...", flush=True)
-            profile = py_spy_profiler(args.profile) if args.profile else None
-            with platform(data_dir, 8103) as (base, key):
-                results += measure(
-                    "platform", base, args.requests, args.max_tokens, key, profile=profile
-                )
+        for mode in modes:
+            if "serve-llm" in servers:
+                name = labelled("serve-llm", mode)
+                print(f"bare Ray Serve LLM ({mode}) ...", flush=True)
+                with bare_serve_llm(model_dir, 8102, mode) as base:
+                    results += measure(name, base, args.requests, args.max_tokens)
+            if "platform" in servers:
+                name = labelled("platform", mode)
+                print(f"this platform ({mode}) ...", flush=True)
+                profile = py_spy_profiler(args.profile / mode) if args.profile else None
+                with platform(data_dir / mode, 8103, mode) as (base, key):
+                    results += measure(
+                        name, base, args.requests, args.max_tokens, key, profile=profile
+                    )
     print(f"\n{args.max_tokens} output tokens per request, {os.cpu_count()} cores\n")
     print(table(results))
     if {"vllm", "serve-llm", "platform"} <= servers:
         print()
-        print(ratios(results))
+        print(ratios(results, modes))
 
 
 if __name__ == "__main__":
