@@ -20,7 +20,7 @@ import typer
 from sqlalchemy import Engine
 
 from billing import accounts as svc
-from billing import flags, reports
+from billing import flags, reports, verify
 from billing.plans import Plans, load_plans
 from core.db import make_engine, migrate
 from core.settings import Settings
@@ -294,7 +294,7 @@ def cap_set(
 def ledger_verify() -> None:
     """Check the usage hash chain and that the double-entry ledger sums to zero (exit 1 if
     not)."""
-    result = _run(lambda c: reports.verify_ledger(c.engine))
+    result = _run(lambda c: verify.verify_ledger(c.engine))
     _print(result.to_json())
     if not result.ok:
         raise typer.Exit(1)
