@@ -4,8 +4,9 @@ and the hash-chained usage ledger. SQL is the truth; Redis holds a fast copy.
 Money columns are BIGINT nano-dollars. Usage timestamps are integer epoch milliseconds (UTC),
 so the hash chain covers exact values on every database. `usage_events`, `ledger_transfers`,
 `ledger_entries` and the verification's checkpoints are append-only: the migrations install
-triggers refusing UPDATE and DELETE (and TRUNCATE on PostgreSQL). `ledger_accounts` carries running balances (pgledger
-style), so it is updated in place, under row locks, and every change is an entry.
+triggers refusing UPDATE and DELETE (and TRUNCATE on PostgreSQL). `ledger_accounts` carries
+running balances (pgledger style), so it is updated in place, under row locks, and every
+change is an entry.
 
 A table's owner can disable triggers; in production run the application as a role that does
 not own these tables and `REVOKE UPDATE, DELETE, TRUNCATE` on them from it. The hash chain
