@@ -276,7 +276,13 @@ def _check_double_entry(engine: Engine) -> Check:
     result = verify_ledger(engine)
     for text in result.problems:
         check.problem(text)
-    check.info.update(usage_rows=result.usage_rows, transfers=result.transfers)
+    start = result.from_checkpoint
+    check.info.update(
+        usage_rows=result.usage_rows_total,  # the checkpoint's and those read after it
+        verified_usage_rows=result.usage_rows,
+        transfers=result.transfers,  # read after the checkpoint
+        from_checkpoint=start.checkpoint_id if start else None,
+    )
     return check
 
 
