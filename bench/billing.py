@@ -47,7 +47,7 @@ from billing import accounts as svc  # noqa: E402
 from billing.admission import Admission, Admitted, connect  # noqa: E402
 from billing.meter import UsageMeter  # noqa: E402
 from billing.plans import load_plans  # noqa: E402
-from billing.reports import verify_ledger  # noqa: E402
+from billing.verify import verify_ledger  # noqa: E402
 from cluster.catalog import CatalogModel  # noqa: E402
 from core.db import make_engine, migrate  # noqa: E402
 from core.schema import UsageEvent  # noqa: E402

@@ -20,7 +20,7 @@ import typer
 from sqlalchemy import Engine
 
 from billing import accounts as svc
-from billing import flags, reports
+from billing import flags, reports, verify
 from billing.plans import Plans, load_plans
 from core.db import make_engine, migrate
 from core.settings import Settings
@@ -291,10 +291,30 @@ def cap_set(
 
 
 @ledger_app.command("verify")
-def ledger_verify() -> None:
-    """Check the usage hash chain and that the double-entry ledger sums to zero (exit 1 if
-    not)."""
-    result = _run(lambda c: reports.verify_ledger(c.engine))
+def ledger_verify(
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="From the first row, trusting no checkpoint. Without it the check starts "
+            "from the last verified checkpoint and trusts the append-only triggers for the "
+            "rows before it: a row changed behind their back before the checkpoint is found "
+            "only by --full.",
+        ),
+    ] = False,
+    margin: Annotated[
+        float,
+        typer.Option(
+            help="Seconds: the new checkpoint covers only rows older than this (writers' "
+            "transactions still open commit within it)."
+        ),
+    ] = verify.MARGIN_S,
+) -> None:
+    """Check the usage hash chain, that the double-entry ledger sums to zero and that every
+    paid request was charged once, from the last verified checkpoint (exit 1 if not). A pass
+    writes a new checkpoint; the output says which checkpoint the check started from and how
+    many rows it read."""
+    result = _run(lambda c: verify.verify_ledger(c.engine, full=full, margin_s=margin))
     _print(result.to_json())
     if not result.ok:
         raise typer.Exit(1)

@@ -6,7 +6,7 @@ Checks, each passing or listing what does not match:
   holds day D's token counters, each equals the SQL tokens of that day plus open
   reservations plus settled requests not yet drained.
 - `double_entry`: the usage hash chain is intact and the double-entry ledger sums to zero
-  (billing.reports.verify_ledger).
+  (billing.verify.verify_ledger).
 - `redis_balances`: every account's Redis balance equals its SQL credits less open
   reservations and settled usage not yet drained.
 - `reservations`: no reservation is past its expiry (the reaper is keeping up).
@@ -45,7 +45,7 @@ from billing.fees import (
     PAYMENT_FEES,
 )
 from billing.redis_replies import as_str, scored_members, stream_entries
-from billing.reports import verify_ledger
+from billing.verify import verify_ledger
 from core.schema import (
     Account,
     AccountFlag,
@@ -276,7 +276,13 @@ def _check_double_entry(engine: Engine) -> Check:
     result = verify_ledger(engine)
     for text in result.problems:
         check.problem(text)
-    check.info.update(usage_rows=result.usage_rows, transfers=result.transfers)
+    start = result.from_checkpoint
+    check.info.update(
+        usage_rows=result.usage_rows_total,  # the checkpoint's and those read after it
+        verified_usage_rows=result.usage_rows,
+        transfers=result.transfers,  # read after the checkpoint
+        from_checkpoint=start.checkpoint_id if start else None,
+    )
     return check
 
 

@@ -2,10 +2,11 @@
 and the hash-chained usage ledger. SQL is the truth; Redis holds a fast copy.
 
 Money columns are BIGINT nano-dollars. Usage timestamps are integer epoch milliseconds (UTC),
-so the hash chain covers exact values on every database. `usage_events`, `ledger_transfers`
-and `ledger_entries` are append-only: the migration installs triggers refusing UPDATE and
-DELETE (and TRUNCATE on PostgreSQL). `ledger_accounts` carries running balances (pgledger
-style), so it is updated in place, under row locks, and every change is an entry.
+so the hash chain covers exact values on every database. `usage_events`, `ledger_transfers`,
+`ledger_entries` and the verification's checkpoints are append-only: the migrations install
+triggers refusing UPDATE and DELETE (and TRUNCATE on PostgreSQL). `ledger_accounts` carries
+running balances (pgledger style), so it is updated in place, under row locks, and every
+change is an entry.
 
 A table's owner can disable triggers; in production run the application as a role that does
 not own these tables and `REVOKE UPDATE, DELETE, TRUNCATE` on them from it. The hash chain
@@ -269,7 +270,49 @@ class UsageEvent(Base):
     )
 
 
-APPEND_ONLY_TABLES = ("usage_events", "ledger_transfers", "ledger_entries")
+class LedgerCheckpoint(Base):
+    """What a successful `darkgpu admin ledger verify` established up to a boundary
+    (billing.verify): every usage row up to `last_usage_id` chains to `last_row_hash`, and
+    every transfer up to `last_transfer_id` and entry up to `last_entry_id` was checked; the
+    counts are of the rows up to the boundary. Its `LedgerCheckpointSum`s hold each ledger
+    account's sum of entries up to `last_entry_id`. `verified_from` is the checkpoint the
+    verification started from (None: from the first row). Append-only."""
+
+    __tablename__ = "ledger_checkpoints"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    last_usage_id: Mapped[int] = mapped_column(BigInteger)
+    last_row_hash: Mapped[str] = mapped_column(String(64))
+    last_transfer_id: Mapped[int] = mapped_column(BigInteger)
+    last_entry_id: Mapped[int] = mapped_column(BigInteger)
+    usage_rows: Mapped[int] = mapped_column(BigInteger)
+    transfers: Mapped[int] = mapped_column(BigInteger)
+    entries: Mapped[int] = mapped_column(BigInteger)
+    verified_from: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LedgerCheckpointSum(Base):
+    """A ledger account's sum of entries up to its checkpoint's `last_entry_id` (nUSD)."""
+
+    __tablename__ = "ledger_checkpoint_sums"
+
+    checkpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("ledger_checkpoints.id"), primary_key=True
+    )
+    ledger_account_id: Mapped[int] = mapped_column(
+        ForeignKey("ledger_accounts.id"), primary_key=True
+    )
+    entries_sum: Mapped[int] = mapped_column(BigInteger)
+
+
+APPEND_ONLY_TABLES = (
+    "usage_events",
+    "ledger_transfers",
+    "ledger_entries",
+    "ledger_checkpoints",
+    "ledger_checkpoint_sums",
+)
 
 
 class ProviderStatus(StrEnum):

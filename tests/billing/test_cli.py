@@ -152,6 +152,56 @@ async def test_usage_export_and_ledger_verify(
     assert not failed["ok"] and failed["problems"]
 
 
+async def test_ledger_verify_from_its_checkpoint(
+    cli, engine: Engine, admission: Admission, meter: UsageMeter
+) -> None:
+    """Each pass writes a checkpoint and says which one it started from and how many rows it
+    read; `--full` starts from the first row and finds a change before the checkpoint."""
+    aid = json.loads(cli("account", "create", "--email", "v@example.com"))["id"]
+    key = json.loads(cli("key", "create", "--account", str(aid)))["key"]
+
+    async def serve(ids: range) -> None:
+        for i in ids:
+            await admission.admit(
+                api_key=key,
+                request_id=f"v{i}",
+                model=MODEL,
+                prompt_tokens=5,
+                max_tokens=10,
+                customer_tag=None,
+            )
+            await admission.settle(request_id=f"v{i}", prompt_tokens=5, completion_tokens=7,
+                                   provider_id="prov")  # fmt: skip
+        assert meter.drain_all() == len(ids)
+
+    await serve(range(3))
+    first = json.loads(cli("ledger", "verify", "--margin", "0"))
+    assert first["ok"] and first["full"] and first["from_checkpoint"] is None
+    assert (first["usage_rows"], first["transfers"]) == (3, 4)  # the signup grant and 3
+    assert first["checkpoint"]["usage_rows"] == 3
+    await serve(range(3, 5))
+    second = json.loads(cli("ledger", "verify", "--margin", "0"))
+    assert second["ok"] and not second["full"]
+    assert second["from_checkpoint"] == first["checkpoint"]
+    assert (second["usage_rows"], second["transfers"], second["usage_rows_total"]) == (2, 2, 5)
+
+    with engine.begin() as conn:  # behind the append-only triggers' back, before the checkpoint
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("ALTER TABLE usage_events DISABLE TRIGGER USER"))
+        else:
+            conn.execute(text("DROP TRIGGER usage_events_no_update"))
+        conn.execute(text("UPDATE usage_events SET completion_tokens = 1 WHERE request_id = 'v0'"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("ALTER TABLE usage_events ENABLE TRIGGER USER"))
+    trusted = json.loads(cli("ledger", "verify"))
+    assert trusted["ok"] and trusted["usage_rows"] == 0
+    full = json.loads(cli("ledger", "verify", "--full", code=1))
+    assert not full["ok"] and full["full"] and full["usage_rows"] == 5
+    assert any("(v0): row_hash does not match" in p for p in full["problems"])
+    assert full["checkpoint"] is None
+    assert "trusts the append-only" in " ".join(cli("ledger", "verify", "--help").split())
+
+
 def test_redis_rebuild_and_db_upgrade(cli, r: redis.Redis) -> None:
     aid = json.loads(cli("account", "create", "--email", "rb@example.com"))["id"]
     r.flushdb()

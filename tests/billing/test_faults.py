@@ -29,7 +29,7 @@ from billing.loop import BillingLoop
 from billing.meter import UsageMeter
 from billing.plans import Plans
 from billing.redis_server import LocalRedis
-from billing.reports import verify_ledger
+from billing.verify import verify_ledger
 from core.db import make_engine, migrate
 from core.schema import UsageEvent
 from kernel import redis_keys as rk

@@ -19,7 +19,7 @@ from billing import fees, ledger
 from billing.cli import app
 from billing.plans import Plans
 from billing.reconcile import reconcile
-from billing.reports import verify_ledger
+from billing.verify import verify_ledger
 from core.schema import LedgerTransfer, StripeMovement
 from kernel.money import NUSD_PER_CENT as CENT
 from tests.billing.conftest import REDIS_URL, REPO

@@ -12,7 +12,7 @@ from billing.admission import Admission
 from billing.loop import BillingLoop
 from billing.meter import UsageMeter
 from billing.plans import Plans
-from billing.reports import verify_ledger
+from billing.verify import verify_ledger
 from core.schema import ApiKey, UsageEvent
 from kernel import redis_keys as rk
 from kernel.money import split_cost

@@ -15,7 +15,7 @@ from billing import strikes
 from billing.admission import Admission
 from billing.meter import UsageMeter
 from billing.plans import Plans
-from billing.reports import verify_ledger
+from billing.verify import verify_ledger
 from cluster import registry
 from core.schema import UsageEvent, UsageStrike
 from kernel import redis_keys as rk

@@ -20,7 +20,7 @@ from billing import ledger
 from billing.admission import Admission, Refused, connect, utc_day
 from billing.meter import UsageMeter
 from billing.plans import Plans
-from billing.reports import verify_ledger
+from billing.verify import verify_ledger
 from core.schema import UsageEvent
 from kernel import redis_keys as rk
 from kernel.money import split_cost

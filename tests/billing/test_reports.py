@@ -11,7 +11,8 @@ from billing import csv_cells
 from billing.admission import Admission
 from billing.meter import UsageMeter
 from billing.plans import Plans
-from billing.reports import credits_summary, export_usage_csv, usage_report, verify_ledger
+from billing.reports import credits_summary, export_usage_csv, usage_report
+from billing.verify import verify_ledger
 from tests.billing.conftest import IN, MODEL, OUT, USD, Customer, make_customer
 
 DAY1 = (datetime.now(UTC) + timedelta(days=2)).replace(hour=10, minute=0, second=0, microsecond=0)
