@@ -74,7 +74,7 @@ from sqlalchemy import Connection, Engine, event, text
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from billing import accounts as svc  # noqa: E402
-from billing import earnings, key_usage, reconcile, rebuild, reports  # noqa: E402
+from billing import earnings, key_usage, rebuild, reconcile, reports  # noqa: E402
 from billing.admission import Admission, Admitted, connect  # noqa: E402
 from billing.plans import Plans, load_plans  # noqa: E402
 from cluster.catalog import CatalogModel  # noqa: E402
@@ -321,8 +321,8 @@ def build(engine: Engine, size: int, clock: Clock) -> float:
         conn.execute(
             text(
                 "CREATE TEMP TABLE spent ON COMMIT DROP AS SELECT a AS account_id, "
-                "coalesce(s.cost, 0) AS cost FROM generate_series(1, CAST(:n AS bigint)) AS a LEFT JOIN "
-                "(SELECT account_id, sum(cost_nusd) AS cost FROM usage_events "
+                "coalesce(s.cost, 0) AS cost FROM generate_series(1, CAST(:n AS bigint)) AS a "
+                "LEFT JOIN (SELECT account_id, sum(cost_nusd) AS cost FROM usage_events "
                 "GROUP BY account_id) AS s ON s.account_id = a"
             ),
             {"n": ACCOUNTS},
@@ -390,9 +390,7 @@ class Figure:
 Measured = Callable[[Engine], object]
 
 
-def measured(
-    clock: Clock, r: redis.Redis, plans: Plans, provider: str
-) -> dict[str, Measured]:
+def measured(clock: Clock, r: redis.Redis, plans: Plans, provider: str) -> dict[str, Measured]:
     start, end = clock.present_start, clock.present_end
     week_end = datetime.combine(clock.today, datetime.min.time(), UTC)
 
@@ -460,8 +458,14 @@ async def admission_pairs(redis_url: str, pairs: int) -> list[float]:
         for i in range(pairs):
             rid = f"hist-{uuid.uuid4().hex[:8]}-{i}"
             started = time.perf_counter()
-            admitted = await adm.admit(api_key=key, request_id=rid, model=MODEL,
-                                       prompt_tokens=50, max_tokens=200, customer_tag="bench")  # fmt: skip
+            admitted = await adm.admit(
+                api_key=key,
+                request_id=rid,
+                model=MODEL,
+                prompt_tokens=50,
+                max_tokens=200,
+                customer_tag="bench",
+            )
             assert isinstance(admitted, Admitted), admitted
             assert await adm.settle(
                 request_id=rid, prompt_tokens=50, completion_tokens=120, provider_id="bench"
