@@ -504,7 +504,7 @@ def explain(engine: Engine, name: str, run: Measured) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,10000000")
+    parser.add_argument("--sizes", help="default 10000,10000000, or none with --reuse")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--pairs", type=int, default=500, help="admission pairs per size")
     parser.add_argument("--redis-url", default=REDIS_URL)
@@ -512,7 +512,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="leave the schemas")
     parser.add_argument("--reuse", default="", help="SIZE=SCHEMA,… built by an earlier --keep")
     args = parser.parse_args()
-    sizes = sorted(int(s) for s in args.sizes.split(","))
+    default = "" if args.reuse else "10000,10000000"
+    sizes = [int(s) for s in (args.sizes or default).split(",") if s]
     reuse = dict(
         (int(s), name) for s, name in (pair.split("=") for pair in args.reuse.split(",") if pair)
     )
