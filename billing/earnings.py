@@ -134,13 +134,20 @@ def payable_provider_ids(session: Session) -> list[str]:
 def due_for_week(session: Session, provider_id: str, week_end: datetime) -> int:
     """nUSD payable for the weeks ending at `week_end` (never negative)."""
     name = ledger.provider_payable(provider_id).name
-    balance = ledger.balance(session, name)
+    found = session.execute(
+        select(LedgerAccount.id, LedgerAccount.balance).where(LedgerAccount.name == name)
+    ).one_or_none()
+    if found is None:
+        return 0
+    account_id, balance = found
+    # the account's id as a constant, not a join on its name: the planner then knows how
+    # many entries the account has and reads the transfers since `week_end` by their moment
+    # (ix_ledger_transfers_event_at) instead of every entry of the account (issue 13)
     later = session.scalar(
         select(func.coalesce(func.sum(LedgerEntry.amount), 0))
         .join(LedgerTransfer, LedgerTransfer.id == LedgerEntry.transfer_id)
-        .join(LedgerAccount, LedgerAccount.id == LedgerEntry.ledger_account_id)
         .where(
-            LedgerAccount.name == name,
+            LedgerEntry.ledger_account_id == account_id,
             LedgerTransfer.event_at >= week_end,
             LedgerTransfer.kind.not_in(PAYOUT_KINDS),
         )

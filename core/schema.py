@@ -210,6 +210,10 @@ class LedgerTransfer(Base):
     event_at: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    # what moved since a moment (a payout's later earnings, billing.earnings.due_for_week): a
+    # range of recent transfers, not every entry of the account since it opened (issue 13)
+    __table_args__ = (Index("ix_ledger_transfers_event_at", "event_at"),)
+
 
 class LedgerEntry(Base):
     """One leg of a transfer: `amount` is signed (the legs of a transfer sum to zero);
@@ -263,6 +267,9 @@ class UsageEvent(Base):
         # (cluster.market)
         Index("ix_usage_events_settled", "settled_at_ms"),
         Index("ix_usage_events_provider_settled", "provider_id", "settled_at_ms"),
+        # a provider's earnings over days (billing.earnings): its rows of those days only,
+        # not every row of its history (issue 13)
+        Index("ix_usage_events_provider_day", "provider_id", "usage_day"),
         CheckConstraint(
             "prompt_tokens >= 0 AND completion_tokens >= 0 AND cost_nusd >= 0", name="nonneg"
         ),
