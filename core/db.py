@@ -1,10 +1,11 @@
 """Database engines and migrations.
 
-`make_engine(url)` returns an Engine for SQLite (default) or PostgreSQL. On SQLite every
-transaction starts with `BEGIN IMMEDIATE` (a writer lock at the start, so two writers never
-read the same ledger balance or chain head and then both write), in WAL mode with foreign keys
-on and a busy timeout. On PostgreSQL, writers lock rows (`SELECT … FOR UPDATE`) and the usage
-chain head (an advisory lock) instead; see billing.ledger and billing.meter.
+`make_engine(url)` returns an Engine for SQLite (default) or PostgreSQL (its sessions without
+JIT compilation: `_postgres_setup`). On SQLite every transaction starts with `BEGIN
+IMMEDIATE` (a writer lock at the start, so two writers never read the same ledger balance or
+chain head and then both write), in WAL mode with foreign keys on and a busy timeout. On
+PostgreSQL, writers lock rows (`SELECT … FOR UPDATE`) and the usage chain head (an advisory
+lock) instead; see billing.ledger and billing.meter.
 
 `migrate(url)` upgrades the database to the newest Alembic revision; the Alembic scripts live
 in `core/migrations` and need no `alembic.ini`.
@@ -33,7 +34,24 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         _sqlite_setup(engine)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **kwargs)
+    engine = create_engine(parsed, **kwargs)
+    _postgres_setup(engine)
+    return engine
+
+
+def _postgres_setup(engine: Engine) -> None:
+    """PostgreSQL's JIT compilation off for the platform's sessions. The server compiles a
+    query's expressions to machine code once the planner's cost estimate passes
+    `jit_above_cost`: worth it for an analytical scan, a loss for the short indexed reads the
+    platform makes, whose estimates can pass it when the table's statistics are skewed
+    (bench/history.py, 10 million usage rows: 70 ms of a payout's 87 ms were compiling a plan
+    that read 1,166 rows)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET jit = off")
+        dbapi_conn.commit()
 
 
 def _sqlite_setup(engine: Engine) -> None:

@@ -134,3 +134,13 @@ def test_moments_read_back_aware_utc_and_naive_ones_are_refused(engine: Engine) 
     with pytest.raises(StatementError, match="naive datetime"):
         with Session(engine) as session, session.begin():
             session.add(Account(email="naive@example.com", plan="free", created_at=datetime.now()))
+
+
+def test_postgres_sessions_run_without_jit(engine: Engine) -> None:
+    """Every session of the platform's PostgreSQL engine, pooled or new, has JIT compilation
+    off (core.db: a compiled plan cost a short indexed read 70 ms in bench/history.py)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("JIT is PostgreSQL's")
+    with engine.connect() as first, engine.connect() as second:
+        assert first.exec_driver_sql("SHOW jit").scalar() == "off"
+        assert second.exec_driver_sql("SHOW jit").scalar() == "off"
