@@ -295,7 +295,8 @@ def platform(data_dir: Path, port: int, mode: str = "default") -> Iterator[tuple
     """The platform with billing on: a paid account with credits, and its key."""
     env = {
         **os.environ,
-        **SERVE_MODES[mode],
+        # the platform sets Serve's mode in its processes itself, from its settings
+        "DARKGPU_SERVE_THROUGHPUT_OPTIMIZED": "true" if mode == "throughput" else "false",
         "DARKGPU_DATA_DIR": str(data_dir),
         "DARKGPU_HTTP_PORT": str(port),
         "DARKGPU_RAY_PORT": str(PLATFORM_RAY_PORT),

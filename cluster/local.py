@@ -53,6 +53,7 @@ class LocalCluster:
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_ADDRESS": self.address,
+            **serve_mode_env(self.settings),
         }
 
     def apply_env(self) -> None:
@@ -113,6 +114,14 @@ class LocalCluster:
         if session is not None:
             stop_session(session)
         forget_address(self.settings.ray_port)
+
+
+def serve_mode_env(settings: Settings) -> dict[str, str]:
+    """Ray Serve's throughput-optimized mode on or off (`Settings.serve_throughput_optimized`).
+    Serve reads it once, when a process imports it: the driver that deploys, every process the
+    head starts, and (through their runtime environment) the model replicas on provider nodes
+    all get the same value."""
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if settings.serve_throughput_optimized else "0"}
 
 
 def _ray_executable() -> str:

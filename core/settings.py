@@ -138,6 +138,13 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    serve_throughput_optimized: bool = Field(
+        default=True,
+        description="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED, "
+        "Ray 2.56+) in every process of the cluster and every model replica: the ingress "
+        "replica answers HTTP itself (no proxy hop), deployments call each other over gRPC, "
+        "user code runs on the replica's event loop (bench/serving_overhead.py --serve-modes).",
+    )
     # Model deployments.
     max_ongoing_requests: int = 64
     min_replicas: int = Field(default=1, ge=1, description="Replicas each model keeps up.")

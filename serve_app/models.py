@@ -29,6 +29,7 @@ from ray.serve import Application
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from cluster.catalog import CatalogModel
+from cluster.local import serve_mode_env
 from cluster.local_model import ensure_local_model
 from cluster.placement import replica_bundles
 from cluster.ray_internals import DrainingNodes, with_code_version
@@ -159,11 +160,13 @@ def llm_config_for(
         "max_model_len": model.context_length,
         "tensor_parallel_size": model.tensor_parallel_size,
     }
-    runtime_env: dict[str, Any] = {}
+    # Serve's mode as on the platform's own processes, whatever the provider's node was
+    # started with (`cluster.local.serve_mode_env`)
+    env_vars = serve_mode_env(settings)
     source = model_source(model, settings)
     if model.is_local:
         engine_kwargs.update(dtype="bfloat16", enforce_eager=True)
-        runtime_env["env_vars"] = {"VLLM_CPU_KVCACHE_SPACE": str(settings.local_kv_cache_gb)}
+        env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(settings.local_kv_cache_gb)
     else:
         if model.quantization in {"awq", "gptq", "fp8"}:
             engine_kwargs["quantization"] = model.quantization
@@ -171,7 +174,7 @@ def llm_config_for(
         model_loading_config={"model_id": model.id, "model_source": source},
         engine_kwargs=engine_kwargs,
         placement_group_config={"bundles": replica_bundles(model), "strategy": "PACK"},
-        runtime_env=runtime_env or None,
+        runtime_env={"env_vars": env_vars},
         # Ray Serve LLM batches stream chunks every 50 ms by default: that is added
         # straight onto time-to-first-token. Off.
         experimental_configs={"stream_batching_interval_ms": 0},

@@ -91,7 +91,9 @@ def test_others_are_served_while_a_body_uploads(platform, api_key):
         answer = other.chat.completions.create(
             model=LOCAL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
-        assert answer.usage.completion_tokens >= 1
+        # served: two tokens of the tiny model may decode to no text, so may bill none
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        assert answer.usage.prompt_tokens >= 1
         sock.sendall(b"x" * (length - first))
         status, body = read_response(sock)
     finally:
