@@ -101,7 +101,8 @@ class LocalCluster:
         ]  # fmt: skip
         env = {**os.environ, **self.env()}
         env.pop("RAY_ADDRESS")
-        # Serve's HTTP proxy is uvicorn, which by default takes the client's address from
+        # Serve's HTTP server (its proxy, or the ingress replica in throughput-optimized
+        # mode) is uvicorn, which by default takes the client's address from
         # X-Forwarded-For when the peer is loopback: a local client could then be anyone to
         # the sign-up throttles. The platform decides whom to believe (Settings.trusted_proxies),
         # so uvicorn believes nobody. Ray's processes on this node inherit it.

@@ -3,7 +3,7 @@
 A pure ASGI middleware in front of the routes. For the inference routes it checks the
 `Authorization` key first with `KeyCheck` (a malformed key with no lookup, a well-formed one
 with one; a known-good key is remembered for a few seconds) and refuses a bad one with
-401 before a byte of the body is pulled from the HTTP proxy, so an unauthenticated client cannot
+401 before a byte of the body is read from the connection, so an unauthenticated client cannot
 make the ingress receive, parse or tokenize anything. Admission still checks the key, with its
 limits, in the same Lua call as always: this only decides whether the body is worth reading.
 

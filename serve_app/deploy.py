@@ -37,7 +37,9 @@ def deploy(
     telling `note` each time a deployment's replicas change state (`replica_progress`)."""
     _connect(address)
     # The HTTP proxy runs on the head only: provider nodes serve model replicas, never the
-    # public API (and nodes sharing one host, as in tests, would fight over its port).
+    # public API (and nodes sharing one host, as in tests, would fight over its port). In
+    # Serve's throughput-optimized mode (`Settings.serve_throughput_optimized`) there is no
+    # proxy: the ingress replica, on a control node, answers on this port itself.
     serve.start(
         proxy_location="HeadOnly",
         http_options={"host": settings.http_host, "port": settings.http_port},

@@ -19,8 +19,9 @@ allowance.
 The client is the socket peer. `X-Forwarded-For` is believed only when the peer is one of the
 configured proxies (`Settings.trusted_proxies`, addresses or networks; none by default): then
 the client is the rightmost address in it that is not itself a trusted proxy. Note that on
-the platform the peer is what Serve's HTTP proxy (uvicorn) puts in the ASGI scope, and
-uvicorn itself applies `X-Forwarded-For` from loopback peers (its `forwarded_allow_ips`,
+the platform the peer is what Serve's HTTP server (uvicorn: the HTTP proxy, or the ingress
+replica itself in Serve's throughput-optimized mode) puts in the ASGI scope, and uvicorn
+applies `X-Forwarded-For` from loopback peers (its `forwarded_allow_ips`,
 `FORWARDED_ALLOW_IPS`, defaults to 127.0.0.1 and ::1): a client on the head machine can
 name its own address; remote ones cannot.
 """
