@@ -305,8 +305,9 @@ def ledger_verify(
     margin: Annotated[
         float,
         typer.Option(
+            min=0,
             help="Seconds: the new checkpoint covers only rows older than this (writers' "
-            "transactions still open commit within it)."
+            "transactions still open commit within it).",
         ),
     ] = verify.MARGIN_S,
 ) -> None:

@@ -393,13 +393,14 @@ class _Run:
         )
         last_entry = max(int(last_entry or 0), start.last_entry_id)
         covered = (LedgerEntry.id > start.last_entry_id) & (LedgerEntry.id <= last_entry)
-        sums = dict(start.sums)
+        totals = dict(start.sums)
         for acct, total in session.execute(
             select(LedgerEntry.ledger_account_id, func.sum(LedgerEntry.amount))
             .where(covered)
             .group_by(LedgerEntry.ledger_account_id)
         ):
-            sums[acct] = sums.get(acct, 0) + int(total)
+            totals[acct] = totals.get(acct, 0) + int(total)
+        sums = {acct: total for acct, total in sorted(totals.items()) if total != 0}
         transfers = session.scalar(
             select(func.count()).where(
                 LedgerTransfer.id > start.last_transfer_id, LedgerTransfer.id <= last_transfer
@@ -424,8 +425,7 @@ class _Run:
             table,
             [
                 {"checkpoint_id": row.id, "ledger_account_id": acct, "entries_sum": total}
-                for acct, total in sorted(sums.items())
-                if total != 0
+                for acct, total in sums.items()
             ],
         )
-        return Boundary.of(row, {acct: total for acct, total in sums.items() if total != 0})
+        return Boundary.of(row, sums)

@@ -141,9 +141,11 @@ class Settings(BaseSettings):
     serve_throughput_optimized: bool = Field(
         default=True,
         description="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED, "
-        "Ray 2.56+) in every process of the cluster and every model replica: the ingress "
-        "replica answers HTTP itself (no proxy hop), deployments call each other over gRPC, "
-        "user code runs on the replica's event loop (bench/serving_overhead.py --serve-modes).",
+        "Ray 2.56+) in every model replica and, on the head `darkgpu up` starts, in every "
+        "process of it (a cluster started otherwise takes it from its nodes' environment): "
+        "the ingress replica answers HTTP itself (no proxy hop), deployments call each other "
+        "over gRPC, user code runs on the replica's event loop "
+        "(bench/serving_overhead.py --serve-modes).",
     )
     # Model deployments.
     max_ongoing_requests: int = 64

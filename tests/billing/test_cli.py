@@ -175,6 +175,8 @@ async def test_ledger_verify_from_its_checkpoint(
         assert meter.drain_all() == len(ids)
 
     await serve(range(3))
+    # a negative margin would put the boundary ahead of rows not yet committed
+    cli("ledger", "verify", "--margin", "-1", code=2)
     first = json.loads(cli("ledger", "verify", "--margin", "0"))
     assert first["ok"] and first["full"] and first["from_checkpoint"] is None
     assert (first["usage_rows"], first["transfers"]) == (3, 4)  # the signup grant and 3
