@@ -138,8 +138,10 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # Off by default: on, the multi-node suite's "a request that allows more may go to either
+    # provider" test failed once in three runs (p1 took none of 24 requests); not yet explained.
     serve_throughput_optimized: bool = Field(
-        default=True,
+        default=False,
         description="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED, "
         "Ray 2.56+) in every model replica and, on the head `darkgpu up` starts, in every "
         "process of it (a cluster started otherwise takes it from its nodes' environment): "
