@@ -48,7 +48,8 @@ def deploy(
     serve.run_many([target], wait_for_applications_running=False)
     said: dict[str, str] = {}
     ready_url = f"http://{settings.http_host}:{settings.http_port}/readyz"
-    while True:
+
+    def tell() -> dict[str, ApplicationStatusOverview]:
         apps = {name: app for name, app in serve.status().applications.items()
                 if name == APP_NAME or name.startswith(MODEL_APP_PREFIX)}  # fmt: skip
         for name, app in sorted(apps.items()):
@@ -56,6 +57,11 @@ def deploy(
                 if said.get(deployment) != line:
                     said[deployment] = line
                     note(line)
+        return apps
+
+    while True:
+        apps = tell()
+        for name, app in sorted(apps.items()):
             if app.status == ApplicationStatus.DEPLOY_FAILED:
                 raise DeployFailed(f"{name}: {app.message or 'Serve gave the application up'}")
         platform = apps.get(APP_NAME)
@@ -63,6 +69,7 @@ def deploy(
         # supply reconciler deployed has a replica online (`Ingress.readyz`)
         if platform is not None and platform.status == ApplicationStatus.RUNNING:
             if _ready(ready_url):
+                tell()  # the replicas that became ready since this turn's look, said too
                 return
         time.sleep(poll_s)
 
