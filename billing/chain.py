@@ -23,6 +23,8 @@ from kernel.usage_event import UsageRecord
 GENESIS = "0" * 64
 # Fields hashed only when not None: NULL in every row written before they were added.
 ADDED_LATER = ("reported_completion_tokens",)
+# `json.dumps` with these arguments builds an encoder each call; one, made once, writes the same
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def canonical(record: UsageRecord) -> str:
@@ -30,7 +32,7 @@ def canonical(record: UsageRecord) -> str:
     for name in ADDED_LATER:
         if row[name] is None:
             del row[name]
-    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(row)
 
 
 def row_hash(prev_hash: str, record: UsageRecord) -> str:

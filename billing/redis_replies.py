@@ -33,10 +33,16 @@ def stream_entries(
     items: Iterable[tuple[bytes | str | None, Mapping[bytes | str, bytes | str] | None]] | None,
 ) -> list[StreamEntry]:
     """The entries of an XRANGE, XREADGROUP or XAUTOCLAIM reply: (id, fields) pairs."""
-    return [
-        StreamEntry(as_str(sid), {as_str(k): as_str(v) for k, v in (data or {}).items()})
-        for sid, data in items or ()
-    ]
+    return [StreamEntry(as_str(sid), _texts(data or {})) for sid, data in items or ()]
+
+
+def _texts(data: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    """A stream entry's fields as text: bytes decoded at once where they all are (the
+    meter reads thousands of entries a second), else each by `as_str`."""
+    try:
+        return {k.decode(): v.decode() for k, v in data.items()}  # type: ignore[union-attr]
+    except AttributeError:  # str (decode_responses) or mixed
+        return {as_str(k): as_str(v) for k, v in data.items()}
 
 
 def read_group_entries(reply: list[list[Any]] | Mapping[Any, Any] | None) -> list[StreamEntry]:
