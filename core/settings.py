@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    ingress_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Replicas of the inference ingress (each reserves one of the control "
+        "nodes' CPUs); the console and account routes run in a replica of their own.",
+    )
     # Off by default: on, the multi-node suite's "a request that allows more may go to either
     # provider" test failed once in three runs (p1 took none of 24 requests); not yet explained.
     serve_throughput_optimized: bool = Field(

@@ -2,8 +2,10 @@
 
 `build_app` serves `darkgpu up` and `serve deploy configs/serve.yaml` alike
 (`import_path: serve_app.app:build_app`; the YAML's `args` override `DARKGPU_*` settings).
-The application is the ingress, the billing actor (`billing-meter`) and the supply
-reconciler (`supply`), which live and die with it. The models are not part of it: each is an
+The application is the inference ingress (`ingress`, `Settings.ingress_replicas` of them),
+the accounts routes' replica (`accounts`: the console, sign-up, payments, providers, which the
+ingress forwards there), the billing actor (`billing-meter`) and the supply reconciler
+(`supply`), which live and die with it. The models are not part of it: each is an
 application of its own that the reconciler deploys on the nodes that may hold it, as they
 join and leave (`serve_app.supply`), so a model comes and goes without restarting the
 ingress.
@@ -25,6 +27,7 @@ from cluster.node_warden import NodeWarden
 from cluster.registry import mark_stale_offline
 from core.settings import Settings
 from kernel.labels import CONTROL_SELECTOR
+from serve_app.accounts import ACCOUNTS
 from serve_app.ingress import INGRESS
 from serve_app.meter_metrics import MeterMetrics
 from serve_app.supply import Supply
@@ -85,6 +88,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     args = settings.as_args()
     # `@serve.deployment` made these Deployments; mypy does not apply class decorators.
     meter, supply = cast(Deployment, BillingMeter), cast(Deployment, Supply)
-    return INGRESS.bind(
-        load_catalog(settings.models_file), args, meter.bind(args), supply.bind(args)
+    ingress = INGRESS.options(num_replicas=settings.ingress_replicas)
+    return ingress.bind(
+        load_catalog(settings.models_file),
+        args,
+        ACCOUNTS.bind(args),
+        meter.bind(args),
+        supply.bind(args),
     )

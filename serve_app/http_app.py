@@ -1,11 +1,14 @@
-"""The control plane's HTTP application, built by one function.
+"""The control plane's HTTP applications, built by one function.
 
 `create_app` makes a fresh FastAPI app each time: the request-id middleware (outermost), the
 body guard (the key before the body, every body bounded), the
-one mapping of errors to the OpenAI shape (`serve_app.errors`), the provider, payment,
-console, public-site and provider-installer routes, and the routers it is given (the
-ingress's own: models, credits, usage, generation). Nothing is built at import and nothing
-is changed after: each ingress replica asks for its app once it has made its connections
+one mapping of errors to the OpenAI shape (`serve_app.errors`), the public routes (provider,
+payment, console, public-site, provider-installer, the account's credits and usage:
+`PUBLIC_ROUTERS`), and the routers it is given (the ingress's own: models, generation). Two
+replicas build one each: the accounts deployment answers the public routes
+(`serve_app.accounts`); the inference ingress, its own, and forwards the public ones there
+(`serve_app.forwarding`). Nothing is built at import and nothing is changed after: each
+replica asks for its app once it has made its connections
 (`Ingress.__serve_build_asgi_app__`), and tests build one the same way around real SQLite
 and Redis.
 
@@ -26,6 +29,7 @@ from fastapi.responses import JSONResponse
 from kernel.errors import Unavailable
 from serve_app import (
     console,
+    routes_account,
     routes_caps,
     routes_install,
     routes_keys,
@@ -38,10 +42,16 @@ from serve_app import (
 from serve_app.body_guard import BodyGuard, inference_body_limit
 from serve_app.console.account_routes import ModelCards
 from serve_app.errors import error_response, install_error_handlers
+from serve_app.forwarding import Send, mirrored_routes
 from serve_app.middleware import RequestIdMiddleware
 from serve_app.services import Services
 
 logger = logging.getLogger("darkgpu.ingress")
+# The routes of the console, the site, sign-up, payments, keys, caps, providers, nodes, and
+# the account's credits and usage: every route but the ingress's own (`Ingress.routes`)
+PUBLIC_ROUTERS = (routes_providers.router, routes_payments.router, routes_keys.router,
+                  routes_caps.router, console.router, site.router, routes_install.router,
+                  routes_nodes.router, routes_market.router, routes_account.router)  # fmt: skip
 REDIS_RETRY_AFTER_S = 5
 # Refusals of Redis that retrying later may cure: it is full (noeviction at maxmemory), away,
 # or slow. Other Redis errors are bugs and stay 500s.
@@ -57,11 +67,14 @@ def create_app(
     *routers: APIRouter,
     model_cards: ModelCards | None = None,
     max_context_tokens: int = 0,
+    forward: Send | None = None,
 ) -> FastAPI:
     """`services`: the replica's connections, reached by routes with `Depends(services)`;
     `model_cards`: absent where no ingress runs (the console's models page then says the
     catalog is not available); `max_context_tokens`: the largest context of the models served,
-    which bounds an inference request's body (`serve_app.body_guard`)."""
+    which bounds an inference request's body (`serve_app.body_guard`); `forward`: where the
+    public routes are answered, when not here (the inference ingress sends them to the
+    accounts deployment: `serve_app.forwarding`)."""
     app = FastAPI(title="DarkGPU", docs_url=None, redoc_url=None, openapi_url=None)
     # Added first, so it runs inside the request-id middleware: its 401s and 413s carry an id.
     app.add_middleware(
@@ -75,11 +88,13 @@ def create_app(
         app.add_exception_handler(cls, _redis_unavailable)
     app.state.services = services
     app.state.model_cards = model_cards
-    public = (routes_providers.router, routes_payments.router, routes_keys.router,
-              routes_caps.router, console.router, site.router, routes_install.router,
-              routes_nodes.router, routes_market.router)  # fmt: skip
-    for router in (*public, *routers):
+    for router in routers:
         app.include_router(router)
+    if forward is None:
+        for router in PUBLIC_ROUTERS:
+            app.include_router(router)
+    else:
+        app.router.routes.extend(mirrored_routes(PUBLIC_ROUTERS, forward))
     return app
 
 

@@ -23,6 +23,11 @@ the registry's price of the provider that served. A request with no `"provider"`
 no account default, where every known replica is at the catalog price and none is
 draining, is routed without restriction.
 
+Every other route (the console, the site, sign-up, payments, webhooks, providers, the account's
+credits and usage) is answered by the accounts deployment: this app only forwards it there
+(`serve_app.forwarding`), so no password hash, Stripe call or SQL report runs on the replica
+that streams tokens.
+
 The HTTP app is built per replica by `serve_app.http_app.create_app`, once `__init__` has made
 the connections: Serve's late-bound ingress (`@serve.ingress()` with no app) calls the
 replica's `__serve_build_asgi_app__`, which returns a fresh app holding the shared routes and
@@ -36,9 +41,8 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import ray
 from fastapi import APIRouter, FastAPI, Request
@@ -49,11 +53,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from billing.admission import Admitted, connect
-from billing.reports import credits_summary, usage_report
 from cluster.catalog import Catalog, CatalogModel
 from cluster.ray_internals import ErrorResponse, RawRequestInfo
 from cluster.registry import provider_terms
-from kernel.errors import DarkGpuError, InternalError, InvalidRequest, Unavailable
+from kernel.errors import DarkGpuError, InternalError, Unavailable
 from kernel.labels import CONTROL_SELECTOR
 from serve_app import node_bindings
 from serve_app.account_tiers import AccountTiers
@@ -142,14 +145,6 @@ def _sse(items: Any) -> str:
     return "".join(sse(engine_error(i)) if isinstance(i, ErrorResponse) else i for i in items)
 
 
-def _utc(value: str, name: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an ISO 8601 date or time.", param=name) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
 class RouteTimeout(Exception):
     """No allowed replica took a restricted request within one routing attempt: control flow
     between `_open` and `_routed`, which routes again and raises the 503 itself after the last
@@ -203,11 +198,14 @@ class Ingress:
         self,
         catalog: Catalog,
         billing: dict[str, Any],
-        # bound here so that they are part of the app: the billing actor, the supply reconciler
+        # bound here so that they are part of the app: the accounts routes' replica (every
+        # route but inference is forwarded there), the billing actor, the supply reconciler
+        accounts: DeploymentHandle[Any],
         meter: DeploymentHandle[Any],
         supply: DeploymentHandle[Any],
     ) -> None:
         self._catalog = catalog
+        self._accounts = accounts
         self._handles: dict[str, DeploymentHandle[Any]] = {}  # made on first use
         self._counters: dict[str, PromptCounter] = {}  # made on first use, in a thread
         self._metrics = IngressMetrics()
@@ -242,8 +240,8 @@ class Ingress:
         return create_app(
             self._services,
             self.routes(),
-            model_cards=self.model_cards,
             max_context_tokens=max(m.context_length for m in self._catalog.models),
+            forward=self._accounts.handle.remote,
         )
 
     def routes(self) -> APIRouter:
@@ -254,8 +252,6 @@ class Ingress:
             ("/readyz", self.readyz, "GET"),
             ("/v1/models", self.list_models, "GET"),
             ("/v1/models/{model_id:path}", self.get_model, "GET"),
-            ("/v1/credits", self.credits, "GET"),
-            ("/v1/usage", self.usage, "GET"),
             ("/v1/chat/completions", self.chat_completions, "POST"),
             ("/v1/completions", self.completions, "POST"),
         ):
@@ -340,44 +336,6 @@ class Ingress:
             counter = await asyncio.to_thread(PromptCounter, source, model.context_length)
             self._counters[model.id] = counter
         return counter
-
-    # --- the account --------------------------------------------------------------------
-
-    async def credits(self, request: Request) -> dict[str, Any]:
-        account_id = await self._gate.account(request)
-        summary = await asyncio.to_thread(
-            credits_summary,
-            self._services.db,
-            self._services.redis,
-            self._services.plans,
-            account_id,
-        )
-        return {"object": "credits", **summary.to_json()}
-
-    async def usage(
-        self,
-        request: Request,
-        start: str | None = None,
-        end: str | None = None,
-        group_by: Literal["day", "model", "customer"] = "day",
-    ) -> dict[str, Any]:
-        account_id = await self._gate.account(request)
-        now = datetime.now(UTC)
-        until = _utc(end, "end") if end else now
-        since = _utc(start, "start") if start else until - timedelta(days=30)
-        if since >= until:
-            raise InvalidRequest("'start' must be before 'end'.", param="start")
-        rows = await asyncio.to_thread(
-            usage_report, self._services.db, start=since, end=until, group_by=group_by,
-            account_id=account_id,
-        )  # fmt: skip
-        return {
-            "object": "list",
-            "start": since.isoformat(),
-            "end": until.isoformat(),
-            "group_by": group_by,
-            "data": [row.to_json() for row in rows],
-        }
 
     # --- generation ---------------------------------------------------------------------
 

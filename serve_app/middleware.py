@@ -31,8 +31,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
+        # a request the inference ingress forwarded keeps the id it was given there
+        # (`serve_app.forwarding`: set in the scope, never taken from a client's header)
+        state = scope.setdefault("state", {})
+        request_id = state.get("request_id") or new_request_id()
+        state["request_id"] = request_id
         started = False
 
         async def send_with_id(message: Message) -> None:
