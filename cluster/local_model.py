@@ -5,6 +5,11 @@ smaller heads), random bf16 weights, and a byte-level BPE tokenizer trained on a
 sentences, with a chat template. Its output is gibberish, but everything around it is the
 real engine path: tokenization, chat template, scheduling, sampling and usage counts.
 It is built once and cached under the data directory; a half-written folder is never used.
+
+The catalog names one by its source, `local:<name>`, among `CONTEXTS`: `tiny-llama` (256
+tokens of context), and `tiny-llama-16k`, the same tokenizer and weights (the same seed; a
+Llama's positions are rotary, no weights) with 16,384 tokens of context, for long prompts
+(`bench/serving_overhead.py --long-prompt-tokens`).
 """
 
 from __future__ import annotations
@@ -30,17 +35,22 @@ _CORPUS = [
     "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \" @ # $ % & _ |",
 ]
 _MARKER = "complete"
+# The local models by name (`local:<name>` in the catalog), and their context in tokens.
+CONTEXTS = {"tiny-llama": 256, "tiny-llama-16k": 16384}
 
 
 def ensure_local_model(root: Path, name: str = "tiny-llama") -> Path:
-    """Return the folder of the local model, building it first if needed."""
+    """Return the folder of the local model `name` (one of `CONTEXTS`), building it first if
+    needed."""
+    if name not in CONTEXTS:
+        raise ValueError(f"no local model {name!r}: the local models are {', '.join(CONTEXTS)}")
     target = root / name
     if (target / _MARKER).exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        _build(staging)
+        _build(staging, CONTEXTS[name])
         (staging / _MARKER).write_text("ok\n")
         if target.exists():
             shutil.rmtree(target)
@@ -50,7 +60,7 @@ def ensure_local_model(root: Path, name: str = "tiny-llama") -> Path:
     return target
 
 
-def _build(folder: Path) -> None:
+def _build(folder: Path, context: int) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -69,7 +79,7 @@ def _build(folder: Path) -> None:
         bos_token="<|bos|>",
         eos_token="<|end|>",
         pad_token="<|pad|>",
-        model_max_length=256,
+        model_max_length=context,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
@@ -82,7 +92,7 @@ def _build(folder: Path) -> None:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

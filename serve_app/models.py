@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
-from cluster.catalog import CatalogModel
+from cluster.catalog import LOCAL_SOURCE_PREFIX, CatalogModel
 from cluster.local import serve_mode_env
 from cluster.local_model import ensure_local_model
 from cluster.placement import replica_bundles
@@ -142,9 +142,11 @@ class ProviderLLMServer(LLMServer):
 
 
 def model_source(model: CatalogModel, settings: Settings) -> str:
-    """Where the weights and tokenizer come from: the made folder for local models."""
+    """Where the weights and tokenizer come from: for a local model (`local:<name>`), the
+    folder of the one by that name, made under the data directory."""
     if model.is_local:
-        return str(ensure_local_model(Path(settings.resolved_data_dir) / "models"))
+        name = model.source.removeprefix(LOCAL_SOURCE_PREFIX)
+        return str(ensure_local_model(Path(settings.resolved_data_dir) / "models", name))
     return model.source
 
 
