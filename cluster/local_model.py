@@ -18,6 +18,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -60,10 +64,11 @@ def ensure_local_model(root: Path, name: str = "tiny-llama") -> Path:
     return target
 
 
-def _build(folder: Path, context: int) -> None:
-    import torch
+def build_tokenizer(context: int = CONTEXTS["tiny-llama"]) -> PreTrainedTokenizerFast:
+    """The local models' tokenizer: byte-level BPE trained on `_CORPUS` (the same every time),
+    with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -82,6 +87,14 @@ def _build(folder: Path, context: int) -> None:
         model_max_length=context,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _build(folder: Path, context: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(context)
     tokenizer.save_pretrained(folder)
 
     config = LlamaConfig(

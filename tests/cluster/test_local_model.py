@@ -52,3 +52,16 @@ def test_the_catalog_source_names_the_local_model(tmp_path: Path) -> None:
     source = Path(model_source(model, settings))
     assert source == Path(settings.resolved_data_dir) / "models" / "tiny-llama-16k"
     assert contexts(source) == (16384, 16384)
+
+
+def test_the_tests_exact_word_tokenizes_back_one_token_each(root: Path) -> None:
+    """`tests.exact_tokens`: the one token the tests let the engine pick is the built model's
+    and n of them, as text, count n (the ingress's recount bills that count)."""
+    from transformers import AutoTokenizer
+
+    from tests.exact_tokens import WORD, WORD_ID
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_local_model(root))
+    assert tokenizer.decode([WORD_ID]) == WORD
+    for n in (1, 7, 64):
+        assert len(tokenizer(WORD * n, add_special_tokens=False)["input_ids"]) == n

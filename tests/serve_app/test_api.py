@@ -11,9 +11,10 @@ import httpx
 import openai
 import pytest
 
+from tests.exact_tokens import EXACT
+
 LOCAL = "darkgpu-tiny"
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
-EXACT = {"ignore_eos": True}  # random weights may stop early: make token counts exact
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import httpx
 import openai
 import pytest
 
+from tests.exact_tokens import EXACT
+
 LOCAL = "darkgpu-tiny"
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
-EXACT = {"ignore_eos": True}
 RATE_HEADERS = [f"x-ratelimit-{kind}-{what}" for kind in ("limit", "remaining", "reset")
                 for what in ("requests", "tokens")]  # fmt: skip
 

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from tests.exact_tokens import EXACT
 from tests.platform_redis import admin_client
 
 LOCAL = "darkgpu-tiny"
@@ -103,7 +104,6 @@ def test_others_are_served_while_a_body_uploads(platform, api_key):
 
 # --- every token paid for, whatever the request's shape ------------------------------------
 
-EXACT = {"ignore_eos": True}  # the tiny model then generates exactly max_tokens per completion
 TOOLS = [
     {
         "type": "function",

@@ -62,6 +62,7 @@ from core.settings import CONFIGS_DIR, Settings
 from kernel.labels import PROVIDER_ID_LABEL, TrustTier
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
+from tests.exact_tokens import EXACT
 from tests.platform_redis import admin_client
 from tests.ports import port
 
@@ -69,7 +70,6 @@ BIN = Path(sys.executable).parent
 MODEL = "darkgpu-tiny"
 MODEL_B = "darkgpu-tiny-b"  # the same weights; only p4 allows it
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
-EXACT = {"ignore_eos": True}
 PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
          "METRICS_PORT": str(port(8100)), "DASHBOARD_PORT": str(port(8285))}  # fmt: skip
 REDIS_PORT = port(6402)

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from cluster.processes import cmdline
+from tests.exact_tokens import EXACT
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO / "configs" / "prometheus.yml"
@@ -36,7 +37,6 @@ SD_FILE = "prom_metrics_service_discovery.json"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 LOCAL = "darkgpu-tiny"
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
-EXACT = {"ignore_eos": True}
 # Grafana's variables, as a person looking at this platform would pick them; the window
 # is wide so that a rate still sees this test's traffic while the test polls.
 VARIABLES = {"$__rate_interval": "5m", "$model": LOCAL}
