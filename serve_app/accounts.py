@@ -23,9 +23,6 @@ from serve_app.forwarding import Forwarded, Reply, call_app
 from serve_app.http_app import create_app
 from serve_app.services import Services
 
-ACCOUNTS_NAME = "accounts"
-INGRESS_NAME = "ingress"
-
 
 class Accounts:
     def __init__(self, args: dict[str, Any]) -> None:
@@ -38,9 +35,8 @@ class Accounts:
 
     async def _model_cards(self) -> list[dict[str, Any]]:
         """The ingress's model cards (the catalog, and which models have a replica online)."""
-        if self._ingress is None:
-            app = serve.get_replica_context().app_name
-            self._ingress = serve.get_deployment_handle(INGRESS_NAME, app)
+        if self._ingress is None:  # the ingress of the application this replica is part of
+            self._ingress = serve.get_app_handle(serve.get_replica_context().app_name)
         try:
             cards: list[dict[str, Any]] = await self._ingress.model_cards.remote()
         except Exception:  # noqa: BLE001 - the ingress is restarting: say so in the page
@@ -51,7 +47,7 @@ class Accounts:
 # Applied by call, as the ingress's are (`serve_app.ingress`): the class stays importable by
 # its name, so Ray pickles it by reference.
 ACCOUNTS = serve.deployment(
-    name=ACCOUNTS_NAME,
+    name="accounts",
     max_ongoing_requests=200,
     # the operator's nodes only (it holds every secret); no CPU reserved, as the billing
     # actor: it shares the control node with the ingress, which keeps the reserved core

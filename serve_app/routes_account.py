@@ -12,16 +12,14 @@ so they are served by the accounts deployment, not the inference ingress
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from billing.reports import credits_summary, usage_report
-from serve_app.routes_keys import Moment, time_range
-from serve_app.services import Services, services
+from serve_app.routes_keys import Moment, Svc, time_range
 
 router = APIRouter()
-Svc = Annotated[Services, Depends(services)]
 
 
 @router.get("/v1/credits")

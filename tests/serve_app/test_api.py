@@ -184,6 +184,16 @@ def test_health_and_readiness(http):
     assert ready.status_code == 200 and ready.json()["models"] == [LOCAL]
 
 
+def test_the_status_page_shows_the_served_model_through_the_accounts_replica(http):
+    """The site runs in the accounts deployment (the ingress forwards it there); which models
+    are served it asks the ingress (its model cards): without them it would list no local
+    model, and it would say nothing is available."""
+    page = http.get("/status")
+    assert page.status_code == 200
+    assert f'<tr data-model="{LOCAL}">' in page.text
+    assert '<span class="ok">yes</span>' in page.text
+
+
 def test_sixteen_concurrent_requests_are_all_answered(platform, api_key):
     async def main():
         async with openai.AsyncOpenAI(
