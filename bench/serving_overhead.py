@@ -3,7 +3,8 @@
 1. vLLM alone (its OpenAI server),
 2. a bare Ray Serve LLM app (`build_openai_app`, stream batching off as ours),
 3. this platform (`darkgpu up`: ingress with key check, admission and settlement in Redis,
-   provider router, LLMServer deployment; the billing actor draining into SQLite),
+   the hop over HTTP to the supply pool's gateway, provider router, LLMServer deployment;
+   the billing actor draining into SQLite),
 
 each measured at concurrency 1 and 16 with the same client, one after the other in one run:
 p50/p99 latency of short completions, p50/p99 time to first token when streaming, and
@@ -23,8 +24,8 @@ mode (`platform+throughput ÷ serve-llm+throughput`, …).
 the bare Serve LLM app's Ray cluster is its driver's descendants (never `ray stop`, which
 would end every Ray cluster on the machine), the platform's is ended by `darkgpu down`.
 `--profile DIR` samples with py-spy, during each c=16 non-streaming run,
-the platform's processes (the ingress replica, the HTTP proxy, the model replica's Serve
-wrapper and the billing meter, found among this cluster's raylet's children) into
+the platform's processes (the ingress replica, the HTTP proxy, the pool's gateway, the model
+replica's Serve wrapper and the billing meter, found among this cluster's raylet's children) into
 `DIR/<mode>/`, and the bare Serve LLM app's (its OpenAI ingress replica and its model
 replica, found among its driver's descendants) into `DIR/<mode>/serve-llm/`. For each process
 it writes its samples (`<name>.txt`, py-spy's raw format: one stack and its count a line),
@@ -353,6 +354,7 @@ PLATFORM_RAY_PORT = 6395
 PROFILED = {
     "ingress": "ServeReplica:darkgpu:ingress",
     "proxy": "ProxyActor",
+    "pool-gateway": "ServeReplica:pool:pool-gateway",
     "model-replica": "ServeReplica:model-",
     "billing-meter": "ServeReplica:darkgpu:billing-meter",
 }

@@ -155,6 +155,20 @@ class Settings(BaseSettings):
         "over gRPC, user code runs on the replica's event loop "
         "(bench/serving_overhead.py --serve-modes).",
     )
+    # The supply pool the ingress sends generation to (serve_app.pool), over HTTP.
+    pool_url: str = Field(
+        default="",
+        description="Base URL of the pool's gateway; empty: the local platform's own, "
+        "http://127.0.0.1:<http_port>/pool.",
+    )
+    pool_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="The credential the ingress presents to the pool (the gateway keeps only "
+        "its SHA-256); empty: made once into <data_dir>/pool_token (cluster.pools).",
+    )
+    pool_read_timeout_s: float = Field(
+        default=300.0, gt=0, description="Longest wait for the pool's next bytes of an answer."
+    )
     # Model deployments.
     max_ongoing_requests: int = 64
     min_replicas: int = Field(default=1, ge=1, description="Replicas each model keeps up.")
@@ -243,6 +257,10 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}/v1"
+
+    @property
+    def resolved_pool_url(self) -> str:
+        return (self.pool_url or f"http://127.0.0.1:{self.http_port}/pool").rstrip("/")
 
     @property
     def ray_token_path(self) -> Path:

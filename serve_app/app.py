@@ -9,6 +9,9 @@ ingress forwards there), the billing actor (`billing-meter`) and the supply reco
 application of its own that the reconciler deploys on the nodes that may hold it, as they
 join and leave (`serve_app.supply`), so a model comes and goes without restarting the
 ingress.
+
+Generation goes from the ingress to the supply pool's own application (`pool`,
+`serve_app.pool.build_pool_app`), deployed beside this one under `/pool`, over HTTP.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from billing.loop import BillingLoop
 from billing.redis_server import sync_client
 from cluster.catalog import load_catalog
 from cluster.node_warden import NodeWarden
+from cluster.pools import pool_token
 from cluster.registry import mark_stale_offline
 from core.settings import Settings
 from kernel.labels import CONTROL_SELECTOR
@@ -85,7 +89,9 @@ class BillingMeter:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = Settings(**(args or {}))
-    args = settings.as_args()
+    # the pool's credential travels to the ingress as an argument: its replica may run on a
+    # control node without this data directory
+    args = {**settings.as_args(), "pool_token": pool_token(settings)}
     # `@serve.deployment` made these Deployments; mypy does not apply class decorators.
     meter, supply = cast(Deployment, BillingMeter), cast(Deployment, Supply)
     ingress = INGRESS.options(num_replicas=settings.ingress_replicas)

@@ -16,6 +16,7 @@ from core.settings import Settings
 from serve_app.app import APP_NAME, build_app
 from serve_app.models import MODEL_APP_PREFIX
 from serve_app.node_bindings import REPLICA_ACTOR_PREFIX
+from serve_app.pool import POOL_APP_NAME, POOL_ROUTE_PREFIX, build_pool_app
 
 
 def _connect(address: str) -> None:
@@ -44,14 +45,23 @@ def deploy(
         proxy_location="HeadOnly",
         http_options={"host": settings.http_host, "port": settings.http_port},
     )
-    target = serve.RunTarget(build_app(settings.as_args()), name=APP_NAME, route_prefix="/")
-    serve.run_many([target], wait_for_applications_running=False)
+    args = settings.as_args()
+    serve.run_many(
+        [
+            serve.RunTarget(build_app(args), name=APP_NAME, route_prefix="/"),
+            serve.RunTarget(
+                build_pool_app(args), name=POOL_APP_NAME, route_prefix=POOL_ROUTE_PREFIX
+            ),
+        ],
+        wait_for_applications_running=False,
+    )
     said: dict[str, str] = {}
     ready_url = f"http://{settings.http_host}:{settings.http_port}/readyz"
 
     def tell() -> dict[str, ApplicationStatusOverview]:
         apps = {name: app for name, app in serve.status().applications.items()
-                if name == APP_NAME or name.startswith(MODEL_APP_PREFIX)}  # fmt: skip
+                if name in (APP_NAME, POOL_APP_NAME)
+                or name.startswith(MODEL_APP_PREFIX)}  # fmt: skip
         for name, app in sorted(apps.items()):
             for deployment, line in replica_progress(name, app).items():
                 if said.get(deployment) != line:
@@ -64,10 +74,13 @@ def deploy(
         for name, app in sorted(apps.items()):
             if app.status == ApplicationStatus.DEPLOY_FAILED:
                 raise DeployFailed(f"{name}: {app.message or 'Serve gave the application up'}")
-        platform = apps.get(APP_NAME)
-        # up: the platform's application runs, and the ingress says every warm model the
-        # supply reconciler deployed has a replica online (`Ingress.readyz`)
-        if platform is not None and platform.status == ApplicationStatus.RUNNING:
+        running = all(
+            name in apps and apps[name].status == ApplicationStatus.RUNNING
+            for name in (APP_NAME, POOL_APP_NAME)
+        )
+        # up: the platform's and the pool's applications run, and the ingress says every warm
+        # model the supply reconciler deployed has a replica online (`Ingress.readyz`)
+        if running:
             if _ready(ready_url):
                 tell()  # the replicas that became ready since this turn's look, said too
                 return

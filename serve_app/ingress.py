@@ -1,8 +1,9 @@
 """The ingress deployment: the OpenAI-compatible HTTP API in front of the model deployments.
 
 Routes are thin. A generation request is parsed and checked (`schemas`), admitted against
-the key, rate limit, daily caps and credits (`gate`, one Redis round trip), sent through its
-model's handle (the replica is chosen in that handle: `router`), relayed as JSON or
+the key, rate limit, daily caps and credits (`gate`, one Redis round trip), sent to the supply
+pool over HTTP with the pool's credential (`pool_client`; the pool's gateway, `serve_app.pool`,
+sends it over its model's handle, where the replica is chosen: `router`), relayed as JSON or
 server-sent events (`streaming`), and settled with the prompt the engine reported and the
 completion the ingress counted in what it delivered, never more than the engine reported
 (`recount`: the engine runs on the provider's machine). Its hold
@@ -18,7 +19,7 @@ node's own labels), and ranks them against the request's `"provider"` object, or
 account's default tier (`account_tiers`), with `provider_policy`. No candidate: 503
 `service_unavailable` with the reason, nothing reserved. Otherwise the reservation is made
 at the highest price a candidate bills, the allowed replicas and providers travel to the
-request router in the call's `RawRequestInfo` headers (`router`), and settlement bills at
+request router in the pool call's headers (`router`), and settlement bills at
 the registry's price of the provider that served. A request with no `"provider"` object and
 no account default, where every known replica is at the catalog price and none is
 draining, is routed without restriction.
@@ -48,33 +49,25 @@ import ray
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from billing.admission import Admitted, connect
 from cluster.catalog import Catalog, CatalogModel
-from cluster.ray_internals import ErrorResponse, RawRequestInfo
+from cluster.pools import pool_token
 from cluster.registry import provider_terms
 from kernel.errors import DarkGpuError, InternalError, Unavailable
 from kernel.labels import CONTROL_SELECTOR
 from serve_app import node_bindings
 from serve_app.account_tiers import AccountTiers
 from serve_app.availability import ReplicaAvailability
-from serve_app.errors import engine_error as told_by_engine
 from serve_app.errors import model_not_found, model_warming, no_replica, sse
 from serve_app.gate import bearer_key
 from serve_app.holds import HoldKeeper
 from serve_app.http_app import create_app
 from serve_app.metrics import IngressMetrics
-from serve_app.models import (
-    MODEL_APP_PREFIX,
-    ServedBy,
-    deployment_name,
-    model_app_name,
-    model_source,
-)
+from serve_app.models import MODEL_APP_PREFIX, deployment_name, model_app_name, model_source
 from serve_app.node_bindings import NodeBindings
+from serve_app.pool_client import PoolAnswer, PoolClient
 from serve_app.provider_policy import (
     DEMOTE_STRIKES,
     NoCandidate,
@@ -134,33 +127,32 @@ def model_card(model: CatalogModel, available: bool, created: int) -> dict[str, 
     }
 
 
-def engine_error(error: ErrorResponse) -> DarkGpuError:
-    return told_by_engine(error.error.code, error.error.message, error.error.param)
-
-
-def _sse(items: Any) -> str:
-    """One engine stream item (a list of SSE strings when stream batching is off) as text."""
-    if not isinstance(items, list):
-        items = [items]
-    return "".join(sse(engine_error(i)) if isinstance(i, ErrorResponse) else i for i in items)
-
-
 class RouteTimeout(Exception):
     """No allowed replica took a restricted request within one routing attempt: control flow
     between `_open` and `_routed`, which routes again and raises the 503 itself after the last
     attempt, so no client ever sees it and it stays outside `kernel.errors`."""
 
 
-def allowed_info(
+def allowed_headers(
     ranked: Ranked, providers: set[str], demoted: frozenset[str] = frozenset()
-) -> RawRequestInfo:
+) -> dict[str, str]:
     """What may serve a request, for the router: the replicas seen fit (best first), the
     providers that fit (a replica of theirs that starts meanwhile fits too), and those of
     them to try last (recent usage strikes)."""
     providers = providers | {c.replica.provider_id for c in ranked.candidates}
     demoted = demoted | {c.replica.provider_id for c in ranked.candidates if c.replica.demoted}
     allow = Allowed(tuple(ranked.replica_ids), frozenset(providers), frozenset(demoted))
-    return RawRequestInfo(headers=allow.headers())
+    return allow.headers()
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A generation request as the pool gets it: the engine's request, as JSON."""
+
+    model_id: str
+    endpoint: str
+    body: str
+    stream: bool
 
 
 @dataclass
@@ -206,7 +198,6 @@ class Ingress:
     ) -> None:
         self._catalog = catalog
         self._accounts = accounts
-        self._handles: dict[str, DeploymentHandle[Any]] = {}  # made on first use
         self._counters: dict[str, PromptCounter] = {}  # made on first use, in a thread
         self._metrics = IngressMetrics()
         self._created = int(time.time())
@@ -215,6 +206,9 @@ class Ingress:
         self._gate = self._services.gate
         settings = self._services.settings
         db = self._services.db
+        self._pool = PoolClient(
+            settings.resolved_pool_url, pool_token(settings), settings.pool_read_timeout_s
+        )
         # the replicas publish their stats to the state Redis (they never reach money); the
         # supply reconciler its plan
         state = connect(settings.state_redis_url, max_connections=8)
@@ -319,15 +313,6 @@ class Ingress:
         model = await self._model(model_id)
         return model_card(model, model.id in await self._available(), self._created)
 
-    def _handle(self, model: CatalogModel) -> DeploymentHandle[Any]:
-        """The handle of the model's own application (it may be deployed after this replica
-        started: Serve resolves the name when a request is sent)."""
-        handle = self._handles.get(model.id)
-        if handle is None:
-            found = serve.get_deployment_handle(deployment_name(model), model_app_name(model))
-            handle = self._handles[model.id] = found.options(stream=True)
-        return handle
-
     async def _counter(self, model: CatalogModel) -> PromptCounter:
         """The model's prompt counter: its tokenizer, loaded in a thread on first use."""
         counter = self._counters.get(model.id)
@@ -374,14 +359,13 @@ class Ingress:
             self._supply.asked(model.id)  # demand keeps the model warm
             if not await self._availability.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
-            method = getattr(self._handle(model), call.endpoint)
+            sent = Sent(model.id, call.endpoint, parsed.model_dump_json(exclude_unset=True),
+                        bool(parsed.stream))  # fmt: skip
             if ranked is None:
-                stream = method.remote(parsed)
-                served_by, first = await self._open(stream)
+                answer = await self._open(sent)
             else:
-                stream, served_by, first = await self._routed(
-                    method, parsed, model, requirements, catalog, ranked
-                )
+                answer = await self._routed(sent, model, requirements, catalog, ranked)
+            served_by = answer.served_by
             call.provider_id = served_by.provider_id
             call.replica = served_by.replica
             self._in_flight.sent(call.replica)
@@ -392,8 +376,8 @@ class Ingress:
             call.price = (served.input_nusd_per_token, served.output_nusd_per_token)
             delivered = Delivered(Ending.of(parsed), echoed_prompts(parsed, parsed.n or 1))
             count = (await self._counter(model)).texts
-            if not parsed.stream:
-                payload = first.model_dump(mode="json")
+            if answer.whole is not None:
+                payload = answer.whole
                 call.usage = await self._billed(payload, delivered, count, call.prompt_counted)
                 call.status = 200
                 return JSONResponse(payload, headers=call.headers())
@@ -406,8 +390,8 @@ class Ingress:
             )
             streaming = True
             return ClosingStream(
-                self._relay(call, relay, first, stream),
-                on_close=partial(self._unrelayed, call, stream),
+                self._relay(call, relay, answer),
+                on_close=partial(self._unrelayed, call, answer),
                 media_type="text/event-stream",
                 headers=call.headers(),
             )
@@ -483,13 +467,12 @@ class Ingress:
 
     async def _routed(
         self,
-        method: Any,
-        parsed: Any,
+        sent: Sent,
         model: CatalogModel,
         requirements: Requirements,
         catalog: Price,
         ranked: Ranked,
-    ) -> tuple[Any, ServedBy, Any]:
+    ) -> PoolAnswer:
         """Send a restricted request; when no allowed replica takes it in time, route it
         again on a fresh reading of the replicas (never above the price reserved)."""
         limit = ranked.highest
@@ -500,9 +483,9 @@ class Ingress:
             demoted = frozenset(
                 p for p, terms in registry.items() if terms.recent_strikes >= DEMOTE_STRIKES
             )
-            stream = method.remote(parsed, allowed_info(ranked, providers, demoted))
+            headers = allowed_headers(ranked, providers, demoted)
             try:
-                return (stream, *await self._open(stream, ROUTE_ATTEMPT_S))
+                return await self._open(sent, headers, ROUTE_ATTEMPT_S)
             except RouteTimeout:
                 logger.warning(
                     "no allowed replica took a restricted request in %.0f s (attempt %d; "
@@ -520,43 +503,37 @@ class Ingress:
         )
 
     async def _open(
-        self, stream: Any, route_timeout_s: float | None = None
-    ) -> tuple[ServedBy, Any]:
-        """The replica's provider, and the first answer item (an engine error raises).
-
-        `route_timeout_s`: how long a restricted request may wait for a replica to take it
-        (raises RouteTimeout)."""
+        self,
+        sent: Sent,
+        headers: dict[str, str] | None = None,
+        route_timeout_s: float | None = None,
+    ) -> PoolAnswer:
+        """Send the request to the pool; its answer once a replica took it (an engine error
+        raises). `route_timeout_s`: how long a restricted request may wait for a replica to
+        take it (raises RouteTimeout)."""
         try:
-            served_by = await asyncio.wait_for(stream.__anext__(), route_timeout_s)
-            first = await stream.__anext__()
+            return await self._pool.open(
+                sent.model_id, sent.endpoint, sent.body, sent.stream, headers, route_timeout_s
+            )
         except TimeoutError:
-            stream.cancel()
             raise RouteTimeout from None
-        except (BackPressureError, RayError) as exc:
-            logger.warning("model call failed: %s", exc)
-            raise Unavailable(
-                "The model is overloaded or its replica went away; retry shortly.",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
-        item = first[0] if isinstance(first, list) and first else first
-        if isinstance(item, ErrorResponse):
-            raise engine_error(item)
-        return served_by, first if isinstance(first, list) else item
 
     async def _relay(
-        self, call: Call, relay: SSERelay, first: Any, stream: Any
+        self, call: Call, relay: SSERelay, answer: PoolAnswer
     ) -> AsyncGenerator[str, None]:
         call.relayed = True
         call.running = relay.running
         checkpoints = self._holds.stream(
             call.request_id, call.provider_id, call.price, relay.running
         )
+        first = True
         try:
-            yield self._relayed(call, relay, first)
-            async for item in stream:
-                # the chunks yielded before this item were handed to Serve before it came
-                checkpoints.delivered(relay.usage)
-                yield self._relayed(call, relay, item)
+            async for events in answer.events():
+                if not first:
+                    # the chunks yielded before these were handed to Serve before they came
+                    checkpoints.delivered(relay.usage)
+                first = False
+                yield self._relayed(call, relay, events)
             if not relay.done:
                 yield "data: [DONE]\n\n"
             call.status = 500 if relay.error else 200
@@ -568,6 +545,7 @@ class Ingress:
             yield sse(InternalError("The stream was interrupted."))
             yield "data: [DONE]\n\n"
         finally:
+            answer.close_soon()  # the pool lets the engine's request go, if it still runs
             # what was processed and sent, up to the last chunk: as the final usage chunk
             # told the client, or else counted at settlement (`_recount`)
             call.usage = relay.billed or relay.usage
@@ -575,12 +553,12 @@ class Ingress:
                 call.running = None
             self._finish(call)
 
-    def _unrelayed(self, call: Call, stream: Any) -> None:
+    def _unrelayed(self, call: Call, answer: PoolAnswer) -> None:
         """The response ended before its relay began (the client left before the first
         byte): stop the engine and settle here, billing nothing, since nothing was sent."""
         if call.relayed:
             return
-        stream.cancel()
+        answer.close_soon()
         call.status = 499
         self._finish(call)
 
@@ -628,9 +606,9 @@ class Ingress:
             # the hold stays open; the billing actor's reaper settles it at its checkpoint
             logger.error("settlement failed: %r", task.exception())
 
-    def _relayed(self, call: Call, relay: SSERelay, item: Any) -> str:
+    def _relayed(self, call: Call, relay: SSERelay, events: str) -> str:
         had_token = relay.first_token_seen
-        text = relay.relay(_sse(item))
+        text = relay.relay(events)
         if relay.first_token_seen and not had_token:
             self._metrics.observe_ttft(call.model, time.perf_counter() - call.started)
         return text

@@ -4,10 +4,10 @@
 once (which provider's GPU it runs on, that provider's trust tier and price floor), and
 reports them, its load and whether its node is draining (`ray drain-node`: the provider's
 window ended or its owner wants the GPU back) to the request router through routing stats.
-It announces its provider as the first item of every response stream, so the ingress can
-say who served a request (`x-darkgpu-provider`) and bill at that provider's price without
-another hop. The same stats go into Redis (`serve_app.replica_stats`), where the ingress
-reads them before routing (and corrects them with the provider registry's terms).
+It announces its provider as the first item of every response stream, so the pool's gateway
+can tell the ingress who served a request (`x-darkgpu-provider`), billed at that provider's
+price, without another hop. The same stats go into Redis (`serve_app.replica_stats`), where
+the ingress reads them before routing (and corrects them with the provider registry's terms).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +26,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from cluster.catalog import LOCAL_SOURCE_PREFIX, CatalogModel
 from cluster.local import serve_mode_env
@@ -37,6 +37,7 @@ from cluster.supply import ModelSupply
 from core.settings import Settings
 from kernel.labels import NodeIdentity
 from serve_app import replica_stats
+from serve_app.pool_protocol import ServedBy
 
 logger = logging.getLogger("darkgpu.models")
 
@@ -44,16 +45,6 @@ ROUTER_CLASS = "serve_app.router:ProviderRequestRouter"
 MODEL_APP_PREFIX = "model-"
 ROUTING_STATS_PERIOD_S = 1
 DRAIN_CHECK_PERIOD_S = 1.0
-
-
-@dataclass(frozen=True)
-class ServedBy:
-    """First item of every response stream: the replica's provider."""
-
-    provider_id: str
-    trust_tier: str
-    replica: str
-    price_floor_pct: int = 0
 
 
 class ProviderLLMServer(LLMServer):
@@ -117,12 +108,18 @@ class ProviderLLMServer(LLMServer):
         self._draining = self._node_id in nodes
         return self._draining
 
+    # The pool's gateway hands on the ingress's request as JSON, unread (`serve_app.pool`):
+    # parsed here, on the replica's own machine.
     async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+        if isinstance(request, str):
+            request = ChatCompletionRequest.model_validate_json(request)
         return self._announced(await super().chat(request, raw_request_info))
 
     async def completions(
         self, request: Any, raw_request_info: Any = None
     ) -> AsyncGenerator[Any, None]:
+        if isinstance(request, str):
+            request = CompletionRequest.model_validate_json(request)
         return self._announced(await super().completions(request, raw_request_info))
 
     async def _announced(self, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:

@@ -1,23 +1,24 @@
 """Replica choice: a Ray Serve custom `RequestRouter` on every model deployment.
 
-It runs inside the caller's handle (the ingress), so choosing costs no extra actor hop on
-the token stream. Each replica reports, through routing stats, its provider id, trust tier,
-load and whether its node is draining (`ProviderLLMServer.record_routing_stats`); the
-router keeps the replicas that may take the request and ranks them, least loaded first.
-Serve then sends the request to the first replica of the best rank whose queue has room
-(probing queue lengths where its cache has none), and backs off and retries when every
-queue is full. A draining replica takes no new request while any other can.
+It runs inside the caller's handle (the pool's gateway, `serve_app.pool`, which the ingress
+reaches over HTTP), so choosing costs no extra actor hop on the token stream. Each replica
+reports, through routing stats, its provider id, trust tier, load and whether its node is
+draining (`ProviderLLMServer.record_routing_stats`); the router keeps the replicas that may
+take the request and ranks them, least loaded first. Serve then sends the request to the
+first replica of the best rank whose queue has room (probing queue lengths where its cache
+has none), and backs off and retries when every queue is full. A draining replica takes no
+new request while any other can.
 
 Requests the ingress restricted (a trust tier, a price, a provider the registry says is
-leaving: `serve_app.provider_policy`) carry what may serve them in their `RawRequestInfo`
-headers: the replicas the ingress saw fit, best first (`x-darkgpu-replicas`), and the
-providers whose terms in the registry fit (`x-darkgpu-providers`). Tiers and prices are
-decided there, once, from the registry: a node's labels are its own claim. The router
-keeps the listed replicas and any new replica of a listed provider (a drained node's
-replacement), draining ones in a later rank. Should none fit any more, Serve waits for
-candidates and the ingress's routing timeout routes the request again on a fresh reading.
-Providers with recent usage strikes (billing.strikes) come in the headers too
-(`x-darkgpu-demoted`): their replicas rank after every other that fits.
+leaving: `serve_app.provider_policy`) carry what may serve them in headers (HTTP ones to the
+gateway, which hands them on as the call's `RawRequestInfo`): the replicas the ingress saw
+fit, best first (`x-darkgpu-replicas`), and the providers whose terms in the registry fit
+(`x-darkgpu-providers`). Tiers and prices are decided there, once, from the registry: a
+node's labels are its own claim. The router keeps the listed replicas and any new replica of
+a listed provider (a drained node's replacement), draining ones in a later rank. Should none
+fit any more, Serve waits for candidates and the ingress's routing timeout routes the
+request again on a fresh reading. Providers with recent usage strikes (billing.strikes) come
+in the headers too (`x-darkgpu-demoted`): their replicas rank after every other that fits.
 
 Load is not taken on a replica's word: it runs on its provider's machine, and one that reports
 `ongoing: 0` would draw the traffic. The router counts the requests it has sent to each replica
@@ -48,6 +49,8 @@ REPLICAS_HEADER = "x-darkgpu-replicas"
 NOTHING_FITS_WAIT_S = 0.05
 PROVIDERS_HEADER = "x-darkgpu-providers"
 DEMOTED_HEADER = "x-darkgpu-demoted"
+# what the ingress allowed, as the router reads it (`Allowed`); they travel to the pool too
+ALLOWED_HEADERS = (REPLICAS_HEADER, PROVIDERS_HEADER, DEMOTED_HEADER)
 
 
 class ReplicaView(Protocol):

@@ -1,0 +1,174 @@
+"""A supply pool's Serve application: the gateway through which the ingress reaches the models.
+
+DESIGN's two planes: model replicas run on providers' machines, and Ray trusts every node of a
+cluster, so the models live in a pool's own Serve application and the control plane's
+ingress reaches them only over HTTP, with the pool's credential (`serve_app.pool_protocol`
+says what travels). The gateway checks the credential, sends the request over its model's
+handle, where the request router chooses the replica (`serve_app.router`, with the ingress's
+restrictions in its headers), and answers once a replica took it: who serves
+(`x-darkgpu-served-by`), then the engine's answer as it comes. It reads nothing of the
+request but its headers (the model replica parses the body, on its own machine) and keeps
+no state: a request is never settled here, and the ingress counts what it delivers.
+
+Where this stands: the pool application runs in the control plane's own Ray cluster for
+now (on control nodes, reached through the same Serve proxy under `/pool`), and its
+request router still reads the node bindings from the control plane's SQL, as the
+ingress's did. The next step moves it to a Ray cluster of its own per trust tier, which
+provider nodes join instead of the control plane's, and hands the router the bindings in
+the ingress's headers; until then providers' nodes are still in the control plane's cluster
+(docs/security.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from cluster.catalog import Catalog, load_catalog
+from cluster.pools import pool_token
+from cluster.ray_internals import ErrorResponse, RawRequestInfo
+from core.db import make_engine
+from core.settings import Settings
+from kernel.errors import AuthError, DarkGpuError, NotFound, Unavailable
+from kernel.labels import CONTROL_SELECTOR
+from serve_app import node_bindings
+from serve_app.errors import error_response
+from serve_app.models import MODEL_APP_PREFIX, deployment_name, model_app_name
+from serve_app.node_bindings import NodeBindings
+from serve_app.pool_protocol import (
+    ENDPOINTS,
+    ENGINE_ERROR_HEADER,
+    MODEL_HEADER,
+    SERVED_BY_HEADER,
+    ServedBy,
+    credential_digest,
+    credential_matches,
+    engine_error_body,
+)
+from serve_app.router import ALLOWED_HEADERS
+
+POOL_APP_NAME = "pool"
+POOL_ROUTE_PREFIX = "/pool"
+RETRY_AFTER_S = 10
+logger = logging.getLogger("darkgpu.pool")
+
+
+def _event(item: Any) -> str:
+    """One engine stream item (SSE text, a list of them, or an error) as SSE text; an error
+    in the engine's own shape (the ingress's relay tells it in the spec's)."""
+    if isinstance(item, list):
+        return "".join(_event(i) for i in item)
+    if isinstance(item, ErrorResponse):
+        return f"data: {item.model_dump_json()}\n\n"
+    return str(item)
+
+
+class PoolGateway:
+    def __init__(
+        self, catalog: Catalog, credential_sha256: str, bindings: tuple[str, list[str]]
+    ) -> None:
+        self._models = {m.id: m for m in catalog.models}
+        self._digest = credential_sha256
+        self._handles: dict[str, DeploymentHandle[Any]] = {}
+        database_url, control_node_ids = bindings
+        control = frozenset({ray.get_runtime_context().get_node_id(), *control_node_ids})
+        node_bindings.install(NodeBindings(make_engine(database_url), MODEL_APP_PREFIX, control))
+
+    def _handle(self, model_id: str) -> DeploymentHandle[Any]:
+        """The model application's handle (deployed after this replica started, maybe:
+        Serve resolves the name when a request is sent)."""
+        handle = self._handles.get(model_id)
+        if handle is None:
+            model = self._models[model_id]
+            found = serve.get_deployment_handle(deployment_name(model), model_app_name(model))
+            handle = self._handles[model_id] = found.options(stream=True)
+        return handle
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._call(request)
+        except DarkGpuError as exc:
+            return error_response(exc)
+
+    async def _call(self, request: Request) -> Response:
+        if not credential_matches(request.headers.get("authorization"), self._digest):
+            raise AuthError("The pool's credential is missing or wrong.", code="invalid_api_key")
+        endpoint = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+        model_id = request.headers.get(MODEL_HEADER, "")
+        if request.method != "POST" or endpoint not in ENDPOINTS or model_id not in self._models:
+            raise NotFound("No such model or endpoint in this pool.")
+        headers = {name: request.headers[name] for name in ALLOWED_HEADERS
+                   if name in request.headers}  # fmt: skip
+        info = RawRequestInfo(headers=headers) if headers else None
+        body = (await request.body()).decode()
+        stream = getattr(self._handle(model_id), endpoint).remote(body, info)
+        try:
+            served_by = await stream.__anext__()
+            first = await stream.__anext__()
+        except (BackPressureError, RayError) as exc:
+            stream.cancel()
+            logger.warning("model call failed: %s", exc)
+            raise Unavailable(
+                "The model is overloaded or its replica went away; retry shortly.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
+        except BaseException:  # the ingress left (cancelled) before a replica answered
+            stream.cancel()
+            raise
+        item = first[0] if isinstance(first, list) and first else first
+        if not isinstance(served_by, ServedBy):
+            stream.cancel()
+            raise Unavailable("The model's replica answered out of turn; retry shortly.")
+        said = {SERVED_BY_HEADER: served_by.header()}
+        if isinstance(item, ErrorResponse):
+            stream.cancel()
+            code = item.error.code
+            return JSONResponse(
+                engine_error_body(item.error.model_dump(mode="json")),
+                status_code=code if 400 <= code < 600 else 500,
+                headers={**said, ENGINE_ERROR_HEADER: "1"},
+            )
+        if not isinstance(item, str):  # a whole answer (the engine's response model)
+            return Response(item.model_dump_json(), media_type="application/json", headers=said)
+        return StreamingResponse(
+            self._relay(first, stream), media_type="text/event-stream", headers=said
+        )
+
+    @staticmethod
+    async def _relay(first: Any, stream: Any) -> AsyncGenerator[str, None]:
+        """The stream's events as the engine wrote them; when the ingress leaves, Starlette
+        cancels this and the engine's request is cancelled with it."""
+        try:
+            yield _event(first)
+            async for item in stream:
+                yield _event(item)
+        finally:
+            stream.cancel()
+
+
+# Applied by call, not with `@`, so that `PoolGateway` stays the class itself (pickled by
+# reference: see serve_app.ingress's INGRESS).
+POOL_GATEWAY = serve.deployment(
+    name="pool-gateway",
+    max_ongoing_requests=1000,
+    # on control nodes while the pool shares the control plane's cluster (module docstring)
+    ray_actor_options={"num_cpus": 0, "label_selector": CONTROL_SELECTOR},
+)(PoolGateway)
+
+
+def build_pool_app(args: dict[str, Any] | None = None) -> Application:
+    """The pool's application (`serve deploy configs/serve.yaml`'s `pool`, and `darkgpu up`)."""
+    settings = Settings(**(args or {}))
+    bindings = (settings.database_url, list(settings.control_node_ids))
+    digest = credential_digest(pool_token(settings))
+    return POOL_GATEWAY.bind(load_catalog(settings.models_file), digest, bindings)

@@ -1,0 +1,62 @@
+"""The pool's gateway on the real platform (`darkgpu up`): the ingress reaches the models only
+through it, with the pool's credential; a consumer can neither call it nor steer it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serve_app.pool_protocol import MODEL_HEADER, SERVED_BY_HEADER, ServedBy
+
+LOCAL = "darkgpu-tiny"
+BODY = {"model": LOCAL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def pool_url(platform) -> str:
+    return platform.api_url.removesuffix("/v1") + "/pool"
+
+
+@pytest.fixture(scope="module")
+def pool_token(platform) -> str:
+    return (Path(platform.env["DARKGPU_DATA_DIR"]) / "pool_token").read_text().strip()
+
+
+def test_the_pool_serves_no_one_without_its_credential(platform, pool_url: str) -> None:
+    _, consumer_key = platform.new_key(usd="1")
+    for authorization in (None, f"Bearer {consumer_key}", "Bearer guess"):
+        headers = {MODEL_HEADER: LOCAL}
+        if authorization:
+            headers["authorization"] = authorization
+        answer = httpx.post(f"{pool_url}/chat", json=BODY, headers=headers, timeout=30)
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"]["type"] == "auth"
+        assert SERVED_BY_HEADER not in answer.headers
+
+
+def test_with_the_credential_the_pool_serves_and_says_who(pool_url: str, pool_token: str) -> None:
+    """What the ingress does on every request (and what anyone holding the credential could:
+    it guards the pool from the outside, not from its own members)."""
+    headers = {"authorization": f"Bearer {pool_token}", MODEL_HEADER: LOCAL}
+    answer = httpx.post(f"{pool_url}/chat", json=BODY, headers=headers, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert ServedBy.from_header(answer.headers[SERVED_BY_HEADER]).provider_id == "local"
+    assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+    unknown = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
+                         headers={**headers, MODEL_HEADER: "no-such-model"})  # fmt: skip
+    assert unknown.status_code == 404
+
+
+def test_a_consumer_cannot_steer_the_pools_router(platform) -> None:
+    """The router's headers reach the pool only as the ingress wrote them: a consumer's own
+    (here allowing a replica that does not exist, which would leave the request unrouted
+    and answered 503 after the routing attempts) are not passed on."""
+    _, key = platform.new_key(usd="1")
+    steer = {"x-darkgpu-replicas": "no-such-replica", "x-darkgpu-providers": "nobody"}
+    client = openai.OpenAI(base_url=platform.api_url, api_key=key, default_headers=steer,
+                           max_retries=0, timeout=60)  # fmt: skip
+    answer = client.chat.completions.create(model=LOCAL, messages=BODY["messages"], max_tokens=2)
+    assert answer.choices[0].message.role == "assistant"

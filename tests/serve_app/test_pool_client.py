@@ -1,0 +1,157 @@
+"""The ingress's client of a pool, against a real HTTP server that answers as a hostile pool
+would: the pool's cluster holds providers' nodes, so whatever it says is parsed as untrusted,
+and none of it may reach a client as anything but the engine's answer or a clean 503."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kernel.errors import DarkGpuError, InvalidRequest, Unavailable
+from serve_app import pool_client
+from serve_app.pool_client import PoolClient
+from serve_app.pool_protocol import (
+    ENGINE_ERROR_HEADER,
+    MODEL_HEADER,
+    SERVED_BY_HEADER,
+    ServedBy,
+    credential_digest,
+    credential_matches,
+)
+
+TOKEN = "pool-secret"
+SERVED = ServedBy("p1", "basic", "r1").header()
+seen: list[dict[str, str]] = []
+
+
+async def behave(request: Request) -> Response:
+    """The pool's answer, as the request's model asks."""
+    seen.append(dict(request.headers))
+    if not credential_matches(request.headers.get("authorization"), credential_digest(TOKEN)):
+        return JSONResponse({"error": {"message": "no"}}, status_code=401)
+    how = request.headers[MODEL_HEADER]
+    said = {SERVED_BY_HEADER: SERVED}
+    if how == "whole":
+        return JSONResponse({"choices": [], "usage": {"prompt_tokens": 3}}, headers=said)
+    if how == "engine-error":
+        body = {"error": {"message": "too long", "type": "BadRequestError", "code": 400}}
+        return JSONResponse(body, status_code=400, headers={**said, ENGINE_ERROR_HEADER: "1"})
+    if how == "bad-served-by":
+        return JSONResponse({}, headers={SERVED_BY_HEADER: '{"provider_id": 7}'})
+    if how == "not-json":
+        return Response(b"\xff\xfe", headers=said)
+    if how == "list":
+        return JSONResponse([1, 2], headers=said)
+    if how == "huge":
+        return Response(b" " * (pool_client.MAX_ANSWER_BYTES + 1), headers=said)
+    if how == "slow":
+        await asyncio.sleep(5)
+        return JSONResponse({}, headers=said)
+    if how == "busy":
+        return JSONResponse({"error": {}}, status_code=503)
+
+    async def cut() -> AsyncIterator[bytes]:  # events cut mid-way, as TCP may
+        text = b'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
+        for i in range(0, len(text), 7):
+            yield text[i : i + 7]
+
+    async def endless() -> AsyncIterator[bytes]:  # one event that never ends (well: twice the cap)
+        for _ in range(2 * pool_client.MAX_EVENT_BYTES // 65536):
+            yield b"x" * 65536
+            await asyncio.sleep(0)
+
+    body = cut() if how == "stream" else endless()
+    return StreamingResponse(body, media_type="text/event-stream", headers=said)
+
+
+@pytest.fixture(scope="module")
+def pool_url() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = Starlette(routes=[Route("/pool/{endpoint}", behave, methods=["POST"])])
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="error", timeout_graceful_shutdown=1
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}/pool"
+    server.should_exit = True
+    thread.join()
+
+
+async def open_(url: str, how: str, stream: bool = False, token: str = TOKEN, **kw):  # noqa: ANN201
+    client = PoolClient(url, token, read_timeout_s=30)
+    try:
+        answer = await client.open(how, "chat", '{"model": "m"}', stream, **kw)
+        if stream:
+            return answer, [e async for e in answer.events()]
+        return answer, None
+    finally:
+        await client.aclose()
+
+
+async def test_a_whole_answer_and_who_served_it(pool_url: str) -> None:
+    answer, _ = await open_(pool_url, "whole", headers={"x-darkgpu-replicas": "r1"})
+    assert answer.served_by == ServedBy("p1", "basic", "r1")
+    assert answer.whole == {"choices": [], "usage": {"prompt_tokens": 3}}
+    sent = seen[-1]
+    assert sent["authorization"] == f"Bearer {TOKEN}"
+    assert sent["x-darkgpu-replicas"] == "r1" and sent[MODEL_HEADER] == "whole"
+
+
+async def test_a_stream_cut_anywhere_arrives_as_whole_events(pool_url: str) -> None:
+    _, events = await open_(pool_url, "stream", stream=True)
+    assert "".join(events) == 'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
+    assert all(e.endswith("\n\n") for e in events)
+
+
+async def test_the_engines_refusal_is_told_as_its_own(pool_url: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await open_(pool_url, "engine-error")
+    assert info.value.message == "too long"
+
+
+@pytest.mark.parametrize("how", ["bad-served-by", "not-json", "list", "huge", "busy"])
+async def test_a_pool_that_answers_out_of_contract_is_a_clean_503(pool_url: str, how: str) -> None:
+    with pytest.raises(Unavailable) as info:
+        await open_(pool_url, how)
+    assert info.value.headers["Retry-After"]
+
+
+async def test_a_wrong_credential_is_a_503_not_the_pools_words(pool_url: str) -> None:
+    with pytest.raises(Unavailable):
+        await open_(pool_url, "whole", token="guess")
+
+
+async def test_an_event_that_never_ends_is_cut_off(pool_url: str) -> None:
+    with pytest.raises(Unavailable):
+        await open_(pool_url, "endless", stream=True)
+
+
+async def test_no_replica_in_time_is_a_timeout_the_ingress_routes_again(pool_url: str) -> None:
+    with pytest.raises(TimeoutError):
+        await open_(pool_url, "slow", timeout_s=0.2)
+
+
+async def test_a_pool_that_is_not_there_is_a_503() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    with pytest.raises(DarkGpuError) as info:
+        await open_(f"http://127.0.0.1:{port}/pool", "whole")
+    assert info.value.status == 503
