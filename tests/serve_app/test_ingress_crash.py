@@ -37,6 +37,7 @@ from core.settings import Settings
 from kernel import redis_keys as rk
 from kernel.money import split_cost
 from tests.conftest import Platform
+from tests.exact_tokens import EXACT
 from tests.platform_redis import admin_client
 from tests.ports import port
 
@@ -201,6 +202,6 @@ def test_a_killed_ingress_bills_the_streams_last_checkpoint(crashable: Platform)
     assert verified["ok"], verified
     # the new replica serves, and bills, as before
     answer = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4,
-                                            extra_body={"ignore_eos": True})  # fmt: skip
+                                            extra_body=EXACT)  # fmt: skip
     assert answer.usage.completion_tokens == 4
     money.close()
