@@ -74,7 +74,6 @@ from serve_app.provider_policy import (
     Price,
     Ranked,
     Requirements,
-    fitting_providers,
     no_candidate_error,
     parse_requirements,
     provider_price,
@@ -99,7 +98,7 @@ INLINE_COUNT_BYTES = 16 * 1024
 # thread (the tiny model's tokenizer, on a loaded 2-core machine: 256 characters 0.4 ms,
 # 4096 characters 5.8 ms).
 INLINE_RECOUNT_CHARS = 1024
-# A restricted request whose allowed replicas went away (or whose new replica the ingress had
+# A request whose allowed replicas went away or stay full (or whose new replica the ingress had
 # not seen yet) waits this long for a replica, then is routed again on a fresh reading.
 ROUTE_ATTEMPT_S = 3.0
 ROUTE_ATTEMPTS = 10
@@ -128,21 +127,16 @@ def model_card(model: CatalogModel, available: bool, created: int) -> dict[str, 
 
 
 class RouteTimeout(Exception):
-    """No allowed replica took a restricted request within one routing attempt: control flow
+    """No allowed replica took a request within one routing attempt: control flow
     between `_open` and `_routed`, which routes again and raises the 503 itself after the last
     attempt, so no client ever sees it and it stays outside `kernel.errors`."""
 
 
-def allowed_headers(
-    ranked: Ranked, providers: set[str], demoted: frozenset[str] = frozenset()
-) -> dict[str, str]:
-    """What may serve a request, for the router: the replicas seen fit (best first), the
-    providers that fit (a replica of theirs that starts meanwhile fits too), and those of
-    them to try last (recent usage strikes)."""
-    providers = providers | {c.replica.provider_id for c in ranked.candidates}
+def allowed_headers(ranked: Ranked, demoted: frozenset[str] = frozenset()) -> dict[str, str]:
+    """What may serve a request, for the pool's router: the replicas seen fit (best first),
+    and the providers to try last (recent usage strikes)."""
     demoted = demoted | {c.replica.provider_id for c in ranked.candidates if c.replica.demoted}
-    allow = Allowed(tuple(ranked.replica_ids), frozenset(providers), frozenset(demoted))
-    return allow.headers()
+    return Allowed(tuple(ranked.replica_ids), frozenset(demoted)).headers()
 
 
 @dataclass(frozen=True)
@@ -338,20 +332,17 @@ class Ingress:
             model = await self._model(require_model(body))
             call.model = model.id
             default_tier = await self._tiers.default_for(bearer_key(request))
-            restricted = "provider" in body or default_tier is not None
             catalog = Price(model.input_nusd_per_token, model.output_nusd_per_token)
             requirements = parse_requirements(body.pop("provider", None), catalog, default_tier)
             parse = parse_chat if call.endpoint == "chat" else parse_completion
             parsed = parse(body, model, call.request_id)
             await self._deployed(request, model)
-            ranked = await self._rank(model, requirements, catalog, restricted)
+            ranked = await self._rank(model, requirements, catalog)
             if isinstance(ranked, NoCandidate):
                 await self._gate.account(request)  # a bad key is told so first
                 raise no_candidate_error(ranked, RETRY_AFTER_S)
-            reserve = None
-            if ranked is not None:
-                highest = ranked.highest
-                reserve = (highest.input_nusd_per_token, highest.output_nusd_per_token)
+            highest = ranked.highest
+            reserve = (highest.input_nusd_per_token, highest.output_nusd_per_token)
             call.admitted, call.prompt_counted = await self._admit(
                 request, model, parsed, reserve, len(raw)
             )
@@ -361,10 +352,7 @@ class Ingress:
                 raise no_replica(model.id, RETRY_AFTER_S)
             sent = Sent(model.id, call.endpoint, parsed.model_dump_json(exclude_unset=True),
                         bool(parsed.stream))  # fmt: skip
-            if ranked is None:
-                answer = await self._open(sent)
-            else:
-                answer = await self._routed(sent, model, requirements, catalog, ranked)
+            answer = await self._routed(sent, model, requirements, catalog, ranked)
             served_by = answer.served_by
             call.provider_id = served_by.provider_id
             call.replica = served_by.replica
@@ -419,14 +407,14 @@ class Ingress:
             raise model_warming(model.id, self._supply.retry_after_s(model.id))
 
     async def _rank(
-        self, model: CatalogModel, requirements: Requirements, catalog: Price, restricted: bool
-    ) -> Ranked | NoCandidate | None:
-        """The candidates for a request, best first; None: route as before, unrestricted
-        (no `"provider"` object, and every known replica approved, at the catalog price and
-        not draining: `ReplicaStats.plain`)."""
+        self, model: CatalogModel, requirements: Requirements, catalog: Price
+    ) -> Ranked | NoCandidate:
+        """The candidates for a request, best first: the replicas on nodes bound to the
+        provider they name (`serve_app.replica_stats`) whose registry terms fit it. The
+        pool's router takes only these (`serve_app.router`)."""
         replicas = await self._directory.replicas(model.id)
-        if not restricted and all(r.plain for r in replicas):
-            return None
+        if not replicas:  # online by Serve's word (`_deployed`): a replica just started
+            replicas = await self._directory.refresh(model.id)
         # a replica's load as it reports it, or as this ingress has it in flight if more
         ours = self._in_flight
         replicas = [replace(r, load=max(r.load, ours[r.replica_id])) for r in replicas]
@@ -473,24 +461,24 @@ class Ingress:
         catalog: Price,
         ranked: Ranked,
     ) -> PoolAnswer:
-        """Send a restricted request; when no allowed replica takes it in time, route it
-        again on a fresh reading of the replicas (never above the price reserved)."""
+        """Send a request to the pool with the replicas that may take it; when none of them
+        takes it in time (gone, or full), route it again on a fresh reading of the replicas
+        (never above the price reserved)."""
         limit = ranked.highest
         capped = Requirements(requirements.trust_tier, limit)  # never above the reservation
         for attempt in range(ROUTE_ATTEMPTS):
             registry = await self._directory.registry()
-            providers = fitting_providers(registry, capped, catalog)
             demoted = frozenset(
                 p for p, terms in registry.items() if terms.recent_strikes >= DEMOTE_STRIKES
             )
-            headers = allowed_headers(ranked, providers, demoted)
+            headers = allowed_headers(ranked, demoted)
             try:
                 return await self._open(sent, headers, ROUTE_ATTEMPT_S)
             except RouteTimeout:
                 logger.warning(
-                    "no allowed replica took a restricted request in %.0f s (attempt %d; "
-                    "replicas %s, providers %s); routing it again",
-                    ROUTE_ATTEMPT_S, attempt + 1, ranked.replica_ids, sorted(providers),
+                    "no allowed replica took a request in %.0f s (attempt %d; replicas %s); "
+                    "routing it again",
+                    ROUTE_ATTEMPT_S, attempt + 1, ranked.replica_ids,
                 )  # fmt: skip
                 replicas = await self._directory.refresh(model.id)
                 again = rank(replicas, capped, catalog, model.id)

@@ -72,9 +72,9 @@ class NodeBindings:
         return replica_nodes, nodes.bindings(self._engine)
 
 
-# The ingress installs its bindings here (its replica directory reads them), and so does the
-# pool's gateway; the request router (`serve_app.router`), which Serve builds inside the
-# gateway's process and hands nothing of ours, reads them from here too.
+# The ingress installs its bindings here; its replica directory (`serve_app.replica_stats`)
+# reads them, so the replicas it lists to the pool are only those bound where they run. The
+# request router (`serve_app.router`) applies them too where a process installed them.
 _installed: NodeBindings | None = None
 
 

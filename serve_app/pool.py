@@ -10,12 +10,15 @@ restrictions in its headers), and answers once a replica took it: who serves
 request but its headers (the model replica parses the body, on its own machine) and keeps
 no state: a request is never settled here, and the ingress counts what it delivers.
 
+It holds no secret and no state of the control plane: the catalog, and the SHA-256 of the
+credential. Which replicas may take a request the ingress decides and lists in its headers
+(from the registry and the node bindings, which stay in the control plane); the router keeps
+only those.
+
 Where this stands: the pool application runs in the control plane's own Ray cluster for
-now (on control nodes, reached through the same Serve proxy under `/pool`), and its
-request router still reads the node bindings from the control plane's SQL, as the
-ingress's did. The next step moves it to a Ray cluster of its own per trust tier, which
-provider nodes join instead of the control plane's, and hands the router the bindings in
-the ingress's headers; until then providers' nodes are still in the control plane's cluster
+now (on control nodes, reached through the same Serve proxy under `/pool`). The next step
+moves it to a Ray cluster of its own per trust tier, which provider nodes join instead of
+the control plane's; until then providers' nodes are still in the control plane's cluster
 (docs/security.md).
 """
 
@@ -25,7 +28,6 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import ray
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve import Application
@@ -37,14 +39,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from cluster.catalog import Catalog, load_catalog
 from cluster.pools import pool_token
 from cluster.ray_internals import ErrorResponse, RawRequestInfo
-from core.db import make_engine
 from core.settings import Settings
 from kernel.errors import AuthError, DarkGpuError, NotFound, Unavailable
 from kernel.labels import CONTROL_SELECTOR
-from serve_app import node_bindings
 from serve_app.errors import error_response
-from serve_app.models import MODEL_APP_PREFIX, deployment_name, model_app_name
-from serve_app.node_bindings import NodeBindings
+from serve_app.models import deployment_name, model_app_name
 from serve_app.pool_protocol import (
     ENDPOINTS,
     ENGINE_ERROR_HEADER,
@@ -74,15 +73,10 @@ def _event(item: Any) -> str:
 
 
 class PoolGateway:
-    def __init__(
-        self, catalog: Catalog, credential_sha256: str, bindings: tuple[str, list[str]]
-    ) -> None:
+    def __init__(self, catalog: Catalog, credential_sha256: str) -> None:
         self._models = {m.id: m for m in catalog.models}
         self._digest = credential_sha256
         self._handles: dict[str, DeploymentHandle[Any]] = {}
-        database_url, control_node_ids = bindings
-        control = frozenset({ray.get_runtime_context().get_node_id(), *control_node_ids})
-        node_bindings.install(NodeBindings(make_engine(database_url), MODEL_APP_PREFIX, control))
 
     def _handle(self, model_id: str) -> DeploymentHandle[Any]:
         """The model application's handle (deployed after this replica started, maybe:
@@ -169,6 +163,5 @@ POOL_GATEWAY = serve.deployment(
 def build_pool_app(args: dict[str, Any] | None = None) -> Application:
     """The pool's application (`serve deploy configs/serve.yaml`'s `pool`, and `darkgpu up`)."""
     settings = Settings(**(args or {}))
-    bindings = (settings.database_url, list(settings.control_node_ids))
     digest = credential_digest(pool_token(settings))
-    return POOL_GATEWAY.bind(load_catalog(settings.models_file), digest, bindings)
+    return POOL_GATEWAY.bind(load_catalog(settings.models_file), digest)

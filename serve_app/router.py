@@ -9,16 +9,17 @@ first replica of the best rank whose queue has room (probing queue lengths where
 has none), and backs off and retries when every queue is full. A draining replica takes no
 new request while any other can.
 
-Requests the ingress restricted (a trust tier, a price, a provider the registry says is
-leaving: `serve_app.provider_policy`) carry what may serve them in headers (HTTP ones to the
-gateway, which hands them on as the call's `RawRequestInfo`): the replicas the ingress saw
-fit, best first (`x-darkgpu-replicas`), and the providers whose terms in the registry fit
-(`x-darkgpu-providers`). Tiers and prices are decided there, once, from the registry: a
-node's labels are its own claim. The router keeps the listed replicas and any new replica of
-a listed provider (a drained node's replacement), draining ones in a later rank. Should none
-fit any more, Serve waits for candidates and the ingress's routing timeout routes the
-request again on a fresh reading. Providers with recent usage strikes (billing.strikes) come
-in the headers too (`x-darkgpu-demoted`): their replicas rank after every other that fits.
+Every request the ingress sends carries what may serve it in headers (HTTP ones to the
+gateway, which hands them on as the call's `RawRequestInfo`): the replicas the ingress saw fit,
+best first (`x-darkgpu-replicas`): of the tier and price the request allows by the registry's
+terms (`serve_app.provider_policy`), on a node bound to the provider their stats name. The
+router keeps only the listed replicas, draining ones in a later rank: a replica's stats come
+from its provider's machine and a node's labels are its own claim, so neither gets a replica
+in. A replica the ingress has not seen yet (a drained node's replacement) takes requests once
+its stats reach the ingress (within a second); should none of the listed fit any more, Serve
+waits for candidates and the ingress's routing timeout routes the request again on a fresh
+reading. Providers with recent usage strikes (billing.strikes) come in the headers too
+(`x-darkgpu-demoted`): their replicas rank after every other that fits.
 
 Load is not taken on a replica's word: it runs on its provider's machine, and one that reports
 `ongoing: 0` would draw the traffic. The router counts the requests it has sent to each replica
@@ -28,9 +29,11 @@ length cache and what the replica reports. Each replica is offered as a rank of 
 that order, so Serve's choice within a rank (by its cache, which the replica's probe answers
 refresh) cannot put a replica that under-reports ahead of a less loaded one.
 
-Whatever the ingress allowed, a replica is offered only where the node the cluster placed it
-on is bound to the provider its stats name (`serve_app.node_bindings`, `cluster.nodes`): a
-node's label of another provider, tier or role buys it nothing.
+Which replica is bound where is decided in the control plane, not here: the ingress lists
+only replicas on nodes bound to the provider they name (`serve_app.replica_stats`,
+`serve_app.node_bindings`, `cluster.nodes`), and the router runs in the pool's gateway, which
+holds none of the control plane's state. Where a process installed node bindings (a test's),
+the router applies them too.
 """
 
 from __future__ import annotations
@@ -47,10 +50,9 @@ from serve_app import node_bindings
 
 REPLICAS_HEADER = "x-darkgpu-replicas"
 NOTHING_FITS_WAIT_S = 0.05
-PROVIDERS_HEADER = "x-darkgpu-providers"
 DEMOTED_HEADER = "x-darkgpu-demoted"
 # what the ingress allowed, as the router reads it (`Allowed`); they travel to the pool too
-ALLOWED_HEADERS = (REPLICAS_HEADER, PROVIDERS_HEADER, DEMOTED_HEADER)
+ALLOWED_HEADERS = (REPLICAS_HEADER, DEMOTED_HEADER)
 
 
 class ReplicaView(Protocol):
@@ -120,26 +122,24 @@ def singletons(ranks: list[list[Any]]) -> list[list[Any]]:
 
 @dataclass(frozen=True)
 class Allowed:
-    """What may serve a restricted request (from the ingress's headers)."""
+    """What may serve a request (from the ingress's headers): only the replicas it listed.
+    A replica's own stats (its provider, tier, labels) never get it in: they come from the
+    provider's machine, and in the pool no node bindings vouch for them."""
 
     replica_ids: tuple[str, ...]  # the ingress's pick, best first
-    provider_ids: frozenset[str]  # providers whose registry terms fit the request
     demoted: frozenset[str] = frozenset()  # providers with recent usage strikes: last
 
     def headers(self) -> dict[str, str]:
         return {
             REPLICAS_HEADER: ",".join(self.replica_ids),
-            PROVIDERS_HEADER: ",".join(sorted(self.provider_ids)),
             DEMOTED_HEADER: ",".join(sorted(self.demoted)),
         }
 
     def is_demoted(self, stats: Mapping[str, Any]) -> bool:
         return str(stats.get("provider_id", "")) in self.demoted
 
-    def fits(self, replica_id: str, stats: Mapping[str, Any]) -> bool:
-        if "provider_id" not in stats:  # no stats here yet: trust the ingress's reading
-            return replica_id in self.replica_ids
-        return replica_id in self.replica_ids or str(stats["provider_id"]) in self.provider_ids
+    def fits(self, replica_id: str) -> bool:
+        return replica_id in self.replica_ids
 
 
 def allowed(pending_request: PendingRequest | None) -> Allowed | None:
@@ -153,15 +153,14 @@ def allowed(pending_request: PendingRequest | None) -> Allowed | None:
     if REPLICAS_HEADER not in headers:
         return None
     replicas = tuple(r for r in headers[REPLICAS_HEADER].split(",") if r)
-    providers = frozenset(p for p in headers.get(PROVIDERS_HEADER, "").split(",") if p)
     demoted = frozenset(p for p in headers.get(DEMOTED_HEADER, "").split(",") if p)
-    return Allowed(replicas, providers, demoted)
+    return Allowed(replicas, demoted)
 
 
 def restrict(replicas: Sequence[Any], allow: Allowed, id_of: Callable[[Any], str]) -> list[Any]:
     """The replicas that fit, in the ingress's order (then the ones it did not see)."""
     order = {rid: i for i, rid in enumerate(allow.replica_ids)}
-    kept = [r for r in replicas if allow.fits(id_of(r), r.routing_stats)]
+    kept = [r for r in replicas if allow.fits(id_of(r))]
     return sorted(kept, key=lambda r: order.get(id_of(r), len(order)))
 
 

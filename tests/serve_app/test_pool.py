@@ -55,7 +55,7 @@ def test_a_consumer_cannot_steer_the_pools_router(platform) -> None:
     (here allowing a replica that does not exist, which would leave the request unrouted
     and answered 503 after the routing attempts) are not passed on."""
     _, key = platform.new_key(usd="1")
-    steer = {"x-darkgpu-replicas": "no-such-replica", "x-darkgpu-providers": "nobody"}
+    steer = {"x-darkgpu-replicas": "no-such-replica", "x-darkgpu-demoted": "local"}
     client = openai.OpenAI(base_url=platform.api_url, api_key=key, default_headers=steer,
                            max_retries=0, timeout=60)  # fmt: skip
     answer = client.chat.completions.create(model=LOCAL, messages=BODY["messages"], max_tokens=2)

@@ -76,28 +76,30 @@ def test_requests_without_the_ingress_headers_are_unrestricted():
 
 
 def test_the_allowed_set_travels_in_the_headers():
-    allow = Allowed(("r2", "r1"), frozenset({"p2", "p1"}))
+    allow = Allowed(("r2", "r1"), frozenset({"p1"}))
     info = Info(allow.headers())
     assert allowed(Pending(["request", info])) == allow
     assert allowed(Pending(["request"], {"raw_request_info": info})) == allow
 
 
-def test_the_router_keeps_the_ingress_pick_and_new_replicas_of_its_providers():
-    """Tiers and prices were decided by the ingress from the registry: a replica's own
-    claim (its labels) does not get it in."""
-    allow = Allowed(("r2", "r1"), frozenset({"p1", "p2"}))
+def test_the_router_keeps_only_the_ingress_pick():
+    """Tiers, prices and node bindings were decided by the ingress, in the control plane: a
+    replica's own claim (its stats, its node's labels) does not get it in, not even as a
+    new replica of a provider the ingress listed (the pool holds no bindings to vouch for
+    it): it takes requests once the ingress has read it."""
+    allow = Allowed(("r2", "r1"))
     replicas = [
         Replica("r1", 0.0, stats("p1")),
         Replica("r2", 0.0, stats("p2")),
         Replica("r3", 0.0, stats("p3", "verified")),  # claims verified: not a chosen provider
-        Replica("r5", 0.0, stats("p1")),  # started since the ingress looked, on p1
+        Replica("r5", 0.0, stats("p1")),  # says p1, unread by the ingress: not yet
         Replica("r6", 0.0, {**stats("p4"), "draining": True}),  # not a chosen provider
         Replica("r7", 0.0),  # no stats here yet, not listed
         Replica("r2b", 0.0),
     ]
     kept = restrict(replicas, allow, id_of=lambda r: r.name)
-    assert [r.name for r in kept] == ["r2", "r1", "r5"]
-    listed = Allowed(("r7",), frozenset())  # listed by the ingress: kept
+    assert [r.name for r in kept] == ["r2", "r1"]
+    listed = Allowed(("r7",))  # listed by the ingress: kept
     assert [r.name for r in restrict(replicas, listed, id_of=lambda r: r.name)] == ["r7"]
 
 
@@ -199,7 +201,7 @@ def test_load_is_the_most_of_the_routers_count_the_cache_and_the_report():
 
 
 def test_providers_with_recent_strikes_come_after_every_other():
-    allow = Allowed(("r1", "r2", "r3"), frozenset({"p1", "p2"}), frozenset({"p1"}))
+    allow = Allowed(("r1", "r2", "r3"), frozenset({"p1"}))
     assert allowed(Pending(["request", Info(allow.headers())])) == allow
     deployment = DeploymentID(name="llm", app_name="darkgpu")
     struck = Running(ReplicaID("r1", deployment), stats("p1"))
@@ -240,7 +242,7 @@ async def test_with_no_replica_that_may_serve_the_router_yields_before_answering
         yielded.set()
 
     node_bindings.install(NobodyBound())  # type: ignore[arg-type]
-    restricted = Pending(["request", Info(Allowed(("new",), frozenset({"p"})).headers())])
+    restricted = Pending(["request", Info(Allowed(("new",)).headers())])
     try:
         for request in (None, restricted):
             yielded.clear()

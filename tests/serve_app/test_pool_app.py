@@ -1,0 +1,41 @@
+"""The pool's application holds no secret of the control plane: a pool's cluster is readable
+by every node in it (Serve keeps each deployment's arguments in the cluster's key-value
+store), so what is bound into the pool's app is what a provider can read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import cloudpickle
+
+from cluster.pools import pool_token
+from core.settings import Settings
+from serve_app.pool import build_pool_app
+from serve_app.pool_protocol import credential_digest
+
+SECRETS = {
+    "stripe_secret_key": "sk_live_stripe_secret",
+    "stripe_webhook_secret": "whsec_webhook_secret",
+    "database_url": "postgresql+psycopg://ledger:db_password@db.internal/darkgpu",
+    "redis_url": "redis://platform:redis_password@money.internal:6381/0",
+    "state_redis_url": "redis://platform:state_password@state.internal:6382/0",
+    "smtp_password": "smtp_password",
+    "attestation_secret": "attestation_secret",
+}
+
+
+def test_the_pool_app_binds_the_credentials_digest_and_no_secret(tmp_path: Path) -> None:
+    args = {"data_dir": str(tmp_path), **SECRETS}
+    token = pool_token(Settings(**args))
+    bound = cloudpickle.dumps(build_pool_app(args))  # what Serve would keep of it
+    for secret in (*SECRETS.values(), "db_password", "redis_password", token):
+        assert secret.encode() not in bound, secret
+    assert credential_digest(token).encode() in bound
+
+
+def test_the_credential_is_made_once_and_kept_private(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    first = pool_token(settings)
+    assert pool_token(settings) == first and len(first) == 64
+    assert (tmp_path / "pool_token").stat().st_mode & 0o777 == 0o600
+    assert pool_token(Settings(data_dir=tmp_path, pool_token="configured")) == "configured"
