@@ -18,11 +18,10 @@ provider's trust tier, price floor and status from the provider registry (not fr
 node's own labels), and ranks them against the request's `"provider"` object, or the
 account's default tier (`account_tiers`), with `provider_policy`. No candidate: 503
 `service_unavailable` with the reason, nothing reserved. Otherwise the reservation is made
-at the highest price a candidate bills, the allowed replicas and providers travel to the
-request router in the pool call's headers (`router`), and settlement bills at
-the registry's price of the provider that served. A request with no `"provider"` object and
-no account default, where every known replica is at the catalog price and none is
-draining, is routed without restriction.
+at the highest price a candidate bills, the allowed replicas travel to the request router in
+the pool call's headers (`router`: it takes no other), and settlement bills at the registry's
+price of the provider that served. A request with no `"provider"` object and no account
+default is held to the catalog price.
 
 Every other route (the console, the site, sign-up, payments, webhooks, providers, the account's
 credits and usage) is answered by the accounts deployment: this app only forwards it there
@@ -124,12 +123,6 @@ def model_card(model: CatalogModel, available: bool, created: int) -> dict[str, 
         },
         "available": available,
     }
-
-
-class RouteTimeout(Exception):
-    """No allowed replica took a request within one routing attempt: control flow
-    between `_open` and `_routed`, which routes again and raises the 503 itself after the last
-    attempt, so no client ever sees it and it stays outside `kernel.errors`."""
 
 
 def allowed_headers(ranked: Ranked, demoted: frozenset[str] = frozenset()) -> dict[str, str]:
@@ -473,8 +466,10 @@ class Ingress:
             )
             headers = allowed_headers(ranked, demoted)
             try:
-                return await self._open(sent, headers, ROUTE_ATTEMPT_S)
-            except RouteTimeout:
+                return await self._pool.open(
+                    sent.model_id, sent.endpoint, sent.body, sent.stream, headers, ROUTE_ATTEMPT_S
+                )
+            except TimeoutError:  # no listed replica took it: routed again, a 503 after the last
                 logger.warning(
                     "no allowed replica took a request in %.0f s (attempt %d; replicas %s); "
                     "routing it again",
@@ -489,22 +484,6 @@ class Ingress:
             code="no_provider_online",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-
-    async def _open(
-        self,
-        sent: Sent,
-        headers: dict[str, str] | None = None,
-        route_timeout_s: float | None = None,
-    ) -> PoolAnswer:
-        """Send the request to the pool; its answer once a replica took it (an engine error
-        raises). `route_timeout_s`: how long a restricted request may wait for a replica to
-        take it (raises RouteTimeout)."""
-        try:
-            return await self._pool.open(
-                sent.model_id, sent.endpoint, sent.body, sent.stream, headers, route_timeout_s
-            )
-        except TimeoutError:
-            raise RouteTimeout from None
 
     async def _relay(
         self, call: Call, relay: SSERelay, answer: PoolAnswer

@@ -158,10 +158,9 @@ def allowed(pending_request: PendingRequest | None) -> Allowed | None:
 
 
 def restrict(replicas: Sequence[Any], allow: Allowed, id_of: Callable[[Any], str]) -> list[Any]:
-    """The replicas that fit, in the ingress's order (then the ones it did not see)."""
+    """The replicas the ingress listed, in its order."""
     order = {rid: i for i, rid in enumerate(allow.replica_ids)}
-    kept = [r for r in replicas if allow.fits(id_of(r))]
-    return sorted(kept, key=lambda r: order.get(id_of(r), len(order)))
+    return sorted((r for r in replicas if allow.fits(id_of(r))), key=lambda r: order[id_of(r)])
 
 
 class ProviderRequestRouter(RequestRouter):
