@@ -129,6 +129,9 @@ class PoolClient:
             raise unavailable(f"{type(exc).__name__}: {exc}") from None
         try:
             return await self._answer(response, stream)
+        except httpx.HTTPError as exc:  # the body cut or stalled (read timeout)
+            await response.aclose()
+            raise unavailable(f"{type(exc).__name__}: {exc}") from None
         except BaseException:
             await response.aclose()
             raise

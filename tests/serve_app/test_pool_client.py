@@ -57,6 +57,13 @@ async def behave(request: Request) -> Response:
     if how == "slow":
         await asyncio.sleep(5)
         return JSONResponse({}, headers=said)
+    if how == "stalled":  # headers, then a body that stops coming
+
+        async def stall() -> AsyncIterator[bytes]:
+            yield b"{"
+            await asyncio.sleep(5)
+
+        return StreamingResponse(stall(), headers=said)
     if how == "busy":
         return JSONResponse({"error": {}}, status_code=503)
 
@@ -94,8 +101,10 @@ def pool_url() -> Iterator[str]:
     thread.join()
 
 
-async def open_(url: str, how: str, stream: bool = False, token: str = TOKEN, **kw):  # noqa: ANN201
-    client = PoolClient(url, token, read_timeout_s=30)
+async def open_(
+    url: str, how: str, stream: bool = False, token: str = TOKEN, read_timeout_s: float = 30, **kw
+):  # noqa: ANN201
+    client = PoolClient(url, token, read_timeout_s=read_timeout_s)
     try:
         answer = await client.open(how, "chat", '{"model": "m"}', stream, **kw)
         if stream:
@@ -131,6 +140,11 @@ async def test_a_pool_that_answers_out_of_contract_is_a_clean_503(pool_url: str,
     with pytest.raises(Unavailable) as info:
         await open_(pool_url, how)
     assert info.value.headers["Retry-After"]
+
+
+async def test_a_whole_answer_that_stalls_is_a_clean_503(pool_url: str) -> None:
+    with pytest.raises(Unavailable):
+        await open_(pool_url, "stalled", read_timeout_s=0.5)
 
 
 async def test_a_wrong_credential_is_a_503_not_the_pools_words(pool_url: str) -> None:
