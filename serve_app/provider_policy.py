@@ -96,17 +96,6 @@ class ReplicaStats:
     strikes: int = 0  # its provider's recent usage strikes (from the registry)
 
     @property
-    def plain(self) -> bool:
-        """Routable without restriction: approved, at the catalog price, not draining,
-        without usage strikes."""
-        return (
-            self.approved
-            and self.price_floor_pct == 0
-            and not self.draining
-            and self.strikes < DEMOTE_STRIKES
-        )
-
-    @property
     def demoted(self) -> bool:
         """Its provider's recent strikes rank it after every replica without."""
         return self.strikes >= DEMOTE_STRIKES
@@ -230,22 +219,6 @@ def tier_satisfies(offered: TrustTier, required: TrustTier | None) -> bool:
 def price_limit(catalog: Price, requirements: Requirements) -> Price:
     """The most a request allows per token: its max_price, or the catalog price."""
     return requirements.max_price or catalog
-
-
-def fitting_providers(
-    registry: Mapping[str, ProviderTerms], requirements: Requirements, catalog: Price
-) -> set[str]:
-    """Registered providers whose terms fit the request, whether or not a replica of theirs
-    is up yet (a drained node's replacement may start on any of them)."""
-    limit = price_limit(catalog, requirements)
-    return {
-        provider_id
-        for provider_id, terms in registry.items()
-        if terms.takes_requests
-        and terms.recent_strikes < EXCLUDE_STRIKES
-        and tier_satisfies(terms.trust_tier, requirements.trust_tier)
-        and provider_price(catalog, terms.price_floor_pct).within(limit)
-    }
 
 
 def rank(

@@ -18,7 +18,6 @@ from serve_app.provider_policy import (
     Ranked,
     ReplicaStats,
     Requirements,
-    fitting_providers,
     no_candidate_error,
     parse_requirements,
     provider_price,
@@ -175,11 +174,10 @@ def test_a_provider_the_operator_has_not_approved_serves_nothing(review: Provide
     held = ReplicaStats.from_routing_stats("x", {"provider_id": "prv_x"}, registry=registry)
     good = ReplicaStats.from_routing_stats("y", {"provider_id": "prv_y"}, registry=registry)
     assert held is not None and good is not None
-    assert not held.approved and not held.plain and good.plain
+    assert not held.approved and good.approved
     assert ranked_ids(rank([held, good], Requirements(), CATALOG)) == ["y"]
     alone = rank([held], Requirements(), CATALOG)
     assert isinstance(alone, NoCandidate) and alone.reason is NoProviderReason.no_provider_online
-    assert fitting_providers(registry, Requirements(), CATALOG) == {"prv_y"}
 
 
 @pytest.mark.parametrize(
@@ -231,19 +229,6 @@ def test_parse_requirements_refuses_bad_input(provider: object, param: str) -> N
     assert info.value.status == 400 and info.value.param == param
 
 
-def test_fitting_providers_come_from_the_registry_whether_or_not_they_have_replicas() -> None:
-    registry = {
-        "basic": ProviderTerms(B, 0, ProviderStatus.online),
-        "dear": ProviderTerms(B, 50, ProviderStatus.online),
-        "verified": ProviderTerms(V, 0, ProviderStatus.offline),
-        "leaving": ProviderTerms(V, 0, ProviderStatus.draining),
-    }
-    assert fitting_providers(registry, Requirements(), CATALOG) == {"basic", "verified"}
-    assert fitting_providers(registry, Requirements(trust_tier=V), CATALOG) == {"verified"}
-    allow_more = Requirements(max_price=Price(100, 100))
-    assert fitting_providers(registry, allow_more, CATALOG) == {"basic", "dear", "verified"}
-
-
 @pytest.mark.parametrize(
     "bad",
     [
@@ -274,7 +259,7 @@ def test_a_malformed_stats_entry_costs_only_its_replica(bad: dict) -> None:
 def test_a_provider_with_recent_strikes_ranks_last_and_past_a_threshold_not_at_all() -> None:
     """Strikes come from the registry (its engine reported more than the ingress delivered):
     one demotes its replicas behind every other, however idle; `EXCLUDE_STRIKES` removes
-    them; and a replica of a struck provider is never routed unrestricted."""
+    them."""
     approved = ProviderTerms(B, 0, ProviderStatus.online)
 
     def replicas(strikes: int) -> list[ReplicaStats]:
@@ -292,10 +277,8 @@ def test_a_provider_with_recent_strikes_ranks_last_and_past_a_threshold_not_at_a
     assert ranked_ids(rank(replicas(0), Requirements(), CATALOG)) == ["r-cheat", "r-fair"]
     demoted = replicas(DEMOTE_STRIKES)
     assert ranked_ids(rank(demoted, Requirements(), CATALOG)) == ["r-fair", "r-cheat"]
-    assert not demoted[0].plain and demoted[1].plain
+    assert demoted[0].demoted and not demoted[1].demoted
     excluded = replicas(EXCLUDE_STRIKES)
     assert ranked_ids(rank(excluded, Requirements(), CATALOG)) == ["r-fair"]
-    registry = {"cheat": replace(approved, recent_strikes=EXCLUDE_STRIKES), "fair": approved}
-    assert fitting_providers(registry, Requirements(), CATALOG) == {"fair"}
     alone = rank(excluded[:1], Requirements(), CATALOG)
     assert isinstance(alone, NoCandidate) and alone.reason.value == "no_provider_online"
