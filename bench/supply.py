@@ -59,13 +59,12 @@ from billing.plans import load_plans  # noqa: E402
 from cluster import registry  # noqa: E402
 from cluster.local import LocalCluster  # noqa: E402
 from cluster.processes import cmdline, descendants, end, session_of, session_processes  # noqa: E402
-from cluster.ray_internals import alive_actor_nodes  # noqa: E402
+from cluster.ray_internals import SERVE_REPLICA_ACTOR_PREFIX, alive_actor_nodes  # noqa: E402
 from core.db import make_engine, migrate  # noqa: E402
 from core.schema import ProviderReview, ProviderStatus  # noqa: E402
 from core.settings import CONFIGS_DIR, Settings  # noqa: E402
 from kernel.labels import PROVIDER_ID_LABEL, TrustTier  # noqa: E402
 from serve_app.models import MODEL_APP_PREFIX  # noqa: E402
-from serve_app.node_bindings import REPLICA_ACTOR_PREFIX  # noqa: E402
 from tests.cluster.nvml_readings import RTX_4090  # noqa: E402
 
 MODEL = "darkgpu-tiny"
@@ -207,7 +206,7 @@ def run(bench: Bench) -> None:
         node = bench.join("p1")
         joined = time.monotonic() - start
         # the model's replicas (not the platform application's own)
-        replicas = lambda: alive_actor_nodes(REPLICA_ACTOR_PREFIX + MODEL_APP_PREFIX)  # noqa: E731
+        replicas = lambda: alive_actor_nodes(SERVE_REPLICA_ACTOR_PREFIX + MODEL_APP_PREFIX)  # noqa: E731
         scheduled = wait(lambda: bench.served_by() or node in replicas().values(), every_s=0.5)
         loaded = wait(lambda: bench.served_by() == "p1", every_s=0.5)
         total = time.monotonic() - start

@@ -4,7 +4,7 @@ The money Redis (`Settings.redis_url`: balances, holds, day counters, keys, the 
 stream) must never drop a key: its `maxmemory-policy` is `noeviction`, so a full server
 refuses writes (admission answers 503) instead of evicting a balance. `require_noeviction`
 checks that of a running server and the platform refuses to start without it. The state
-Redis (`Settings.state_redis_url`: console sessions, throttles, replica stats) holds only
+Redis (`Settings.state_redis_url`: console sessions, throttles) holds only
 keys with a TTL that may be lost: bounded by `maxmemory`, evicting with `allkeys-lru`, no
 persistence (`state_server`).
 
@@ -19,8 +19,7 @@ AOF's tail.
 
 Each server runs with the `default` user off and one ACL user per role (`ACL_RULES`; the
 passwords are `core.redis_users`'s, the server's ACL file holds only their SHA-256): a client
-that does not authenticate gets NOAUTH, a model replica (the `replica` user) can write its
-stats and nothing else, the ingress cannot consume the usage stream.
+that does not authenticate gets NOAUTH, the ingress cannot consume the usage stream.
 
 `start()` is idempotent: when something already answers PING on the port it is used as is.
 `stop()` stops only the server this data directory started (found by its pidfile): SHUTDOWN
@@ -60,21 +59,15 @@ STATE_POLICY = "allkeys-lru"
 # out KEYS, FLUSH*, DEBUG, MONITOR and the like; INFO is given back (the noeviction check).
 _SERVE = "~dg:* &* +@all -@admin -@dangerous +info"
 _CONSUME = "-xreadgroup -xack -xautoclaim -xclaim -xgroup -xdel -xtrim -xsetid"
-# A connection's own handshake (SELECT for a db > 0). redis-py also sends CLIENT SETINFO,
-# which Redis 7.0 does not know and a refusal of which it ignores: not granted.
-_HANDSHAKE = "+ping +hello +auth +select +client|setname"
-_REPLICA = f"resetkeys ~dg:replicas:* resetchannels -@all {_HANDSHAKE} +hset +pexpire"
 ACL_RULES: dict[str, dict[str, str]] = {
     "money": {
         "admin": "~* &* +@all",
         "platform": f"{_SERVE} {_CONSUME}",
         "meter": _SERVE,
-        "replica": _REPLICA,  # where the state URL names the money server
     },
     "state": {
         "admin": "~* &* +@all",
         "platform": _SERVE,
-        "replica": _REPLICA,
     },
 }
 
@@ -170,9 +163,8 @@ def require_noeviction(client: redis.Redis, setting: str = "DARKGPU_REDIS_URL") 
             f"The money Redis ({setting}) has maxmemory-policy {policy or 'unknown'!r}: under "
             f"memory pressure it could evict balances and holds. Set `maxmemory-policy "
             f"{NOEVICTION}` on it (a full Redis then refuses new requests with 503 and "
-            f"loses nothing), or point {setting} at another server. Sessions, throttles and "
-            f"replica stats belong on the state Redis (DARKGPU_STATE_REDIS_URL), which may "
-            f"evict."
+            f"loses nothing), or point {setting} at another server. Sessions and throttles "
+            f"belong on the state Redis (DARKGPU_STATE_REDIS_URL), which may evict."
         )
 
 

@@ -40,7 +40,12 @@ from ray.serve.deployment import Application
 __all__ = ["ErrorResponse", "RawRequestInfo", "DrainingNodes", "ray_address_file",
            "DeploymentID", "DeploymentTargetInfo", "LongPollClient", "LongPollNamespace",
            "SERVE_CONTROLLER_NAME", "SERVE_NAMESPACE", "alive_actor_nodes",
-           "actor_states", "drain_node", "with_code_version"]  # fmt: skip
+           "actor_states", "drain_node", "with_code_version",
+           "SERVE_REPLICA_ACTOR_PREFIX"]  # fmt: skip
+
+# Serve names each replica's actor `<this><app>#<deployment>#<replica id>` (ReplicaID's
+# `to_full_id_str`)
+SERVE_REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"
 
 
 class DrainingNodes:

@@ -6,7 +6,7 @@ ACL file). The passwords are made once, by `ensure`, into `<data_dir>/redis-user
 (mode 0600), with the port each of the platform's own servers runs on; `Settings` fills them
 into a URL that names such a server and no user, so that every
 process of the platform (the ingress, the billing actor, the operator's CLI) authenticates as
-its role, and model replicas, on providers' machines, are handed the `replica` user only.
+its role.
 
 Roles (the rules are in `billing.redis_server.ACL_RULES`):
 - money `admin`: `darkgpu up`/`down` themselves (checks, SHUTDOWN). Nothing else uses it.
@@ -14,9 +14,6 @@ Roles (the rules are in `billing.redis_server.ACL_RULES`):
   administration, no dangerous commands, and none of the usage stream's consumer commands.
 - money `meter`: the billing actor: drains and acknowledges the usage stream.
 - state `admin`, `platform`: as above, on the state Redis.
-- state `replica`: model replicas: HSET/PEXPIRE on `dg:replicas:*`, nothing else. The money
-  server has the same user for a state URL that names the money server (no separate state
-  server is started then).
 """
 
 from __future__ import annotations
@@ -30,8 +27,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 USERS_FILE = "redis-users.json"
 ROLES: dict[str, tuple[str, ...]] = {
-    "money": ("admin", "platform", "meter", "replica"),  # replica: a state URL on its port
-    "state": ("admin", "platform", "replica"),
+    "money": ("admin", "platform", "meter"),
+    "state": ("admin", "platform"),
 }
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 

@@ -29,7 +29,6 @@ REDIS_URL_ROLES = (
     ("redis_url", "money", "platform"),
     ("meter_redis_url", "money", "meter"),
     ("state_redis_url", "state", "platform"),
-    ("replica_redis_url", "state", "replica"),
 )
 RETURN_PATHS = {
     "checkout_success_url": "/console/billing?checkout=success&session_id={CHECKOUT_SESSION_ID}",
@@ -54,20 +53,17 @@ class Settings(BaseSettings):
     # starts one there when nothing answers. Its `maxmemory-policy` must be `noeviction` (a
     # full Redis refuses writes, never drops a balance): the platform refuses to start else.
     redis_url: str = "redis://127.0.0.1:6381/0"
-    # The state Redis: console sessions and reveals, sign-up/sign-in throttles, replica stats.
-    # Every key there has a TTL and may be evicted. `darkgpu up` starts one there (no
-    # persistence, `state_redis_maxmemory_mb` with `allkeys-lru`) when nothing answers. Model
-    # replicas, on providers' nodes, are handed this URL only, never `redis_url`. It may name
-    # the money Redis (its noeviction then covers these keys too, which can then fill it:
+    # The state Redis: console sessions and reveals, sign-up/sign-in throttles. Every key
+    # there has a TTL and may be evicted. `darkgpu up` starts one there (no persistence,
+    # `state_redis_maxmemory_mb` with `allkeys-lru`) when nothing answers. It may name the
+    # money Redis (its noeviction then covers these keys too, which can then fill it:
     # requests refused with 503 until their TTLs pass); `up` never starts that one evicting.
     state_redis_url: str = "redis://127.0.0.1:6382/0"
     state_redis_maxmemory_mb: int = Field(default=256, ge=1)
     # Each role its own Redis user (core.redis_users): the billing actor's URL for the money
-    # Redis, and the URL model replicas get for the state Redis (a user that may only write
-    # `dg:replicas:*`). Empty: `redis_url` / `state_redis_url`. A local URL that names no
-    # user gets the local platform's credentials for its role, when `darkgpu up` made them.
+    # Redis. Empty: `redis_url`. A local URL that names no user gets the local platform's
+    # credentials for its role, when `darkgpu up` made them.
     meter_redis_url: str = ""
-    replica_redis_url: str = ""
     plans_file: Path = DEFAULT_PLANS_FILE
     # How long a reservation may stay open unextended before the reaper settles it at its
     # last checkpoint (zero usage without one); an ingress extends its live requests' holds.
@@ -223,7 +219,6 @@ class Settings(BaseSettings):
             plans = REPO_ROOT / plans
         self.plans_file = plans
         self.meter_redis_url = self.meter_redis_url or self.redis_url
-        self.replica_redis_url = self.replica_redis_url or self.state_redis_url
         self._fill_redis_users()
         return self
 

@@ -26,7 +26,7 @@ fast copy, SQL being the truth. Nothing a visitor can make grow is written there
 - `dg:usage:dead`               stream of events the meter could not record
 - `dg:verify:<sha256>`          an email verification token (billing.email_verification), TTL
 - `dg:console:secret`           the console's key: anonymous forms' CSRF tokens and the MACs
-                                of stored sessions (here, where model replicas never reach)
+                                of stored sessions (here, in the money Redis, not the state one)
 
 The state Redis (`Settings.state_redis_url`; bounded by `maxmemory`, `allkeys-lru`, not
 persistent): every key has a TTL and may be evicted, which signs someone out or resets a
@@ -38,8 +38,6 @@ counter, and never moves money.
 - `dg:console:login:<sha256>`   failed sign-ins of one (email, network)
 - `dg:throttle:<action>:…`      sign-up and sign-in attempts per address and network
                                 (serve_app.throttle)
-- `dg:replicas:<model id>`      hash: the model's replicas' routing stats
-                                (serve_app.replica_stats), written by the replicas
 - `dg:supply:plan`              the supply reconciler's plan: which models are deployed, their
                                 replica bounds (serve_app.supply), refreshed every few seconds
 - `dg:supply:asked`             hash: model id → when an ingress last had a request for it

@@ -17,6 +17,7 @@ Generation goes from the ingress to the supply pool's own application (`pool`,
 from __future__ import annotations
 
 import threading
+from functools import partial
 from typing import Any, cast
 
 import ray
@@ -24,7 +25,6 @@ from ray import serve
 from ray.serve import Application, Deployment
 
 from billing.loop import BillingLoop
-from billing.redis_server import sync_client
 from cluster.catalog import load_catalog
 from cluster.node_warden import NodeWarden
 from cluster.pools import pool_token
@@ -34,6 +34,7 @@ from kernel.labels import CONTROL_SELECTOR
 from serve_app.accounts import ACCOUNTS
 from serve_app.ingress import INGRESS
 from serve_app.meter_metrics import MeterMetrics
+from serve_app.pool_client import replicas_now
 from serve_app.supply import Supply
 
 APP_NAME = "darkgpu"
@@ -74,9 +75,9 @@ class BillingMeter:
         )
         self._thread = threading.Thread(target=self._loop.run, name="billing", daemon=True)
         self._thread.start()
-        # Providers serving: read from the state Redis, where the model replicas publish.
-        self._state = sync_client(settings.state_redis_url)
-        self._metrics.start(self._loop.engine, self._loop.redis, self._state)
+        # Providers serving: the pool's replicas, as its gateway lists them.
+        pool = partial(replicas_now, settings.resolved_pool_url, pool_token(settings))
+        self._metrics.start(self._loop.engine, self._loop.redis, pool)
 
     def check_health(self) -> None:
         if not self._thread.is_alive():

@@ -11,11 +11,10 @@ import ray
 from ray import serve
 from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview
 
-from cluster.ray_internals import actor_states
+from cluster.ray_internals import SERVE_REPLICA_ACTOR_PREFIX, actor_states
 from core.settings import Settings
 from serve_app.app import APP_NAME, build_app
 from serve_app.models import MODEL_APP_PREFIX
-from serve_app.node_bindings import REPLICA_ACTOR_PREFIX
 from serve_app.pool import POOL_APP_NAME, POOL_ROUTE_PREFIX, build_pool_app
 
 
@@ -104,7 +103,7 @@ def replica_progress(app_name: str, app: ApplicationStatusOverview | None) -> di
     and ready."""
     if app is None:
         return {}
-    actors = actor_states(f"{REPLICA_ACTOR_PREFIX}{app_name}#")
+    actors = actor_states(f"{SERVE_REPLICA_ACTOR_PREFIX}{app_name}#")
     out = {}
     for name, deployment in sorted(app.deployments.items()):
         states = {str(k.value if hasattr(k, "value") else k): n

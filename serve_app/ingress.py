@@ -13,7 +13,7 @@ answer names the provider whose replica served it (`x-darkgpu-provider`); every 
 names the request (`x-darkgpu-request-id`, `middleware`).
 
 Routing among providers: before admission the ingress reads which replicas of the model are
-up and on which provider's node (`replica_stats`, published by the replicas), takes each
+up and on which provider's node (`replica_stats`, as the pool lists them), takes each
 provider's trust tier, price floor and status from the provider registry (not from the
 node's own labels), and ranks them against the request's `"provider"` object, or the
 account's default tier (`account_tiers`), with `provider_policy`. No candidate: 503
@@ -56,7 +56,6 @@ from cluster.pools import pool_token
 from cluster.registry import provider_terms
 from kernel.errors import DarkGpuError, InternalError, Unavailable
 from kernel.labels import CONTROL_SELECTOR
-from serve_app import node_bindings
 from serve_app.account_tiers import AccountTiers
 from serve_app.availability import ReplicaAvailability
 from serve_app.errors import model_not_found, model_warming, no_replica, sse
@@ -64,7 +63,7 @@ from serve_app.gate import bearer_key
 from serve_app.holds import HoldKeeper
 from serve_app.http_app import create_app
 from serve_app.metrics import IngressMetrics
-from serve_app.models import MODEL_APP_PREFIX, deployment_name, model_app_name, model_source
+from serve_app.models import deployment_name, model_app_name, model_source
 from serve_app.node_bindings import NodeBindings
 from serve_app.pool_client import PoolAnswer, PoolClient
 from serve_app.provider_policy import (
@@ -196,8 +195,7 @@ class Ingress:
         self._pool = PoolClient(
             settings.resolved_pool_url, pool_token(settings), settings.pool_read_timeout_s
         )
-        # the replicas publish their stats to the state Redis (they never reach money); the
-        # supply reconciler its plan
+        # the supply reconciler publishes its plan to the state Redis
         state = connect(settings.state_redis_url, max_connections=8)
         self._supply = SupplyView(state, settings.model_load_s)
         self._availability = ReplicaAvailability(
@@ -206,8 +204,11 @@ class Ingress:
         )
         own_node = ray.get_runtime_context().get_node_id()
         control = frozenset({own_node, *settings.control_node_ids})
-        node_bindings.install(NodeBindings(db, MODEL_APP_PREFIX, control))
-        self._directory = ReplicaDirectory(state, RegistryTerms(lambda: provider_terms(db)))
+        self._directory = ReplicaDirectory(
+            self._pool.replicas,
+            RegistryTerms(lambda: provider_terms(db)),
+            NodeBindings(db, control),
+        )
         self._tiers = AccountTiers(self._services.admission)
         self._recounting: set[asyncio.Task[None]] = set()
         self._in_flight = InFlight()  # this replica's requests per model replica

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis.exceptions
@@ -33,7 +33,8 @@ from cluster.registry import ProviderTerms, provider_terms
 from core.schema import Payout, PayoutStatus, Provider, ProviderStatus
 from kernel import redis_keys as rk
 from kernel.labels import TrustTier
-from serve_app.replica_stats import parse, replicas_key
+from serve_app.pool_protocol import PoolReplica
+from serve_app.provider_policy import ReplicaStats
 
 if TYPE_CHECKING:
     import redis as redis_sync
@@ -85,18 +86,17 @@ def read_registered(engine: Engine) -> dict[tuple[str, str], int]:
 
 
 def read_serving(
-    r: redis_sync.Redis,
-    registry: Mapping[str, ProviderTerms] | None = None,
-    now_ms: int | None = None,
+    listed: Iterable[PoolReplica], registry: Mapping[str, ProviderTerms] | None = None
 ) -> dict[str, int]:
-    """Providers with at least one healthy, live replica of any model that is not draining,
-    by trust tier: the registry's (`registry`, as the ingress routes by it), where given."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    """Providers with at least one healthy replica of any model that is not draining, by
+    trust tier: the registry's (`registry`, as the ingress routes by it), where given."""
     providers: set[tuple[str, str]] = set()
-    for key in r.scan_iter(match=replicas_key("*"), count=100):
-        for replica in parse(r.hgetall(key), now_ms, registry):
-            if replica.healthy and not replica.draining:
-                providers.add((replica.trust_tier.value, replica.provider_id))
+    for listing in listed:
+        replica = ReplicaStats.from_routing_stats(
+            listing.replica_id, listing.stats, registry=registry
+        )
+        if replica is not None and replica.healthy and not replica.draining:
+            providers.add((replica.trust_tier.value, replica.provider_id))
     serving = dict.fromkeys(TIERS, 0)
     serving.update(Counter(tier for tier, _provider in providers))
     return serving
@@ -168,28 +168,34 @@ class MeterMetrics:
                 self.spend.inc(nusd, tags={"model": model})
 
     def refresh(
-        self, engine: Engine, r: redis_sync.Redis, state: redis_sync.Redis | None = None
+        self,
+        engine: Engine,
+        r: redis_sync.Redis,
+        replicas: Callable[[], list[PoolReplica]] | None = None,
     ) -> None:
         """Read every gauge; a source that fails leaves its gauges at their last reading.
-        `r`: the money Redis (the usage stream); `state`: the state Redis, where replicas
-        publish their stats (default `r`)."""
-        replicas = r if state is None else state
+        `r`: the money Redis (the usage stream); `replicas`: reads the pool's replicas
+        (`serve_app.pool_client.replicas_now`; none: providers serving are not read)."""
         self._read("usage stream", lambda: self._set_backlog(read_backlog(r)))
         self._read("provider registry", lambda: self._set_providers(read_registered(engine)))
-        self._read(
-            "replica directory",
-            lambda: self._set_serving(read_serving(replicas, provider_terms(engine))),
-        )
+        if replicas is not None:
+            self._read(
+                "the pool's replicas",
+                lambda: self._set_serving(read_serving(replicas(), provider_terms(engine))),
+            )
         self._read("payouts", lambda: self._set_payouts(read_payouts(engine)))
 
     def start(
-        self, engine: Engine, r: redis_sync.Redis, state: redis_sync.Redis | None = None
+        self,
+        engine: Engine,
+        r: redis_sync.Redis,
+        replicas: Callable[[], list[PoolReplica]] | None = None,
     ) -> threading.Thread:
         """Refresh the gauges every `every_s` seconds, in a daemon thread, until `stop`."""
 
         def run() -> None:
             while True:
-                self.refresh(engine, r, state)
+                self.refresh(engine, r, replicas)
                 if self._stop.wait(self.every_s):
                     return
 

@@ -6,8 +6,10 @@ reports them, its load and whether its node is draining (`ray drain-node`: the p
 window ended or its owner wants the GPU back) to the request router through routing stats.
 It announces its provider as the first item of every response stream, so the pool's gateway
 can tell the ingress who served a request (`x-darkgpu-provider`), billed at that provider's
-price, without another hop. The same stats go into Redis (`serve_app.replica_stats`), where
-the ingress reads them before routing (and corrects them with the provider registry's terms).
+price, without another hop. The pool's gateway asks for the same stats and lists them to the
+ingress (`serve_app.pool_replicas`), which reads them before routing (and corrects them with
+the provider registry's terms). A replica is handed no Redis, database or other URL of the
+control plane: it runs on its provider's machine.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from cluster.ray_internals import DrainingNodes, with_code_version
 from cluster.supply import ModelSupply
 from core.settings import Settings
 from kernel.labels import NodeIdentity
-from serve_app import replica_stats
 from serve_app.pool_protocol import ServedBy
 
 logger = logging.getLogger("darkgpu.models")
@@ -49,9 +50,7 @@ DRAIN_CHECK_PERIOD_S = 1.0
 
 class ProviderLLMServer(LLMServer):
     # Serve awaits an async constructor (LLMServer's own is one); mypy knows no such thing.
-    async def __init__(  # type: ignore[misc]
-        self, llm_config: LLMConfig, *, redis_url: str | None = None, **kwargs: Any
-    ) -> None:
+    async def __init__(self, llm_config: LLMConfig, **kwargs: Any) -> None:  # type: ignore[misc]
         await super().__init__(llm_config, **kwargs)
         # Ray 2.60 annotates the labels' values as lists; they are the strings `ray start
         # --labels` set.
@@ -64,12 +63,6 @@ class ProviderLLMServer(LLMServer):
         self._draining = False
         self._drain_checked = 0.0
         self._ongoing = 0
-        self._publisher: asyncio.Task[None] | None = None
-        if redis_url:
-            from billing.admission import connect
-
-            redis = connect(redis_url, max_connections=4)
-            self._publisher = asyncio.create_task(self._publish_forever(redis))
 
     async def record_routing_stats(self) -> dict[str, Any]:
         return {
@@ -80,18 +73,6 @@ class ProviderLLMServer(LLMServer):
             "ongoing": self._ongoing,
             "draining": await self._node_draining(),
         }
-
-    async def _publish_forever(self, redis: Any) -> None:
-        """The same stats into Redis for the ingress, every second from the moment the
-        replica is built: Serve's own polling reaches a new replica's stats to the router
-        only later, and a drained node's replacement must be routable at once."""
-        while True:
-            try:
-                stats = await self.record_routing_stats()
-                await replica_stats.publish(redis, self._model_id, self._replica, stats)
-            except Exception as exc:  # noqa: BLE001 - keep publishing
-                logger.warning("publishing replica stats failed: %r", exc)
-            await asyncio.sleep(ROUTING_STATS_PERIOD_S)
 
     async def _node_draining(self) -> bool:
         """Whether this replica's node is being drained (read from the GCS, once a second);
@@ -226,20 +207,14 @@ def darkgpu_version() -> str:
 
 
 def build_model_deployment(
-    model: CatalogModel,
-    settings: Settings,
-    redis_url: str | None = None,
-    supply: ModelSupply | None = None,
+    model: CatalogModel, settings: Settings, supply: ModelSupply | None = None
 ) -> Application:
     """A bound Serve deployment of one catalog model, with its replicas between `supply`'s
-    bounds; they publish their routing stats to the Redis at `redis_url` (a constructor
-    argument: the URL may hold a password, and Ray shows runtime environments in its
-    dashboard)."""
+    bounds."""
     config = llm_config_for(model, settings, supply)
     app = build_llm_deployment(
         config,
         name_prefix="",
-        bind_kwargs={"redis_url": redis_url} if redis_url else None,
         override_serve_options={"name": deployment_name(model)},
         deployment_cls=ProviderLLMServer,
     )

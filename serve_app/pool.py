@@ -4,9 +4,11 @@ DESIGN's two planes: model replicas run on providers' machines, and Ray trusts e
 cluster, so the models live in a pool's own Serve application and the control plane's
 ingress reaches them only over HTTP, with the pool's credential (`serve_app.pool_protocol`
 says what travels). The gateway checks the credential, sends the request over its model's
-handle, where the request router chooses the replica (`serve_app.router`, with the ingress's
-restrictions in its headers), and answers once a replica took it: who serves
-(`x-darkgpu-served-by`), then the engine's answer as it comes. It reads nothing of the
+handle, where the request router chooses the replica (`serve_app.router`, among those the
+ingress listed in its headers), and answers once a replica took it: who serves
+(`x-darkgpu-served-by`), then the engine's answer as it comes. It also lists the pool's
+replicas to the ingress (`GET <pool>/replicas`: where the pool's GCS placed each, and what
+each reports; `serve_app.pool_replicas`). It reads nothing of the
 request but its headers (the model replica parses the body, on its own machine) and keeps
 no state: a request is never settled here, and the ingress counts what it delivers.
 
@@ -40,7 +42,7 @@ from cluster.catalog import Catalog, load_catalog
 from cluster.pools import pool_token
 from cluster.ray_internals import ErrorResponse, RawRequestInfo
 from core.settings import Settings
-from kernel.errors import AuthError, DarkGpuError, NotFound, Unavailable
+from kernel.errors import AuthError, DarkGpuError, InvalidRequest, NotFound, Unavailable
 from kernel.labels import CONTROL_SELECTOR
 from serve_app.errors import error_response
 from serve_app.models import deployment_name, model_app_name
@@ -48,13 +50,16 @@ from serve_app.pool_protocol import (
     ENDPOINTS,
     ENGINE_ERROR_HEADER,
     MODEL_HEADER,
+    REPLICAS_PATH,
     SERVED_BY_HEADER,
     ServedBy,
     credential_digest,
     credential_matches,
     engine_error_body,
+    replicas_body,
 )
-from serve_app.router import ALLOWED_HEADERS
+from serve_app.pool_replicas import PoolReplicas
+from serve_app.router import ALLOWED_HEADERS, REPLICAS_HEADER
 
 POOL_APP_NAME = "pool"
 POOL_ROUTE_PREFIX = "/pool"
@@ -77,6 +82,7 @@ class PoolGateway:
         self._models = {m.id: m for m in catalog.models}
         self._digest = credential_sha256
         self._handles: dict[str, DeploymentHandle[Any]] = {}
+        self._replicas = PoolReplicas({model_app_name(m): m.id for m in catalog.models})
 
     def _handle(self, model_id: str) -> DeploymentHandle[Any]:
         """The model application's handle (deployed after this replica started, maybe:
@@ -98,12 +104,19 @@ class PoolGateway:
         if not credential_matches(request.headers.get("authorization"), self._digest):
             raise AuthError("The pool's credential is missing or wrong.", code="invalid_api_key")
         endpoint = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+        if request.method == "GET" and endpoint == REPLICAS_PATH:
+            listed = await self._replicas.current()
+            return Response(replicas_body(listed), media_type="application/json")
         model_id = request.headers.get(MODEL_HEADER, "")
         if request.method != "POST" or endpoint not in ENDPOINTS or model_id not in self._models:
             raise NotFound("No such model or endpoint in this pool.")
+        if REPLICAS_HEADER not in request.headers:  # the router would take it nowhere
+            raise InvalidRequest(
+                f"The request lists no replica that may take it ({REPLICAS_HEADER})."
+            )
         headers = {name: request.headers[name] for name in ALLOWED_HEADERS
                    if name in request.headers}  # fmt: skip
-        info = RawRequestInfo(headers=headers) if headers else None
+        info = RawRequestInfo(headers=headers)
         body = (await request.body()).decode()
         stream = getattr(self._handle(model_id), endpoint).remote(body, info)
         try:

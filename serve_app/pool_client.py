@@ -22,9 +22,13 @@ from kernel.errors import Unavailable
 from serve_app.errors import engine_error
 from serve_app.pool_protocol import (
     ENGINE_ERROR_HEADER,
+    MAX_REPLICAS_BYTES,
     MODEL_HEADER,
+    REPLICAS_PATH,
     SERVED_BY_HEADER,
+    PoolReplica,
     ServedBy,
+    parse_replicas,
     split_events,
 )
 
@@ -52,6 +56,24 @@ async def _read(response: httpx.Response, limit: int) -> bytes:
             raise unavailable(f"an answer of more than {limit} bytes")
         parts.append(part)
     return b"".join(parts)
+
+
+def replicas_now(url: str, credential: str, timeout_s: float = 5.0) -> list[PoolReplica]:
+    """`PoolClient.replicas`, blocking (the billing actor's metrics thread)."""
+    with httpx.stream(
+        "GET",
+        f"{url.rstrip('/')}/{REPLICAS_PATH}",
+        headers={"authorization": f"Bearer {credential}"},
+        timeout=timeout_s,
+    ) as response:
+        if response.status_code != 200:
+            raise ValueError(f"the pool's replicas: status {response.status_code}")
+        raw = b""
+        for part in response.iter_bytes():
+            raw += part
+            if len(raw) > MAX_REPLICAS_BYTES:
+                raise ValueError(f"a replica list of more than {MAX_REPLICAS_BYTES} bytes")
+    return parse_replicas(raw)
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[str]:
@@ -135,6 +157,18 @@ class PoolClient:
         except BaseException:
             await response.aclose()
             raise
+
+    async def replicas(self, timeout_s: float = 5.0) -> list[PoolReplica]:
+        """The pool's model replicas (`serve_app.pool_protocol`): ValueError or an httpx
+        error when the pool does not answer with a list."""
+        request = self._client.build_request("GET", f"{self._url}/{REPLICAS_PATH}")
+        response = await asyncio.wait_for(self._client.send(request, stream=True), timeout_s)
+        try:
+            if response.status_code != 200:
+                raise ValueError(f"the pool's replicas: status {response.status_code}")
+            return parse_replicas(await _read(response, MAX_REPLICAS_BYTES))
+        finally:
+            await response.aclose()
 
     async def _answer(self, response: httpx.Response, stream: bool) -> PoolAnswer:
         if response.status_code != 200:

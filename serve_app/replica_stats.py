@@ -1,74 +1,54 @@
-"""Which replicas of each model are up, on which provider's node: published by the replicas
-into Redis, read by the ingress before it routes a request.
+"""Which replicas of each model are up, on which provider's node: listed by the pool's
+gateway, read by the ingress before it routes a request.
 
-Ray Serve gives a replica's routing stats only to the request router, which runs after the
-ingress has already admitted (reserved credits for) the request; the ingress must know the
-candidates first, to refuse with the reason (503 `service_unavailable`) when none fits and
-to reserve at the highest price a candidate may bill. So every model replica, from
-`record_routing_stats` (Serve polls it every second), also writes its stats into the hash
-`dg:replicas:<model id>` of the state Redis (`Settings.state_redis_url`: replicas run on
-providers' nodes and are never handed the money Redis's URL; field: replica id; value: JSON
-with an expiry a few seconds ahead). The ingress reads the hash at most once a second
-(`ReplicaDirectory`) and ignores expired entries, so a replica that died drops out within
-seconds; the hash itself expires when no replica refreshes it.
+Ray Serve gives a replica's routing stats only to the request router, which runs in the
+pool, after the ingress has already admitted (reserved credits for) the request; the ingress
+must know the candidates first, to refuse with the reason (503 `service_unavailable`) when
+none fits and to reserve at the highest price a candidate may bill. So the ingress reads the
+pool's list (`GET <pool>/replicas`: each replica's node, as the pool's GCS placed it, and
+the stats the replica reports) at most once a second (`ReplicaDirectory`); a replica that
+died is gone from the next list.
 
 What a replica says of its provider's trust tier and price floor comes from its node's
 labels, which the node chose itself; the provider registry (SQL) is the authority. The
 directory reads the registry's terms every few seconds (`RegistryTerms`) and applies them
-to every replica it hands out (`ReplicaStats.from_routing_stats`).
+to every replica it hands out (`ReplicaStats.from_routing_stats`), and keeps a replica only
+where the node bindings (`serve_app.node_bindings`) bound its node to the provider its stats
+name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from cluster.registry import ProviderTerms
-from serve_app import node_bindings
+from serve_app.node_bindings import NodeBindings
+from serve_app.pool_protocol import PoolReplica
 from serve_app.provider_policy import ReplicaStats
 
-STATS_TTL_S = 4.0
 logger = logging.getLogger("darkgpu.replicas")
 
 
-def replicas_key(model_id: str) -> str:
-    return f"dg:replicas:{model_id}"
-
-
-async def publish(redis: Any, model_id: str, replica_id: str, stats: Mapping[str, Any]) -> None:
-    """One replica's stats, valid for `STATS_TTL_S` (an asyncio Redis client)."""
-    now_ms = int(time.time() * 1000)
-    value = json.dumps({**stats, "expires_ms": now_ms + int(STATS_TTL_S * 1000)})
-    key = replicas_key(model_id)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(key, replica_id, value)
-        pipe.pexpire(key, int(STATS_TTL_S * 3000))
-        await pipe.execute()
-
-
-def parse(
-    entries: Mapping[Any, Any],
-    now_ms: int,
+def by_model(
+    listed: Iterable[PoolReplica],
     registry: Mapping[str, ProviderTerms] | None = None,
-) -> list[ReplicaStats]:
-    """The unexpired replicas of one hash, as the provider policy sees them (with the
-    registry's terms, where given)."""
-    out = []
-    for field, raw in entries.items():
-        replica_id = field.decode() if isinstance(field, bytes) else str(field)
-        try:
-            stats = json.loads(raw)
-        except (TypeError, ValueError):
+    bindings: NodeBindings | None = None,
+) -> dict[str, list[ReplicaStats]]:
+    """The pool's replicas by model, as the provider policy sees them (with the registry's
+    terms, where given): those whose stats parse and, where `bindings` are given, whose node
+    is bound to the provider they name."""
+    out: dict[str, list[ReplicaStats]] = {}
+    for listing in listed:
+        replica = ReplicaStats.from_routing_stats(
+            listing.replica_id, listing.stats, registry=registry
+        )
+        if replica is None:
             continue
-        if not isinstance(stats, dict) or int(stats.get("expires_ms", 0)) < now_ms:
-            continue
-        replica = ReplicaStats.from_routing_stats(replica_id, stats, registry=registry)
-        if replica is not None:
-            out.append(replica)
+        if bindings is None or bindings.allows(listing.node_id, replica.provider_id):
+            out.setdefault(listing.model, []).append(replica)
     return out
 
 
@@ -103,26 +83,31 @@ class RegistryTerms:
 
 
 class ReplicaDirectory:
-    """The ingress's view of every model's replicas, read at most every `ttl_s` seconds.
+    """The ingress's view of every model's replicas, read from the pool at most every
+    `ttl_s` seconds.
 
-    A request uses the last reading; the first request of a model waits for one read.
-    Redis being unreachable leaves the last reading in place (and empty at start)."""
+    A request uses the last reading; the first request of a model waits for one read. A pool
+    that cannot be read leaves the last reading in place (and empty at start)."""
 
-    def __init__(self, redis: Any, terms: RegistryTerms | None = None, ttl_s: float = 1.0) -> None:
-        self._redis = redis  # asyncio client
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[list[PoolReplica]]],
+        terms: RegistryTerms | None = None,
+        bindings: NodeBindings | None = None,
+        ttl_s: float = 1.0,
+    ) -> None:
+        self._read = read
         self.terms = terms
+        self._bindings = bindings
         self._ttl_s = ttl_s
         self._replicas: dict[str, list[ReplicaStats]] = {}
-        self._read_at: dict[str, float] = {}
-        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._read_at: float | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def replicas(self, model_id: str) -> list[ReplicaStats]:
-        read_at = self._read_at.get(model_id)
+        read_at = self._read_at
         if read_at is None or time.monotonic() - read_at > self._ttl_s:
-            task = self._refreshing.get(model_id)
-            if task is None or task.done():
-                task = asyncio.create_task(self._refresh(model_id))
-                self._refreshing[model_id] = task
+            task = self._refresh_soon()
             if read_at is None or not self._replicas.get(model_id):
                 await asyncio.shield(task)
         return self._replicas.get(model_id, [])
@@ -138,22 +123,26 @@ class ReplicaDirectory:
         return self.terms.price_floor_pct(provider_id, reported)
 
     async def refresh(self, model_id: str) -> list[ReplicaStats]:
-        """Read now (a request that found none of its replicas)."""
-        await self._refresh(model_id)
+        """Read now (a request that found none of its replicas): the reading under way, if
+        one is."""
+        await asyncio.shield(self._refresh_soon())
         return self._replicas.get(model_id, [])
 
-    async def _refresh(self, model_id: str) -> None:
+    def _refresh_soon(self) -> asyncio.Task[None]:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh())
+        return self._refreshing
+
+    async def _refresh(self) -> None:
         try:
-            entries = await self._redis.hgetall(replicas_key(model_id))
+            listed = await self._read()
         except Exception as exc:  # noqa: BLE001 - keep serving on the last reading
-            logger.warning("reading replica stats failed: %r", exc)
-            self._read_at.setdefault(model_id, time.monotonic())
+            logger.warning("reading the pool's replicas failed: %r", exc)
+            if self._read_at is None:
+                self._read_at = time.monotonic()
             return
         registry = await self.terms.current() if self.terms is not None else None
-        await node_bindings.refresh_installed()
-        self._replicas[model_id] = [
-            replica
-            for replica in parse(entries, int(time.time() * 1000), registry)
-            if node_bindings.permits(replica.replica_id, replica.provider_id)
-        ]  # a replica serves only as the provider its node is bound to (cluster.nodes)
-        self._read_at[model_id] = time.monotonic()
+        if self._bindings is not None:
+            await self._bindings.refresh()
+        self._replicas = by_model(listed, registry, self._bindings)
+        self._read_at = time.monotonic()

@@ -32,8 +32,8 @@ refresh) cannot put a replica that under-reports ahead of a less loaded one.
 Which replica is bound where is decided in the control plane, not here: the ingress lists
 only replicas on nodes bound to the provider they name (`serve_app.replica_stats`,
 `serve_app.node_bindings`, `cluster.nodes`), and the router runs in the pool's gateway, which
-holds none of the control plane's state. Where a process installed node bindings (a test's),
-the router applies them too.
+holds none of the control plane's state. A request that lists no replica (only the ingress
+calls the pool, and it always lists) is taken by none.
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
-
-from serve_app import node_bindings
 
 REPLICAS_HEADER = "x-darkgpu-replicas"
 NOTHING_FITS_WAIT_S = 0.05
@@ -60,12 +58,6 @@ class ReplicaView(Protocol):
     def routing_stats(self) -> Mapping[str, Any]: ...
 
 
-def accepts(stats: Mapping[str, Any]) -> bool:
-    """Whether a replica may take an unrestricted request: it has reported who it is, and
-    its node is not draining."""
-    return "provider_id" in stats and not stats.get("draining", False)
-
-
 def reported_load(stats: Mapping[str, Any]) -> float:
     """The ongoing requests a replica reports; a value that is not a finite count (it comes
     from the provider's machine) counts as full, so it draws no traffic by lying."""
@@ -73,19 +65,6 @@ def reported_load(stats: Mapping[str, Any]) -> float:
     if isinstance(ongoing, bool) or not isinstance(ongoing, int | float):
         return math.inf
     return float(ongoing) if math.isfinite(ongoing) and ongoing >= 0 else math.inf
-
-
-def rank(
-    replicas: Sequence[ReplicaView], load_of: Callable[[ReplicaView], float]
-) -> list[list[ReplicaView]]:
-    """Ranks of replicas, best first: accepting replicas by ascending load, then those that
-    have not reported routing stats yet (just started), then draining ones (they still
-    answer until Serve stops them, and a request that finds nothing else must not fail).
-    """
-    accepting = [r for r in replicas if accepts(r.routing_stats)]
-    unknown = [r for r in replicas if "provider_id" not in r.routing_stats]
-    draining = [r for r in replicas if r.routing_stats.get("draining", False)]
-    return [sorted(group, key=load_of) for group in (accepting, unknown, draining) if group]
 
 
 class InFlight:
@@ -143,7 +122,7 @@ class Allowed:
 
 
 def allowed(pending_request: PendingRequest | None) -> Allowed | None:
-    """What the ingress allowed; None: unrestricted (or headers this router cannot read)."""
+    """What the ingress allowed; None: nothing listed (or headers this router cannot read)."""
     if pending_request is None:
         return None
     info = pending_request.kwargs.get("raw_request_info")
@@ -194,23 +173,13 @@ class ProviderRequestRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        await node_bindings.refresh_installed()
-        candidate_replicas = [
-            r
-            for r in candidate_replicas
-            if node_bindings.permits(r.replica_id.unique_id, r.routing_stats.get("provider_id"))
-        ]  # a replica serves only as the provider its node is bound to (cluster.nodes)
-        if not candidate_replicas:
-            # none may serve yet (a new replica's stats not in, its node not read yet): Serve
-            # asks again at once, and a router that answers at once spins, holding the GIL
-            # of the ingress's process (every model's router shares its thread)
+        allow = allowed(pending_request)
+        if allow is None or pending_request is None:
+            # nothing listed, nothing allowed: wait a moment (Serve asks again at once, and a
+            # router that answers at once spins, holding the GIL of the gateway's process)
             await asyncio.sleep(NOTHING_FITS_WAIT_S)
             return []
-        allow = allowed(pending_request)
-        if allow is None:
-            ranks = rank(candidate_replicas, self._load)  # type: ignore[arg-type]
-            return singletons(ranks)
-        if pending_request is not None and pending_request.future.done():
+        if pending_request.future.done():
             # cancelled by the ingress (it routes again): Serve's routing loop checks that
             # only once it is offered a replica, and nothing is sent for a done request
             return [candidate_replicas]

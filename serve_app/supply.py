@@ -116,7 +116,7 @@ def supply_nodes(
 def deploy_model(model: CatalogModel, supply: ModelSupply, settings: Settings) -> None:
     """Deploy (or update the bounds of) the model's own application; returns once Serve has
     taken it, before its replicas start."""
-    app = build_model_deployment(model, settings, settings.replica_redis_url, supply)
+    app = build_model_deployment(model, settings, supply)
     target = serve.RunTarget(app, name=model_app_name(model), route_prefix=None)
     serve.run_many([target], wait_for_applications_running=False)
 

@@ -12,8 +12,9 @@ its account is not suspended (`dg:acct:<id>` status), so a suspension holds even
 sessions were not ended. Signing in or up starts a new session (no session fixation),
 signing out deletes it.
 
-Model replicas, on providers' machines, publish their stats to the state Redis too, so
-whoever runs one may write there: a session is honoured only with its MAC (HMAC-SHA256 of
+The state Redis is bounded and evicting and holds no money, so it is held to less than the
+money one: whoever could write there still signs nobody in, since a session is honoured only
+with its MAC (HMAC-SHA256 of
 its token hash, account, email and CSRF token under the console's secret), which nobody
 without the secret can make. The secret lives in the money Redis, which replicas never
 reach (`dg:console:secret`).

@@ -3,7 +3,6 @@ against real servers (`billing.redis_server.ACL_RULES`, `core.redis_users`)."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import stat
 from collections.abc import Iterator
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from billing.admission import connect
 from billing.redis_server import (
     LocalRedis,
     RedisServerError,
@@ -22,7 +20,6 @@ from billing.redis_server import (
 )
 from core import redis_users
 from core.settings import Settings
-from serve_app import replica_stats
 
 
 def free_port() -> int:
@@ -69,9 +66,8 @@ def test_settings_authenticate_each_role_on_local_servers_only(tmp_path: Path) -
     )
     assert made.redis_url == f"redis://platform:{passwords['money']['platform']}@127.0.0.1:7001/0"
     assert made.meter_redis_url.startswith("redis://meter:")
-    assert made.state_redis_url.startswith("redis://platform:")
-    assert made.replica_redis_url == (
-        f"redis://replica:{passwords['state']['replica']}@localhost:7002/3"
+    assert made.state_redis_url == (
+        f"redis://platform:{passwords['state']['platform']}@localhost:7002/3"
     )
     assert redis_users.ensure(tmp_path, {}) == passwords  # made once
     elsewhere = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:7009/0")
@@ -107,6 +103,14 @@ def test_the_acl_files_hold_hashes_and_turn_the_default_user_off(
         client(redis_users.with_user(servers[0].url, "platform", "guessed")).ping()
 
 
+def test_each_server_knows_its_roles_users_and_no_other(
+    servers: tuple[LocalRedis, LocalRedis],
+) -> None:
+    money, state = (client(server.url) for server in servers)
+    assert set(money.acl_users()) == {"default", "admin", "platform", "meter"}
+    assert set(state.acl_users()) == {"default", "admin", "platform"}
+
+
 def test_the_ingress_user_serves_but_cannot_consume_or_administer(
     servers: tuple[LocalRedis, LocalRedis], settings: Settings
 ) -> None:
@@ -136,40 +140,6 @@ def test_the_ingress_user_serves_but_cannot_consume_or_administer(
     assert client(settings.redis_url).get("dg:bal:1") == b"95"
 
 
-def test_a_replica_can_publish_its_stats_and_do_nothing_else(
-    servers: tuple[LocalRedis, LocalRedis], settings: Settings
-) -> None:
-    async def publish() -> None:
-        r = connect(settings.replica_redis_url, max_connections=2)
-        await replica_stats.publish(r, "m", "replica-1", {"provider_id": "p", "ongoing": 0})
-        await r.aclose()
-
-    asyncio.run(publish())  # the replica's own path: redis-py's handshake, a pipeline
-    platform_state = client(settings.state_redis_url)
-    assert set(platform_state.hgetall("dg:replicas:m")) == {b"replica-1"}
-    platform_state.set("dg:sess:abc", "session")
-    replica = client(settings.replica_redis_url)
-    for attempt in (
-        lambda: replica.hgetall("dg:replicas:m"),  # nor read the others' stats
-        lambda: replica.delete("dg:replicas:m"),
-        lambda: replica.get("dg:sess:abc"),
-        lambda: replica.set("dg:sess:abc", "forged"),
-        lambda: replica.hset("dg:throttle:signup", "ip", 0),
-        lambda: replica.eval("return 1", 0),
-        lambda: replica.flushall(),
-        lambda: replica.config_get("*"),
-        lambda: replica.publish("chan", "x"),
-        lambda: replica.keys("*"),
-    ):
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            attempt()
-    replica_password = redis.connection.parse_url(settings.replica_redis_url)["password"]
-    stolen = redis_users.with_user(servers[0].url, "replica", replica_password)
-    with pytest.raises(redis.exceptions.AuthenticationError):
-        client(stolen).get("dg:bal:1")  # the replica's password opens nothing on the money server
-    assert platform_state.get("dg:sess:abc") == b"session"
-
-
 def test_up_and_down_manage_servers_with_users(settings: Settings) -> None:
     money = money_server(settings)
     assert money is not None
@@ -197,11 +167,10 @@ def test_a_state_url_on_the_money_server_uses_its_users(tmp_path: Path) -> None:
     assert money is not None
     money.start()
     try:
-        client(settings.state_redis_url).set("dg:sess:x", 1)
-        replica = client(settings.replica_redis_url)
-        replica.hset("dg:replicas:m", "r", "{}")
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            replica.get("dg:bal:1")
+        state = client(settings.state_redis_url)
+        assert state.acl_whoami() == "platform"
+        state.set("dg:sess:x", 1)
+        assert client(settings.redis_url).get("dg:sess:x") is None  # db 1, not the money keys
     finally:
         money.stop()
 

@@ -3,8 +3,6 @@ stream's backlog and flush lag, providers by tier and status, providers serving,
 
 from __future__ import annotations
 
-import json
-
 import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -21,7 +19,7 @@ from serve_app.meter_metrics import (
     read_registered,
     read_serving,
 )
-from serve_app.replica_stats import replicas_key
+from serve_app.pool_protocol import PoolReplica
 from tests.billing import conftest as billing
 
 # a real Redis (a test database), and SQLite and PostgreSQL, as the billing tests have them
@@ -80,29 +78,25 @@ def test_providers_and_payouts_by_tier_and_status_zeros_included(engine: Engine)
     assert read_payouts(engine) == {"paid": (2, 3_500), "failed": (1, 1_100), "pending": (0, 0)}
 
 
-def test_providers_serving_are_those_with_a_live_healthy_replica(r: redis.Redis) -> None:
-    def replica(provider: str, tier: str, expires_ms: int, **extra: object) -> str:
-        stats = {"provider_id": provider, "trust_tier": tier, "expires_ms": expires_ms}
-        return json.dumps({**stats, **extra})
+def test_providers_serving_are_those_with_a_healthy_replica_the_pool_lists() -> None:
+    def replica(name: str, provider: str, tier: str, model: str = "a", **extra: object):
+        said = {"provider_id": provider, "trust_tier": tier, **extra}
+        return PoolReplica(model, name, "n" * 56, said)
 
-    live = NOW_MS + 4_000
-    r.hset(replicas_key("model-a"), mapping={
-        "r1": replica("p1", "basic", live),
-        "r2": replica("p1", "basic", live),  # a provider with two replicas counts once
-        "r3": replica("p2", "verified", live),
-        "r4": replica("p3", "verified", NOW_MS - 1),  # expired: its replica went away
-    })  # fmt: skip
-    r.hset(replicas_key("model-b"), mapping={
-        "r5": replica("p1", "basic", live),  # the same provider serving another model
-        "r6": replica("p4", "basic", live, draining=True),
-        "r7": replica("p5", "basic", live, healthy=False),
-    })  # fmt: skip
-    assert read_serving(r, now_ms=NOW_MS) == {"basic": 1, "verified": 1}
+    listed = [
+        replica("r1", "p1", "basic"),
+        replica("r2", "p1", "basic"),  # a provider with two replicas counts once
+        replica("r3", "p2", "verified"),
+        replica("r5", "p1", "basic", model="b"),  # the same provider serving another model
+        replica("r6", "p4", "basic", model="b", draining=True),
+        replica("r7", "p5", "basic", model="b", healthy=False),
+        PoolReplica("b", "r8", "n" * 56, {"ongoing": 0}),  # names no provider
+    ]
+    assert read_serving(listed) == {"basic": 1, "verified": 1}
     # the registry's word wins over a node's labels: p2 is basic, p1 is paused
     registry = {
         "p1": ProviderTerms(TrustTier.basic, 0, ProviderStatus.paused),
         "p2": ProviderTerms(TrustTier.basic, 0, ProviderStatus.online),
     }
-    assert read_serving(r, registry, now_ms=NOW_MS) == {"basic": 1, "verified": 0}
-    r.flushdb()
-    assert read_serving(r, now_ms=NOW_MS) == {"basic": 0, "verified": 0}
+    assert read_serving(listed, registry) == {"basic": 1, "verified": 0}
+    assert read_serving([]) == {"basic": 0, "verified": 0}

@@ -60,10 +60,10 @@ from core.db import make_engine, migrate
 from core.schema import ProviderReview, ProviderStatus
 from core.settings import CONFIGS_DIR, Settings
 from kernel.labels import PROVIDER_ID_LABEL, TrustTier
+from serve_app.pool_protocol import parse_replicas
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
 from tests.exact_tokens import EXACT
-from tests.platform_redis import admin_client
 from tests.ports import port
 
 BIN = Path(sys.executable).parent
@@ -167,19 +167,14 @@ class Cluster:
         return admin("key", "create", "--account", str(account["id"]))["key"]
 
     def replicas(self, model: str = MODEL) -> dict[str, str]:
-        """replica id -> provider id, from the stats the replicas publish."""
-        r = admin_client(self.env, "state")
-        try:
-            entries = r.hgetall(f"dg:replicas:{model}")
-        finally:
-            r.close()
-        now = time.time() * 1000
-        out = {}
-        for replica, raw in entries.items():
-            stats = json.loads(raw)
-            if stats["expires_ms"] > now:
-                out[replica.decode()] = name(stats["provider_id"])
-        return out
+        """replica id -> provider id, as the pool's gateway lists them (what the ingress
+        reads: each replica with the stats it reports)."""
+        token = (Path(self.env["DARKGPU_DATA_DIR"]) / "pool_token").read_text().strip()
+        pool = self.api_url.removesuffix("/v1") + "/pool/replicas"
+        got = httpx.get(pool, headers={"authorization": f"Bearer {token}"}, timeout=30)
+        got.raise_for_status()
+        listed = parse_replicas(got.content)
+        return {r.replica_id: name(r.stats["provider_id"]) for r in listed if r.model == model}
 
     def set_status(self, provider: str, status: ProviderStatus) -> None:
         """What the agent's heartbeat says (`online`, `draining`, …)."""
@@ -192,10 +187,10 @@ class Cluster:
     def replica_nodes(self) -> set[str]:
         """The node ids the GCS's actor table places model replicas on (from the moment Ray
         places one, before it loads), asked from a process with this cluster's Ray token."""
-        ask = ("import sys, ray; from cluster.ray_internals import alive_actor_nodes; "
-               "from serve_app.node_bindings import REPLICA_ACTOR_PREFIX; "
+        ask = ("import sys, ray; "
+               "from cluster.ray_internals import SERVE_REPLICA_ACTOR_PREFIX, alive_actor_nodes; "
                "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-               "print(*alive_actor_nodes(REPLICA_ACTOR_PREFIX).values())")  # fmt: skip
+               "print(*alive_actor_nodes(SERVE_REPLICA_ACTOR_PREFIX).values())")  # fmt: skip
         done = subprocess.run([sys.executable, "-c", ask, self.address], env=self.ray_env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
@@ -691,8 +686,8 @@ def test_a_node_that_labels_itself_another_provider_gets_no_request_and_is_drain
     approved provider), so no replica is asked for it and none is placed there; no request
     reaches it (verified ones find no provider; others go to p3), and the billing actor
     drains it once its grace to redeem a ticket has passed. (Were a replica placed there, as
-    Serve may place a pending one anywhere, the router offers none on a node not bound to the
-    provider its stats name: `tests/cluster/test_nodes.py::test_who_may_serve_where`.)"""
+    Serve may place a pending one anywhere, the ingress lists none on a node not bound to the
+    provider its stats name: `tests/serve_app/test_replica_stats.py`.)"""
     client = openai.OpenAI(base_url=cluster.api_url, api_key=cluster.new_key(), max_retries=0)
     rogue = RayCli(cluster.token_path, run=cluster._runner("p2"))
     rogue.join(

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from serve_app.pool_protocol import MODEL_HEADER, SERVED_BY_HEADER, ServedBy
+from serve_app.pool_protocol import MODEL_HEADER, SERVED_BY_HEADER, ServedBy, parse_replicas
 
 LOCAL = "darkgpu-tiny"
 BODY = {"model": LOCAL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -28,26 +28,43 @@ def pool_token(platform) -> str:
 def test_the_pool_serves_no_one_without_its_credential(platform, pool_url: str) -> None:
     _, consumer_key = platform.new_key(usd="1")
     for authorization in (None, f"Bearer {consumer_key}", "Bearer guess"):
-        headers = {MODEL_HEADER: LOCAL}
+        headers = {MODEL_HEADER: LOCAL, "x-darkgpu-replicas": "any"}
         if authorization:
             headers["authorization"] = authorization
         answer = httpx.post(f"{pool_url}/chat", json=BODY, headers=headers, timeout=30)
         assert answer.status_code == 401, answer.text
         assert answer.json()["error"]["type"] == "auth"
         assert SERVED_BY_HEADER not in answer.headers
+        listing = httpx.get(f"{pool_url}/replicas", headers=headers, timeout=30)
+        assert listing.status_code == 401, listing.text
+        assert "replicas" not in listing.json()
 
 
-def test_with_the_credential_the_pool_serves_and_says_who(pool_url: str, pool_token: str) -> None:
-    """What the ingress does on every request (and what anyone holding the credential could:
-    it guards the pool from the outside, not from its own members)."""
-    headers = {"authorization": f"Bearer {pool_token}", MODEL_HEADER: LOCAL}
+def test_with_the_credential_the_pool_lists_its_replicas_and_serves_those_listed(
+    pool_url: str, pool_token: str
+) -> None:
+    """What the ingress does: it reads the pool's replicas (each with the node the pool's GCS
+    placed it on, and what it reports of itself), then sends each request listing those that
+    may take it; the pool names who served. Anyone holding the credential could do the same:
+    it guards the pool from the outside, not from its own members."""
+    auth = {"authorization": f"Bearer {pool_token}"}
+    listed = parse_replicas(httpx.get(f"{pool_url}/replicas", headers=auth, timeout=30).content)
+    local = [r for r in listed if r.model == LOCAL]
+    assert len(local) == 1, listed
+    assert local[0].stats["provider_id"] == "local" and local[0].stats["draining"] is False
+    assert len(local[0].node_id) == 56 and int(local[0].node_id, 16) >= 0
+    headers = {**auth, MODEL_HEADER: LOCAL, "x-darkgpu-replicas": local[0].replica_id}
     answer = httpx.post(f"{pool_url}/chat", json=BODY, headers=headers, timeout=120)
     assert answer.status_code == 200, answer.text
-    assert ServedBy.from_header(answer.headers[SERVED_BY_HEADER]).provider_id == "local"
+    served = ServedBy.from_header(answer.headers[SERVED_BY_HEADER])
+    assert (served.provider_id, served.replica) == ("local", local[0].replica_id)
     assert answer.json()["choices"][0]["message"]["role"] == "assistant"
     unknown = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
                          headers={**headers, MODEL_HEADER: "no-such-model"})  # fmt: skip
     assert unknown.status_code == 404
+    unlisted = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
+                          headers={**auth, MODEL_HEADER: LOCAL})  # fmt: skip
+    assert unlisted.status_code == 400, unlisted.text  # the router would take it nowhere
 
 
 def test_a_consumer_cannot_steer_the_pools_router(platform) -> None:

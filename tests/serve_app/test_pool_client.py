@@ -5,6 +5,7 @@ and none of it may reach a client as anything but the engine's answer or a clean
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -19,11 +20,13 @@ from starlette.routing import Route
 
 from kernel.errors import DarkGpuError, InvalidRequest, Unavailable
 from serve_app import pool_client
-from serve_app.pool_client import PoolClient
+from serve_app.pool_client import PoolClient, replicas_now
 from serve_app.pool_protocol import (
     ENGINE_ERROR_HEADER,
+    MAX_REPLICAS_BYTES,
     MODEL_HEADER,
     SERVED_BY_HEADER,
+    PoolReplica,
     ServedBy,
     credential_digest,
     credential_matches,
@@ -81,12 +84,28 @@ async def behave(request: Request) -> Response:
     return StreamingResponse(body, media_type="text/event-stream", headers=said)
 
 
+# what the pool answers to `GET /pool/replicas` in the test that sets it: (status, body)
+replica_answer: list[tuple[int, bytes]] = [(200, b'{"replicas": []}')]
+
+
+async def replicas(request: Request) -> Response:
+    if not credential_matches(request.headers.get("authorization"), credential_digest(TOKEN)):
+        return JSONResponse({"error": {"message": "no"}}, status_code=401)
+    status, body = replica_answer[-1]
+    return Response(body, status_code=status, media_type="application/json")
+
+
 @pytest.fixture(scope="module")
 def pool_url() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = Starlette(routes=[Route("/pool/{endpoint}", behave, methods=["POST"])])
+    app = Starlette(
+        routes=[
+            Route("/pool/replicas", replicas, methods=["GET"]),
+            Route("/pool/{endpoint}", behave, methods=["POST"]),
+        ]
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="error", timeout_graceful_shutdown=1
@@ -169,3 +188,60 @@ async def test_a_pool_that_is_not_there_is_a_503() -> None:
     with pytest.raises(DarkGpuError) as info:
         await open_(f"http://127.0.0.1:{port}/pool", "whole")
     assert info.value.status == 503
+
+
+# --- the pool's list of replicas --------------------------------------------------------------
+
+LISTED = PoolReplica("m", "r1", "a" * 56, {"provider_id": "p1", "ongoing": 0})
+
+
+async def both(url: str, token: str = TOKEN) -> tuple[list[PoolReplica], list[PoolReplica]]:
+    """The list as the ingress reads it (async) and as the billing actor's metrics do."""
+    client = PoolClient(url, token, read_timeout_s=5)
+    try:
+        read = await client.replicas()
+    finally:
+        await client.aclose()
+    return read, await asyncio.to_thread(replicas_now, url, token)
+
+
+async def test_the_pools_replicas_are_read_and_parsed(pool_url: str) -> None:
+    body = b'{"replicas": [%s, {"model": 1}]}' % json.dumps(LISTED.json()).encode()
+    replica_answer.append((200, body))
+    assert await both(pool_url) == ([LISTED], [LISTED])  # the malformed entry left out
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (503, b'{"replicas": []}'),
+        (200, b"<html>"),
+        (200, b"[]"),
+        (200, b'{"replicas": [' + b" " * MAX_REPLICAS_BYTES + b"]}"),
+    ],
+    ids=["refused", "not-json", "not-a-list", "huge"],
+)
+async def test_a_replica_list_out_of_contract_is_an_error_not_a_list(
+    pool_url: str, answer: tuple[int, bytes]
+) -> None:
+    """The directory keeps its last reading on an error (`serve_app.replica_stats`): an
+    empty list here would take every replica out of routing."""
+    replica_answer.append(answer)
+    client = PoolClient(pool_url, TOKEN, read_timeout_s=5)
+    try:
+        with pytest.raises((ValueError, Unavailable)):
+            await client.replicas()
+    finally:
+        await client.aclose()
+    with pytest.raises(ValueError):
+        await asyncio.to_thread(replicas_now, pool_url, TOKEN)
+
+
+async def test_a_replica_list_asked_with_a_wrong_credential_is_refused(pool_url: str) -> None:
+    replica_answer.append((200, b'{"replicas": []}'))
+    client = PoolClient(pool_url, "guess", read_timeout_s=5)
+    try:
+        with pytest.raises(ValueError):
+            await client.replicas()
+    finally:
+        await client.aclose()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from serve_app.pool_protocol import (
+    PoolReplica,
     ServedBy,
     credential_digest,
     credential_matches,
+    parse_replicas,
+    replicas_body,
     split_events,
 )
 
@@ -51,3 +56,34 @@ def test_events_are_split_only_where_one_ends() -> None:
     assert split_events('data: {"a"') == ("", 'data: {"a"')
     assert split_events("data: 1\n\ndata: 2\n\nda") == ("data: 1\n\ndata: 2\n\n", "da")
     assert split_events("data: 1\n\n") == ("data: 1\n\n", "")
+
+
+NODE = "a" * 56
+
+
+def test_the_pools_replicas_cross_the_hop_whole() -> None:
+    listed = [PoolReplica("m", "r1", NODE, {"provider_id": "p1", "ongoing": 2})]
+    assert parse_replicas(replicas_body(listed)) == listed
+    assert parse_replicas(b'{"replicas": []}') == []
+
+
+@pytest.mark.parametrize("raw", [b"", b"\xff", b"[]", b"{}", b'{"replicas": {}}', b"null"])
+def test_a_list_that_is_not_one_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_replicas(raw)
+
+
+def test_a_malformed_entry_costs_only_its_replica() -> None:
+    good = {"model": "m", "replica_id": "r1", "node_id": NODE, "stats": {"provider_id": "p"}}
+    bad = [
+        "r2",
+        [],
+        {**good, "replica_id": 7},
+        {**good, "replica_id": ""},
+        {**good, "node_id": "n" * 129},
+        {**good, "model": None},
+        {**good, "stats": "busy"},
+        {k: v for k, v in good.items() if k != "node_id"},
+    ]
+    raw = json.dumps({"replicas": [*bad, good]}).encode()
+    assert parse_replicas(raw) == [PoolReplica("m", "r1", NODE, {"provider_id": "p"})]

@@ -38,8 +38,8 @@ from serve_app.throttle import Throttle
 STATE_MB = 3
 HOST = "https://127.0.0.1:8000"
 PASSWORD = "correct horse battery staple"
-# What only the state Redis may hold: a visitor, a browser or a replica can make these grow.
-STATE_PREFIXES = (b"dg:console:", b"dg:throttle:", b"dg:replicas:", b"dg:supply:")
+# What only the state Redis may hold: a visitor or a browser can make these grow.
+STATE_PREFIXES = (b"dg:console:", b"dg:throttle:", b"dg:supply:")
 # ... but the console's one secret, which signs its sessions: where replicas never reach.
 SECRET = b"dg:console:secret"
 
@@ -170,8 +170,8 @@ def test_a_full_state_redis_evicts_sessions_and_throttles_the_money_redis_keeps_
 
 
 def test_a_session_written_without_the_secret_is_refused(svc: Services) -> None:
-    """Model replicas write to the state Redis (their stats), so whoever runs one can write
-    there: a session hash made there by hand signs nobody in."""
+    """The state Redis is held to less than the money one (bounded, evicting): a session hash
+    made there by hand signs nobody in."""
     victim = accounts.create_account(svc.db, svc.redis, svc.plans, email="v@example.com",
                                      plan="free")  # fmt: skip
     sessions = SessionStore(svc.state, accounts=svc.redis)
@@ -184,7 +184,7 @@ def test_a_session_written_without_the_secret_is_refused(svc: Services) -> None:
     fields = {"csrf": "c", "account_id": str(victim.id), "email": victim.email}
     svc.state.hset(rk.console_session(digest(forged_token)), mapping=fields)  # no MAC
     assert sessions.find(forged_token) is None
-    assert svc.state.get("dg:console:secret") is None  # the key is not where replicas write
+    assert svc.state.get("dg:console:secret") is None  # the key is not in the state Redis
     assert sessions.find(token) == real
 
 

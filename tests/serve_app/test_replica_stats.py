@@ -1,28 +1,25 @@
-"""The replicas' routing stats in Redis, as the ingress reads them (a real Redis server)."""
+"""The ingress's replica directory: the pool's list of replicas, as the ingress keeps it
+(with the registry's terms, and only where a node is bound to the provider a replica names:
+real SQL for the bindings)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import time
+import redis
+from sqlalchemy import Engine
 
-import pytest
-import redis.asyncio as aredis
+from billing.plans import Plans
+from cluster import nodes
+from cluster.registry import ProviderTerms
+from core.schema import ProviderStatus
+from kernel.labels import LOCAL_PROVIDER_ID, TrustTier
+from serve_app.node_bindings import NodeBindings
+from serve_app.pool_protocol import PoolReplica
+from serve_app.replica_stats import ReplicaDirectory, by_model
+from tests.billing import conftest as billing
+from tests.cluster.test_nodes import labelled, provider
 
-from kernel.labels import TrustTier
-from serve_app.replica_stats import ReplicaDirectory, parse, publish, replicas_key
-
-REDIS_URL = os.environ.get("DARKGPU_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-@pytest.fixture
-async def ar():
-    client = aredis.Redis.from_url(REDIS_URL)
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
+db_url, engine, r, plans = billing.db_url, billing.engine, billing.r, billing.plans
+NODE_A, NODE_B, HEAD = "a" * 56, "b" * 56, "c" * 56
 
 
 def stats(provider: str, tier: str = "basic", floor: int = 0, ongoing: int = 0) -> dict:
@@ -30,37 +27,77 @@ def stats(provider: str, tier: str = "basic", floor: int = 0, ongoing: int = 0) 
             "ongoing": ongoing}  # fmt: skip
 
 
-async def test_published_replicas_are_read_back_until_they_expire(ar) -> None:
-    await publish(ar, "m", "r1", stats("p1"))
-    await publish(ar, "m", "r2", stats("p2", "verified", 20, ongoing=3))
-    directory = ReplicaDirectory(ar, ttl_s=0)
-    replicas = {r.replica_id: r for r in await directory.replicas("m")}
-    assert set(replicas) == {"r1", "r2"}
-    assert replicas["r2"].provider_id == "p2"
-    assert replicas["r2"].trust_tier is TrustTier.verified
-    assert (replicas["r2"].price_floor_pct, replicas["r2"].load) == (20, 3.0)
-    assert 0 < await ar.pttl(replicas_key("m")) <= 12_000
-    await ar.hdel(replicas_key("m"), "r1")  # r1's entry gone, as when it expires
-    await directory.replicas("m")  # answers with the last reading, and reads again
-    await asyncio.sleep(0.1)
-    assert [r.replica_id for r in await directory.replicas("m")] == ["r2"]
+def listing(replica: str, node: str, said: dict, model: str = "m") -> PoolReplica:
+    return PoolReplica(model, replica, node, said)
+
+
+def test_replicas_by_model_with_the_registrys_terms() -> None:
+    listed = [
+        listing("r1", NODE_A, stats("p1")),
+        listing("r2", NODE_B, stats("p2", "verified", 20, ongoing=3)),
+        listing("r3", NODE_B, {"ongoing": 0}),  # names no provider: not a candidate
+        listing("r4", NODE_A, stats("p1"), model="other"),
+    ]
+    found = by_model(listed)
+    assert {m: [r.replica_id for r in rs] for m, rs in found.items()} == {
+        "m": ["r1", "r2"], "other": ["r4"]
+    }  # fmt: skip
+    r2 = found["m"][1]
+    assert (r2.provider_id, r2.trust_tier, r2.price_floor_pct, r2.load) == (
+        "p2", TrustTier.verified, 20, 3.0
+    )  # fmt: skip
+    registry = {"p2": ProviderTerms(TrustTier.basic, 0, ProviderStatus.online)}
+    r2 = by_model(listed, registry)["m"][1]  # the registry's word, not the node's labels
+    assert (r2.trust_tier, r2.price_floor_pct) == (TrustTier.basic, 0)
+
+
+async def test_a_replica_serves_only_where_its_node_is_bound_to_the_provider_it_names(
+    engine: Engine, r: redis.Redis, plans: Plans
+) -> None:
+    """Where the pool placed a replica is the pool's GCS's word, as its gateway lists it; the
+    binding of that node is the control plane's (SQL). A replica on a node bound to another
+    provider, on no bound node, or naming `local` away from a control node is left out."""
+    alice = provider(engine, r, plans, "a@example.com")
+    bob = provider(engine, r, plans, "b@example.com")
+    for who, node in ((alice, NODE_A), (bob, NODE_B)):
+        nodes.redeem(engine, who, nodes.issue_ticket(engine, who).ticket, labelled(node, who))
+    listed = [
+        listing("alice-on-a", NODE_A, stats(alice)),
+        listing("alice-on-b", NODE_B, stats(alice)),  # on bob's node, saying alice
+        listing("alice-elsewhere", "d" * 56, stats(alice)),  # an unbound node
+        listing("head", HEAD, stats(LOCAL_PROVIDER_ID)),
+        listing("local-on-a", NODE_A, stats(LOCAL_PROVIDER_ID)),
+    ]
+
+    async def read() -> list[PoolReplica]:
+        return listed
+
+    directory = ReplicaDirectory(read, bindings=NodeBindings(engine, frozenset({HEAD})))
+    assert [x.replica_id for x in await directory.replicas("m")] == ["alice-on-a", "head"]
+
+
+async def test_a_pool_that_cannot_be_read_keeps_the_last_reading() -> None:
+    answers: list[list[PoolReplica] | Exception] = [
+        [listing("r1", NODE_A, stats("p1")), listing("r2", NODE_B, stats("p2"))],
+        ConnectionError("the pool is down"),
+        [listing("r2", NODE_B, stats("p2"))],  # r1 went away
+    ]
+
+    async def read() -> list[PoolReplica]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    directory = ReplicaDirectory(read, ttl_s=0)
+    assert [x.replica_id for x in await directory.replicas("m")] == ["r1", "r2"]
+    assert [x.replica_id for x in await directory.refresh("m")] == ["r1", "r2"]  # kept
+    assert [x.replica_id for x in await directory.refresh("m")] == ["r2"]
     assert await directory.replicas("other") == []
 
 
-def test_expired_unreported_and_malformed_entries_are_skipped() -> None:
-    now = int(time.time() * 1000)
-    entries = {
-        b"ok": json.dumps({**stats("p1"), "expires_ms": now + 1000}),
-        b"old": json.dumps({**stats("p1"), "expires_ms": now - 1}),
-        b"anon": json.dumps({"ongoing": 0, "expires_ms": now + 1000}),
-        b"junk": b"{not json",
-    }
-    assert [r.replica_id for r in parse(entries, now)] == ["ok"]
+async def test_an_unreadable_pool_at_start_leaves_the_directory_empty_not_failing() -> None:
+    async def read() -> list[PoolReplica]:
+        raise ConnectionError("nobody listening")
 
-
-async def test_an_unreachable_redis_leaves_the_directory_empty_not_failing() -> None:
-    client = aredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    try:
-        assert await ReplicaDirectory(client).replicas("m") == []
-    finally:
-        await client.aclose()
+    assert await ReplicaDirectory(read).replicas("m") == []

@@ -3,15 +3,12 @@ from dataclasses import dataclass, field
 
 from ray.serve.request_router import ReplicaID
 
-from serve_app import node_bindings
 from serve_app.router import (
     Allowed,
     InFlight,
     ProviderRequestRouter,
-    accepts,
     allowed,
     load,
-    rank,
     reported_load,
     restrict,
 )
@@ -32,32 +29,6 @@ def names(ranks):
     return [[r.name for r in tier] for tier in ranks]
 
 
-def test_least_loaded_first():
-    replicas = [
-        Replica("busy", 0.9, stats()),
-        Replica("idle", 0.0, stats()),
-        Replica("half", 0.5, stats()),
-    ]
-    assert names(rank(replicas, lambda r: r.load)) == [["idle", "half", "busy"]]
-
-
-def test_replicas_that_have_not_reported_come_last():
-    replicas = [Replica("new", 0.0), Replica("known", 0.8, stats())]
-    assert names(rank(replicas, lambda r: r.load)) == [["known"], ["new"]]
-
-
-def test_draining_replicas_come_after_every_other():
-    replicas = [
-        Replica("leaving", 0.0, {**stats(), "draining": True}),
-        Replica("new", 0.5),
-        Replica("known", 0.8, stats()),
-    ]
-    assert names(rank(replicas, lambda r: r.load)) == [["known"], ["new"], ["leaving"]]
-    assert not accepts({**stats(), "draining": True})
-    assert accepts(stats())
-    assert rank([], lambda r: 0) == []
-
-
 @dataclass
 class Pending:
     args: list
@@ -69,7 +40,7 @@ class Info:
     headers: dict
 
 
-def test_requests_without_the_ingress_headers_are_unrestricted():
+def test_requests_without_the_ingress_headers_list_nothing():
     assert allowed(None) is None
     assert allowed(Pending(["request"])) is None
     assert allowed(Pending(["request", Info({"x-request-id": "r"})])) is None
@@ -103,15 +74,17 @@ def test_the_router_keeps_only_the_ingress_pick():
     assert [r.name for r in restrict(replicas, listed, id_of=lambda r: r.name)] == ["r7"]
 
 
-def test_a_load_that_is_not_a_count_draws_no_traffic():
+async def test_a_load_that_is_not_a_count_draws_no_traffic():
     """A replica's stats come from its provider's machine: a malformed `ongoing` must not
     raise in the router (it broke routing for the model) nor make the replica look idle."""
     assert reported_load({"ongoing": 3}) == 3.0
     for bad in ("0", None, True, float("nan"), -1, [0]):
         assert reported_load({"ongoing": bad}) == float("inf")
-    replicas = [Replica("liar", 0.0, {**stats(), "ongoing": "0"}), Replica("ok", 0.0, stats())]
-    ranked = rank(replicas, lambda r: reported_load(r.routing_stats))
-    assert names(ranked) == [["ok", "liar"]]
+    deployment = DeploymentID(name="llm", app_name="darkgpu")
+    liar = Running(ReplicaID("liar", deployment), {**stats(), "ongoing": "0"})
+    ok = Running(ReplicaID("ok", deployment), stats())
+    chosen = await serve_router().choose_replicas([liar, ok], listing([liar, ok]))
+    assert [[r.replica_id.unique_id for r in rank] for rank in chosen] == [["ok"], ["liar"]]
 
 
 # --- load the router counts itself ------------------------------------------------------------
@@ -146,11 +119,19 @@ def serve_router() -> ProviderRequestRouter:
     )
 
 
+def listing(replicas: list[Running]) -> Pending:
+    """A request as the ingress sends it, listing `replicas` (in that order)."""
+    allow = Allowed(tuple(r.replica_id.unique_id for r in replicas))
+    pending = Pending(["request", Info(allow.headers())])
+    pending.future = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
+    return pending
+
+
 async def route(router: ProviderRequestRouter, replicas: list[Running]) -> Running:
     """One request as Serve routes it: the router's ranks, best first, and within a rank the
     replica Serve's own selection takes (the real `_select_from_candidate_replicas`, by its
     queue length cache); then it is sent."""
-    for group in await router.choose_replicas(replicas):
+    for group in await router.choose_replicas(replicas, listing(replicas)):
         chosen = await router._select_from_candidate_replicas(group, 0)
         if chosen is not None:
             router.on_send_request(chosen.replica_id)
@@ -219,20 +200,11 @@ def test_providers_with_recent_strikes_come_after_every_other():
     assert asyncio.run(ranks()) == [["r2"], ["r1"], ["r3"]]
 
 
-class NobodyBound:
-    """Node bindings under which no replica may serve (its node not read yet)."""
-
-    async def refresh(self) -> None:
-        return None
-
-    def allows(self, replica_id: str, provider_id: str) -> bool:
-        return False
-
-
 async def test_with_no_replica_that_may_serve_the_router_yields_before_answering_none():
     """Serve asks again as soon as the router answers no replica: answering at once would
-    spin the router's thread (shared by every model's router in the ingress's process) and
-    starve the rest of it, as seen when a model's first replica came up before its stats."""
+    spin the router's thread (shared by every model's router in the gateway's process) and
+    starve the rest of it, as seen when a model's first replica came up before its stats.
+    A request that lists nothing (no ingress sent it) is taken by none."""
     deployment = DeploymentID(name="llm", app_name="model-x")
     replica = Running(ReplicaID("new", deployment), {})  # no stats yet
     router = serve_router()
@@ -241,14 +213,12 @@ async def test_with_no_replica_that_may_serve_the_router_yields_before_answering
     async def other_work() -> None:
         yielded.set()
 
-    node_bindings.install(NobodyBound())  # type: ignore[arg-type]
-    restricted = Pending(["request", Info(Allowed(("new",)).headers())])
-    try:
-        for request in (None, restricted):
-            yielded.clear()
-            other = asyncio.ensure_future(other_work())
-            assert await router.choose_replicas([replica], request) == []
-            assert yielded.is_set()
-            await other
-    finally:
-        node_bindings.install(None)
+    unlisted = Pending(["request"])
+    elsewhere = Pending(["request", Info(Allowed(("not-running-here",)).headers())])
+    elsewhere.future = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
+    for request in (None, unlisted, elsewhere):
+        yielded.clear()
+        other = asyncio.ensure_future(other_work())
+        assert await router.choose_replicas([replica], request) == []
+        assert yielded.is_set()
+        await other
