@@ -171,25 +171,24 @@ class MeterMetrics:
         self,
         engine: Engine,
         r: redis_sync.Redis,
-        replicas: Callable[[], list[PoolReplica]] | None = None,
+        replicas: Callable[[], list[PoolReplica]],
     ) -> None:
         """Read every gauge; a source that fails leaves its gauges at their last reading.
         `r`: the money Redis (the usage stream); `replicas`: reads the pool's replicas
-        (`serve_app.pool_client.replicas_now`; none: providers serving are not read)."""
+        (`serve_app.pool_client.replicas_now`)."""
         self._read("usage stream", lambda: self._set_backlog(read_backlog(r)))
         self._read("provider registry", lambda: self._set_providers(read_registered(engine)))
-        if replicas is not None:
-            self._read(
-                "the pool's replicas",
-                lambda: self._set_serving(read_serving(replicas(), provider_terms(engine))),
-            )
+        self._read(
+            "the pool's replicas",
+            lambda: self._set_serving(read_serving(replicas(), provider_terms(engine))),
+        )
         self._read("payouts", lambda: self._set_payouts(read_payouts(engine)))
 
     def start(
         self,
         engine: Engine,
         r: redis_sync.Redis,
-        replicas: Callable[[], list[PoolReplica]] | None = None,
+        replicas: Callable[[], list[PoolReplica]],
     ) -> threading.Thread:
         """Refresh the gauges every `every_s` seconds, in a daemon thread, until `stop`."""
 

@@ -57,7 +57,6 @@ class ProviderLLMServer(LLMServer):
         labels = cast(Mapping[str, str], ray.get_runtime_context().get_node_labels())
         self._node = NodeIdentity.from_labels(labels)
         self._replica = serve.get_replica_context().replica_id.unique_id
-        self._model_id = llm_config.model_id
         self._node_id = ray.get_runtime_context().get_node_id()
         self._gcs = DrainingNodes(ray.get_runtime_context().gcs_address)
         self._draining = False

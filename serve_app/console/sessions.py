@@ -14,10 +14,9 @@ signing out deletes it.
 
 The state Redis is bounded and evicting and holds no money, so it is held to less than the
 money one: whoever could write there still signs nobody in, since a session is honoured only
-with its MAC (HMAC-SHA256 of
-its token hash, account, email and CSRF token under the console's secret), which nobody
-without the secret can make. The secret lives in the money Redis, which replicas never
-reach (`dg:console:secret`).
+with its MAC (HMAC-SHA256 of its token hash, account, email and CSRF token under the
+console's secret), which nobody without the secret can make. The secret lives in the money
+Redis, which replicas never reach (`dg:console:secret`).
 
 Anonymous views (the sign-in and sign-up forms) write nothing to Redis: their CSRF token is a
 signed double submit — the visitor's `dgpu_csrf` cookie holds a random nonce, the form the
