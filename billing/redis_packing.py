@@ -11,12 +11,13 @@ the blocking clients' serializer, with its argument rules; without hiredis it ch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from redis.connection import HiredisRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
 
-_SERIALIZER = HiredisRespSerializer()
+# (as Any: redis-py 8.2 leaves its constructor unannotated, earlier releases did not)
+_SERIALIZER: Any = cast(Any, HiredisRespSerializer)()
 
 
 def _pack_command(self: Any, *args: Any) -> list[bytes]:

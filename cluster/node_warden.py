@@ -1,9 +1,10 @@
-"""The billing actor's chore that removes nodes with no right to be in the cluster
+"""The billing actor's chore that removes nodes with no right to be in the pool
 (`cluster.nodes.nodes_to_remove`): one that claims the control role, one labelled as a
 provider it is not bound to once `grace_s` has passed for it to redeem its join ticket, one
-whose provider the operator suspended or revoked.
-Each is asked to drain once (Serve moves its replicas away and schedules nothing new
-there); the router already gives such a node no traffic (`serve_app.node_bindings`)."""
+whose provider the operator suspended or revoked. Each is asked to drain once
+(`list_nodes` and `drain`: the pool's gateway, `serve_app.pool_admin`; Serve moves its
+replicas away and schedules nothing new there); the router already gives such a node no
+traffic (`serve_app.replica_stats`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,11 @@ import logging
 import time
 from collections.abc import Callable
 
-import ray
 from sqlalchemy.engine import Engine
 
 from cluster import nodes
-from cluster.ray_internals import drain_node
 
 logger = logging.getLogger("darkgpu.nodes")
-DRAIN_DEADLINE_S = 30
 
 
 class NodeWarden:
@@ -26,15 +24,15 @@ class NodeWarden:
         self,
         engine: Engine,
         control_nodes: frozenset[str],
+        list_nodes: Callable[[], list[nodes.ClusterNode]],
+        drain: Callable[[str, str], bool],
         grace_s: float = 120.0,
-        drain: Callable[[str, str], bool] | None = None,
-        list_nodes: Callable[[], list[nodes.ClusterNode]] = nodes.cluster_nodes,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
         self._control = control_nodes
         self._grace_s = grace_s
-        self._drain = drain or _drain
+        self._drain = drain
         self._list_nodes = list_nodes
         self._clock = clock
         self._first_seen: dict[str, float] = {}
@@ -62,8 +60,3 @@ class NodeWarden:
             logger.warning("removing node %s from the cluster: %s", node_id, why)
             if self._drain(node_id, f"darkgpu: {why}"):
                 self.removed[node_id] = why
-
-
-def _drain(node_id: str, message: str) -> bool:
-    address = ray.get_runtime_context().gcs_address
-    return drain_node(address, node_id, message, DRAIN_DEADLINE_S)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -50,11 +50,14 @@ class NewTicket:
 
 @dataclass(frozen=True)
 class ClusterNode:
-    """A node as the cluster's own table shows it."""
+    """A node as the pool's own table shows it (its GCS): labels and resources as the node
+    declared them at `ray start`, whether the GCS is draining it."""
 
     node_id: str
     alive: bool
     labels: Mapping[str, str]
+    resources: Mapping[str, float] = field(default_factory=dict)
+    draining: bool = False
 
     @property
     def claimed_provider(self) -> str | None:
@@ -65,8 +68,9 @@ class ClusterNode:
         return ROLE_LABEL in self.labels
 
 
-def cluster_nodes() -> list[ClusterNode]:
-    """Every node of the cluster this process is connected to, from its node table."""
+def cluster_nodes(draining: Collection[str] = ()) -> list[ClusterNode]:
+    """Every node of the cluster this process is connected to, from its node table;
+    `draining`: the ids the GCS is draining (`cluster.ray_internals.DrainingNodes`)."""
     import ray
 
     return [
@@ -74,6 +78,8 @@ def cluster_nodes() -> list[ClusterNode]:
             node_id=str(entry["NodeID"]),
             alive=bool(entry.get("Alive")),
             labels={str(k): str(v) for k, v in (entry.get("Labels") or {}).items()},
+            resources={str(k): float(v) for k, v in (entry.get("Resources") or {}).items()},
+            draining=str(entry["NodeID"]) in draining,
         )
         for entry in ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
     ]

@@ -17,7 +17,6 @@ Generation goes from the ingress to the supply pool's own application (`pool`,
 from __future__ import annotations
 
 import threading
-from functools import partial
 from typing import Any, cast
 
 import ray
@@ -34,7 +33,7 @@ from kernel.labels import CONTROL_SELECTOR
 from serve_app.accounts import ACCOUNTS
 from serve_app.ingress import INGRESS
 from serve_app.meter_metrics import MeterMetrics
-from serve_app.pool_client import replicas_now
+from serve_app.pool_admin import PoolAdmin
 from serve_app.supply import Supply
 
 APP_NAME = "darkgpu"
@@ -69,15 +68,17 @@ class BillingMeter:
             lambda: mark_stale_offline(engine, older_than_s=settings.offline_after_s)
         )
         # Nodes with no right to be in the cluster are drained (cluster.node_warden).
+        # (the pool's nodes and its drain, through its gateway)
+        pool = PoolAdmin(settings.resolved_pool_url, pool_token(settings))
         control = frozenset({ray.get_runtime_context().get_node_id(), *settings.control_node_ids})
-        self._loop.chores.append(
-            NodeWarden(engine, control, grace_s=settings.node_join_grace_s).tick
+        warden = NodeWarden(
+            engine, control, pool.nodes, pool.drain, grace_s=settings.node_join_grace_s
         )
+        self._loop.chores.append(warden.tick)
         self._thread = threading.Thread(target=self._loop.run, name="billing", daemon=True)
         self._thread.start()
         # Providers serving: the pool's replicas, as its gateway lists them.
-        pool = partial(replicas_now, settings.resolved_pool_url, pool_token(settings))
-        self._metrics.start(self._loop.engine, self._loop.redis, pool)
+        self._metrics.start(self._loop.engine, self._loop.redis, pool.replicas)
 
     def check_health(self) -> None:
         if not self._thread.is_alive():

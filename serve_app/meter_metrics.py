@@ -175,7 +175,7 @@ class MeterMetrics:
     ) -> None:
         """Read every gauge; a source that fails leaves its gauges at their last reading.
         `r`: the money Redis (the usage stream); `replicas`: reads the pool's replicas
-        (`serve_app.pool_client.replicas_now`)."""
+        (`serve_app.pool_admin.PoolAdmin.replicas`)."""
         self._read("usage stream", lambda: self._set_backlog(read_backlog(r)))
         self._read("provider registry", lambda: self._set_providers(read_registered(engine)))
         self._read(

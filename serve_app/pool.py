@@ -26,10 +26,12 @@ the control plane's; until then providers' nodes are still in the control plane'
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
+import ray
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve import Application
@@ -39,23 +41,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.catalog import Catalog, load_catalog
+from cluster.nodes import cluster_nodes
 from cluster.pools import pool_token
-from cluster.ray_internals import ErrorResponse, RawRequestInfo
+from cluster.ray_internals import DrainingNodes, ErrorResponse, RawRequestInfo, drain_node
 from core.settings import Settings
 from kernel.errors import AuthError, DarkGpuError, InvalidRequest, NotFound, Unavailable
 from kernel.labels import CONTROL_SELECTOR
 from serve_app.errors import error_response
 from serve_app.models import deployment_name, model_app_name
 from serve_app.pool_protocol import (
+    DRAIN_PATH,
     ENDPOINTS,
     ENGINE_ERROR_HEADER,
     MODEL_HEADER,
+    NODES_PATH,
     REPLICAS_PATH,
     SERVED_BY_HEADER,
     ServedBy,
     credential_digest,
     credential_matches,
     engine_error_body,
+    nodes_body,
+    parse_drain,
     replicas_body,
 )
 from serve_app.pool_replicas import PoolReplicas
@@ -64,6 +71,7 @@ from serve_app.router import ALLOWED_HEADERS, REPLICAS_HEADER
 POOL_APP_NAME = "pool"
 POOL_ROUTE_PREFIX = "/pool"
 RETRY_AFTER_S = 10
+DRAIN_DEADLINE_S = 30  # Serve moves a drained node's replicas away within it
 logger = logging.getLogger("darkgpu.pool")
 
 
@@ -83,6 +91,13 @@ class PoolGateway:
         self._digest = credential_sha256
         self._handles: dict[str, DeploymentHandle[Any]] = {}
         self._replicas = PoolReplicas({model_app_name(m): m.id for m in catalog.models})
+        self._gcs_address = ray.get_runtime_context().gcs_address
+        self._draining = DrainingNodes(self._gcs_address)
+        self._admin: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
+            ("GET", REPLICAS_PATH): self._list_replicas,
+            ("GET", NODES_PATH): self._list_nodes,
+            ("POST", DRAIN_PATH): self._drain,
+        }
 
     def _handle(self, model_id: str) -> DeploymentHandle[Any]:
         """The model application's handle (deployed after this replica started, maybe:
@@ -104,9 +119,9 @@ class PoolGateway:
         if not credential_matches(request.headers.get("authorization"), self._digest):
             raise AuthError("The pool's credential is missing or wrong.", code="invalid_api_key")
         endpoint = request.url.path.rstrip("/").rsplit("/", 1)[-1]
-        if request.method == "GET" and endpoint == REPLICAS_PATH:
-            listed = await self._replicas.current()
-            return Response(replicas_body(listed), media_type="application/json")
+        admin = self._admin.get((request.method, endpoint))
+        if admin is not None:
+            return await admin(request)
         model_id = request.headers.get(MODEL_HEADER, "")
         if request.method != "POST" or endpoint not in ENDPOINTS or model_id not in self._models:
             raise NotFound("No such model or endpoint in this pool.")
@@ -150,6 +165,28 @@ class PoolGateway:
         return StreamingResponse(
             self._relay(first, stream), media_type="text/event-stream", headers=said
         )
+
+    async def _list_replicas(self, request: Request) -> Response:
+        listed = await self._replicas.current()
+        return Response(replicas_body(listed), media_type="application/json")
+
+    async def _list_nodes(self, request: Request) -> Response:
+        def read() -> bytes:
+            return nodes_body(cluster_nodes(self._draining.node_ids()))
+
+        return Response(await asyncio.to_thread(read), media_type="application/json")
+
+    async def _drain(self, request: Request) -> Response:
+        node_id, reason = parse_drain(await request.body())
+        try:
+            accepted = await asyncio.to_thread(
+                drain_node, self._gcs_address, node_id, reason, DRAIN_DEADLINE_S
+            )
+        except Exception as exc:  # noqa: BLE001 - the GCS away or refusing: say so, plainly
+            logger.warning("draining node %s failed: %r", node_id, exc)
+            raise Unavailable("The pool could not ask its GCS to drain the node.") from None
+        logger.warning("drain of node %s asked (%s): accepted %s", node_id, reason, accepted)
+        return JSONResponse({"accepted": accepted})
 
     @staticmethod
     async def _relay(first: Any, stream: Any) -> AsyncGenerator[str, None]:

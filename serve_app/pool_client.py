@@ -22,7 +22,7 @@ from kernel.errors import Unavailable
 from serve_app.errors import engine_error
 from serve_app.pool_protocol import (
     ENGINE_ERROR_HEADER,
-    MAX_REPLICAS_BYTES,
+    MAX_LIST_BYTES,
     MODEL_HEADER,
     REPLICAS_PATH,
     SERVED_BY_HEADER,
@@ -56,24 +56,6 @@ async def _read(response: httpx.Response, limit: int) -> bytes:
             raise unavailable(f"an answer of more than {limit} bytes")
         parts.append(part)
     return b"".join(parts)
-
-
-def replicas_now(url: str, credential: str, timeout_s: float = 5.0) -> list[PoolReplica]:
-    """`PoolClient.replicas`, blocking (the billing actor's metrics thread)."""
-    with httpx.stream(
-        "GET",
-        f"{url.rstrip('/')}/{REPLICAS_PATH}",
-        headers={"authorization": f"Bearer {credential}"},
-        timeout=timeout_s,
-    ) as response:
-        if response.status_code != 200:
-            raise ValueError(f"the pool's replicas: status {response.status_code}")
-        raw = b""
-        for part in response.iter_bytes():
-            raw += part
-            if len(raw) > MAX_REPLICAS_BYTES:
-                raise ValueError(f"a replica list of more than {MAX_REPLICAS_BYTES} bytes")
-    return parse_replicas(raw)
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[str]:
@@ -166,7 +148,7 @@ class PoolClient:
         try:
             if response.status_code != 200:
                 raise ValueError(f"the pool's replicas: status {response.status_code}")
-            return parse_replicas(await _read(response, MAX_REPLICAS_BYTES))
+            return parse_replicas(await _read(response, MAX_LIST_BYTES))
         finally:
             await response.aclose()
 

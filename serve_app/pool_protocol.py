@@ -25,6 +25,13 @@ ingress reads it about once a second (`serve_app.replica_stats`), keeps a replic
 control plane bound its node to the provider its stats name, and takes tier and price from the
 registry, never from the stats.
 
+The pool's nodes: `GET <pool>/nodes`: every node of the pool's GCS table, alive or not, with
+the labels and resources it declared at `ray start` and whether the GCS drains it, as `{"nodes":
+[{"node_id", "alive", "labels", "resources", "draining"}, ...]}`. The control plane binds a
+provider's node by it (`cluster.nodes.redeem`), plans the supply on it and finds the nodes that
+have no right to be there (`cluster.node_warden`), which it asks the pool to drain: `POST
+<pool>/drain` with `{"node_id", "reason"}`, answered `{"accepted": bool}`.
+
 The credential's SHA-256 is all the gateway holds: the pool's cluster is readable by every
 node in it, so the credential it could leak there would let anyone who reaches the pool's
 port call the models as the ingress; it cannot be recovered from the digest.
@@ -36,18 +43,30 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
+
+from cluster.nodes import ClusterNode
+from kernel.errors import InvalidRequest
 
 ENDPOINTS = frozenset({"chat", "completions"})
 MODEL_HEADER = "x-darkgpu-model"
 SERVED_BY_HEADER = "x-darkgpu-served-by"
 ENGINE_ERROR_HEADER = "x-darkgpu-engine-error"
 REPLICAS_PATH = "replicas"
-MAX_REPLICAS_BYTES = 4 * 1024 * 1024
+NODES_PATH = "nodes"
+DRAIN_PATH = "drain"
+MAX_LIST_BYTES = 4 * 1024 * 1024  # a list of replicas or nodes
 MAX_ID_CHARS = 128
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 256
+MAX_RESOURCES = 256
+MAX_REASON_CHARS = 200
+NODE_ID_HEX = 56  # a Ray node id: 28 bytes, in hex
 logger = logging.getLogger("darkgpu.pool")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -99,22 +118,37 @@ def replicas_body(replicas: list[PoolReplica]) -> bytes:
 
 
 def parse_replicas(raw: bytes) -> list[PoolReplica]:
-    """The pool's list, parsed as untrusted input: ValueError when it is not a list at all;
-    an entry that is malformed is left out (logged), and costs only its replica."""
+    """The pool's replicas, parsed as untrusted input: ValueError when it is not a list at
+    all; an entry that is malformed is left out (logged), and costs only its replica."""
+    return _parse_list(raw, "replicas", _replica)
+
+
+def nodes_body(nodes: list[ClusterNode]) -> bytes:
+    listed = [{**asdict(n), "labels": dict(n.labels), "resources": dict(n.resources)}
+              for n in nodes]  # fmt: skip
+    return json.dumps({"nodes": listed}).encode()
+
+
+def parse_nodes(raw: bytes) -> list[ClusterNode]:
+    """The pool's node table, parsed as untrusted input, as `parse_replicas`."""
+    return _parse_list(raw, "nodes", _node)
+
+
+def _parse_list(raw: bytes, key: str, parse: Callable[[Any], T | None]) -> list[T]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError("a replica list that is not JSON") from None
-    entries = body.get("replicas") if isinstance(body, dict) else None
+        raise ValueError(f"a list of {key} that is not JSON") from None
+    entries = body.get(key) if isinstance(body, dict) else None
     if not isinstance(entries, list):
-        raise ValueError("a replica list that is not one")
+        raise ValueError(f"a list of {key} that is not one")
     out = []
     for entry in entries:
-        replica = _replica(entry)
-        if replica is None:
-            logger.warning("the pool listed a malformed replica: %.200r", entry)
+        found = parse(entry)
+        if found is None:
+            logger.warning("the pool listed one of its %s malformed: %.200r", key, entry)
         else:
-            out.append(replica)
+            out.append(found)
     return out
 
 
@@ -129,6 +163,68 @@ def _replica(entry: Any) -> PoolReplica | None:
     if not isinstance(stats, dict):
         return None
     return PoolReplica(model, replica_id, node_id, stats)  # type: ignore[arg-type]
+
+
+def is_node_id(value: Any) -> TypeGuard[str]:
+    return (
+        isinstance(value, str)
+        and len(value) == NODE_ID_HEX
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def _node(entry: Any) -> ClusterNode | None:
+    if not isinstance(entry, dict):
+        return None
+    node_id, labels, resources = entry.get("node_id"), entry.get("labels"), entry.get("resources")
+    alive, draining = entry.get("alive"), entry.get("draining")
+    if not is_node_id(node_id) or not isinstance(alive, bool) or not isinstance(draining, bool):
+        return None
+    if (
+        not isinstance(labels, dict)
+        or len(labels) > MAX_LABELS
+        or not all(
+            isinstance(v, str) and 0 < len(k) <= MAX_LABEL_CHARS and len(v) <= MAX_LABEL_CHARS
+            for k, v in labels.items()
+        )
+    ):
+        return None
+    if (
+        not isinstance(resources, dict)
+        or len(resources) > MAX_RESOURCES
+        or not all(
+            0 < len(k) <= MAX_LABEL_CHARS
+            and isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and v >= 0
+            for k, v in resources.items()
+        )
+    ):
+        return None
+    return ClusterNode(
+        node_id, alive, labels, {k: float(v) for k, v in resources.items()}, draining
+    )
+
+
+def drain_body(node_id: str, reason: str) -> dict[str, str]:
+    return {"node_id": node_id, "reason": reason}
+
+
+def parse_drain(raw: bytes) -> tuple[str, str]:
+    """A drain request (`POST <pool>/drain`): the node's id and why. InvalidRequest when
+    malformed."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    node_id = body.get("node_id") if isinstance(body, dict) else None
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not is_node_id(node_id):
+        raise InvalidRequest("node_id must be a Ray node id (56 hex digits).", param="node_id")
+    if not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON_CHARS:
+        raise InvalidRequest(f"reason must be 1 to {MAX_REASON_CHARS} characters.", param="reason")
+    return node_id, reason
 
 
 def credential_digest(credential: str) -> str:

@@ -5,7 +5,8 @@
                                  cluster sees it, to serve those catalog models (none: any
                                  that fits; `models = [...]` in the agent's provider.toml)
 
-The node's labels are read from the cluster's own node table, never from the request.
+The node's labels are read from the pool's own node table (its gateway lists it:
+`serve_app.pool_admin`), never from the request.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def issue_ticket(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
     }
 
 
-def node_table() -> Callable[[], list[nodes.ClusterNode]]:
-    """How the cluster's node table is read (this process is one of the cluster's workers)."""
-    return nodes.cluster_nodes
+def node_table(svc: Svc) -> Callable[[], list[nodes.ClusterNode]]:
+    """How the pool's node table is read: from its gateway."""
+    return svc.pool.nodes
 
 
 NodeTable = Annotated[Callable[[], list[nodes.ClusterNode]], Depends(node_table)]

@@ -23,11 +23,13 @@ from billing.admission import Admission, connect
 from billing.plans import Plans, load_plans
 from billing.redis_server import check_money_redis, sync_client
 from billing.stripe_client import maybe_stripe_client
+from cluster.pools import pool_token
 from cluster.registry import ProviderPlatform
 from core.db import make_engine
 from core.settings import Settings
 from serve_app.gate import Gate
 from serve_app.metrics import IngressMetrics
+from serve_app.pool_admin import PoolAdmin
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Services:
     admission: Admission
     # the provider registry's settings and CC verifier (serve_app/routes_providers.py)
     providers: ProviderPlatform
+    pool: PoolAdmin  # the pool's nodes, as its gateway lists them (serve_app/routes_nodes.py)
     # None when DARKGPU_STRIPE_SECRET_KEY is not set: the payment routes answer 503.
     stripe: stripe.StripeClient | None = None
 
@@ -59,6 +62,7 @@ class Services:
             gate=Gate(admission, metrics),
             admission=admission,
             providers=ProviderPlatform(settings),
+            pool=PoolAdmin(settings.resolved_pool_url, pool_token(settings)),
             stripe=maybe_stripe_client(settings),
         )
 

@@ -1,17 +1,18 @@
 """The supply reconciler: a Serve application per catalog model, kept on the nodes that may
 hold it and sized by the demand, as `cluster.supply.plan_supply` decides.
 
-Every `supply_every_s` the `supply` deployment (on a control node) reads the alive nodes
-(the GCS's table: resources), which of them are the platform's own (control nodes) or bound
-to an approved provider with the models it allows (SQL, `cluster.nodes`), which are draining
-(the GCS), and the demand the ingresses report (`dg:supply:asked`: when each model was last
-asked for; `dg:supply:requests`: running totals, made a rate by `cluster.supply.DemandRate`);
-plans; deploys each model whose bounds changed as an application of its own
-(`serve_app.models.model_app_name`: adding or removing one restarts nothing else, the
-ingress least of all), deletes those no node may hold any longer or that got no slot (others
-need the GPUs they fit more: `cluster.supply`), and publishes the plan
-(`dg:supply:plan`, the state Redis) for the ingresses: which models are deployed, which are
-warm, and whether the platform serves the CPU engine's models (no node has a GPU).
+Every `supply_every_s` the `supply` deployment (on a control node) reads the pool's nodes
+(its gateway lists its GCS's table: resources, and which it drains: `serve_app.pool_admin`),
+which of them are the platform's own (control nodes) or bound to an approved provider with
+the models it allows (SQL, `cluster.nodes`), and the demand the ingresses report
+(`dg:supply:asked`: when each model was last asked for; `dg:supply:requests`: running
+totals, made a rate by `cluster.supply.DemandRate`); plans; deploys each model whose bounds
+changed as an application of its own (`serve_app.models.model_app_name`: adding or removing
+one restarts nothing else, the ingress least of all), deletes those no node may hold any
+longer or that got no slot (others need the GPUs they fit more: `cluster.supply`), and
+publishes the plan (`dg:supply:plan`, the state Redis) for the ingresses: which models are
+deployed, which are warm, and whether the platform serves the CPU engine's models (no node
+has a GPU).
 
 A deploy that changes only a model's bounds keeps its replicas (its code version is fixed by
 its config: `serve_app.models.deployment_version`); Serve's autoscaler then moves the replica
@@ -37,13 +38,14 @@ from billing.redis_server import sync_client
 from cluster import nodes
 from cluster.catalog import Catalog, CatalogModel, load_catalog
 from cluster.placement import NodeCapacity
-from cluster.ray_internals import DrainingNodes
+from cluster.pools import pool_token
 from cluster.supply import DemandRate, ModelSupply, SupplyNode, SupplyPolicy, plan_supply
 from core.db import make_engine
 from core.settings import Settings
 from kernel import redis_keys
 from kernel.labels import CONTROL_SELECTOR
 from serve_app.models import MODEL_APP_PREFIX, build_model_deployment, model_app_name
+from serve_app.pool_admin import PoolAdmin
 
 logger = logging.getLogger("darkgpu.supply")
 PLAN_TTL_S = 60  # a plan not refreshed for this long is gone: the ingresses then serve nothing
@@ -71,34 +73,20 @@ class Plan:
         return cls(models, bool(found["local"]))
 
 
-@dataclass(frozen=True)
-class AliveNode:
-    node_id: str
-    resources: Mapping[str, float]
-
-
-def alive_nodes() -> list[AliveNode]:
-    """The alive nodes of the connected cluster and their resources (the GCS's table)."""
-    return [
-        AliveNode(str(entry["NodeID"]), dict(entry["Resources"]))
-        for entry in ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
-        if entry["Alive"]
-    ]
-
-
 def supply_nodes(
-    alive: Collection[AliveNode],
+    found: Collection[nodes.ClusterNode],
     control: Collection[str],
     bound: Mapping[str, str],
     approved: Collection[str],
     allowed: Mapping[str, tuple[str, ...]],
-    draining: Collection[str],
 ) -> list[SupplyNode]:
     """The alive nodes that may serve: control nodes (any model that fits), and nodes bound to
     an approved provider (the models it allows). Any other node (unbound, or its provider
     suspended) counts for nothing, whatever its labels say."""
     out = []
-    for node in alive:
+    for node in found:
+        if not node.alive:
+            continue
         own = node.node_id in control
         if not own and bound.get(node.node_id) not in approved:
             continue
@@ -107,7 +95,7 @@ def supply_nodes(
                 node.node_id,
                 NodeCapacity.from_resources(node.resources),
                 () if own else allowed.get(node.node_id, ()),
-                node.node_id in draining,
+                node.draining,
             )
         )
     return out
@@ -147,8 +135,7 @@ class SupplyReconciler:
         state: redis_lib.Redis,
         control: Collection[str],
         *,
-        list_nodes: Callable[[], list[AliveNode]] = alive_nodes,
-        draining: Callable[[], Collection[str]] = lambda: (),
+        list_nodes: Callable[[], list[nodes.ClusterNode]],
         deploy: Callable[[CatalogModel, ModelSupply, Settings], None] = deploy_model,
         delete: Callable[[str], None] = delete_model,
         running_apps: Callable[[], set[str]] = model_apps,
@@ -160,7 +147,6 @@ class SupplyReconciler:
         self._state = state
         self._control = frozenset(control)
         self._list_nodes = list_nodes
-        self._draining = draining
         self._deploy = deploy
         self._delete = delete
         self._running_apps = running_apps
@@ -182,14 +168,12 @@ class SupplyReconciler:
             return None
 
     def _tick(self) -> Plan:
-        alive = self._list_nodes()
         nodes_now = supply_nodes(
-            alive,
+            self._list_nodes(),
             self._control,
             nodes.bindings(self._engine),
             nodes.approved_providers(self._engine),
             nodes.allow_lists(self._engine),
-            set(self._draining()),
         )
         with self._state.pipeline(transaction=False) as pipe:
             pipe.hgetall(redis_keys.SUPPLY_ASKED)
@@ -236,15 +220,14 @@ class Supply:
 
     def __init__(self, args: dict[str, Any]) -> None:
         settings = Settings(**args)
-        context = ray.get_runtime_context()
-        gcs = DrainingNodes(context.gcs_address)
+        pool = PoolAdmin(settings.resolved_pool_url, pool_token(settings))
         self._reconciler = SupplyReconciler(
             load_catalog(settings.models_file),
             settings,
             make_engine(settings.database_url),
             sync_client(settings.state_redis_url),
-            {context.get_node_id(), *settings.control_node_ids},
-            draining=gcs.node_ids,
+            {ray.get_runtime_context().get_node_id(), *settings.control_node_ids},
+            list_nodes=pool.nodes,
         )
         self._every_s = settings.supply_every_s
         self._stop = threading.Event()

@@ -154,10 +154,10 @@ def test_the_warden_asks_each_intruder_to_drain_once(engine: Engine, two: tuple[
     now = [0.0]
     drained: list[str] = []
     warden = NodeWarden(
-        engine, frozenset({HEAD}), grace_s=60,
-        drain=lambda node, why: drained.append(node) or True,
+        engine, frozenset({HEAD}),
         list_nodes=lambda: [labelled(HEAD, None), labelled(NODE_B, alice)],
-        clock=lambda: now[0],
+        drain=lambda node, why: drained.append(node) or True,
+        grace_s=60, clock=lambda: now[0],
     )  # fmt: skip
     warden.tick()
     assert drained == []  # within its grace
@@ -178,8 +178,9 @@ def ray_node() -> Iterator[str]:
 
 
 def test_the_cluster_tables_say_where_nodes_and_replicas_are(ray_node: str) -> None:
-    found = {node.node_id: node for node in nodes.cluster_nodes()}
+    found = {node.node_id: node for node in nodes.cluster_nodes(draining={ray_node})}
     assert found[ray_node].alive and found[ray_node].claimed_provider == "prv_real"
+    assert found[ray_node].resources["CPU"] == 1.0 and found[ray_node].draining
 
     @ray.remote(num_cpus=0)
     class Replica:

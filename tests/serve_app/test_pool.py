@@ -9,7 +9,13 @@ import httpx
 import openai
 import pytest
 
-from serve_app.pool_protocol import MODEL_HEADER, SERVED_BY_HEADER, ServedBy, parse_replicas
+from serve_app.pool_protocol import (
+    MODEL_HEADER,
+    SERVED_BY_HEADER,
+    ServedBy,
+    parse_nodes,
+    parse_replicas,
+)
 
 LOCAL = "darkgpu-tiny"
 BODY = {"model": LOCAL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -35,9 +41,13 @@ def test_the_pool_serves_no_one_without_its_credential(platform, pool_url: str) 
         assert answer.status_code == 401, answer.text
         assert answer.json()["error"]["type"] == "auth"
         assert SERVED_BY_HEADER not in answer.headers
-        listing = httpx.get(f"{pool_url}/replicas", headers=headers, timeout=30)
-        assert listing.status_code == 401, listing.text
-        assert "replicas" not in listing.json()
+        for path in ("replicas", "nodes"):
+            listing = httpx.get(f"{pool_url}/{path}", headers=headers, timeout=30)
+            assert listing.status_code == 401, listing.text
+            assert path not in listing.json()
+        drain = {"node_id": "ab" * 28, "reason": "a consumer asks"}
+        refused = httpx.post(f"{pool_url}/drain", json=drain, headers=headers, timeout=30)
+        assert refused.status_code == 401, refused.text
 
 
 def test_with_the_credential_the_pool_lists_its_replicas_and_serves_those_listed(
@@ -77,3 +87,18 @@ def test_a_consumer_cannot_steer_the_pools_router(platform) -> None:
                            max_retries=0, timeout=60)  # fmt: skip
     answer = client.chat.completions.create(model=LOCAL, messages=BODY["messages"], max_tokens=2)
     assert answer.choices[0].message.role == "assistant"
+
+
+def test_with_the_credential_the_pool_lists_its_nodes_and_drains_only_a_node_id(
+    pool_url: str, pool_token: str
+) -> None:
+    """What the control plane binds, plans and removes by: the pool's GCS table, as the
+    gateway lists it (the head here: this platform has no provider node)."""
+    auth = {"authorization": f"Bearer {pool_token}"}
+    listed = parse_nodes(httpx.get(f"{pool_url}/nodes", headers=auth, timeout=30).content)
+    alive = [n for n in listed if n.alive]
+    assert len(alive) == 1 and alive[0].resources["CPU"] >= 1 and not alive[0].draining
+    for bad in ({"node_id": "head", "reason": "x"}, {"node_id": alive[0].node_id}, []):
+        refused = httpx.post(f"{pool_url}/drain", json=bad, headers=auth, timeout=30)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["type"] == "invalid_request"

@@ -7,12 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -20,10 +17,11 @@ from starlette.routing import Route
 
 from kernel.errors import DarkGpuError, InvalidRequest, Unavailable
 from serve_app import pool_client
-from serve_app.pool_client import PoolClient, replicas_now
+from serve_app.pool_admin import PoolAdmin
+from serve_app.pool_client import PoolClient
 from serve_app.pool_protocol import (
     ENGINE_ERROR_HEADER,
-    MAX_REPLICAS_BYTES,
+    MAX_LIST_BYTES,
     MODEL_HEADER,
     SERVED_BY_HEADER,
     PoolReplica,
@@ -31,6 +29,7 @@ from serve_app.pool_protocol import (
     credential_digest,
     credential_matches,
 )
+from tests.http_server import serving
 
 TOKEN = "pool-secret"
 SERVED = ServedBy("p1", "basic", "r1").header()
@@ -97,27 +96,14 @@ async def replicas(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def pool_url() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = Starlette(
         routes=[
             Route("/pool/replicas", replicas, methods=["GET"]),
             Route("/pool/{endpoint}", behave, methods=["POST"]),
         ]
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="error", timeout_graceful_shutdown=1
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/pool"
-    server.should_exit = True
-    thread.join()
+    with serving(app) as url:
+        yield f"{url}/pool"
 
 
 async def open_(
@@ -202,7 +188,7 @@ async def both(url: str, token: str = TOKEN) -> tuple[list[PoolReplica], list[Po
         read = await client.replicas()
     finally:
         await client.aclose()
-    return read, await asyncio.to_thread(replicas_now, url, token)
+    return read, await asyncio.to_thread(PoolAdmin(url, token).replicas)
 
 
 async def test_the_pools_replicas_are_read_and_parsed(pool_url: str) -> None:
@@ -217,7 +203,7 @@ async def test_the_pools_replicas_are_read_and_parsed(pool_url: str) -> None:
         (503, b'{"replicas": []}'),
         (200, b"<html>"),
         (200, b"[]"),
-        (200, b'{"replicas": [' + b" " * MAX_REPLICAS_BYTES + b"]}"),
+        (200, b'{"replicas": [' + b" " * MAX_LIST_BYTES + b"]}"),
     ],
     ids=["refused", "not-json", "not-a-list", "huge"],
 )
@@ -234,7 +220,7 @@ async def test_a_replica_list_out_of_contract_is_an_error_not_a_list(
     finally:
         await client.aclose()
     with pytest.raises(ValueError):
-        await asyncio.to_thread(replicas_now, pool_url, TOKEN)
+        await asyncio.to_thread(PoolAdmin(pool_url, TOKEN).replicas)
 
 
 async def test_a_replica_list_asked_with_a_wrong_credential_is_refused(pool_url: str) -> None:

@@ -6,11 +6,17 @@ import json
 
 import pytest
 
+from cluster.nodes import ClusterNode
+from kernel.errors import InvalidRequest
 from serve_app.pool_protocol import (
     PoolReplica,
     ServedBy,
     credential_digest,
     credential_matches,
+    drain_body,
+    nodes_body,
+    parse_drain,
+    parse_nodes,
     parse_replicas,
     replicas_body,
     split_events,
@@ -87,3 +93,20 @@ def test_a_malformed_entry_costs_only_its_replica() -> None:
     ]
     raw = json.dumps({"replicas": [*bad, good]}).encode()
     assert parse_replicas(raw) == [PoolReplica("m", "r1", NODE, {"provider_id": "p"})]
+
+
+def test_a_drain_request_names_a_node_and_a_short_reason() -> None:
+    node = "ab" * 28
+    assert parse_drain(json.dumps(drain_body(node, "why")).encode()) == (node, "why")
+    for bad in (b"", b"[]", b'{"node_id": "ab", "reason": "x"}',
+                json.dumps({"node_id": node, "reason": ""}).encode(),
+                json.dumps({"node_id": node, "reason": "x" * 201}).encode(),
+                json.dumps({"node_id": node.upper(), "reason": "x"}).encode()):  # fmt: skip
+        with pytest.raises(InvalidRequest):
+            parse_drain(bad)
+
+
+def test_the_node_table_crosses_the_hop_whole() -> None:
+    listed = [ClusterNode("ab" * 28, True, {"k": "v"}, {"CPU": 2.0, "GPU": 1.0}, True),
+              ClusterNode("cd" * 28, False, {}, {}, False)]  # fmt: skip
+    assert parse_nodes(nodes_body(listed)) == listed

@@ -9,6 +9,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from core.settings import CONFIGS_DIR, Settings
 from kernel import redis_keys
 from kernel.labels import PROVIDER_ID_LABEL, VRAM_RESOURCE
 from serve_app.models import deployment_version, llm_config_for
-from serve_app.supply import AliveNode, Plan, SupplyReconciler
+from serve_app.supply import Plan, SupplyReconciler
 from serve_app.supply_view import SupplyView
 from tests.billing import conftest as billing
 from tests.cluster.test_nodes import provider
@@ -43,15 +44,23 @@ HEAD, NODE_A, NODE_B, ROGUE = "h" * 56, "a" * 56, "b" * 56, "c" * 56
 A_24GB = {"CPU": 4.0, VRAM_RESOURCE: 24.0}
 
 
+def alive(node_id: str, resources: dict[str, float]) -> nodes.ClusterNode:
+    return nodes.ClusterNode(node_id, True, {}, resources)
+
+
 class Recorded:
     """The cluster and Serve as the reconciler sees them: the alive nodes, the draining ones,
     and the deploys and deletes it asked for."""
 
     def __init__(self) -> None:
-        self.alive = [AliveNode(HEAD, {"CPU": 8.0})]
+        self.alive = [alive(HEAD, {"CPU": 8.0})]
         self.draining: set[str] = set()
         self.running = {"model-darkgpu-tiny-b"}  # left by an earlier reconciler
         self.calls: list[tuple[str, str, ModelSupply | None]] = []
+
+    def nodes(self) -> list[nodes.ClusterNode]:
+        """The pool's node table as its gateway lists it."""
+        return [replace(n, draining=n.node_id in self.draining) for n in self.alive]
 
     def deploy(self, model: CatalogModel, supply: ModelSupply, settings: Settings) -> None:
         self.calls.append(("deploy", model.id, supply))
@@ -77,7 +86,7 @@ def reconciler(
                         scale_to_zero_after_s=600)  # fmt: skip
     yield SupplyReconciler(
         CATALOG, settings, sqlite_engine, r, {HEAD},
-        list_nodes=lambda: cluster.alive, draining=lambda: cluster.draining,
+        list_nodes=cluster.nodes,
         deploy=cluster.deploy, delete=cluster.delete, running_apps=lambda: cluster.running,
     )  # fmt: skip
 
@@ -110,7 +119,7 @@ def test_a_provider_serves_what_it_allows_cold_until_asked_and_leaves_with_its_n
 ) -> None:
     alice = provider(sqlite_engine, r, plans, "alice@example.com")
     bind(sqlite_engine, alice, NODE_A, ["darkgpu-tiny"])
-    cluster.alive.append(AliveNode(NODE_A, A_24GB))
+    cluster.alive.append(alive(NODE_A, A_24GB))
     reconciler.tick()
     # cold: deployed with no replica; tiny-b, which nobody allows, removed and never deployed
     assert cluster.taken() == [("delete", "model-darkgpu-tiny-b", None),
@@ -126,7 +135,7 @@ def test_a_provider_serves_what_it_allows_cold_until_asked_and_leaves_with_its_n
     cluster.draining.add(NODE_A)  # its window ended: kept (its replica moves first)
     reconciler.tick()
     assert cluster.taken() == []
-    cluster.alive.remove(AliveNode(NODE_A, A_24GB))  # gone
+    cluster.alive.remove(alive(NODE_A, A_24GB))  # gone
     reconciler.tick()
     assert cluster.taken() == [("delete", "model-darkgpu-tiny", None)]
     assert published(r).models == {}
@@ -144,7 +153,7 @@ def test_only_nodes_bound_to_an_approved_provider_count(
     bob = provider(sqlite_engine, r, plans, "bob@example.com")
     bind(sqlite_engine, bob, NODE_B, [])
     registry.review(sqlite_engine, bob, ProviderReview.suspended)
-    cluster.alive += [AliveNode(NODE_B, A_24GB), AliveNode(ROGUE, {"GPU": 8.0, VRAM_RESOURCE: 640})]
+    cluster.alive += [alive(NODE_B, A_24GB), alive(ROGUE, {"GPU": 8.0, VRAM_RESOURCE: 640})]
     assert reconciler.tick() == Plan({}, local=True)
     registry.review(sqlite_engine, bob, ProviderReview.approved)
     plan = reconciler.tick()
@@ -170,11 +179,11 @@ def test_a_gpu_that_fits_two_models_serves_the_one_asked_for_most(
     the one asked for most (HOLD times as much per replica): then the GPU changes models."""
     alice = provider(sqlite_engine, r, plans, "alice@example.com")
     bind(sqlite_engine, alice, NODE_A, ["darkgpu-tiny", "darkgpu-tiny-b"])
-    cluster.alive.append(AliveNode(NODE_A, A_24GB))
+    cluster.alive.append(alive(NODE_A, A_24GB))
     now = [1000.0]
     reconciler = SupplyReconciler(
         CATALOG, Settings(data_dir=tmp_path), sqlite_engine, r, {HEAD},
-        list_nodes=lambda: cluster.alive, draining=lambda: cluster.draining,
+        list_nodes=cluster.nodes,
         deploy=cluster.deploy, delete=cluster.delete, running_apps=lambda: cluster.running,
         clock=lambda: now[0],
     )  # fmt: skip

@@ -1,0 +1,69 @@
+"""The control plane's calls to a pool that are not generation: what it has and what it
+must drop (`serve_app.pool_protocol`). Blocking, with a timeout each: they are made from
+threads (the billing actor's chores and gauges, the supply reconciler, a route's
+`asyncio.to_thread`), never on an event loop.
+
+What the pool answers is untrusted input, read up to `MAX_LIST_BYTES`: an answer out of
+contract raises (ValueError or httpx's error), so that a caller keeps what it last knew
+instead of acting on nothing: a node table read as empty would unbind no one, but would
+plan no supply.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from cluster.nodes import ClusterNode
+from serve_app.pool_protocol import (
+    DRAIN_PATH,
+    MAX_LIST_BYTES,
+    NODES_PATH,
+    REPLICAS_PATH,
+    PoolReplica,
+    drain_body,
+    parse_nodes,
+    parse_replicas,
+)
+
+
+class PoolAdmin:
+    def __init__(self, url: str, credential: str, timeout_s: float = 5.0) -> None:
+        self._url = url.rstrip("/")
+        self._headers = {"authorization": f"Bearer {credential}"}
+        self._timeout_s = timeout_s
+
+    def replicas(self) -> list[PoolReplica]:
+        """Every model replica the pool has alive, where it placed each, what each reports."""
+        return parse_replicas(self._call("GET", REPLICAS_PATH))
+
+    def nodes(self) -> list[ClusterNode]:
+        """The pool's node table."""
+        return parse_nodes(self._call("GET", NODES_PATH))
+
+    def drain(self, node_id: str, reason: str) -> bool:
+        """Ask the pool to drain a node: whether its GCS accepted."""
+        answer = json.loads(self._call("POST", DRAIN_PATH, drain_body(node_id, reason)))
+        accepted = answer.get("accepted") if isinstance(answer, dict) else None
+        if not isinstance(accepted, bool):
+            raise ValueError("the pool answered a drain out of contract")
+        return accepted
+
+    def _call(self, method: str, path: str, body: object = None) -> bytes:
+        with httpx.stream(
+            method,
+            f"{self._url}/{path}",
+            headers=self._headers,
+            json=body,
+            timeout=self._timeout_s,
+        ) as response:
+            if response.status_code != 200:
+                raise ValueError(f"the pool's {path}: status {response.status_code}")
+            parts, size = [], 0
+            for part in response.iter_bytes():
+                size += len(part)
+                if size > MAX_LIST_BYTES:
+                    raise ValueError(f"the pool's {path}: more than {MAX_LIST_BYTES} bytes")
+                parts.append(part)
+        return b"".join(parts)
