@@ -1,21 +1,25 @@
 """A supply pool's Serve application: the gateway through which the ingress reaches the models.
 
-DESIGN's two planes: model replicas run on providers' machines, and Ray trusts every node of a
-cluster, so the models live in a pool's own Serve application and the control plane's
+DESIGN's two planes: model replicas run on providers' machines, and Ray trusts every node of
+a cluster, so the models live in a pool's own Serve application and the control plane's
 ingress reaches them only over HTTP, with the pool's credential (`serve_app.pool_protocol`
 says what travels). The gateway checks the credential, sends the request over its model's
 handle, where the request router chooses the replica (`serve_app.router`, among those the
 ingress listed in its headers), and answers once a replica took it: who serves
 (`x-darkgpu-served-by`), then the engine's answer as it comes. It also lists the pool's
 replicas to the ingress (`GET <pool>/replicas`: where the pool's GCS placed each, and what
-each reports; `serve_app.pool_replicas`). It reads nothing of the
-request but its headers (the model replica parses the body, on its own machine) and keeps
-no state: a request is never settled here, and the ingress counts what it delivers.
+each reports; `serve_app.pool_replicas`) and its nodes (`GET <pool>/nodes`: the GCS's
+table), and drains those the control plane says must go (`POST <pool>/drain`): what only a
+member of the pool's cluster can read or ask. It reads nothing of the request but its
+headers (the model replica parses the body, on its own machine) and keeps no state: a
+request is never settled here, and the ingress counts what it delivers.
 
-It holds no secret and no state of the control plane: the catalog, and the SHA-256 of the
-credential. Which replicas may take a request the ingress decides and lists in its headers
-(from the registry and the node bindings, which stay in the control plane); the router keeps
-only those.
+It holds no secret and no state of the control plane: the catalog, the SHA-256 of the
+credential, and the settings the model replicas' configs are made of
+(`serve_app.pool_models.MODEL_SETTINGS`). It deploys the models the control plane's supply
+reconciler asks for (`PUT <pool>/models`, `serve_app.pool_models`). Which replicas may take
+a request the ingress decides and lists in its headers (from the registry and the node
+bindings, which stay in the control plane); the router keeps only those.
 
 Where this stands: the pool application runs in the control plane's own Ray cluster for
 now (on control nodes, reached through the same Serve proxy under `/pool`). The next step
@@ -49,11 +53,13 @@ from kernel.errors import AuthError, DarkGpuError, InvalidRequest, NotFound, Una
 from kernel.labels import CONTROL_SELECTOR
 from serve_app.errors import error_response
 from serve_app.models import deployment_name, model_app_name
+from serve_app.pool_models import ModelApplier, model_settings
 from serve_app.pool_protocol import (
     DRAIN_PATH,
     ENDPOINTS,
     ENGINE_ERROR_HEADER,
     MODEL_HEADER,
+    MODELS_PATH,
     NODES_PATH,
     REPLICAS_PATH,
     SERVED_BY_HEADER,
@@ -63,6 +69,7 @@ from serve_app.pool_protocol import (
     engine_error_body,
     nodes_body,
     parse_drain,
+    parse_models,
     replicas_body,
 )
 from serve_app.pool_replicas import PoolReplicas
@@ -86,8 +93,9 @@ def _event(item: Any) -> str:
 
 
 class PoolGateway:
-    def __init__(self, catalog: Catalog, credential_sha256: str) -> None:
+    def __init__(self, catalog: Catalog, credential_sha256: str, settings: dict[str, Any]) -> None:
         self._models = {m.id: m for m in catalog.models}
+        self._applier = ModelApplier(catalog, Settings(**model_settings(settings)))
         self._digest = credential_sha256
         self._handles: dict[str, DeploymentHandle[Any]] = {}
         self._replicas = PoolReplicas({model_app_name(m): m.id for m in catalog.models})
@@ -97,6 +105,7 @@ class PoolGateway:
             ("GET", REPLICAS_PATH): self._list_replicas,
             ("GET", NODES_PATH): self._list_nodes,
             ("POST", DRAIN_PATH): self._drain,
+            ("PUT", MODELS_PATH): self._put_models,
         }
 
     def _handle(self, model_id: str) -> DeploymentHandle[Any]:
@@ -188,6 +197,11 @@ class PoolGateway:
         logger.warning("drain of node %s asked (%s): accepted %s", node_id, reason, accepted)
         return JSONResponse({"accepted": accepted})
 
+    async def _put_models(self, request: Request) -> Response:
+        wanted = parse_models(await request.body(), self._models)
+        await asyncio.to_thread(self._applier.apply, wanted)
+        return JSONResponse({"models": sorted(wanted)})
+
     @staticmethod
     async def _relay(first: Any, stream: Any) -> AsyncGenerator[str, None]:
         """The stream's events as the engine wrote them; when the ingress leaves, Starlette
@@ -214,4 +228,7 @@ def build_pool_app(args: dict[str, Any] | None = None) -> Application:
     """The pool's application (`serve deploy configs/serve.yaml`'s `pool`, and `darkgpu up`)."""
     settings = Settings(**(args or {}))
     digest = credential_digest(pool_token(settings))
-    return POOL_GATEWAY.bind(load_catalog(settings.models_file), digest)
+    # only what the model replicas' configs are made of: nothing secret of the control plane
+    # reaches Serve's checkpoint of the pool (test_pool_app)
+    bound = model_settings(settings.model_dump(mode="json"))
+    return POOL_GATEWAY.bind(load_catalog(settings.models_file), digest, bound)

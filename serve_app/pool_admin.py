@@ -1,7 +1,7 @@
-"""The control plane's calls to a pool that are not generation: what it has and what it
-must drop (`serve_app.pool_protocol`). Blocking, with a timeout each: they are made from
-threads (the billing actor's chores and gauges, the supply reconciler, a route's
-`asyncio.to_thread`), never on an event loop.
+"""The control plane's calls to a pool that are not generation: what it has, what it must
+deploy and what it must drop (`serve_app.pool_protocol`). Blocking, with a timeout each:
+they are made from threads (the billing actor's chores and gauges, the supply reconciler, a
+route's `asyncio.to_thread`), never on an event loop.
 
 What the pool answers is untrusted input, read up to `MAX_LIST_BYTES`: an answer out of
 contract raises (ValueError or httpx's error), so that a caller keeps what it last knew
@@ -12,20 +12,28 @@ plan no supply.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import httpx
 
 from cluster.nodes import ClusterNode
+from cluster.supply import ModelSupply
 from serve_app.pool_protocol import (
     DRAIN_PATH,
     MAX_LIST_BYTES,
+    MODELS_PATH,
     NODES_PATH,
     REPLICAS_PATH,
     PoolReplica,
     drain_body,
+    models_body,
     parse_nodes,
     parse_replicas,
 )
+
+# Deploying a model returns once Serve took it (its replicas start later), but building the
+# application may first make a local model's files.
+APPLY_TIMEOUT_S = 120.0
 
 
 class PoolAdmin:
@@ -50,13 +58,20 @@ class PoolAdmin:
             raise ValueError("the pool answered a drain out of contract")
         return accepted
 
-    def _call(self, method: str, path: str, body: object = None) -> bytes:
+    def apply_models(self, wanted: Mapping[str, ModelSupply]) -> None:
+        """Ask the pool to deploy these models with these bounds, and no other (it deploys
+        before it answers, within `APPLY_TIMEOUT_S`)."""
+        self._call("PUT", MODELS_PATH, models_body(wanted), timeout_s=APPLY_TIMEOUT_S)
+
+    def _call(
+        self, method: str, path: str, body: object = None, timeout_s: float | None = None
+    ) -> bytes:
         with httpx.stream(
             method,
             f"{self._url}/{path}",
             headers=self._headers,
             json=body,
-            timeout=self._timeout_s,
+            timeout=timeout_s or self._timeout_s,
         ) as response:
             if response.status_code != 200:
                 raise ValueError(f"the pool's {path}: status {response.status_code}")

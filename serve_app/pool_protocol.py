@@ -32,6 +32,10 @@ provider's node by it (`cluster.nodes.redeem`), plans the supply on it and finds
 have no right to be there (`cluster.node_warden`), which it asks the pool to drain: `POST
 <pool>/drain` with `{"node_id", "reason"}`, answered `{"accepted": bool}`.
 
+The supply plan: `PUT <pool>/models` with `{"models": {"<catalog id>": {"min_replicas",
+"max_replicas"}, ...}}`, the whole set the control plane's reconciler wants deployed now
+(`serve_app.pool_models` makes Serve match it), answered `{"models": [ids]}`.
+
 The credential's SHA-256 is all the gateway holds: the pool's cluster is readable by every
 node in it, so the credential it could leak there would let anyone who reaches the pool's
 port call the models as the ingress; it cannot be recovered from the digest.
@@ -44,11 +48,12 @@ import hmac
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard, TypeVar
 
 from cluster.nodes import ClusterNode
+from cluster.supply import ModelSupply
 from kernel.errors import InvalidRequest
 
 ENDPOINTS = frozenset({"chat", "completions"})
@@ -58,6 +63,8 @@ ENGINE_ERROR_HEADER = "x-darkgpu-engine-error"
 REPLICAS_PATH = "replicas"
 NODES_PATH = "nodes"
 DRAIN_PATH = "drain"
+MODELS_PATH = "models"
+MAX_MODEL_REPLICAS = 1024
 MAX_LIST_BYTES = 4 * 1024 * 1024  # a list of replicas or nodes
 MAX_ID_CHARS = 128
 MAX_LABELS = 64
@@ -225,6 +232,39 @@ def parse_drain(raw: bytes) -> tuple[str, str]:
     if not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON_CHARS:
         raise InvalidRequest(f"reason must be 1 to {MAX_REASON_CHARS} characters.", param="reason")
     return node_id, reason
+
+
+def models_body(wanted: Mapping[str, ModelSupply]) -> dict[str, Any]:
+    return {"models": {model: supply.to_json() for model, supply in wanted.items()}}
+
+
+def parse_models(raw: bytes, catalog_ids: Collection[str]) -> dict[str, ModelSupply]:
+    """A supply plan (`PUT <pool>/models`): catalog models only, each with
+    0 <= min_replicas <= max_replicas, 0 < max_replicas <= MAX_MODEL_REPLICAS. InvalidRequest
+    when malformed (nothing of it is applied)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    models = body.get("models") if isinstance(body, dict) else None
+    if not isinstance(models, dict):
+        raise InvalidRequest("models must be an object: model id -> bounds.", param="models")
+    out = {}
+    for model, bounds in models.items():
+        if model not in catalog_ids:
+            raise InvalidRequest(f"Not a catalog model: {model[:100]!r}.", param="models")
+        low = bounds.get("min_replicas") if isinstance(bounds, dict) else None
+        high = bounds.get("max_replicas") if isinstance(bounds, dict) else None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or not (
+            0 <= low <= high and 0 < high <= MAX_MODEL_REPLICAS  # type: ignore[operator]
+        ):
+            raise InvalidRequest(
+                f"{model}: 0 <= min_replicas <= max_replicas, "
+                f"0 < max_replicas <= {MAX_MODEL_REPLICAS}.",
+                param="models",
+            )
+        out[model] = ModelSupply(low, high)  # type: ignore[arg-type]
+    return out
 
 
 def credential_digest(credential: str) -> str:

@@ -6,18 +6,14 @@ Every `supply_every_s` the `supply` deployment (on a control node) reads the poo
 which of them are the platform's own (control nodes) or bound to an approved provider with
 the models it allows (SQL, `cluster.nodes`), and the demand the ingresses report
 (`dg:supply:asked`: when each model was last asked for; `dg:supply:requests`: running
-totals, made a rate by `cluster.supply.DemandRate`); plans; deploys each model whose bounds
-changed as an application of its own (`serve_app.models.model_app_name`: adding or removing
-one restarts nothing else, the ingress least of all), deletes those no node may hold any
-longer or that got no slot (others need the GPUs they fit more: `cluster.supply`), and
+totals, made a rate by `cluster.supply.DemandRate`); plans; sends the pool the models it
+wants with their bounds (`PUT <pool>/models`: the pool deploys each whose bounds changed as
+an application of its own and deletes those no node may hold any longer or that got no slot,
+others needing the GPUs they fit more: `serve_app.pool_models`); and, once the pool took it,
 publishes the plan (`dg:supply:plan`, the state Redis) for the ingresses: which models are
 deployed, which are warm, and whether the platform serves the CPU engine's models (no node
-has a GPU).
-
-A deploy that changes only a model's bounds keeps its replicas (its code version is fixed by
-its config: `serve_app.models.deployment_version`); Serve's autoscaler then moves the replica
-count between the bounds by the model's ongoing requests.
-"""
+has a GPU). Serve's autoscaler then moves each model's replica count between the bounds by
+the model's ongoing requests."""
 
 from __future__ import annotations
 
@@ -36,7 +32,7 @@ from sqlalchemy.engine import Engine
 
 from billing.redis_server import sync_client
 from cluster import nodes
-from cluster.catalog import Catalog, CatalogModel, load_catalog
+from cluster.catalog import Catalog, load_catalog
 from cluster.placement import NodeCapacity
 from cluster.pools import pool_token
 from cluster.supply import DemandRate, ModelSupply, SupplyNode, SupplyPolicy, plan_supply
@@ -44,7 +40,6 @@ from core.db import make_engine
 from core.settings import Settings
 from kernel import redis_keys
 from kernel.labels import CONTROL_SELECTOR
-from serve_app.models import MODEL_APP_PREFIX, build_model_deployment, model_app_name
 from serve_app.pool_admin import PoolAdmin
 
 logger = logging.getLogger("darkgpu.supply")
@@ -101,23 +96,6 @@ def supply_nodes(
     return out
 
 
-def deploy_model(model: CatalogModel, supply: ModelSupply, settings: Settings) -> None:
-    """Deploy (or update the bounds of) the model's own application; returns once Serve has
-    taken it, before its replicas start."""
-    app = build_model_deployment(model, settings, supply)
-    target = serve.RunTarget(app, name=model_app_name(model), route_prefix=None)
-    serve.run_many([target], wait_for_applications_running=False)
-
-
-def delete_model(app_name: str) -> None:
-    serve.delete(app_name, _blocking=False)
-
-
-def model_apps() -> set[str]:
-    """The model applications Serve runs now."""
-    return {name for name in serve.status().applications if name.startswith(MODEL_APP_PREFIX)}
-
-
 def floats(found: Mapping[bytes, bytes]) -> dict[str, float]:
     """A Redis hash of numbers, as read: field -> value."""
     return {key.decode(): float(value) for key, value in found.items()}
@@ -136,9 +114,7 @@ class SupplyReconciler:
         control: Collection[str],
         *,
         list_nodes: Callable[[], list[nodes.ClusterNode]],
-        deploy: Callable[[CatalogModel, ModelSupply, Settings], None] = deploy_model,
-        delete: Callable[[str], None] = delete_model,
-        running_apps: Callable[[], set[str]] = model_apps,
+        apply: Callable[[Mapping[str, ModelSupply]], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._catalog = catalog
@@ -147,9 +123,7 @@ class SupplyReconciler:
         self._state = state
         self._control = frozenset(control)
         self._list_nodes = list_nodes
-        self._deploy = deploy
-        self._delete = delete
-        self._running_apps = running_apps
+        self._apply = apply
         self._clock = clock
         self._policy = SupplyPolicy(
             min_replicas=settings.min_replicas,
@@ -158,7 +132,6 @@ class SupplyReconciler:
         )
         self._demand = DemandRate()
         self._planned: Mapping[str, ModelSupply] = {}  # the last plan: the slots held
-        self.applied: dict[str, ModelSupply] | None = None  # None: not read from Serve yet
 
     def tick(self) -> Plan | None:
         try:
@@ -190,25 +163,6 @@ class SupplyReconciler:
         self._state.set(redis_keys.SUPPLY_PLAN, plan.to_json(), ex=PLAN_TTL_S)
         return plan
 
-    def _apply(self, wanted: Mapping[str, ModelSupply]) -> None:
-        if self.applied is None:  # first tick: what an earlier reconciler left running
-            apps = self._running_apps()
-            self.applied = {}
-            for model in self._catalog.models:
-                if model_app_name(model) in apps:
-                    self.applied[model.id] = ModelSupply(-1, -1)  # unknown: deploy again
-        for model in self._catalog.models:  # first what frees GPUs for the others
-            if model.id not in wanted and model.id in self.applied:
-                logger.info("removing %s: no node may serve it, or none is free", model.id)
-                self._delete(model_app_name(model))
-                del self.applied[model.id]
-        for model in self._catalog.models:
-            supply = wanted.get(model.id)
-            if supply is not None and supply != self.applied.get(model.id):
-                logger.info("deploying %s with %s", model.id, supply)
-                self._deploy(model, supply, self._settings)
-                self.applied[model.id] = supply
-
 
 @serve.deployment(
     name="supply",
@@ -228,6 +182,7 @@ class Supply:
             sync_client(settings.state_redis_url),
             {ray.get_runtime_context().get_node_id(), *settings.control_node_ids},
             list_nodes=pool.nodes,
+            apply=pool.apply_models,
         )
         self._every_s = settings.supply_every_s
         self._stop = threading.Event()

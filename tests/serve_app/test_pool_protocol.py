@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cluster.nodes import ClusterNode
+from cluster.supply import ModelSupply
 from kernel.errors import InvalidRequest
 from serve_app.pool_protocol import (
     PoolReplica,
@@ -14,8 +15,10 @@ from serve_app.pool_protocol import (
     credential_digest,
     credential_matches,
     drain_body,
+    models_body,
     nodes_body,
     parse_drain,
+    parse_models,
     parse_nodes,
     parse_replicas,
     replicas_body,
@@ -110,3 +113,22 @@ def test_the_node_table_crosses_the_hop_whole() -> None:
     listed = [ClusterNode("ab" * 28, True, {"k": "v"}, {"CPU": 2.0, "GPU": 1.0}, True),
               ClusterNode("cd" * 28, False, {}, {}, False)]  # fmt: skip
     assert parse_nodes(nodes_body(listed)) == listed
+
+
+def test_a_supply_plan_names_catalog_models_with_sane_bounds() -> None:
+    wanted = {"m": ModelSupply(0, 2), "n": ModelSupply(1, 1)}
+    raw = json.dumps(models_body(wanted)).encode()
+    assert parse_models(raw, {"m", "n", "o"}) == wanted
+    assert parse_models(b'{"models": {}}', {"m"}) == {}
+    for bad in ({"x": {"min_replicas": 0, "max_replicas": 1}},  # not in the catalog
+                {"m": {"min_replicas": 2, "max_replicas": 1}},
+                {"m": {"min_replicas": -1, "max_replicas": 1}},
+                {"m": {"min_replicas": 0, "max_replicas": 0}},
+                {"m": {"min_replicas": 0, "max_replicas": 1025}},
+                {"m": {"min_replicas": True, "max_replicas": 1}},
+                {"m": {"min_replicas": 0.5, "max_replicas": 1}},
+                {"m": {"max_replicas": 1}}, {"m": 1}, []):  # fmt: skip
+        with pytest.raises(InvalidRequest):
+            parse_models(json.dumps({"models": bad}).encode(), {"m", "n"})
+    with pytest.raises(InvalidRequest):
+        parse_models(b"not json", {"m"})

@@ -26,6 +26,7 @@ from core.settings import CONFIGS_DIR, Settings
 from kernel import redis_keys
 from kernel.labels import PROVIDER_ID_LABEL, VRAM_RESOURCE
 from serve_app.models import deployment_version, llm_config_for
+from serve_app.pool_models import ModelApplier
 from serve_app.supply import Plan, SupplyReconciler
 from serve_app.supply_view import SupplyView
 from tests.billing import conftest as billing
@@ -62,6 +63,11 @@ class Recorded:
         """The pool's node table as its gateway lists it."""
         return [replace(n, draining=n.node_id in self.draining) for n in self.alive]
 
+    def applier(self, settings: Settings) -> ModelApplier:
+        """The pool's side of the plan (`PUT <pool>/models`), over the recorded Serve."""
+        return ModelApplier(CATALOG, settings, deploy=self.deploy, delete=self.delete,
+                            running_apps=lambda: self.running)  # fmt: skip
+
     def deploy(self, model: CatalogModel, supply: ModelSupply, settings: Settings) -> None:
         self.calls.append(("deploy", model.id, supply))
 
@@ -87,7 +93,7 @@ def reconciler(
     yield SupplyReconciler(
         CATALOG, settings, sqlite_engine, r, {HEAD},
         list_nodes=cluster.nodes,
-        deploy=cluster.deploy, delete=cluster.delete, running_apps=lambda: cluster.running,
+        apply=cluster.applier(settings).apply,
     )  # fmt: skip
 
 
@@ -181,10 +187,11 @@ def test_a_gpu_that_fits_two_models_serves_the_one_asked_for_most(
     bind(sqlite_engine, alice, NODE_A, ["darkgpu-tiny", "darkgpu-tiny-b"])
     cluster.alive.append(alive(NODE_A, A_24GB))
     now = [1000.0]
+    settings = Settings(data_dir=tmp_path)
     reconciler = SupplyReconciler(
-        CATALOG, Settings(data_dir=tmp_path), sqlite_engine, r, {HEAD},
+        CATALOG, settings, sqlite_engine, r, {HEAD},
         list_nodes=cluster.nodes,
-        deploy=cluster.deploy, delete=cluster.delete, running_apps=lambda: cluster.running,
+        apply=cluster.applier(settings).apply,
         clock=lambda: now[0],
     )  # fmt: skip
     reconciler.tick()
