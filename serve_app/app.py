@@ -78,7 +78,7 @@ class BillingMeter:
         self._thread = threading.Thread(target=self._loop.run, name="billing", daemon=True)
         self._thread.start()
         # Providers serving: the pool's replicas, as its gateway lists them.
-        self._metrics.start(self._loop.engine, self._loop.redis, pool.replicas)
+        self._metrics.start(self._loop.engine, self._loop.redis, lambda: pool.replicas().replicas)
 
     def check_health(self) -> None:
         if not self._thread.is_alive():

@@ -57,13 +57,12 @@ from cluster.registry import provider_terms
 from kernel.errors import DarkGpuError, InternalError, Unavailable
 from kernel.labels import CONTROL_SELECTOR
 from serve_app.account_tiers import AccountTiers
-from serve_app.availability import ReplicaAvailability
 from serve_app.errors import model_not_found, model_warming, no_replica, sse
 from serve_app.gate import bearer_key
 from serve_app.holds import HoldKeeper
 from serve_app.http_app import create_app
 from serve_app.metrics import IngressMetrics
-from serve_app.models import deployment_name, model_app_name, model_source
+from serve_app.models import model_source
 from serve_app.node_bindings import NodeBindings
 from serve_app.pool_client import PoolAnswer, PoolClient
 from serve_app.provider_policy import (
@@ -198,16 +197,13 @@ class Ingress:
         # the supply reconciler publishes its plan to the state Redis
         state = connect(settings.state_redis_url, max_connections=8)
         self._supply = SupplyView(state, settings.model_load_s)
-        self._availability = ReplicaAvailability(
-            {m.id: (model_app_name(m), deployment_name(m)) for m in catalog.models},
-            on_online=self._supply.online,
-        )
         own_node = ray.get_runtime_context().get_node_id()
         control = frozenset({own_node, *settings.control_node_ids})
         self._directory = ReplicaDirectory(
             self._pool.replicas,
             RegistryTerms(lambda: provider_terms(db)),
             NodeBindings(db, control),
+            on_online=self._supply.online,
         )
         self._tiers = AccountTiers(self._services.admission)
         self._recounting: set[asyncio.Task[None]] = set()
@@ -249,7 +245,7 @@ class Ingress:
         """Ready once the supply reconciler has published its plan and every warm model of it
         has a replica online (none deployed: ready, with nothing to serve)."""
         plan = await self._supply.plan()
-        online = await self._availability.online()
+        online = await self._directory.online()
         if plan is None:
             raise Unavailable(
                 "Not ready: no supply plan yet", headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -279,7 +275,7 @@ class Ingress:
     async def _available(self) -> frozenset[str]:
         """The models deployed now with a replica online."""
         plan = await self._supply.plan()
-        online = await self._availability.online()
+        online = await self._directory.online()
         return online & frozenset(plan.models) if plan is not None else frozenset()
 
     async def model_cards(self) -> list[dict[str, Any]]:
@@ -342,7 +338,7 @@ class Ingress:
             )
             self._holds.track(call.request_id)  # until `_finish`
             self._supply.asked(model.id)  # demand keeps the model warm
-            if not await self._availability.is_online(model.id):
+            if not await self._directory.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
             sent = Sent(model.id, call.endpoint, parsed.model_dump_json(exclude_unset=True),
                         bool(parsed.stream))  # fmt: skip
@@ -395,7 +391,7 @@ class Ingress:
         if plan is None or model.id not in plan.models:
             await self._gate.account(request)  # a bad key is told so first
             raise no_replica(model.id, RETRY_AFTER_S)
-        if not await self._availability.is_online(model.id):
+        if not await self._directory.is_online(model.id):
             account = await self._gate.account(request)
             self._supply.asked(model.id, refused_account=account)
             raise model_warming(model.id, self._supply.retry_after_s(model.id))

@@ -8,7 +8,8 @@ handle, where the request router chooses the replica (`serve_app.router`, among 
 ingress listed in its headers), and answers once a replica took it: who serves
 (`x-darkgpu-served-by`), then the engine's answer as it comes. It also lists the pool's
 replicas to the ingress (`GET <pool>/replicas`: where the pool's GCS placed each, and what
-each reports; `serve_app.pool_replicas`) and its nodes (`GET <pool>/nodes`: the GCS's
+each reports; `serve_app.pool_replicas`; and which models have a replica Serve routes to:
+`serve_app.availability`) and its nodes (`GET <pool>/nodes`: the GCS's
 table), and drains those the control plane says must go (`POST <pool>/drain`): what only a
 member of the pool's cluster can read or ask. It reads nothing of the request but its
 headers (the model replica parses the body, on its own machine) and keeps no state: a
@@ -51,6 +52,7 @@ from cluster.ray_internals import DrainingNodes, ErrorResponse, RawRequestInfo, 
 from core.settings import Settings
 from kernel.errors import AuthError, DarkGpuError, InvalidRequest, NotFound, Unavailable
 from kernel.labels import CONTROL_SELECTOR
+from serve_app.availability import ReplicaAvailability
 from serve_app.errors import error_response
 from serve_app.models import deployment_name, model_app_name
 from serve_app.pool_models import ModelApplier, model_settings
@@ -99,6 +101,9 @@ class PoolGateway:
         self._digest = credential_sha256
         self._handles: dict[str, DeploymentHandle[Any]] = {}
         self._replicas = PoolReplicas({model_app_name(m): m.id for m in catalog.models})
+        self._availability = ReplicaAvailability(
+            {m.id: (model_app_name(m), deployment_name(m)) for m in catalog.models}
+        )
         self._gcs_address = ray.get_runtime_context().gcs_address
         self._draining = DrainingNodes(self._gcs_address)
         self._admin: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
@@ -176,8 +181,9 @@ class PoolGateway:
         )
 
     async def _list_replicas(self, request: Request) -> Response:
+        online = await self._availability.online()
         listed = await self._replicas.current()
-        return Response(replicas_body(listed), media_type="application/json")
+        return Response(replicas_body(listed, online), media_type="application/json")
 
     async def _list_nodes(self, request: Request) -> Response:
         def read() -> bytes:

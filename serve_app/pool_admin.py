@@ -24,7 +24,7 @@ from serve_app.pool_protocol import (
     MODELS_PATH,
     NODES_PATH,
     REPLICAS_PATH,
-    PoolReplica,
+    PoolListing,
     drain_body,
     models_body,
     parse_nodes,
@@ -42,7 +42,7 @@ class PoolAdmin:
         self._headers = {"authorization": f"Bearer {credential}"}
         self._timeout_s = timeout_s
 
-    def replicas(self) -> list[PoolReplica]:
+    def replicas(self) -> PoolListing:
         """Every model replica the pool has alive, where it placed each, what each reports."""
         return parse_replicas(self._call("GET", REPLICAS_PATH))
 

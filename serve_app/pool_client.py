@@ -26,7 +26,7 @@ from serve_app.pool_protocol import (
     MODEL_HEADER,
     REPLICAS_PATH,
     SERVED_BY_HEADER,
-    PoolReplica,
+    PoolListing,
     ServedBy,
     parse_replicas,
     split_events,
@@ -140,7 +140,7 @@ class PoolClient:
             await response.aclose()
             raise
 
-    async def replicas(self, timeout_s: float = 5.0) -> list[PoolReplica]:
+    async def replicas(self, timeout_s: float = 5.0) -> PoolListing:
         """The pool's model replicas (`serve_app.pool_protocol`): ValueError or an httpx
         error when the pool does not answer with a list."""
         request = self._client.build_request("GET", f"{self._url}/{REPLICAS_PATH}")

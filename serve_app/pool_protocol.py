@@ -20,7 +20,8 @@ replica or back-pressure 503) carry no such header.
 The pool's replicas: `GET <pool>/replicas`, with the same credential: every model replica the
 pool's GCS has alive, with the node it placed it on (the actor table's, not the replica's
 word) and the routing stats the replica reports (its own word: its provider, load, whether its
-node drains), as `{"replicas": [{"model", "replica_id", "node_id", "stats"}, ...]}`. The
+node drains), and the models that have a replica Serve routes to now (its controller's word),
+as `{"replicas": [{"model", "replica_id", "node_id", "stats"}, ...], "online": [ids]}`. The
 ingress reads it about once a second (`serve_app.replica_stats`), keeps a replica only where the
 control plane bound its node to the provider its stats name, and takes tier and price from the
 registry, never from the stats.
@@ -120,14 +121,31 @@ class PoolReplica:
         return {**asdict(self), "stats": dict(self.stats)}
 
 
-def replicas_body(replicas: list[PoolReplica]) -> bytes:
-    return json.dumps({"replicas": [r.json() for r in replicas]}, default=str).encode()
+@dataclass(frozen=True)
+class PoolListing:
+    """The pool's answer to `GET <pool>/replicas`."""
+
+    replicas: list[PoolReplica]
+    # the models with a replica Serve routes to now (its controller's word, pushed to the
+    # gateway: `serve_app.availability`)
+    online: frozenset[str] = frozenset()
 
 
-def parse_replicas(raw: bytes) -> list[PoolReplica]:
-    """The pool's replicas, parsed as untrusted input: ValueError when it is not a list at
-    all; an entry that is malformed is left out (logged), and costs only its replica."""
-    return _parse_list(raw, "replicas", _replica)
+def replicas_body(replicas: list[PoolReplica], online: Collection[str] = ()) -> bytes:
+    body = {"replicas": [r.json() for r in replicas], "online": sorted(online)}
+    return json.dumps(body, default=str).encode()
+
+
+def parse_replicas(raw: bytes) -> PoolListing:
+    """The pool's replicas, parsed as untrusted input: ValueError when it is not a listing
+    at all; an entry that is malformed is left out (logged), and costs only its replica."""
+    body = _json_object(raw, "replicas")
+    online = body.get("online")
+    if not isinstance(online, list) or not all(
+        isinstance(m, str) and 0 < len(m) <= MAX_ID_CHARS for m in online
+    ):
+        raise ValueError("a list of online models that is not one")
+    return PoolListing(_parse_list(body, "replicas", _replica), frozenset(online))
 
 
 def nodes_body(nodes: list[ClusterNode]) -> bytes:
@@ -138,15 +156,21 @@ def nodes_body(nodes: list[ClusterNode]) -> bytes:
 
 def parse_nodes(raw: bytes) -> list[ClusterNode]:
     """The pool's node table, parsed as untrusted input, as `parse_replicas`."""
-    return _parse_list(raw, "nodes", _node)
+    return _parse_list(_json_object(raw, "nodes"), "nodes", _node)
 
 
-def _parse_list(raw: bytes, key: str, parse: Callable[[Any], T | None]) -> list[T]:
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"a list of {key} that is not JSON") from None
-    entries = body.get(key) if isinstance(body, dict) else None
+        raise ValueError(f"a list of {what} that is not JSON") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"a list of {what} that is not one")
+    return body
+
+
+def _parse_list(body: dict[str, Any], key: str, parse: Callable[[Any], T | None]) -> list[T]:
+    entries = body.get(key)
     if not isinstance(entries, list):
         raise ValueError(f"a list of {key} that is not one")
     out = []

@@ -7,7 +7,9 @@ must know the candidates first, to refuse with the reason (503 `service_unavaila
 none fits and to reserve at the highest price a candidate may bill. So the ingress reads the
 pool's list (`GET <pool>/replicas`: each replica's node, as the pool's GCS placed it, and
 the stats the replica reports) at most once a second (`ReplicaDirectory`); a replica that
-died is gone from the next list.
+died is gone from the next list. The same list says which models have a replica Serve routes
+to (the pool's Serve controller pushes it to the gateway: `serve_app.availability`): a model
+deployed but not online is warming (503 `model_warming`).
 
 What a replica says of its provider's trust tier and price floor comes from its node's
 labels, which the node chose itself; the provider registry (SQL) is the authority. The
@@ -26,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from cluster.registry import ProviderTerms
 from serve_app.node_bindings import NodeBindings
-from serve_app.pool_protocol import PoolReplica
+from serve_app.pool_protocol import PoolListing, PoolReplica
 from serve_app.provider_policy import ReplicaStats
 
 logger = logging.getLogger("darkgpu.replicas")
@@ -83,26 +85,43 @@ class RegistryTerms:
 
 
 class ReplicaDirectory:
-    """The ingress's view of every model's replicas, read from the pool at most every
+    """The ingress's view of every model's replicas, and of which models are online (have a
+    replica Serve routes to: the pool's controller's word), read from the pool at most every
     `ttl_s` seconds.
 
     A request uses the last reading; the first request of a model waits for one read. A pool
-    that cannot be read leaves the last reading in place (and empty at start)."""
+    that cannot be read leaves the last reading in place (and empty at start).
+    `on_online(model_id)` is called as a reading finds a model online that the last did not."""
 
     def __init__(
         self,
-        read: Callable[[], Awaitable[list[PoolReplica]]],
+        read: Callable[[], Awaitable[PoolListing]],
         terms: RegistryTerms | None = None,
         bindings: NodeBindings | None = None,
         ttl_s: float = 1.0,
+        on_online: Callable[[str], object] | None = None,
     ) -> None:
         self._read = read
         self.terms = terms
         self._bindings = bindings
         self._ttl_s = ttl_s
+        self._on_online = on_online
         self._replicas: dict[str, list[ReplicaStats]] = {}
+        self._online: frozenset[str] = frozenset()
         self._read_at: float | None = None
         self._refreshing: asyncio.Task[None] | None = None
+
+    async def online(self) -> frozenset[str]:
+        """The models with a replica online, as last read (only the first call waits)."""
+        read_at = self._read_at
+        if read_at is None or time.monotonic() - read_at > self._ttl_s:
+            task = self._refresh_soon()
+            if read_at is None:
+                await asyncio.shield(task)
+        return self._online
+
+    async def is_online(self, model_id: str) -> bool:
+        return model_id in await self.online()
 
     async def replicas(self, model_id: str) -> list[ReplicaStats]:
         read_at = self._read_at
@@ -144,5 +163,9 @@ class ReplicaDirectory:
         registry = await self.terms.current() if self.terms is not None else None
         if self._bindings is not None:
             await self._bindings.refresh()
-        self._replicas = by_model(listed, registry, self._bindings)
+        self._replicas = by_model(listed.replicas, registry, self._bindings)
+        came, self._online = listed.online - self._online, listed.online
         self._read_at = time.monotonic()
+        if self._on_online is not None:
+            for model_id in sorted(came):
+                self._on_online(model_id)

@@ -173,7 +173,7 @@ class Cluster:
         pool = self.api_url.removesuffix("/v1") + "/pool/replicas"
         got = httpx.get(pool, headers={"authorization": f"Bearer {token}"}, timeout=30)
         got.raise_for_status()
-        listed = parse_replicas(got.content)
+        listed = parse_replicas(got.content).replicas
         return {r.replica_id: name(r.stats["provider_id"]) for r in listed if r.model == model}
 
     def set_status(self, provider: str, status: ProviderStatus) -> None:

@@ -58,9 +58,10 @@ def test_with_the_credential_the_pool_lists_its_replicas_and_serves_those_listed
     may take it; the pool names who served. Anyone holding the credential could do the same:
     it guards the pool from the outside, not from its own members."""
     auth = {"authorization": f"Bearer {pool_token}"}
-    listed = parse_replicas(httpx.get(f"{pool_url}/replicas", headers=auth, timeout=30).content)
-    local = [r for r in listed if r.model == LOCAL]
-    assert len(local) == 1, listed
+    listing = parse_replicas(httpx.get(f"{pool_url}/replicas", headers=auth, timeout=30).content)
+    assert listing.online == {LOCAL}  # Serve's controller's word: its replica is running
+    local = [r for r in listing.replicas if r.model == LOCAL]
+    assert len(local) == 1, listing
     assert local[0].stats["provider_id"] == "local" and local[0].stats["draining"] is False
     assert len(local[0].node_id) == 56 and int(local[0].node_id, 16) >= 0
     headers = {**auth, MODEL_HEADER: LOCAL, "x-darkgpu-replicas": local[0].replica_id}

@@ -24,6 +24,7 @@ from serve_app.pool_protocol import (
     MAX_LIST_BYTES,
     MODEL_HEADER,
     SERVED_BY_HEADER,
+    PoolListing,
     PoolReplica,
     ServedBy,
     credential_digest,
@@ -84,7 +85,7 @@ async def behave(request: Request) -> Response:
 
 
 # what the pool answers to `GET /pool/replicas` in the test that sets it: (status, body)
-replica_answer: list[tuple[int, bytes]] = [(200, b'{"replicas": []}')]
+replica_answer: list[tuple[int, bytes]] = [(200, b'{"replicas": [], "online": []}')]
 
 
 async def replicas(request: Request) -> Response:
@@ -181,7 +182,7 @@ async def test_a_pool_that_is_not_there_is_a_503() -> None:
 LISTED = PoolReplica("m", "r1", "a" * 56, {"provider_id": "p1", "ongoing": 0})
 
 
-async def both(url: str, token: str = TOKEN) -> tuple[list[PoolReplica], list[PoolReplica]]:
+async def both(url: str, token: str = TOKEN) -> tuple[PoolListing, PoolListing]:
     """The list as the ingress reads it (async) and as the billing actor's metrics do."""
     client = PoolClient(url, token, read_timeout_s=5)
     try:
@@ -192,9 +193,10 @@ async def both(url: str, token: str = TOKEN) -> tuple[list[PoolReplica], list[Po
 
 
 async def test_the_pools_replicas_are_read_and_parsed(pool_url: str) -> None:
-    body = b'{"replicas": [%s, {"model": 1}]}' % json.dumps(LISTED.json()).encode()
+    body = b'{"replicas": [%s, {"model": 1}], "online": ["m"]}' % json.dumps(LISTED.json()).encode()
     replica_answer.append((200, body))
-    assert await both(pool_url) == ([LISTED], [LISTED])  # the malformed entry left out
+    read = PoolListing([LISTED], frozenset({"m"}))  # the malformed entry left out
+    assert await both(pool_url) == (read, read)
 
 
 @pytest.mark.parametrize(
@@ -224,7 +226,7 @@ async def test_a_replica_list_out_of_contract_is_an_error_not_a_list(
 
 
 async def test_a_replica_list_asked_with_a_wrong_credential_is_refused(pool_url: str) -> None:
-    replica_answer.append((200, b'{"replicas": []}'))
+    replica_answer.append((200, b'{"replicas": [], "online": []}'))
     client = PoolClient(pool_url, "guess", read_timeout_s=5)
     try:
         with pytest.raises(ValueError):

@@ -10,6 +10,7 @@ from cluster.nodes import ClusterNode
 from cluster.supply import ModelSupply
 from kernel.errors import InvalidRequest
 from serve_app.pool_protocol import (
+    PoolListing,
     PoolReplica,
     ServedBy,
     credential_digest,
@@ -72,11 +73,16 @@ NODE = "a" * 56
 
 def test_the_pools_replicas_cross_the_hop_whole() -> None:
     listed = [PoolReplica("m", "r1", NODE, {"provider_id": "p1", "ongoing": 2})]
-    assert parse_replicas(replicas_body(listed)) == listed
-    assert parse_replicas(b'{"replicas": []}') == []
+    assert parse_replicas(replicas_body(listed, {"m"})) == PoolListing(listed, frozenset({"m"}))
+    assert parse_replicas(b'{"replicas": [], "online": []}') == PoolListing([], frozenset())
 
 
-@pytest.mark.parametrize("raw", [b"", b"\xff", b"[]", b"{}", b'{"replicas": {}}', b"null"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"\xff", b"[]", b"{}", b'{"replicas": {}, "online": []}', b"null",
+     b'{"replicas": []}', b'{"replicas": [], "online": "m"}', b'{"replicas": [], "online": [1]}',
+     b'{"replicas": [], "online": ["%s"]}' % (b"m" * 129)],
+)  # fmt: skip
 def test_a_list_that_is_not_one_is_refused(raw: bytes) -> None:
     with pytest.raises(ValueError):
         parse_replicas(raw)
@@ -94,8 +100,8 @@ def test_a_malformed_entry_costs_only_its_replica() -> None:
         {**good, "stats": "busy"},
         {k: v for k, v in good.items() if k != "node_id"},
     ]
-    raw = json.dumps({"replicas": [*bad, good]}).encode()
-    assert parse_replicas(raw) == [PoolReplica("m", "r1", NODE, {"provider_id": "p"})]
+    raw = json.dumps({"replicas": [*bad, good], "online": []}).encode()
+    assert parse_replicas(raw).replicas == [PoolReplica("m", "r1", NODE, {"provider_id": "p"})]
 
 
 def test_a_drain_request_names_a_node_and_a_short_reason() -> None:

@@ -13,7 +13,7 @@ from cluster.registry import ProviderTerms
 from core.schema import ProviderStatus
 from kernel.labels import LOCAL_PROVIDER_ID, TrustTier
 from serve_app.node_bindings import NodeBindings
-from serve_app.pool_protocol import PoolReplica
+from serve_app.pool_protocol import PoolListing, PoolReplica
 from serve_app.replica_stats import ReplicaDirectory, by_model
 from tests.billing import conftest as billing
 from tests.cluster.test_nodes import labelled, provider
@@ -69,21 +69,21 @@ async def test_a_replica_serves_only_where_its_node_is_bound_to_the_provider_it_
         listing("local-on-a", NODE_A, stats(LOCAL_PROVIDER_ID)),
     ]
 
-    async def read() -> list[PoolReplica]:
-        return listed
+    async def read() -> PoolListing:
+        return PoolListing(listed)
 
     directory = ReplicaDirectory(read, bindings=NodeBindings(engine, frozenset({HEAD})))
     assert [x.replica_id for x in await directory.replicas("m")] == ["alice-on-a", "head"]
 
 
 async def test_a_pool_that_cannot_be_read_keeps_the_last_reading() -> None:
-    answers: list[list[PoolReplica] | Exception] = [
-        [listing("r1", NODE_A, stats("p1")), listing("r2", NODE_B, stats("p2"))],
+    answers: list[PoolListing | Exception] = [
+        PoolListing([listing("r1", NODE_A, stats("p1")), listing("r2", NODE_B, stats("p2"))]),
         ConnectionError("the pool is down"),
-        [listing("r2", NODE_B, stats("p2"))],  # r1 went away
+        PoolListing([listing("r2", NODE_B, stats("p2"))]),  # r1 went away
     ]
 
-    async def read() -> list[PoolReplica]:
+    async def read() -> PoolListing:
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -97,7 +97,37 @@ async def test_a_pool_that_cannot_be_read_keeps_the_last_reading() -> None:
 
 
 async def test_an_unreadable_pool_at_start_leaves_the_directory_empty_not_failing() -> None:
-    async def read() -> list[PoolReplica]:
+    async def read() -> PoolListing:
         raise ConnectionError("nobody listening")
 
-    assert await ReplicaDirectory(read).replicas("m") == []
+    directory = ReplicaDirectory(read)
+    assert await directory.replicas("m") == []
+    assert await directory.online() == frozenset()
+
+
+async def test_models_come_online_as_the_pool_says_and_each_is_told_once() -> None:
+    """A model is online from the reading that lists it (the pool's Serve controller's word);
+    the ingress measures its load time from it (`on_online`). A reading that fails keeps
+    what was online."""
+    answers: list[PoolListing | Exception] = [
+        PoolListing([], frozenset()),
+        PoolListing([], frozenset({"m"})),
+        ConnectionError("the pool is down"),
+        PoolListing([], frozenset({"m", "n"})),
+        PoolListing([], frozenset({"n"})),
+    ]
+    told: list[str] = []
+
+    async def read() -> PoolListing:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    directory = ReplicaDirectory(read, ttl_s=0, on_online=told.append)
+    seen = []
+    for _ in range(5):
+        await directory.refresh("m")
+        seen.append(await directory.is_online("m"))
+    assert seen == [False, True, True, True, False]
+    assert told == ["m", "n"]
