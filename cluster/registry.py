@@ -34,6 +34,7 @@ from cluster.attestation import (
     decode_public_key,
     issue_challenge,
 )
+from core.local_secrets import made_once
 from core.schema import (
     Account,
     Provider,
@@ -454,6 +455,7 @@ class ProviderTerms:
 
 # Routing weighs a provider's usage strikes over this window.
 STRIKE_WINDOW = timedelta(hours=24)
+ATTESTATION_SECRET_FILE = "attestation_secret"
 
 
 def provider_terms(engine: Engine, now: datetime | None = None) -> dict[str, ProviderTerms]:
@@ -516,12 +518,18 @@ class ProviderPlatform:
         return token
 
     def secret(self) -> bytes:
-        if self.settings.attestation_secret:
-            return self.settings.attestation_secret.encode()
-        return hmac.new(self.ray_token().encode(), b"darkgpu attestation", "sha256").digest()
+        """The key of attestation challenges: the setting, else one made once under the data
+        directory. Never derived from the Ray token: every approved provider holds that."""
+        return attestation_secret(self.settings).encode()
 
     def challenge(self, provider_id: str, now: float | None = None) -> str:
         return issue_challenge(self.secret(), provider_id, time.time() if now is None else now)
+
+
+def attestation_secret(settings: Settings) -> str:
+    return settings.attestation_secret or made_once(
+        Path(settings.resolved_data_dir) / ATTESTATION_SECRET_FILE
+    )
 
 
 # --- the owner's own hand on its providers (the console) ------------------------------------

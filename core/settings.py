@@ -190,8 +190,9 @@ class Settings(BaseSettings):
     )
     attestation_secret: str = Field(
         default="",
-        description="HMAC key of attestation challenges; empty: derived from the Ray token, "
-        "which every head-side process has.",
+        description="HMAC key of attestation challenges; empty: made once into "
+        "<data_dir>/attestation_secret (cluster.registry). Never the Ray token's: every "
+        "approved provider holds that.",
     )
     heartbeat_interval_s: int = Field(default=15, ge=1)
     offline_after_s: int = Field(default=90, ge=1)

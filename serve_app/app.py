@@ -27,7 +27,7 @@ from billing.loop import BillingLoop
 from cluster.catalog import load_catalog
 from cluster.node_warden import NodeWarden
 from cluster.pools import pool_token
-from cluster.registry import mark_stale_offline
+from cluster.registry import attestation_secret, mark_stale_offline
 from core.settings import Settings
 from kernel.labels import CONTROL_SELECTOR
 from serve_app.accounts import ACCOUNTS
@@ -93,7 +93,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = Settings(**(args or {}))
     # the pool's credential travels to the ingress as an argument: its replica may run on a
     # control node without this data directory
-    args = {**settings.as_args(), "pool_token": pool_token(settings)}
+    # (and so does the attestation challenges' key, made once under it)
+    args = {**settings.as_args(), "pool_token": pool_token(settings),
+            "attestation_secret": attestation_secret(settings)}  # fmt: skip
     # `@serve.deployment` made these Deployments; mypy does not apply class decorators.
     meter, supply = cast(Deployment, BillingMeter), cast(Deployment, Supply)
     ingress = INGRESS.options(num_replicas=settings.ingress_replicas)

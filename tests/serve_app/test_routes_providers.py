@@ -4,6 +4,8 @@ way the agent calls them (agent_bootstrap.api / credentials over the TestClient)
 from __future__ import annotations
 
 import base64
+import hmac
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,7 +28,13 @@ from agent_bootstrap.nvml import RecordedReader, detect
 from agent_bootstrap.paths import mode_of
 from billing.plans import Plans
 from cluster import nodes, registry
-from cluster.attestation import NoVerifier, SignedReportVerifier
+from cluster.attestation import (
+    AttestationError,
+    NoVerifier,
+    SignedReportVerifier,
+    check_challenge,
+    issue_challenge,
+)
 from cluster.nodes import ClusterNode
 from cluster.registry import ProviderPlatform
 from core.schema import ProviderReview
@@ -78,6 +86,7 @@ def platform(
     services = Services.create({"database_url": db_url, "redis_url": billing.REDIS_URL})
     services.providers = ProviderPlatform(
         Settings(
+            data_dir=tmp_path,
             cluster_address="10.8.0.1:6380",
             ray_auth_token_path=token_file,
             heartbeat_interval_s=7,
@@ -391,3 +400,20 @@ def test_demand_and_reputation_are_public_and_the_agent_shows_them(platform: Pla
                                          "most_usd_per_gpu": "20.00"}]}}  # fmt: skip
     assert market_lines(me, earned)[-1] == (
         "Last week: a 80 GB GPU earned $12.50 (median of 3; the most $20.00)")  # fmt: skip
+
+
+def test_a_provider_holding_the_pools_ray_token_cannot_issue_itself_a_challenge(
+    platform: Platform,
+) -> None:
+    """Every approved provider is given the pool's Ray token: the attestation challenges' key
+    was derived from it, so a provider could mint fresh challenges for old evidence."""
+    provider_id, _ = platform.new_provider()
+    now = time.time()
+    from_token = hmac.new(RAY_TOKEN.encode(), b"darkgpu attestation", "sha256").digest()
+    forged = issue_challenge(from_token, provider_id, now)
+    key = platform.services.providers.secret()
+    with pytest.raises(AttestationError):
+        check_challenge(key, provider_id, forged, now)
+    issued = platform.services.providers.challenge(provider_id, now)
+    assert check_challenge(key, provider_id, issued, now)
+    assert key == platform.services.providers.secret()  # made once, kept
