@@ -350,6 +350,7 @@ if __name__ == "__main__":
 
 
 PLATFORM_RAY_PORT = 6395
+PLATFORM_POOL_RAY_PORT = 6397  # the supply pool's cluster (the gateway, the model replicas)
 # The platform's processes worth a profile, by what their command line holds.
 PROFILED = {
     "ingress": "ServeReplica:darkgpu:ingress",
@@ -379,13 +380,14 @@ def marked(procs: Iterable[psutil.Process], markers: dict[str, str]) -> dict[str
 
 
 def platform_processes() -> dict[str, psutil.Process]:
-    """The bench platform's own processes in `PROFILED` (never another cluster's)."""
+    """The bench platform's own processes in `PROFILED`, in its two clusters (never another
+    cluster's)."""
     from cluster.processes import descendants, session_of, session_processes
 
-    session = session_of(PLATFORM_RAY_PORT)
-    if session is None:
-        raise RuntimeError("the bench platform's Ray cluster is not running")
-    raylets = [p for p in session_processes(session) if "raylet" in p.name()]
+    sessions = [session_of(port) for port in (PLATFORM_RAY_PORT, PLATFORM_POOL_RAY_PORT)]
+    if None in sessions:
+        raise RuntimeError("the bench platform's Ray clusters are not running")
+    raylets = [p for s in sessions if s for p in session_processes(s) if "raylet" in p.name()]
     return marked((c for raylet in raylets for c in descendants(raylet.pid)), PROFILED)
 
 
@@ -482,6 +484,10 @@ def platform(
         "DARKGPU_RAY_PORT": str(PLATFORM_RAY_PORT),
         "DARKGPU_METRICS_PORT": "8095",
         "DARKGPU_DASHBOARD_PORT": "8285",
+        "DARKGPU_POOL_RAY_PORT": str(PLATFORM_POOL_RAY_PORT),
+        "DARKGPU_POOL_HTTP_PORT": str(port + 1),
+        "DARKGPU_POOL_METRICS_PORT": "8096",
+        "DARKGPU_POOL_DASHBOARD_PORT": "8286",
         "DARKGPU_REDIS_URL": "redis://127.0.0.1:6396/0",
         **({"DARKGPU_MODELS_FILE": str(models_file)} if models_file else {}),
     }

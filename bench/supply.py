@@ -69,7 +69,9 @@ from tests.cluster.nvml_readings import RTX_4090  # noqa: E402
 
 MODEL = "darkgpu-tiny"
 BIN = Path(sys.executable).parent
-PORTS = {"RAY_PORT": 6410, "HTTP_PORT": 8030, "METRICS_PORT": 8110, "DASHBOARD_PORT": 8295}
+PORTS = {"RAY_PORT": 6410, "HTTP_PORT": 8030, "METRICS_PORT": 8110, "DASHBOARD_PORT": 8295,
+         "POOL_RAY_PORT": 6414, "POOL_HTTP_PORT": 8031, "POOL_METRICS_PORT": 8111,
+         "POOL_DASHBOARD_PORT": 8296}  # fmt: skip
 REDIS = {"DARKGPU_REDIS_URL": "redis://127.0.0.1:6412/0",
          "DARKGPU_STATE_REDIS_URL": "redis://127.0.0.1:6413/0"}  # fmt: skip
 GPU = detect(RecordedReader(RTX_4090))
@@ -98,8 +100,10 @@ class Bench:
                     "DARKGPU_SCALE_TO_ZERO_AFTER_S": str(COOL_AFTER_S),
                     **{f"DARKGPU_{k}": str(v) for k, v in PORTS.items()}}  # fmt: skip
         self.env.pop("DARKGPU_DATABASE_URL", None)
-        self.settings = Settings(data_dir=data, ray_port=PORTS["RAY_PORT"])
-        self.local = LocalCluster(self.settings)
+        self.settings = Settings(data_dir=data, **{k.lower(): v for k, v in PORTS.items()})
+        # the supply pool's cluster, which providers' nodes join (`darkgpu up` starts the
+        # control plane's)
+        self.local = LocalCluster.pool(self.settings)
         self.api = f"http://127.0.0.1:{PORTS['HTTP_PORT']}"
         self.ids: dict[str, str] = {}
         self.tokens: dict[str, str] = {}
@@ -134,7 +138,7 @@ class Bench:
 
     def raylets(self, name: str) -> list[int]:
         """The provider's raylet, none once it has ended (Ray ends a node drained idle)."""
-        session = session_of(PORTS["RAY_PORT"]) or ""
+        session = session_of(PORTS["POOL_RAY_PORT"]) or ""
         label = f'"{PROVIDER_ID_LABEL}": "{self.ids[name]}"'
         return [p.pid for p in session_processes(session)
                 if "raylet" in p.name() and label in cmdline(p)]  # fmt: skip
@@ -258,13 +262,9 @@ def run(bench: Bench) -> None:
               f"Retry-After {warming.headers.get('retry-after')} s; "
               f"served {back:.1f} s later")  # fmt: skip
         ray.shutdown()
-    finally:
-        stop_serve = "import sys; from serve_app.deploy import undeploy; undeploy(sys.argv[1])"
-        subprocess.run([str(BIN / "python"), "-c", stop_serve, bench.local.address],
-                       env={**bench.env, **bench.local.env()}, capture_output=True,
-                       timeout=180)  # fmt: skip
-        bench.local.stop()
+    finally:  # Serve stopped gracefully in both clusters, then their processes, the Redis
         subprocess.run([str(BIN / "darkgpu"), "down"], env=bench.env, capture_output=True)
+        bench.local.stop()  # what is left of the pool's session: the providers' raylets
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
-"""The local Ray head of `darkgpu up` / `darkgpu down`, for a development machine or CI.
+"""The local Ray clusters of `darkgpu up` / `darkgpu down`, for a development machine or CI:
+two, as DESIGN's two planes are.
 
-The head is labelled like a provider node (provider `local`, tier `basic`), and as the
-control node (`darkgpu.io/role=control`: the ingress and the billing actor run only there),
-and offers its
-GPUs' VRAM as the `vram_gb` resource, so the same placement rules apply as on a real
-cluster. Ray's token authentication is on; the token lives under the data directory (0600).
+The control plane's (`LocalCluster.control`): one head, labelled the control node
+(`darkgpu.io/role=control`: the ingress, the billing actor, the console and the supply
+reconciler run there), its Ray token under the data directory as `control_ray_auth_token`,
+which no provider is ever given. Nothing of a provider joins it.
+
+The supply pool's (`LocalCluster.pool`): a head of its own ports and token
+(`ray_auth_token`: what an approved provider's agent is given, `Settings.ray_token_path`),
+labelled as a provider node of provider `local` (tier `basic`) and as the pool's control node
+(its gateway runs there), offering its GPUs' VRAM as the `vram_gb` resource, so the same
+placement rules apply as on a real pool. Providers' nodes join it, and only it. Ray's token
+authentication is on in both; each token file is mode 0600.
 """
 
 from __future__ import annotations
@@ -32,22 +39,37 @@ from kernel.labels import (
     model_resources,
 )
 
+CONTROL_TOKEN_FILE = "control_ray_auth_token"
+
 
 class LocalCluster:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, pool: bool = False) -> None:
         self.settings = settings
         self.data_dir = settings.resolved_data_dir
+        self.is_pool = pool
+        self.port = settings.pool_ray_port if pool else settings.ray_port
+        self.dashboard_port = settings.pool_dashboard_port if pool else settings.dashboard_port
+        self.metrics_port = settings.pool_metrics_port if pool else settings.metrics_port
+        self.token_path = settings.ray_token_path if pool else self.data_dir / CONTROL_TOKEN_FILE
+
+    @classmethod
+    def control(cls, settings: Settings) -> LocalCluster:
+        return cls(settings)
+
+    @classmethod
+    def pool(cls, settings: Settings) -> LocalCluster:
+        return cls(settings, pool=True)
+
+    @property
+    def name(self) -> str:
+        return "supply pool" if self.is_pool else "control plane"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.settings.ray_port}"
-
-    @property
-    def token_path(self) -> Path:
-        return self.data_dir / "ray_auth_token"
+        return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        """Environment for every process that talks to this cluster's control plane."""
+        """Environment for every process that talks to this cluster."""
         return {
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
@@ -58,25 +80,28 @@ class LocalCluster:
 
     def apply_env(self) -> None:
         """Point this process at the cluster. Before Ray is imported: Ray reads these once."""
-        self._ensure_token()
+        self.ensure_token()
         os.environ.update(self.env())
 
     def is_running(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.settings.ray_port), timeout=1):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True
         except OSError:
             return False
 
-    def _ensure_token(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def ensure_token(self) -> None:
+        self.token_path.parent.mkdir(parents=True, exist_ok=True)
         if not self.token_path.exists():
             fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32))
 
-    def start_head(self) -> None:
-        self._ensure_token()
+    def _node_spec(self) -> tuple[dict[str, str], dict[str, float]]:
+        """The head's labels and resources: the control role; in the pool, also the platform's
+        own provider node, which may serve any catalog model that fits it."""
+        if not self.is_pool:
+            return dict(CONTROL_SELECTOR), {}
         gpus = local_gpus()
         identity = NodeIdentity(
             provider_id=LOCAL_PROVIDER_ID,
@@ -84,18 +109,22 @@ class LocalCluster:
             gpu_model=gpus[0].name.replace(" ", "_") if gpus else None,
         )
         resources: dict[str, float] = {VRAM_RESOURCE: sum(g.vram_gb for g in gpus)} if gpus else {}
-        # the platform's own node may serve any catalog model that fits it
         catalog = load_catalog(self.settings.models_file)
         resources.update(model_resources(m.id for m in catalog.models))
+        return {**identity.labels(), **CONTROL_SELECTOR}, resources
+
+    def start_head(self) -> None:
+        self.ensure_token()
+        labels, resources = self._node_spec()
         command = [
             _ray_executable(), "start", "--head",
-            "--port", str(self.settings.ray_port),
+            "--port", str(self.port),
             "--node-ip-address", "127.0.0.1",
             "--num-cpus", str(self.settings.num_cpus),
             "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(self.settings.dashboard_port),
-            "--metrics-export-port", str(self.settings.metrics_port),
-            "--labels", format_labels({**identity.labels(), **CONTROL_SELECTOR}),
+            "--dashboard-port", str(self.dashboard_port),
+            "--metrics-export-port", str(self.metrics_port),
+            "--labels", format_labels(labels),
             "--resources", json.dumps(resources),
             "--disable-usage-stats",
         ]  # fmt: skip
@@ -111,10 +140,10 @@ class LocalCluster:
 
     def stop(self) -> None:
         """End this cluster's processes only (`ray stop` would end every cluster here)."""
-        session = session_of(self.settings.ray_port)
+        session = session_of(self.port)
         if session is not None:
             stop_session(session)
-        forget_address(self.settings.ray_port)
+        forget_address(self.port)
 
 
 def serve_mode_env(settings: Settings) -> dict[str, str]:

@@ -134,6 +134,18 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # The supply pool: a Ray cluster of its own, which providers' nodes join (never the
+    # control plane's); its head runs the pool's gateway (serve_app.pool) behind Serve's proxy.
+    pool_ray_port: int = 6383
+    pool_dashboard_port: int = 8266
+    pool_metrics_port: int = Field(
+        default=8081, description="Prometheus metrics of the pool's head (Serve, vLLM)."
+    )
+    pool_http_host: str = Field(
+        default="127.0.0.1",
+        description="Where the pool's gateway listens: an address the control plane reaches.",
+    )
+    pool_http_port: int = 8001
     ingress_replicas: int = Field(
         default=1,
         ge=1,
@@ -155,7 +167,7 @@ class Settings(BaseSettings):
     pool_url: str = Field(
         default="",
         description="Base URL of the pool's gateway; empty: the local platform's own, "
-        "http://127.0.0.1:<http_port>/pool.",
+        "http://<pool_http_host>:<pool_http_port>/pool.",
     )
     pool_token: SecretStr = Field(
         default=SecretStr(""),
@@ -181,12 +193,13 @@ class Settings(BaseSettings):
     # --- providers (cluster.registry) ----------------------------------------------------
     cluster_address: str = Field(
         default="",
-        description="host:port of the Ray head that agents join, on the overlay network "
-        "(e.g. 10.8.0.1:6380); empty: the local head, 127.0.0.1:<ray_port>.",
+        description="host:port of the supply pool's Ray head, which agents join, on the "
+        "overlay network (e.g. 10.8.0.1:6383); empty: the local pool, 127.0.0.1:<pool_ray_port>.",
     )
     ray_auth_token_path: Path | None = Field(
         default=None,
-        description="The cluster's Ray token; unset: <data_dir>/ray_auth_token (cluster.local).",
+        description="The supply pool's Ray token, which approved agents are given; unset: "
+        "<data_dir>/ray_auth_token (cluster.local). The control plane's cluster has its own.",
     )
     attestation_secret: str = Field(
         default="",
@@ -256,7 +269,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_pool_url(self) -> str:
-        return (self.pool_url or f"http://127.0.0.1:{self.http_port}/pool").rstrip("/")
+        local = f"http://{self.pool_http_host}:{self.pool_http_port}/pool"
+        return (self.pool_url or local).rstrip("/")
 
     @property
     def ray_token_path(self) -> Path:
@@ -266,7 +280,7 @@ class Settings(BaseSettings):
     @property
     def agent_cluster_address(self) -> str:
         """Where agents join: the configured address, or the local head."""
-        return self.cluster_address or f"127.0.0.1:{self.ray_port}"
+        return self.cluster_address or f"127.0.0.1:{self.pool_ray_port}"
 
     def as_args(self) -> dict[str, Any]:
         """The settings as the replicas' constructor arguments, secrets in clear (they cross

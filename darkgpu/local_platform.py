@@ -3,9 +3,11 @@
 Up: the SQL schema migrated (SQLite under the data directory by default), the two Redis
 (money and state, `billing.redis_server`: the configured ones; where one is a local address
 nothing answers on, a private server started under the data directory, with one ACL user per
-role, `core.redis_users`; a money Redis that may evict keys is refused), a Ray head
-(`cluster.local`), and the Serve application (`serve_app.deploy`). Down: everything up
-started, nothing it did not.
+role, `core.redis_users`; a money Redis that may evict keys is refused), two Ray clusters
+(`cluster.local`: the supply pool's, which providers' nodes join, and the control plane's,
+which nothing of a provider joins), and their Serve applications (`serve_app.deploy`: the
+pool's gateway, then the platform's, which reaches the pool only over HTTP). Down:
+everything up started, nothing it did not.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ class LocalPlatform:
 
     @property
     def cluster(self) -> LocalCluster:
-        return LocalCluster(self.settings)
+        """The control plane's cluster."""
+        return LocalCluster.control(self.settings)
+
+    @property
+    def pool(self) -> LocalCluster:
+        """The supply pool's cluster."""
+        return LocalCluster.pool(self.settings)
 
     def own_redis(self) -> list[LocalRedis]:
         """The private Redis servers `up` runs where the configured ones are local: the money
@@ -49,9 +57,10 @@ class LocalPlatform:
         return cluster.is_running() and is_deployed(cluster.address)
 
     def up(self, progress: Progress) -> None:
-        cluster = self.cluster
+        cluster, pool = self.cluster, self.pool
         cluster.apply_env()
-        from serve_app.deploy import deploy
+        pool.ensure_token()
+        from serve_app.deploy import PoolDeploy, deploy
 
         self.settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         starting = {role: redis.port for role, redis in self.own_redis_roles()
@@ -68,18 +77,37 @@ class LocalPlatform:
             check_money_redis(self.settings.redis_url)
         with progress.step("Database migrated"):
             migrate(self.settings.database_url)
-        if not cluster.is_running():
-            with progress.step(f"Ray head on {cluster.address}"):
-                cluster.start_head()
-        with progress.step("Serve application deployed (the first start takes a few minutes)"):
-            deploy(self.settings, cluster.address, note=progress.note)
+        for head in (pool, cluster):
+            if not head.is_running():
+                with progress.step(f"Ray head ({head.name}) on {head.address}"):
+                    head.start_head()
+        pool_deploy = PoolDeploy(pool.env(), note=progress.note)
+        try:
+            with progress.step("Supply pool's gateway deployed"):
+                pool_head = pool_deploy.start()
+            # the pool's head is the platform's own node there (local models, never drained)
+            own = [*self.settings.control_node_ids, pool_head]
+            settings = Settings(**{**self.settings.as_args(), "control_node_ids": own})
+            with progress.step("Serve application deployed (the first start takes a few minutes)"):
+                deploy(settings, cluster.address, note=progress.note)
+        finally:
+            pool_deploy.stop()
 
     def down(self) -> bool:
         """Stop what `up` started; False when nothing was running."""
-        cluster = self.cluster
+        cluster, pool = self.cluster, self.pool
         cluster.apply_env()
-        running = cluster.is_running()
-        if running:
+        running = False
+        if pool.is_running():
+            running = True
+            from serve_app.deploy import undeploy_pool
+
+            try:
+                undeploy_pool(pool.env())
+            finally:
+                pool.stop()
+        if cluster.is_running():
+            running = True
             from serve_app.deploy import undeploy
 
             try:

@@ -57,8 +57,11 @@ def up() -> None:
     typer.echo(f"DarkGPU is up in {progress.elapsed():.0f} s.")
     typer.echo(f"  API:        {settings.api_url}")
     typer.echo(f"  Console:    {settings.api_url.removesuffix('/v1')}/console")
-    typer.echo(f"  Dashboard:  http://127.0.0.1:{settings.dashboard_port}")
-    typer.echo(f"  Metrics:    http://127.0.0.1:{settings.metrics_port}/metrics")
+    typer.echo(f"  Dashboard:  http://127.0.0.1:{settings.dashboard_port} (control plane), "
+               f"http://127.0.0.1:{settings.pool_dashboard_port} (supply pool)")  # fmt: skip
+    typer.echo(f"  Metrics:    http://127.0.0.1:{settings.metrics_port}/metrics, "
+               f"http://127.0.0.1:{settings.pool_metrics_port}/metrics")  # fmt: skip
+    typer.echo(f"  Pool:       {settings.agent_cluster_address} (where providers' nodes join)")
     typer.echo("Create an account and a key: darkgpu admin account create --email E --plan free")
 
 

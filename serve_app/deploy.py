@@ -1,14 +1,29 @@
-"""Deploying the Serve application onto a running cluster (used by `darkgpu up`)."""
+"""Deploying the Serve applications onto running clusters (used by `darkgpu up`).
+
+Two clusters, two applications, as DESIGN's two planes: the platform's (`darkgpu`: ingress,
+accounts, billing actor, supply reconciler) on the control plane's cluster, deployed by
+`deploy` in the calling process; the pool's gateway (`pool`, under `/pool`) on the supply
+pool's cluster, deployed by `PoolDeploy`, a process of its own (`python -m
+serve_app.deploy pool`): Ray reads a cluster's address and token once per process. The pool's
+process says its head's node id (the platform's own node there: `Settings.control_node_ids`),
+then each of the pool's deployments' progress, one line each, until its input closes.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import httpx
 import ray
 from ray import serve
+from ray.serve import Application
 from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview
 
 from cluster.ray_internals import SERVE_REPLICA_ACTOR_PREFIX, actor_states
@@ -16,6 +31,9 @@ from core.settings import Settings
 from serve_app.app import APP_NAME, build_app
 from serve_app.models import MODEL_APP_PREFIX
 from serve_app.pool import POOL_APP_NAME, POOL_ROUTE_PREFIX, build_pool_app
+
+Note = Callable[[str], object]
+SAID = "darkgpu-deploy: "  # what the pool's deploy process says starts so (Ray prints too)
 
 
 def _connect(address: str) -> None:
@@ -27,63 +45,76 @@ class DeployFailed(RuntimeError):
     """Serve gave the application up (a replica's constructor failed, and so on)."""
 
 
+def _run(app: Application, name: str, route_prefix: str, host: str, port: int) -> None:
+    # The HTTP proxy runs on the head only: provider nodes serve model replicas, never HTTP
+    # (and nodes sharing one host, as in tests, would fight over its port). In Serve's
+    # throughput-optimized mode (`Settings.serve_throughput_optimized`) there is no proxy:
+    # the ingress replica, on a control node, answers on this port itself.
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+    serve.run_many(
+        [serve.RunTarget(app, name=name, route_prefix=route_prefix)],
+        wait_for_applications_running=False,
+    )
+
+
+class _Progress:
+    """Each deployment's replica progress (`replica_progress`), told once per change."""
+
+    def __init__(self, note: Note) -> None:
+        self._note = note
+        self._said: dict[str, str] = {}
+
+    def tell(self, wanted: Callable[[str], bool]) -> dict[str, ApplicationStatusOverview]:
+        apps = {name: app for name, app in serve.status().applications.items() if wanted(name)}
+        for name, app in sorted(apps.items()):
+            for deployment, line in replica_progress(name, app).items():
+                if self._said.get(deployment) != line:
+                    self._said[deployment] = line
+                    self._note(line)
+        for name, app in apps.items():
+            if app.status == ApplicationStatus.DEPLOY_FAILED:
+                raise DeployFailed(f"{name}: {app.message or 'Serve gave the application up'}")
+        return apps
+
+
 def deploy(
     settings: Settings,
     address: str,
-    note: Callable[[str], object] = lambda line: None,
+    note: Note = lambda line: None,
     poll_s: float = 0.5,
 ) -> None:
-    """Connect, start Serve's HTTP proxy, and run the application until it is ready,
-    telling `note` each time a deployment's replicas change state (`replica_progress`)."""
+    """Connect to the control plane's cluster, start Serve's HTTP proxy, and run the
+    platform's application until it is ready, telling `note` each time a deployment's
+    replicas change state. Ready: the ingress says every warm model of the supply plan has a
+    replica online in the pool (`Ingress.readyz`)."""
     _connect(address)
-    # The HTTP proxy runs on the head only: provider nodes serve model replicas, never the
-    # public API (and nodes sharing one host, as in tests, would fight over its port). In
-    # Serve's throughput-optimized mode (`Settings.serve_throughput_optimized`) there is no
-    # proxy: the ingress replica, on a control node, answers on this port itself.
-    serve.start(
-        proxy_location="HeadOnly",
-        http_options={"host": settings.http_host, "port": settings.http_port},
-    )
-    args = settings.as_args()
-    serve.run_many(
-        [
-            serve.RunTarget(build_app(args), name=APP_NAME, route_prefix="/"),
-            serve.RunTarget(
-                build_pool_app(args), name=POOL_APP_NAME, route_prefix=POOL_ROUTE_PREFIX
-            ),
-        ],
-        wait_for_applications_running=False,
-    )
-    said: dict[str, str] = {}
+    _run(build_app(settings.as_args()), APP_NAME, "/", settings.http_host, settings.http_port)
+    progress = _Progress(note)
     ready_url = f"http://{settings.http_host}:{settings.http_port}/readyz"
-
-    def tell() -> dict[str, ApplicationStatusOverview]:
-        apps = {name: app for name, app in serve.status().applications.items()
-                if name in (APP_NAME, POOL_APP_NAME)
-                or name.startswith(MODEL_APP_PREFIX)}  # fmt: skip
-        for name, app in sorted(apps.items()):
-            for deployment, line in replica_progress(name, app).items():
-                if said.get(deployment) != line:
-                    said[deployment] = line
-                    note(line)
-        return apps
-
     while True:
-        apps = tell()
-        for name, app in sorted(apps.items()):
-            if app.status == ApplicationStatus.DEPLOY_FAILED:
-                raise DeployFailed(f"{name}: {app.message or 'Serve gave the application up'}")
-        running = all(
-            name in apps and apps[name].status == ApplicationStatus.RUNNING
-            for name in (APP_NAME, POOL_APP_NAME)
-        )
-        # up: the platform's and the pool's applications run, and the ingress says every warm
-        # model the supply reconciler deployed has a replica online (`Ingress.readyz`)
-        if running:
-            if _ready(ready_url):
-                tell()  # the replicas that became ready since this turn's look, said too
-                return
+        apps = progress.tell(lambda name: name == APP_NAME)
+        running = APP_NAME in apps and apps[APP_NAME].status == ApplicationStatus.RUNNING
+        if running and _ready(ready_url):
+            progress.tell(lambda name: name == APP_NAME)  # what became ready meanwhile
+            return
         time.sleep(poll_s)
+
+
+def deploy_pool(settings: Settings, address: str, progress: _Progress, poll_s: float = 0.5) -> str:
+    """Connect to the pool's cluster, start its Serve proxy and run its gateway until it
+    runs; the pool head's node id."""
+    _connect(address)
+    pool = build_pool_app(settings.as_args())
+    _run(pool, POOL_APP_NAME, POOL_ROUTE_PREFIX, settings.pool_http_host, settings.pool_http_port)
+    while True:
+        apps = progress.tell(_in_pool)
+        if POOL_APP_NAME in apps and apps[POOL_APP_NAME].status == ApplicationStatus.RUNNING:
+            return str(ray.get_runtime_context().get_node_id())
+        time.sleep(poll_s)
+
+
+def _in_pool(name: str) -> bool:
+    return name == POOL_APP_NAME or name.startswith(MODEL_APP_PREFIX)
 
 
 def _ready(url: str) -> bool:
@@ -129,3 +160,90 @@ def undeploy(address: str) -> None:
     _connect(address)
     serve.shutdown()  # type: ignore[no-untyped-call]  # Ray 2.60 leaves it unannotated
     ray.shutdown()  # leave before the cluster stops, or the driver reports its death
+
+
+def undeploy_pool(env: Mapping[str, str], timeout_s: float = 300) -> None:
+    """`undeploy` of the pool, in a process with the pool's Ray environment."""
+    command = [sys.executable, "-m", "serve_app.deploy", "pool-down"]
+    subprocess.run(command, env={**os.environ, **env}, timeout=timeout_s, check=False)
+
+
+class PoolDeploy:
+    """The pool's deploy, in a process of its own with the pool's Ray environment (`env`):
+    `start` returns the pool head's node id once the gateway runs; its replicas' progress
+    goes on reaching `note` (from a thread) until `stop`."""
+
+    def __init__(self, env: Mapping[str, str], note: Note) -> None:
+        command = [sys.executable, "-m", "serve_app.deploy", "pool"]
+        self._proc = subprocess.Popen(
+            command, env={**os.environ, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        self._note = note
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        for said in self._said():
+            if "note" in said:
+                self._note(said["note"])
+            elif "node_id" in said:
+                self._thread = threading.Thread(target=self._relay, daemon=True)
+                self._thread.start()
+                return str(said["node_id"])
+        self._proc.wait(timeout=30)
+        raise DeployFailed(f"the pool's deploy ended ({self._proc.returncode}) before it ran")
+
+    def _said(self) -> Iterator[dict[str, str]]:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(SAID):
+                yield json.loads(line.removeprefix(SAID))
+
+    def _relay(self) -> None:
+        for said in self._said():
+            if "note" in said:
+                self._note(said["note"])
+
+    def stop(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _say(**what: str) -> None:
+    sys.stdout.write(SAID + json.dumps(what) + "\n")
+    sys.stdout.flush()
+
+
+def _pool_main(settings: Settings, address: str, lines: Iterable[str]) -> None:
+    progress = _Progress(lambda line: _say(note=line))
+    _say(node_id=deploy_pool(settings, address, progress))
+    closed = threading.Event()
+
+    def watch_input() -> None:
+        for _ in lines:
+            pass
+        closed.set()
+
+    threading.Thread(target=watch_input, daemon=True).start()
+    while not closed.wait(0.5):
+        try:
+            progress.tell(_in_pool)
+        except DeployFailed as exc:
+            _say(note=f"failed: {exc}")
+            return
+
+
+if __name__ == "__main__":
+    # `python -m serve_app.deploy pool|pool-down`, with the pool's Ray environment
+    # (RAY_ADDRESS, RAY_AUTH_TOKEN_PATH: `cluster.local.LocalCluster.pool(...).env()`)
+    what, pool_address = sys.argv[1], os.environ["RAY_ADDRESS"]
+    if what == "pool":
+        _pool_main(Settings(), pool_address, sys.stdin)
+    elif what == "pool-down":
+        undeploy(pool_address)

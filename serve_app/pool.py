@@ -22,10 +22,10 @@ reconciler asks for (`PUT <pool>/models`, `serve_app.pool_models`). Which replic
 a request the ingress decides and lists in its headers (from the registry and the node
 bindings, which stay in the control plane); the router keeps only those.
 
-Where this stands: the pool application runs in the control plane's own Ray cluster for
-now (on control nodes, reached through the same Serve proxy under `/pool`). The next step
-moves it to a Ray cluster of its own per trust tier, which provider nodes join instead of
-the control plane's; until then providers' nodes are still in the control plane's cluster
+The pool is a Ray cluster of its own (`darkgpu up` starts its head: `cluster.local`), which
+providers' nodes join, and never the control plane's: its Serve proxy answers only `/pool`,
+on `pool_http_port`. A provider's node can run code anywhere in the pool (Ray trusts every
+node of a cluster) and read everything the pool holds: nothing of the control plane's
 (docs/security.md).
 """
 
@@ -225,7 +225,8 @@ class PoolGateway:
 POOL_GATEWAY = serve.deployment(
     name="pool-gateway",
     max_ongoing_requests=1000,
-    # on control nodes while the pool shares the control plane's cluster (module docstring)
+    # on the pool's own head (labelled the control role there; the warden drains any other
+    # node that claims it)
     ray_actor_options={"num_cpus": 0, "label_selector": CONTROL_SELECTOR},
 )(PoolGateway)
 

@@ -251,7 +251,8 @@ def test_a_money_redis_that_may_evict_is_refused(tmp_path: Path) -> None:
 def darkgpu(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     ray_port = free_port()
     environ = {**os.environ, "DARKGPU_DATA_DIR": str(tmp_path / "platform"),
-               "DARKGPU_RAY_PORT": str(ray_port), **env}  # fmt: skip
+               "DARKGPU_RAY_PORT": str(ray_port), "DARKGPU_POOL_RAY_PORT": str(free_port()),
+               **env}  # fmt: skip
     environ.pop("RAY_ADDRESS", None)
     return subprocess.run([str(BIN / "darkgpu"), *args], env=environ, capture_output=True,
                           text=True, timeout=300)  # fmt: skip

@@ -1,6 +1,8 @@
-"""Routing among providers on a real multi-node Ray cluster on this machine.
+"""Routing among providers on a real multi-node supply pool on this machine.
 
-A head (provider `local`, no VRAM) and two provider nodes that join and later drain through
+Two Ray clusters, as DESIGN's two planes: the control plane's (one head: the ingress, the
+billing actor, the reconciler), which nothing of a provider joins, and the supply pool's: a
+head (provider `local`, no VRAM) and two provider nodes that join and later drain through
 the agent's own Ray commands (`agent_bootstrap.agent.RayCli`: `ray start --address …
 --labels … --resources '{"vram_gb": 24}'`, `ray drain-node`): `p1` (registered basic, at the
 catalog price) and `p2` (registered verified, its CC evidence checked against a test device
@@ -8,12 +10,12 @@ PKI, 50% above the catalog price). Their nodes' labels claim the opposite (p1 sa
 `verified`, p2 says `basic` at no premium): the registry decides, not the labels. Every
 node offers what an RTX 4090 does (24 GiB), and the catalog here has the CPU engine's tiny
 model needing 16 GiB of VRAM, so its two replicas land one on each provider node and never
-on the head. The platform is then deployed with `darkgpu up` (which finds the head
-running), on ports of its own.
+on the head. The platform is then deployed with `darkgpu up` (which finds the pool's head
+running and starts the control plane's), on ports of its own.
 
-Teardown stops Serve gracefully (no vLLM engine outlives it) and then ends this cluster's
-own Ray processes by pid: `ray stop` would stop every Ray cluster on the machine, the
-session's shared `platform` one included.
+Teardown is `darkgpu down` (Serve stopped gracefully in both clusters: no vLLM engine
+outlives it), then whatever of the pool's own Ray processes is left, by pid: `ray stop`
+would stop every Ray cluster on the machine, the session's shared `platform` one included.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ MODEL = "darkgpu-tiny"
 MODEL_B = "darkgpu-tiny-b"  # the same weights; only p4 allows it
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
 PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
-         "METRICS_PORT": str(port(8100)), "DASHBOARD_PORT": str(port(8285))}  # fmt: skip
+         "METRICS_PORT": str(port(8100)), "DASHBOARD_PORT": str(port(8285)),
+         "POOL_RAY_PORT": str(port(6404)), "POOL_HTTP_PORT": str(port(8021)),
+         "POOL_METRICS_PORT": str(port(8101)), "POOL_DASHBOARD_PORT": str(port(8286))}  # fmt: skip
 REDIS_PORT = port(6402)
 STATE_REDIS_PORT = port(6403)  # the replicas' stats, sessions: what is not money
 # the trust tier each provider's node claims in its labels; the registry knows better
@@ -170,7 +174,7 @@ class Cluster:
         """replica id -> provider id, as the pool's gateway lists them (what the ingress
         reads: each replica with the stats it reports)."""
         token = (Path(self.env["DARKGPU_DATA_DIR"]) / "pool_token").read_text().strip()
-        pool = self.api_url.removesuffix("/v1") + "/pool/replicas"
+        pool = f"http://127.0.0.1:{PORTS['POOL_HTTP_PORT']}/pool/replicas"
         got = httpx.get(pool, headers={"authorization": f"Bearer {token}"}, timeout=30)
         got.raise_for_status()
         listed = parse_replicas(got.content).replicas
@@ -293,47 +297,38 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     env.pop("DARKGPU_DATABASE_URL", None)
     for name in ("RAY_ADDRESS", "DARKGPU_STRIPE_SECRET_KEY"):
         env.pop(name, None)
-    settings = Settings(data_dir=data, ray_port=int(PORTS["RAY_PORT"]),
-                        dashboard_port=int(PORTS["DASHBOARD_PORT"]),
-                        metrics_port=int(PORTS["METRICS_PORT"]))  # fmt: skip
-    local = LocalCluster(settings)
-    ray_env = {**env, **local.env()}
+    settings = Settings(data_dir=data, **{k.lower(): int(v) for k, v in PORTS.items()})
+    # the supply pool's cluster: providers' nodes join it (never the control plane's)
+    pool = LocalCluster.pool(settings)
+    ray_env = {**env, **pool.env()}
     ray_env.pop("RAY_ADDRESS")
     c = Cluster(env=env, api_url=f"http://127.0.0.1:{PORTS['HTTP_PORT']}/v1", ray_env=ray_env,
-                address=local.address, token_path=local.token_path)  # fmt: skip
+                address=pool.address, token_path=pool.token_path)  # fmt: skip
     for taken in (*PORTS.values(), str(REDIS_PORT), str(STATE_REDIS_PORT)):
         if _listening(int(taken)):
             pytest.fail(f"port {taken} is taken: a previous run left something behind")
     try:
         _register(data)
-        local.start_head()
-        c.session = session_of(int(PORTS["RAY_PORT"])) or ""
+        pool.start_head()
+        c.session = session_of(int(PORTS["POOL_RAY_PORT"])) or ""
         for provider, claimed_tier in PROVIDERS.items():
             c.join_unbound(provider, claimed_tier)
         up = c.darkgpu("up")
         assert up.returncode == 0, f"{up.stdout}\n{up.stderr[-4000:]}"
         yield c
     finally:
-        _teardown(c, local, env)
+        _teardown(c)
 
 
-def _teardown(c: Cluster, local: LocalCluster, env: dict[str, str]) -> None:
-    """Serve stopped gracefully, then this cluster's processes, then its Redis: each step
-    runs whatever the one before it did."""
-    stop = "import sys; from serve_app.deploy import undeploy; undeploy(sys.argv[1])"
+def _teardown(c: Cluster) -> None:
+    """`darkgpu down` (Serve stopped gracefully in both clusters, their processes, the
+    Redis), then whatever of the pool's session is left (the providers' raylets)."""
     try:
-        if c.session and local.is_running():
-            command = [sys.executable, "-c", stop, local.address]
-            subprocess.run(command, env={**env, **local.env()}, timeout=180, capture_output=True)
-    except subprocess.TimeoutExpired:
-        pass
+        c.darkgpu("down", timeout=600)
     finally:
-        try:
-            if c.session:
-                stop_session(c.session)
-                forget_address(int(PORTS["RAY_PORT"]))
-        finally:
-            c.darkgpu("down", timeout=120)  # the Ray head is gone by now: its Redis only
+        if c.session:
+            stop_session(c.session)
+            forget_address(int(PORTS["POOL_RAY_PORT"]))
 
 
 @pytest.fixture(scope="module")
@@ -452,10 +447,11 @@ def test_a_model_comes_and_goes_with_the_provider_that_allows_it(
     # until the reconciler's next look (seconds) still nobody's; then, while its replica
     # loaded, 503 model_warming with a Retry-After counting down the load time
     codes = [code for code, _ in warming]
-    assert "model_warming" in codes, warming
+    told = _runs(warming)
+    assert "model_warming" in codes, told
     first = codes.index("model_warming")
-    assert set(codes[:first]) <= {"no_provider_online"}, warming
-    assert all(code == "model_warming" and after >= 1 for code, after in warming[first:]), warming
+    assert set(codes[:first]) <= {"no_provider_online"}, told
+    assert all(code == "model_warming" and after >= 1 for code, after in warming[first:]), told
     print(f"darkgpu-tiny-b served {served_s:.1f} s after p4 began to join")
     assert "p4" not in cluster.replicas().values()  # p4 never got darkgpu-tiny
 
@@ -464,6 +460,19 @@ def test_a_model_comes_and_goes_with_the_provider_that_allows_it(
     _leave(cluster, "p5")
     assert wait_for(lambda: _b_refused(client) == ("no_provider_online", 10), timeout_s=120)
     assert card(MODEL_B)["available"] is False
+
+
+def _runs(refusals: list[tuple[str, int]]) -> str:
+    """The refusals, each run of one code on one line: `model_warming ×12, Retry-After 60→49`
+    (a list of a hundred pairs is cut in the log)."""
+    runs: list[list[tuple[str, int]]] = []
+    for refusal in refusals:
+        if runs and runs[-1][0][0] == refusal[0]:
+            runs[-1].append(refusal)
+        else:
+            runs.append([refusal])
+    return "; ".join(f"{run[0][0]} ×{len(run)}, Retry-After {run[0][1]}→{run[-1][1]}"
+                     for run in runs)  # fmt: skip
 
 
 def _leave(cluster: Cluster, provider: str) -> None:

@@ -3,6 +3,10 @@ through it, with the pool's credential; a consumer can neither call it nor steer
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -23,12 +27,22 @@ BODY = {"model": LOCAL, "messages": [{"role": "user", "content": "hi"}], "max_to
 
 @pytest.fixture(scope="module")
 def pool_url(platform) -> str:
-    return platform.api_url.removesuffix("/v1") + "/pool"
+    """The pool's gateway: its own Ray cluster's Serve proxy, not the public API's."""
+    return f"http://127.0.0.1:{platform.env['DARKGPU_POOL_HTTP_PORT']}/pool"
 
 
 @pytest.fixture(scope="module")
 def pool_token(platform) -> str:
     return (Path(platform.env["DARKGPU_DATA_DIR"]) / "pool_token").read_text().strip()
+
+
+def test_the_public_api_does_not_reach_the_pool(platform, pool_token: str) -> None:
+    """The pool is another Ray cluster with a Serve proxy of its own: the public API's
+    port has no `/pool` (before, the pool's gateway was an app of the same Serve)."""
+    auth = {"authorization": f"Bearer {pool_token}"}
+    public = platform.api_url.removesuffix("/v1") + "/pool"
+    for path in ("replicas", "nodes"):
+        assert httpx.get(f"{public}/{path}", headers=auth, timeout=30).status_code == 404
 
 
 def test_the_pool_serves_no_one_without_its_credential(platform, pool_url: str) -> None:
@@ -103,3 +117,44 @@ def test_with_the_credential_the_pool_lists_its_nodes_and_drains_only_a_node_id(
         refused = httpx.post(f"{pool_url}/drain", json=bad, headers=auth, timeout=30)
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["type"] == "invalid_request"
+
+
+def test_a_member_of_the_pool_finds_no_secret_of_the_control_plane(
+    platform, pool_token: str
+) -> None:
+    """What every provider's node can do: join the pool's cluster with the Ray token its agent
+    was given, read the pool's key-value store (where Serve keeps what each deployment was
+    bound with) and try the control plane's cluster with it. It finds no secret of the control
+    plane, and the control plane's cluster does not take the token."""
+    data = Path(platform.env["DARKGPU_DATA_DIR"])
+    env = {**platform.env, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(data / "ray_auth_token")}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    pool = f"127.0.0.1:{platform.env['DARKGPU_POOL_RAY_PORT']}"
+    done = subprocess.run([sys.executable, "-m", "tests.serve_app.pool_member", "store", pool],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = json.loads(done.stdout.strip().splitlines()[-1])
+    held = b"".join(base64.b64decode(k) + base64.b64decode(v) for k, v in store)
+    assert b"pool-gateway" in held  # the pool's deployments are there: it was read whole
+    users = json.loads((data / "redis-users.json").read_text())
+    passwords = [p for server in users.values() for p in server["users"].values()]
+    secrets = {
+        "the pool's credential": pool_token,
+        "the control plane's Ray token": (data / "control_ray_auth_token").read_text().strip(),
+        "the attestation key": (data / "attestation_secret").read_text().strip(),
+        "the Stripe key": platform.env["DARKGPU_STRIPE_SECRET_KEY"],
+        "the webhook secret": platform.env["DARKGPU_STRIPE_WEBHOOK_SECRET"],
+        "the database": str(data / "darkgpu.db"),
+        "the money Redis": platform.env["DARKGPU_REDIS_URL"].rsplit(":", 1)[1],
+        **{f"Redis password {i}": p for i, p in enumerate(passwords)},
+    }
+    found = [name for name, secret in secrets.items() if secret.encode() in held]
+    assert found == []
+    control = f"127.0.0.1:{platform.env['DARKGPU_RAY_PORT']}"
+    tried = subprocess.run([sys.executable, "-m", "tests.serve_app.pool_member", "join", control],
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert tried.returncode != 0 and '"joined"' not in tried.stdout
+    assert "InvalidAuthToken" in tried.stderr or "Authentication" in tried.stderr, tried.stderr[
+        -2000:
+    ]

@@ -55,15 +55,16 @@ def session_dir(gcs_port: int) -> Path:
     raise AssertionError(f"no Ray GCS on port {gcs_port}")
 
 
-def scrape_config(shipped: dict[str, Any], sd_file: Path) -> dict[str, Any]:
-    """The shipped config, pointed at this platform's discovery file and scraping faster."""
+def scrape_config(shipped: dict[str, Any], sd_files: list[Path]) -> dict[str, Any]:
+    """The shipped config, pointed at this platform's discovery files (its two clusters':
+    the control plane's and the supply pool's) and scraping faster."""
     config = json.loads(json.dumps(shipped))
     # a scrape of a busy node's agent may take seconds (its timeout is at most the interval)
     config["global"].update(scrape_interval="5s", scrape_timeout="5s", evaluation_interval="5s")
     (job,) = config["scrape_configs"]
     (sd,) = job["file_sd_configs"]
     assert sd["files"] == [f"/tmp/ray/{SD_FILE}"]  # where Ray's default temp dir puts it
-    sd.update(files=[str(sd_file)], refresh_interval="2s")
+    sd.update(files=[str(f) for f in sd_files], refresh_interval="2s")
     return config
 
 
@@ -113,11 +114,13 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def prometheus(platform, tmp_path_factory) -> Iterator[Prometheus]:
     assert Path(PROMETHEUS).exists(), "Prometheus is needed (Debian package `prometheus`)"
-    sd_file = session_dir(int(platform.env["DARKGPU_RAY_PORT"])) / SD_FILE
-    poll(sd_file.exists, f"Ray's service-discovery file {sd_file}")
+    sd_files = [session_dir(int(platform.env[f"DARKGPU_{head}"])) / SD_FILE
+                for head in ("RAY_PORT", "POOL_RAY_PORT")]  # fmt: skip
+    for sd_file in sd_files:
+        poll(sd_file.exists, f"Ray's service-discovery file {sd_file}")
     work = tmp_path_factory.mktemp("prometheus")
     shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
-    (work / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(shipped, sd_file)))
+    (work / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(shipped, sd_files)))
     url = f"http://127.0.0.1:{free_port()}"
     with (work / "prometheus.log").open("w") as log:
         proc = subprocess.Popen(
