@@ -28,7 +28,7 @@ from pathlib import Path
 from cluster.catalog import load_catalog
 from cluster.gpu import local_gpus
 from cluster.processes import forget_address, session_of, stop_session
-from core.settings import Settings
+from core.settings import ENV_PREFIX, Settings
 from kernel.labels import (
     CONTROL_SELECTOR,
     LOCAL_PROVIDER_ID,
@@ -130,6 +130,12 @@ class LocalCluster:
         ]  # fmt: skip
         env = {**os.environ, **self.env()}
         env.pop("RAY_ADDRESS")
+        if self.is_pool:
+            # Every process of the pool's head inherits this environment, and every member of
+            # the pool can run code among them: none of the platform's settings goes there
+            # (the operator's Stripe key, database URL, … when set as DARKGPU_* variables).
+            # What the pool's deployments need, they are bound with.
+            env = {name: value for name, value in env.items() if not name.startswith(ENV_PREFIX)}
         # Serve's HTTP server (its proxy, or the ingress replica in throughput-optimized
         # mode) is uvicorn, which by default takes the client's address from
         # X-Forwarded-For when the peer is loopback: a local client could then be anyone to

@@ -22,14 +22,16 @@ from core import redis_users
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 DEFAULT_PLANS_FILE = CONFIGS_DIR / "plans.toml"
-# The console's pages that Stripe sends a visitor back to (Checkout, Connect onboarding);
-# each says what happened from its query.
+# every setting's environment variable starts with it
+ENV_PREFIX = "DARKGPU_"
 # Which Redis user each URL setting authenticates as, on the local platform's servers.
 REDIS_URL_ROLES = (
     ("redis_url", "money", "platform"),
     ("meter_redis_url", "money", "meter"),
     ("state_redis_url", "state", "platform"),
 )
+# The console's pages that Stripe sends a visitor back to (Checkout, Connect onboarding);
+# each says what happened from its query.
 RETURN_PATHS = {
     "checkout_success_url": "/console/billing?checkout=success&session_id={CHECKOUT_SESSION_ID}",
     "checkout_cancel_url": "/console/billing?checkout=cancelled",
@@ -39,7 +41,7 @@ RETURN_PATHS = {
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DARKGPU_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     data_dir: Path = Field(
         default=Path("~/.local/share/darkgpu"),

@@ -1,17 +1,20 @@
 """What a member of the supply pool's Ray cluster finds there: run as a Ray driver with the
 pool's token, as a provider's node holds it (`test_pool.py`). It prints, as JSON, every key of
-the pool's key-value store with its value (Serve keeps each deployment's arguments there),
-and whether the control plane's cluster let it in with the same token."""
+the pool's key-value store with its value (Serve keeps each deployment's arguments there), the
+environment of a worker on each node of the pool (a task pinned there), or whether the control
+plane's cluster let it in with the same token."""
 
 from __future__ import annotations
 
 import base64
 import json
 import logging
+import os
 import sys
 
 import ray
 from ray.experimental import internal_kv
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 def pool_store() -> list[tuple[str, str]]:
@@ -25,7 +28,22 @@ def pool_store() -> list[tuple[str, str]]:
     return found
 
 
+@ray.remote(num_cpus=0)
+def environment() -> dict[str, str]:
+    return dict(os.environ)
+
+
+def environments() -> dict[str, dict[str, str]]:
+    """node id -> the environment a task run there finds (what the node's raylet gave its
+    workers: the pool's deployments run in such workers)."""
+    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    strategies = [NodeAffinitySchedulingStrategy(node, soft=False) for node in alive]
+    pinned = [environment.options(scheduling_strategy=s).remote() for s in strategies]
+    return dict(zip(alive, ray.get(pinned, timeout=120), strict=True))
+
+
 if __name__ == "__main__":
     what, address = sys.argv[1], sys.argv[2]
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-    print(json.dumps(pool_store() if what == "store" else {"joined": True}))
+    found = {"store": pool_store, "environ": environments}.get(what, lambda: {"joined": True})
+    print(json.dumps(found()))

@@ -119,27 +119,12 @@ def test_with_the_credential_the_pool_lists_its_nodes_and_drains_only_a_node_id(
         assert refused.json()["error"]["type"] == "invalid_request"
 
 
-def test_a_member_of_the_pool_finds_no_secret_of_the_control_plane(
-    platform, pool_token: str
-) -> None:
-    """What every provider's node can do: join the pool's cluster with the Ray token its agent
-    was given, read the pool's key-value store (where Serve keeps what each deployment was
-    bound with) and try the control plane's cluster with it. It finds no secret of the control
-    plane, and the control plane's cluster does not take the token."""
+def _control_secrets(platform, pool_token: str) -> dict[str, str]:
+    """Each secret of the control plane, by name: what no member of the pool may find."""
     data = Path(platform.env["DARKGPU_DATA_DIR"])
-    env = {**platform.env, "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(data / "ray_auth_token")}  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
-    pool = f"127.0.0.1:{platform.env['DARKGPU_POOL_RAY_PORT']}"
-    done = subprocess.run([sys.executable, "-m", "tests.serve_app.pool_member", "store", pool],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    store = json.loads(done.stdout.strip().splitlines()[-1])
-    held = b"".join(base64.b64decode(k) + base64.b64decode(v) for k, v in store)
-    assert b"pool-gateway" in held  # the pool's deployments are there: it was read whole
     users = json.loads((data / "redis-users.json").read_text())
     passwords = [p for server in users.values() for p in server["users"].values()]
-    secrets = {
+    return {
         "the pool's credential": pool_token,
         "the control plane's Ray token": (data / "control_ray_auth_token").read_text().strip(),
         "the attestation key": (data / "attestation_secret").read_text().strip(),
@@ -149,12 +134,57 @@ def test_a_member_of_the_pool_finds_no_secret_of_the_control_plane(
         "the money Redis": platform.env["DARKGPU_REDIS_URL"].rsplit(":", 1)[1],
         **{f"Redis password {i}": p for i, p in enumerate(passwords)},
     }
+
+
+def _as_member(platform, what: str, cluster_port_setting: str) -> subprocess.CompletedProcess:
+    """`tests.serve_app.pool_member` run with the pool's Ray token (what every provider's
+    agent is given) against the cluster at that port."""
+    data = Path(platform.env["DARKGPU_DATA_DIR"])
+    env = {**platform.env, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(data / "ray_auth_token")}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    address = f"127.0.0.1:{platform.env[cluster_port_setting]}"
+    return subprocess.run([sys.executable, "-m", "tests.serve_app.pool_member", what, address],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_a_member_of_the_pool_finds_no_secret_of_the_control_plane(
+    platform, pool_token: str
+) -> None:
+    """What every provider's node can do: join the pool's cluster with the Ray token its agent
+    was given, read the pool's key-value store (where Serve keeps what each deployment was
+    bound with) and try the control plane's cluster with it. It finds no secret of the control
+    plane, and the control plane's cluster does not take the token."""
+    done = _as_member(platform, "store", "DARKGPU_POOL_RAY_PORT")
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = json.loads(done.stdout.strip().splitlines()[-1])
+    held = b"".join(base64.b64decode(k) + base64.b64decode(v) for k, v in store)
+    assert b"pool-gateway" in held  # the pool's deployments are there: it was read whole
+    secrets = _control_secrets(platform, pool_token)
     found = [name for name, secret in secrets.items() if secret.encode() in held]
     assert found == []
-    control = f"127.0.0.1:{platform.env['DARKGPU_RAY_PORT']}"
-    tried = subprocess.run([sys.executable, "-m", "tests.serve_app.pool_member", "join", control],
-                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    tried = _as_member(platform, "join", "DARKGPU_RAY_PORT")
     assert tried.returncode != 0 and '"joined"' not in tried.stdout
     assert "InvalidAuthToken" in tried.stderr or "Authentication" in tried.stderr, tried.stderr[
         -2000:
     ]
+
+
+def test_a_member_of_the_pool_finds_no_secret_where_its_deployments_run(
+    platform, pool_token: str
+) -> None:
+    """A member runs a task on every node of the pool, its head included (where the gateway
+    and the platform's own models run), and reads the environment Ray gives workers there.
+    The operator started the platform with its Stripe keys in the environment (DARKGPU_*,
+    as this platform's fixture does): the pool's head was started without any of them."""
+    done = _as_member(platform, "environ", "DARKGPU_POOL_RAY_PORT")
+    assert done.returncode == 0, done.stderr[-3000:]
+    environments = json.loads(done.stdout.strip().splitlines()[-1])
+    assert environments and all("RAY_AUTH_TOKEN_PATH" in env for env in environments.values())
+    held = json.dumps(environments)
+    secrets = _control_secrets(platform, pool_token)
+    assert [name for name, secret in secrets.items() if secret in held] == []
+    settings = {
+        name for env in environments.values() for name in env if name.startswith("DARKGPU_")
+    }
+    assert settings == set()
