@@ -45,5 +45,5 @@ def environments() -> dict[str, dict[str, str]]:
 if __name__ == "__main__":
     what, address = sys.argv[1], sys.argv[2]
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-    found = {"store": pool_store, "environ": environments}.get(what, lambda: {"joined": True})
-    print(json.dumps(found()))
+    found = {"store": pool_store, "environ": environments, "join": lambda: {"joined": True}}
+    print(json.dumps(found[what]()))

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from core.settings import ENV_PREFIX
 from serve_app.pool_protocol import (
     MODEL_HEADER,
     SERVED_BY_HEADER,
@@ -136,7 +137,9 @@ def _control_secrets(platform, pool_token: str) -> dict[str, str]:
     }
 
 
-def _as_member(platform, what: str, cluster_port_setting: str) -> subprocess.CompletedProcess:
+def _as_member(
+    platform, what: str, cluster_port_setting: str, timeout_s: float = 120
+) -> subprocess.CompletedProcess:
     """`tests.serve_app.pool_member` run with the pool's Ray token (what every provider's
     agent is given) against the cluster at that port."""
     data = Path(platform.env["DARKGPU_DATA_DIR"])
@@ -145,7 +148,7 @@ def _as_member(platform, what: str, cluster_port_setting: str) -> subprocess.Com
     env.pop("RAY_ADDRESS", None)
     address = f"127.0.0.1:{platform.env[cluster_port_setting]}"
     return subprocess.run([sys.executable, "-m", "tests.serve_app.pool_member", what, address],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                          env=env, capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
 
 
 def test_a_member_of_the_pool_finds_no_secret_of_the_control_plane(
@@ -163,7 +166,7 @@ def test_a_member_of_the_pool_finds_no_secret_of_the_control_plane(
     secrets = _control_secrets(platform, pool_token)
     found = [name for name, secret in secrets.items() if secret.encode() in held]
     assert found == []
-    tried = _as_member(platform, "join", "DARKGPU_RAY_PORT")
+    tried = _as_member(platform, "join", "DARKGPU_RAY_PORT", timeout_s=300)
     assert tried.returncode != 0 and '"joined"' not in tried.stdout
     assert "InvalidAuthToken" in tried.stderr or "Authentication" in tried.stderr, tried.stderr[
         -2000:
@@ -185,6 +188,6 @@ def test_a_member_of_the_pool_finds_no_secret_where_its_deployments_run(
     secrets = _control_secrets(platform, pool_token)
     assert [name for name, secret in secrets.items() if secret in held] == []
     settings = {
-        name for env in environments.values() for name in env if name.startswith("DARKGPU_")
+        name for env in environments.values() for name in env if name.startswith(ENV_PREFIX)
     }
     assert settings == set()
