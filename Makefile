@@ -2,7 +2,10 @@
 # Each creates the environment first (once): Python packages, and the inference engine —
 # the CPU build of vLLM where no NVIDIA GPU is present, the CUDA build where one is.
 
-PYTHON ?= python3
+# An interpreter every user can run: the supply pool's head may run as an unprivileged user
+# of its own (Settings.pool_user), which must run this venv too. Debian's python3.11 where
+# there is one (an interpreter under /root, such as pyenv's, is root's alone).
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -10,8 +10,11 @@ The supply pool's (`LocalCluster.pool`): a head of its own ports and token
 (`ray_auth_token`: what an approved provider's agent is given, `Settings.ray_token_path`),
 labelled as a provider node of provider `local` (tier `basic`) and as the pool's control node
 (its gateway runs there), offering its GPUs' VRAM as the `vram_gb` resource, so the same
-placement rules apply as on a real pool. Providers' nodes join it, and only it. Ray's token
-authentication is on in both; each token file is mode 0600.
+placement rules apply as on a real pool. Providers' nodes join it, and only it, at
+`Settings.pool_node_ip`. Every member of the pool can run code on its head: the head's
+processes get none of the operator's `DARKGPU_*` environment, and where `Settings.pool_user`
+is set they run as that unprivileged user (`cluster.pool_user`), who reads nothing of the
+data directory. Ray's token authentication is on in both; each token file is mode 0600.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import shutil
 import socket
 import subprocess
 import sys
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from cluster.catalog import load_catalog
 from cluster.gpu import local_gpus
+from cluster.pool_user import PoolUser
 from cluster.processes import forget_address, session_of, stop_session
 from core.settings import ENV_PREFIX, Settings
 from kernel.labels import (
@@ -51,6 +57,7 @@ class LocalCluster:
         self.dashboard_port = settings.pool_dashboard_port if pool else settings.dashboard_port
         self.metrics_port = settings.pool_metrics_port if pool else settings.metrics_port
         self.token_path = settings.ray_token_path if pool else self.data_dir / CONTROL_TOKEN_FILE
+        self.host = settings.pool_node_ip if pool else "127.0.0.1"
 
     @classmethod
     def control(cls, settings: Settings) -> LocalCluster:
@@ -66,7 +73,14 @@ class LocalCluster:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @cached_property
+    def user(self) -> PoolUser | None:
+        """The unprivileged user the pool's head runs as, if one is set."""
+        if not (self.is_pool and self.settings.pool_user):
+            return None
+        return PoolUser.named(self.settings.pool_user, self.port)
 
     def env(self) -> dict[str, str]:
         """Environment for every process that talks to this cluster."""
@@ -78,6 +92,22 @@ class LocalCluster:
             **serve_mode_env(self.settings),
         }
 
+    def process_env(self) -> dict[str, str]:
+        """The whole environment of this cluster's own processes (its head's, the pool's
+        deploy). The pool's: none of the platform's settings (the operator's Stripe key,
+        database URL, … when set as DARKGPU_* variables), since every member of the pool can
+        run code among them; what the pool's deployments need, they are bound with."""
+        env = {**os.environ, **self.env()}
+        if self.is_pool:
+            env = {name: value for name, value in env.items() if not name.startswith(ENV_PREFIX)}
+        if self.user is not None:
+            env.update(self.user.env())
+        return env
+
+    def process_options(self) -> dict[str, Any]:
+        """`subprocess` arguments for this cluster's own processes: as the pool's user."""
+        return self.user.process_options() if self.user is not None else {}
+
     def apply_env(self) -> None:
         """Point this process at the cluster. Before Ray is imported: Ray reads these once."""
         self.ensure_token()
@@ -85,7 +115,7 @@ class LocalCluster:
 
     def is_running(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            with socket.create_connection((self.host, self.port), timeout=1):
                 return True
         except OSError:
             return False
@@ -119,7 +149,7 @@ class LocalCluster:
         command = [
             _ray_executable(), "start", "--head",
             "--port", str(self.port),
-            "--node-ip-address", "127.0.0.1",
+            "--node-ip-address", self.host,
             "--num-cpus", str(self.settings.num_cpus),
             "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dashboard_port),
@@ -128,21 +158,19 @@ class LocalCluster:
             "--resources", json.dumps(resources),
             "--disable-usage-stats",
         ]  # fmt: skip
-        env = {**os.environ, **self.env()}
+        if self.user is not None:
+            self.user.prepare(self.token_path)
+            command += ["--temp-dir", str(self.user.ray_temp_dir)]
+        env = self.process_env()
         env.pop("RAY_ADDRESS")
-        if self.is_pool:
-            # Every process of the pool's head inherits this environment, and every member of
-            # the pool can run code among them: none of the platform's settings goes there
-            # (the operator's Stripe key, database URL, … when set as DARKGPU_* variables).
-            # What the pool's deployments need, they are bound with.
-            env = {name: value for name, value in env.items() if not name.startswith(ENV_PREFIX)}
         # Serve's HTTP server (its proxy, or the ingress replica in throughput-optimized
         # mode) is uvicorn, which by default takes the client's address from
         # X-Forwarded-For when the peer is loopback: a local client could then be anyone to
         # the sign-up throttles. The platform decides whom to believe (Settings.trusted_proxies),
         # so uvicorn believes nobody. Ray's processes on this node inherit it.
         env["FORWARDED_ALLOW_IPS"] = ""
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL,
+                       **self.process_options())  # fmt: skip
 
     def stop(self) -> None:
         """End this cluster's processes only (`ray stop` would end every cluster here)."""

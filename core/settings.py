@@ -124,6 +124,11 @@ class Settings(BaseSettings):
 
     # --- the cluster and the Serve application -------------------------------------------
     models_file: Path = CONFIGS_DIR / "models.toml"
+    local_models_dir: Path | None = Field(
+        default=None,
+        description="Where the small local models are made and read (cluster.local_model); "
+        "unset: <data_dir>/models, and the local pool's user's own folder for the pool.",
+    )
     # The local Ray head. Its GCS is not on 6379, where Redis listens on these machines.
     ray_port: int = 6380
     dashboard_port: int = 8265
@@ -148,6 +153,18 @@ class Settings(BaseSettings):
         description="Where the pool's gateway listens: an address the control plane reaches.",
     )
     pool_http_port: int = 8001
+    pool_node_ip: str = Field(
+        default="127.0.0.1",
+        description="The local pool's head's address (Ray's --node-ip-address): one its "
+        "providers' nodes reach, on the network between them and the pool only.",
+    )
+    pool_user: str = Field(
+        default="",
+        description="An unprivileged system user the local pool's head runs as (`darkgpu up` "
+        "as root). Every member of a pool can run code on its head: as this user, that code "
+        "reads nothing of the data directory, nor any process's environment there. Empty: the "
+        "head runs as `darkgpu up`'s own user, for a pool of the operator's own nodes only.",
+    )
     ingress_replicas: int = Field(
         default=1,
         ge=1,
@@ -196,7 +213,8 @@ class Settings(BaseSettings):
     cluster_address: str = Field(
         default="",
         description="host:port of the supply pool's Ray head, which agents join, on the "
-        "overlay network (e.g. 10.8.0.1:6383); empty: the local pool, 127.0.0.1:<pool_ray_port>.",
+        "overlay network (e.g. 10.8.0.1:6383); empty: the local pool, "
+        "<pool_node_ip>:<pool_ray_port>.",
     )
     ray_auth_token_path: Path | None = Field(
         default=None,
@@ -260,6 +278,10 @@ class Settings(BaseSettings):
         return self.data_dir
 
     @property
+    def resolved_local_models_dir(self) -> Path:
+        return (self.local_models_dir or self.data_dir / "models").expanduser()
+
+    @property
     def base_url(self) -> str:
         """This platform's public base URL, as the operator configured it (never a request's
         Host header): `public_url`, else http://<http_host>:<http_port>."""
@@ -282,7 +304,7 @@ class Settings(BaseSettings):
     @property
     def agent_cluster_address(self) -> str:
         """Where agents join: the configured address, or the local head."""
-        return self.cluster_address or f"127.0.0.1:{self.pool_ray_port}"
+        return self.cluster_address or f"{self.pool_node_ip}:{self.pool_ray_port}"
 
     def as_args(self) -> dict[str, Any]:
         """The settings as the replicas' constructor arguments, secrets in clear (they cross

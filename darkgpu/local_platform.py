@@ -60,9 +60,11 @@ class LocalPlatform:
         cluster, pool = self.cluster, self.pool
         cluster.apply_env()
         pool.ensure_token()
-        from serve_app.deploy import PoolDeploy, deploy
+        from serve_app.deploy import PoolDeploy, deploy, pool_deployment
 
-        self.settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = self.settings.resolved_data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o700)  # its secrets are the control plane's: this user's alone
         starting = {role: redis.port for role, redis in self.own_redis_roles()
                     if not redis.is_running()}  # fmt: skip
         if starting:
@@ -81,7 +83,13 @@ class LocalPlatform:
             if not head.is_running():
                 with progress.step(f"Ray head ({head.name}) on {head.address}"):
                     head.start_head()
-        pool_deploy = PoolDeploy(pool.env(), note=progress.note)
+        pool_settings = self.settings
+        if pool.user is not None and self.settings.local_models_dir is None:
+            # its user makes and reads the local models in a folder of its own
+            models = {"local_models_dir": str(pool.user.home / "models")}
+            pool_settings = Settings(**{**self.settings.as_args(), **models})
+        pool_deploy = PoolDeploy(pool.process_env(), pool_deployment(pool_settings),
+                                 progress.note, pool.process_options())  # fmt: skip
         try:
             with progress.step("Supply pool's gateway deployed"):
                 pool_head = pool_deploy.start()
@@ -103,7 +111,7 @@ class LocalPlatform:
             from serve_app.deploy import undeploy_pool
 
             try:
-                undeploy_pool(pool.env())
+                undeploy_pool(pool.process_env(), pool.process_options())
             finally:
                 pool.stop()
         if cluster.is_running():

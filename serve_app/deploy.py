@@ -4,9 +4,12 @@ Two clusters, two applications, as DESIGN's two planes: the platform's (`darkgpu
 accounts, billing actor, supply reconciler) on the control plane's cluster, deployed by
 `deploy` in the calling process; the pool's gateway (`pool`, under `/pool`) on the supply
 pool's cluster, deployed by `PoolDeploy`, a process of its own (`python -m
-serve_app.deploy pool`): Ray reads a cluster's address and token once per process. The pool's
-process says its head's node id (the platform's own node there: `Settings.control_node_ids`),
-then each of the pool's deployments' progress, one line each, until its input closes.
+serve_app.deploy pool`): Ray reads a cluster's address and token once per process. That
+process runs as the pool's head does (as `Settings.pool_user` where set: `cluster.pool_user`)
+and reads no setting: its first line of input is what to deploy (`PoolDeployment`, the
+gateway's bound arguments and where it listens). It says its head's node id (the platform's
+own node there: `Settings.control_node_ids`), then each of the pool's deployments' progress,
+one line each, until its input closes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypedDict
 
 import httpx
 import ray
@@ -30,7 +34,7 @@ from cluster.ray_internals import SERVE_REPLICA_ACTOR_PREFIX, actor_states
 from core.settings import Settings
 from serve_app.app import APP_NAME, build_app
 from serve_app.models import MODEL_APP_PREFIX
-from serve_app.pool import POOL_APP_NAME, POOL_ROUTE_PREFIX, build_pool_app
+from serve_app.pool import POOL_APP_NAME, POOL_ROUTE_PREFIX, bind_pool_app, pool_arguments
 
 Note = Callable[[str], object]
 SAID = "darkgpu-deploy: "  # what the pool's deploy process says starts so (Ray prints too)
@@ -100,12 +104,28 @@ def deploy(
         time.sleep(poll_s)
 
 
-def deploy_pool(settings: Settings, address: str, progress: _Progress, poll_s: float = 0.5) -> str:
+class PoolDeployment(TypedDict):
+    """What the pool's deploy process deploys: the gateway's arguments
+    (`serve_app.pool.pool_arguments`) and where Serve's proxy listens in the pool."""
+
+    arguments: dict[str, Any]
+    host: str
+    port: int
+
+
+def pool_deployment(settings: Settings) -> PoolDeployment:
+    return {"arguments": pool_arguments(settings.as_args()), "host": settings.pool_http_host,
+            "port": settings.pool_http_port}  # fmt: skip
+
+
+def deploy_pool(
+    deployment: PoolDeployment, address: str, progress: _Progress, poll_s: float = 0.5
+) -> str:
     """Connect to the pool's cluster, start its Serve proxy and run its gateway until it
     runs; the pool head's node id."""
     _connect(address)
-    pool = build_pool_app(settings.as_args())
-    _run(pool, POOL_APP_NAME, POOL_ROUTE_PREFIX, settings.pool_http_host, settings.pool_http_port)
+    pool = bind_pool_app(deployment["arguments"])
+    _run(pool, POOL_APP_NAME, POOL_ROUTE_PREFIX, deployment["host"], int(deployment["port"]))
     while True:
         apps = progress.tell(_in_pool)
         if POOL_APP_NAME in apps and apps[POOL_APP_NAME].status == ApplicationStatus.RUNNING:
@@ -162,23 +182,36 @@ def undeploy(address: str) -> None:
     ray.shutdown()  # leave before the cluster stops, or the driver reports its death
 
 
-def undeploy_pool(env: Mapping[str, str], timeout_s: float = 300) -> None:
-    """`undeploy` of the pool, in a process with the pool's Ray environment."""
+def undeploy_pool(
+    env: Mapping[str, str], options: Mapping[str, Any] | None = None, timeout_s: float = 300
+) -> None:
+    """`undeploy` of the pool, in a process with the pool's Ray environment (`env`), started
+    with `options` (`LocalCluster.process_options`: as the pool's user)."""
     command = [sys.executable, "-m", "serve_app.deploy", "pool-down"]
-    subprocess.run(command, env={**os.environ, **env}, timeout=timeout_s, check=False)
+    subprocess.run(command, env=dict(env), timeout=timeout_s, check=False, **(options or {}))
 
 
 class PoolDeploy:
-    """The pool's deploy, in a process of its own with the pool's Ray environment (`env`):
-    `start` returns the pool head's node id once the gateway runs; its replicas' progress
-    goes on reaching `note` (from a thread) until `stop`."""
+    """The pool's deploy, in a process of its own with the pool's Ray environment (`env`, its
+    whole environment), started with `options` (`LocalCluster.process_options`): `start`
+    hands it `deployment` and returns the pool head's node id once the gateway runs; its
+    replicas' progress goes on reaching `note` (from a thread) until `stop`."""
 
-    def __init__(self, env: Mapping[str, str], note: Note) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        deployment: PoolDeployment,
+        note: Note,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
         command = [sys.executable, "-m", "serve_app.deploy", "pool"]
         self._proc = subprocess.Popen(
-            command, env={**os.environ, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True,
+            command, env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            **(options or {}),
         )  # fmt: skip
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(deployment) + "\n")
+        self._proc.stdin.flush()
         self._note = note
         self._thread: threading.Thread | None = None
 
@@ -220,9 +253,10 @@ def _say(**what: str) -> None:
     sys.stdout.flush()
 
 
-def _pool_main(settings: Settings, address: str, lines: Iterable[str]) -> None:
+def _pool_main(address: str, lines: Iterator[str]) -> None:
     progress = _Progress(lambda line: _say(note=line))
-    _say(node_id=deploy_pool(settings, address, progress))
+    deployment: PoolDeployment = json.loads(next(lines))
+    _say(node_id=deploy_pool(deployment, address, progress))
     closed = threading.Event()
 
     def watch_input() -> None:
@@ -244,6 +278,6 @@ if __name__ == "__main__":
     # (RAY_ADDRESS, RAY_AUTH_TOKEN_PATH: `cluster.local.LocalCluster.pool(...).env()`)
     what, pool_address = sys.argv[1], os.environ["RAY_ADDRESS"]
     if what == "pool":
-        _pool_main(Settings(), pool_address, sys.stdin)
+        _pool_main(pool_address, iter(sys.stdin))
     elif what == "pool-down":
         undeploy(pool_address)

@@ -21,7 +21,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
-from pathlib import Path
 from typing import Any, cast
 
 import ray
@@ -120,10 +119,10 @@ class ProviderLLMServer(LLMServer):
 
 def model_source(model: CatalogModel, settings: Settings) -> str:
     """Where the weights and tokenizer come from: for a local model (`local:<name>`), the
-    folder of the one by that name, made under the data directory."""
+    folder of the one by that name, made in `Settings.local_models_dir`."""
     if model.is_local:
         name = model.source.removeprefix(LOCAL_SOURCE_PREFIX)
-        return str(ensure_local_model(Path(settings.resolved_data_dir) / "models", name))
+        return str(ensure_local_model(settings.resolved_local_models_dir, name))
     return model.source
 
 

@@ -231,11 +231,29 @@ POOL_GATEWAY = serve.deployment(
 )(PoolGateway)
 
 
-def build_pool_app(args: dict[str, Any] | None = None) -> Application:
-    """The pool's application (`serve deploy configs/serve.yaml`'s `pool`, and `darkgpu up`)."""
+def pool_arguments(args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the pool's gateway is bound with, as JSON (it crosses to the pool's own deploy
+    process, run as the pool's user: `cluster.pool_user`): the catalog, the credential's
+    SHA-256, and only what the model replicas' configs are made of. Nothing secret of the
+    control plane: it reaches Serve's checkpoint of the pool (test_pool_app)."""
     settings = Settings(**(args or {}))
-    digest = credential_digest(pool_token(settings))
-    # only what the model replicas' configs are made of: nothing secret of the control plane
-    # reaches Serve's checkpoint of the pool (test_pool_app)
-    bound = model_settings(settings.model_dump(mode="json"))
-    return POOL_GATEWAY.bind(load_catalog(settings.models_file), digest, bound)
+    models_dir = str(settings.resolved_local_models_dir)  # the pool reads no data directory
+    return {
+        "catalog": load_catalog(settings.models_file).model_dump(mode="json"),
+        "credential_sha256": credential_digest(pool_token(settings)),
+        "settings": model_settings({**settings.model_dump(mode="json"),
+                                    "local_models_dir": models_dir}),  # fmt: skip
+    }
+
+
+def bind_pool_app(arguments: dict[str, Any]) -> Application:
+    return POOL_GATEWAY.bind(
+        Catalog.model_validate(arguments["catalog"]),
+        str(arguments["credential_sha256"]),
+        dict(arguments["settings"]),
+    )
+
+
+def build_pool_app(args: dict[str, Any] | None = None) -> Application:
+    """The pool's application (`serve deploy configs/pool.yaml`, and `darkgpu up`)."""
+    return bind_pool_app(pool_arguments(args))

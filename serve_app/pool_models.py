@@ -30,7 +30,7 @@ from serve_app.models import MODEL_APP_PREFIX, build_model_deployment, model_app
 logger = logging.getLogger("darkgpu.pool")
 
 # What a model replica's config is made of (`serve_app.models.llm_config_for`)
-MODEL_SETTINGS = ("data_dir", "local_kv_cache_gb", "max_ongoing_requests",
+MODEL_SETTINGS = ("local_models_dir", "local_kv_cache_gb", "max_ongoing_requests",
                   "target_ongoing_requests", "serve_throughput_optimized",
                   "min_replicas", "max_replicas")  # fmt: skip
 

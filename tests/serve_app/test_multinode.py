@@ -10,8 +10,10 @@ PKI, 50% above the catalog price). Their nodes' labels claim the opposite (p1 sa
 `verified`, p2 says `basic` at no premium): the registry decides, not the labels. Every
 node offers what an RTX 4090 does (24 GiB), and the catalog here has the CPU engine's tiny
 model needing 16 GiB of VRAM, so its two replicas land one on each provider node and never
-on the head. The platform is then deployed with `darkgpu up` (which finds the pool's head
-running and starts the control plane's), on ports of its own.
+on the head. The pool's head runs as an unprivileged user of its own (`Settings.pool_user`)
+at an address a provider in a network namespace of its own reaches (`tests.netns_host`:
+p6's, in the red-team test). The platform is then deployed with `darkgpu up` (which finds the
+pool's head running and starts the control plane's), on ports of its own.
 
 Teardown is `darkgpu down` (Serve stopped gracefully in both clusters: no vLLM engine
 outlives it), then whatever of the pool's own Ray processes is left, by pid: `ray stop`
@@ -31,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -49,6 +51,7 @@ from billing.plans import load_plans
 from cluster import nodes, registry
 from cluster.attestation import SignedReportVerifier, issue_challenge
 from cluster.local import LocalCluster
+from cluster.pool_user import PoolUser
 from cluster.processes import (
     cmdline,
     descendants,
@@ -61,11 +64,18 @@ from cluster.processes import (
 from core.db import make_engine, migrate
 from core.schema import ProviderReview, ProviderStatus
 from core.settings import CONFIGS_DIR, Settings
-from kernel.labels import PROVIDER_ID_LABEL, TrustTier
+from kernel.labels import (
+    CONTROL_SELECTOR,
+    LOCAL_PROVIDER_ID,
+    PROVIDER_ID_LABEL,
+    TRUST_TIER_LABEL,
+    TrustTier,
+)
 from serve_app.pool_protocol import parse_replicas
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
 from tests.exact_tokens import EXACT
+from tests.netns_host import NetnsHost, ensure_system_user
 from tests.ports import port
 
 BIN = Path(sys.executable).parent
@@ -77,6 +87,9 @@ PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
          "POOL_RAY_PORT": str(port(6404)), "POOL_HTTP_PORT": str(port(8021)),
          "POOL_METRICS_PORT": str(port(8101)), "POOL_DASHBOARD_PORT": str(port(8286))}  # fmt: skip
 REDIS_PORT = port(6402)
+POOL_USER = "darkgpu-pool"  # the pool's head runs as this unprivileged user
+HOST = NetnsHost.for_port(int(PORTS["POOL_RAY_PORT"]))  # p6's machine; the pool's head is at
+POOL_IP = HOST.gateway_ip  # its end of the pair, which the other providers' nodes reach too
 STATE_REDIS_PORT = port(6403)  # the replicas' stats, sessions: what is not money
 # the trust tier each provider's node claims in its labels; the registry knows better
 PROVIDERS = {"p1": TrustTier.verified, "p2": TrustTier.basic}
@@ -230,7 +243,7 @@ def _register(data: Path) -> None:
         )
         for provider, reading, floor in (("p1", RTX_4090, 0), ("p2", H100_CC_ON, 50),
                                          ("p3", RTX_4090, 0), ("p4", RTX_4090, 0),
-                                         ("p5", RTX_4090, 0)):  # fmt: skip
+                                         ("p5", RTX_4090, 0), ("p6", RTX_4090, 0)):  # fmt: skip
             new = registry.create_provider(engine, account_id=owner.id, name=provider)
             IDS[provider], TOKENS[provider] = new.provider.id, new.token
             key = X25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -260,7 +273,7 @@ def _listening(port: int) -> bool:
 
 
 def _raylets(session: str, provider: str) -> list[psutil.Process]:
-    label = f'"{PROVIDER_ID_LABEL}": "{IDS[provider]}"'
+    label = f'"{PROVIDER_ID_LABEL}": "{IDS.get(provider, provider)}"'
     return [p for p in session_processes(session) if "raylet" in p.name() and label in cmdline(p)]
 
 
@@ -272,6 +285,11 @@ def _drained(cluster: Cluster, provider: str, node_id: str) -> bool:
 def _raylet(session: str, provider: str) -> psutil.Process:
     [raylet] = _raylets(session, provider)
     return raylet
+
+
+def _head_node_id(session: str) -> str:
+    """The pool's head: the platform's own provider node there."""
+    return _node_id(session, LOCAL_PROVIDER_ID)
 
 
 def _node_id(session: str, provider: str) -> str:
@@ -293,11 +311,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
            "DARKGPU_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
            "DARKGPU_STATE_REDIS_URL": f"redis://127.0.0.1:{STATE_REDIS_PORT}/0",
            "DARKGPU_NODE_JOIN_GRACE_S": str(JOIN_GRACE_S),
+           "DARKGPU_POOL_USER": POOL_USER, "DARKGPU_POOL_NODE_IP": POOL_IP,
            **{f"DARKGPU_{k}": v for k, v in PORTS.items()}}  # fmt: skip
     env.pop("DARKGPU_DATABASE_URL", None)
     for name in ("RAY_ADDRESS", "DARKGPU_STRIPE_SECRET_KEY"):
         env.pop(name, None)
-    settings = Settings(data_dir=data, **{k.lower(): int(v) for k, v in PORTS.items()})
+    settings = Settings(data_dir=data, pool_user=POOL_USER, pool_node_ip=POOL_IP,
+                        **{k.lower(): int(v) for k, v in PORTS.items()})  # fmt: skip
     # the supply pool's cluster: providers' nodes join it (never the control plane's)
     pool = LocalCluster.pool(settings)
     ray_env = {**env, **pool.env()}
@@ -308,6 +328,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if _listening(int(taken)):
             pytest.fail(f"port {taken} is taken: a previous run left something behind")
     try:
+        ensure_system_user(POOL_USER)
+        HOST.create()
         _register(data)
         pool.start_head()
         c.session = session_of(int(PORTS["POOL_RAY_PORT"])) or ""
@@ -318,6 +340,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         _teardown(c)
+        HOST.delete()
 
 
 def _teardown(c: Cluster) -> None:
@@ -754,3 +777,111 @@ def test_a_suspended_provider_gets_no_more_requests_and_its_node_is_drained(
     assert no_ticket.value.status == 403
     review("approve")
     assert agent.join_ticket().startswith("dgpj-")
+
+
+def _in_host(cluster: Cluster, provider: str):
+    """How p6's agent runs a command: inside its own network namespace, as the pool's
+    unprivileged user (its machine's Ray may not read this one's files), with none of the
+    platform's environment. Its node-id helper's answer comes from its raylet, as `_runner`'s."""
+    home = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).home
+
+    def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        if command[1:] == ["-m", "agent_bootstrap.ray_node_id"]:
+            node_id = _node_id(cluster.session, provider)
+            return subprocess.CompletedProcess(command, 0, node_id + "\n", "")
+        own = {"PATH": os.environ["PATH"], "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
+               **NODE_ENV, **env}  # fmt: skip
+        return subprocess.run(HOST.command(command, user=POOL_USER), env=own,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    return run
+
+
+def _join_from_host(cluster: Cluster, labels: dict[str, str]) -> RayCli:
+    """p6's node joins from its namespace as its agent joins it (a ticket, `ray start`, the
+    ticket redeemed), with `labels` added to its own, the pool's Ray token its agent was given,
+    and no GPU (so no replica is ever planned for it)."""
+    agent = PlatformClient(cluster.api_url.removesuffix("/v1"), TOKENS["p6"])
+    ticket = agent.join_ticket()
+    token = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).token_path
+    ray = RayCli(token, run=_in_host(cluster, "p6"))
+    spec = node_spec(cluster.address, IDS["p6"], TrustTier.basic, NODE_GPU, HOST.ip)
+    ray.join(replace(spec, labels={**spec.labels, **labels}, resources={}))
+    cluster.nodes["p6"] = ray
+    agent.bind_node(ticket, ray.node_id(), [MODEL])
+    return ray
+
+
+def _as_p6(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tests.serve_app.pool_member` run on p6's machine with its agent's token."""
+    run = _in_host(cluster, "p6")
+    token = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).token_path
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    return run([sys.executable, "-m", "tests.serve_app.pool_member", *args], env)
+
+
+def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane(
+    cluster: Cluster,
+) -> None:
+    """Red team. p6's machine is a network namespace of its own whose one way out is the
+    pool's head (`HOST`); its Ray runs as an unprivileged user; it holds every token its agent
+    was given. It joins the pool as its agent does, then does what any member of a Ray
+    cluster can: runs a task on its own node and one on the pool's head (which runs as the
+    pool's user: `Settings.pool_user`). Each tries the control plane: the files of its data
+    directory (database, tokens, Redis passwords), its two Redis at every address it has, the
+    environment and command line of every process it may read; then p6 reads the pool's whole
+    key-value store and tries the control plane's Ray cluster with the pool's token. Nothing
+    is found, read or let in. Last, it joins again claiming the control role and the verified
+    tier: its node is drained."""
+    data = Path(cluster.env["DARKGPU_DATA_DIR"])
+    token = (data / "pool_token").read_text().strip()
+    users = json.loads((data / "redis-users.json").read_text())
+    secrets = {
+        "the pool's credential": token,
+        "the control plane's Ray token": (data / "control_ray_auth_token").read_text().strip(),
+        "the attestation key": (data / "attestation_secret").read_text().strip(),
+        **{f"Redis password {server}/{user}": password for server, found in users.items()
+           for user, password in found["users"].items()},
+    }  # fmt: skip
+    files = sorted(str(f) for f in data.rglob("*") if f.is_file())
+    assert str(data / "darkgpu.db") in files
+    servers = [(host, p) for host in ("127.0.0.1", POOL_IP) for p in (REDIS_PORT, STATE_REDIS_PORT)]
+    _join_from_host(cluster, {})
+    tried = json.dumps({"files": files, "servers": servers})
+    done = _as_p6(cluster, "probe", cluster.address, tried)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    head = _head_node_id(cluster.session)
+    p6_node = cluster.nodes["p6"].node_id()
+    assert {head, p6_node} <= set(found)
+    pool_uid = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).uid
+    for node in (head, p6_node):
+        reached = found[node]
+        assert reached["uid"] == pool_uid  # not root, on the pool's head too
+        assert all(why.startswith("refused") for why in reached["read"].values()), reached["read"]
+        answers = reached["answered"]
+        assert not [a for a in answers.values() if a.startswith("+PONG")], answers
+        seen = "\n".join(reached["processes"])
+        assert "RAY_AUTH_TOKEN_PATH" in seen  # it read its own worker's environment
+        assert [name for name, secret in secrets.items() if secret in seen] == []
+    # p6's own loopback is not this machine's: no Redis answers there; the head's reaches the
+    # servers, which answer nothing without a password
+    assert all(a.startswith("refused") for a in found[p6_node]["answered"].values())
+    assert found[head]["answered"][f"127.0.0.1:{REDIS_PORT}"].startswith("-NOAUTH")
+    store = _as_p6(cluster, "store", cluster.address)
+    assert store.returncode == 0, store.stderr[-3000:]
+    held = b"".join(base64.b64decode(k) + base64.b64decode(v)
+                    for k, v in json.loads(store.stdout.strip().splitlines()[-1]))  # fmt: skip
+    assert b"pool-gateway" in held
+    assert [name for name, secret in secrets.items() if secret.encode() in held] == []
+    control = f"{POOL_IP}:{PORTS['RAY_PORT']}"  # the control plane's GCS listens there too
+    joined = _as_p6(cluster, "join", control)
+    assert joined.returncode != 0 and '"joined"' not in joined.stdout
+    why = joined.stderr[-2000:]
+    assert "InvalidAuthToken" in why or "Authentication" in why, why
+    # it leaves, and joins again as the pool's control node and a verified provider: drained
+    cluster.nodes["p6"].drain("leaving", 30)
+    assert wait_for(lambda: not _raylets(cluster.session, "p6"), timeout_s=60)
+    claimed = {**CONTROL_SELECTOR, TRUST_TIER_LABEL: TrustTier.verified.value}
+    rogue = _join_from_host(cluster, claimed).node_id()
+    assert wait_for(lambda: _drained(cluster, "p6", rogue), timeout_s=60)
