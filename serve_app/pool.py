@@ -241,8 +241,9 @@ def pool_arguments(args: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "catalog": load_catalog(settings.models_file).model_dump(mode="json"),
         "credential_sha256": credential_digest(pool_token(settings)),
-        "settings": model_settings({**settings.model_dump(mode="json"),
-                                    "local_models_dir": models_dir}),  # fmt: skip
+        "settings": model_settings(
+            {**settings.model_dump(mode="json"), "local_models_dir": models_dir}
+        ),  # fmt: skip
     }
 
 
