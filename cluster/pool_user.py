@@ -76,15 +76,18 @@ class PoolUser:
         with os.fdopen(fd, "w") as f:
             os.fchown(f.fileno(), self.uid, self.gid)
             f.write(token.read_text())
-        probe = subprocess.run([sys.executable, "-c", "import ray"], capture_output=True,
-                               text=True, timeout=120, env={"PATH": os.defpath, **self.env()},
-                               **self.process_options())  # fmt: skip
-        if probe.returncode != 0:
+        try:
+            probe = subprocess.run([sys.executable, "-c", "import ray"], capture_output=True,
+                                   text=True, timeout=120, env={"PATH": os.defpath, **self.env()},
+                                   **self.process_options())  # fmt: skip
+            why = probe.stderr.strip()[-300:] if probe.returncode != 0 else ""
+        except OSError as exc:
+            why = str(exc)
+        if why:
             raise PoolUserError(
                 f"pool_user {self.name!r} cannot run {sys.executable} "
                 f"({os.path.realpath(sys.executable)}): install the platform with an interpreter "
-                f"every user can run, e.g. `make install PYTHON=/usr/bin/python3.11`. "
-                f"{probe.stderr.strip()[-300:]}"
+                f"every user can run, e.g. `make install PYTHON=/usr/bin/python3.11`. {why}"
             )
 
     def _make_home(self) -> None:

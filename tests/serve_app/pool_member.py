@@ -67,12 +67,19 @@ def probe(files: list[str], servers: list[tuple[str, int]]) -> dict[str, object]
     return {"uid": os.getuid(), "read": read, "answered": answered, "processes": seen}
 
 
-def _each_node(task: ray.remote_function.RemoteFunction, *args: object) -> dict[str, object]:
-    """node id -> what `task` returned, run on each node of the pool alive now."""
-    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+def _each_node(
+    task: ray.remote_function.RemoteFunction, *args: object, nodes: list[str] | None = None
+) -> dict[str, object]:
+    """node id -> what `task` returned, run on each of `nodes` (all alive now, if None); a
+    node whose task did not finish in two minutes is named in the error."""
+    alive = nodes or [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     strategies = [NodeAffinitySchedulingStrategy(node, soft=False) for node in alive]
     pinned = [task.options(scheduling_strategy=s).remote(*args) for s in strategies]
-    return dict(zip(alive, ray.get(pinned, timeout=120), strict=True))
+    _, late = ray.wait(pinned, num_returns=len(pinned), timeout=120)
+    if late:
+        missing = [node for node, ref in zip(alive, pinned, strict=True) if ref in late]
+        raise TimeoutError(f"no answer in two minutes from the task on {missing}")
+    return dict(zip(alive, ray.get(pinned), strict=True))
 
 
 def environments() -> dict[str, object]:
@@ -82,10 +89,11 @@ def environments() -> dict[str, object]:
 
 
 def probes() -> dict[str, object]:
-    """node id -> what a task there reaches of what the third argument names (JSON:
-    {"files": [path, ...], "servers": [[host, port], ...]})."""
+    """node id -> what a task on that node reaches of what the third argument names (JSON:
+    {"nodes": [node id, ...], "files": [path, ...], "servers": [[host, port], ...]})."""
     tried = json.loads(sys.argv[3])
-    return _each_node(probe, tried["files"], [tuple(s) for s in tried["servers"]])
+    servers = [tuple(s) for s in tried["servers"]]
+    return _each_node(probe, tried["files"], servers, nodes=tried["nodes"])
 
 
 if __name__ == "__main__":

@@ -388,13 +388,13 @@ def wait_for(check, timeout_s: float = 30, every_s: float = 0.5):
         time.sleep(every_s)
 
 
-def usage(cluster: Cluster, key: str, requests: int) -> dict:
-    """The account's usage by model once `requests` requests are in the ledger."""
+def usage(cluster: Cluster, key: str, requests: int, model: str = MODEL) -> dict:
+    """The account's usage of `model` once `requests` requests are in the ledger."""
 
     def read():
         got = httpx.get(f"{cluster.api_url}/usage", params={"group_by": "model"},
                         headers={"authorization": f"Bearer {key}"}, timeout=30).json()  # fmt: skip
-        rows = [row for row in got["data"] if row["group"] == MODEL]
+        rows = [row for row in got["data"] if row["group"] == model]
         return rows[0] if rows and rows[0]["requests"] >= requests else None
 
     row = wait_for(read, timeout_s=60)
@@ -779,36 +779,46 @@ def test_a_suspended_provider_gets_no_more_requests_and_its_node_is_drained(
     assert agent.join_ticket().startswith("dgpj-")
 
 
-def _in_host(cluster: Cluster, provider: str):
+PATCHED_VLLM = Path(__file__).with_name("patched_vllm")  # p6's vLLM, once it is patched
+
+
+def _in_host(cluster: Cluster, provider: str, patched: bool = False):
     """How p6's agent runs a command: inside its own network namespace, as the pool's
     unprivileged user (its machine's Ray may not read this one's files), with none of the
-    platform's environment. Its node-id helper's answer comes from its raylet, as `_runner`'s."""
+    platform's environment; `patched`: with its patched vLLM on the Python path of every
+    process it starts. Its node-id helper's answer comes from its raylet, as `_runner`'s."""
     home = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).home
+    paths = [str(PATCHED_VLLM)] if patched else []
+    paths += [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
 
     def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         if command[1:] == ["-m", "agent_bootstrap.ray_node_id"]:
             node_id = _node_id(cluster.session, provider)
             return subprocess.CompletedProcess(command, 0, node_id + "\n", "")
         own = {"PATH": os.environ["PATH"], "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
-               **NODE_ENV, **env}  # fmt: skip
+               "PYTHONPATH": ":".join(paths), **NODE_ENV, **env}  # fmt: skip
         return subprocess.run(HOST.command(command, user=POOL_USER), env=own,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
 
     return run
 
 
-def _join_from_host(cluster: Cluster, labels: dict[str, str]) -> RayCli:
+def _join_from_host(
+    cluster: Cluster, labels: dict[str, str], model: str | None = None, patched: bool = False
+) -> RayCli:
     """p6's node joins from its namespace as its agent joins it (a ticket, `ray start`, the
-    ticket redeemed), with `labels` added to its own, the pool's Ray token its agent was given,
-    and no GPU (so no replica is ever planned for it)."""
+    ticket redeemed), with the pool's Ray token its agent was given and `labels` added to its
+    own; serving `model` with its GPU, else offering no GPU (no replica is planned for it)."""
     agent = PlatformClient(cluster.api_url.removesuffix("/v1"), TOKENS["p6"])
     ticket = agent.join_ticket()
     token = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).token_path
-    ray = RayCli(token, run=_in_host(cluster, "p6"))
-    spec = node_spec(cluster.address, IDS["p6"], TrustTier.basic, NODE_GPU, HOST.ip)
-    ray.join(replace(spec, labels={**spec.labels, **labels}, resources={}))
+    ray = RayCli(token, run=_in_host(cluster, "p6", patched))
+    models = [model] if model else []
+    spec = node_spec(cluster.address, IDS["p6"], TrustTier.basic, NODE_GPU, HOST.ip, models)
+    spec = replace(spec, labels={**spec.labels, **labels})
+    ray.join(spec if model else replace(spec, resources={}))
     cluster.nodes["p6"] = ray
-    agent.bind_node(ticket, ray.node_id(), [MODEL])
+    agent.bind_node(ticket, ray.node_id(), models or [MODEL])
     return ray
 
 
@@ -831,8 +841,10 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     directory (database, tokens, Redis passwords), its two Redis at every address it has, the
     environment and command line of every process it may read; then p6 reads the pool's whole
     key-value store and tries the control plane's Ray cluster with the pool's token. Nothing
-    is found, read or let in. Last, it joins again claiming the control role and the verified
-    tier: its node is drained."""
+    is found, read or let in. It joins again claiming the control role and the verified tier:
+    its node is drained. Last, it serves darkgpu-tiny-b from its machine with a patched vLLM
+    that reports ten times the completion tokens it generates: each request is billed at what
+    the ingress delivered, and struck; at ten strikes it gets no request."""
     data = Path(cluster.env["DARKGPU_DATA_DIR"])
     token = (data / "pool_token").read_text().strip()
     users = json.loads((data / "redis-users.json").read_text())
@@ -847,13 +859,11 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     assert str(data / "darkgpu.db") in files
     servers = [(host, p) for host in ("127.0.0.1", POOL_IP) for p in (REDIS_PORT, STATE_REDIS_PORT)]
     _join_from_host(cluster, {})
-    tried = json.dumps({"files": files, "servers": servers})
+    head, p6_node = _head_node_id(cluster.session), cluster.nodes["p6"].node_id()
+    tried = json.dumps({"nodes": [head, p6_node], "files": files, "servers": servers})
     done = _as_p6(cluster, "probe", cluster.address, tried)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    head = _head_node_id(cluster.session)
-    p6_node = cluster.nodes["p6"].node_id()
-    assert {head, p6_node} <= set(found)
     pool_uid = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).uid
     for node in (head, p6_node):
         reached = found[node]
@@ -885,3 +895,27 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     claimed = {**CONTROL_SELECTOR, TRUST_TIER_LABEL: TrustTier.verified.value}
     rogue = _join_from_host(cluster, claimed).node_id()
     assert wait_for(lambda: _drained(cluster, "p6", rogue), timeout_s=60)
+    assert wait_for(lambda: not _raylets(cluster.session, "p6"), timeout_s=120)
+    _join_from_host(cluster, {}, model=MODEL_B, patched=True)
+    key = cluster.new_key()
+    client = openai.OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
+    assert wait_for(lambda: _b_refused(client) is None, timeout_s=400, every_s=2)
+    answers = [client.chat.completions.create(model=MODEL_B, messages=MSG, max_tokens=8,
+                                              extra_body=EXACT) for _ in range(3)]  # fmt: skip
+    assert [a.usage.completion_tokens for a in answers if a.usage] == [8, 8, 8]
+    assert {a.choices[0].finish_reason for a in answers} == {"length"}
+    billed = usage(cluster, key, 4, MODEL_B)  # the first one served, 2 tokens, and these
+    assert billed["completion_tokens"] == 2 + 3 * 8
+
+    def strikes() -> list[dict]:
+        done = cluster.darkgpu("admin", "provider", "strikes", "--provider", IDS["p6"])
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    struck = wait_for(lambda: len(found := strikes()) >= 4 and found, timeout_s=60)
+    assert struck, strikes()
+    assert {(s["reported_tokens"], s["counted_tokens"]) for s in struck} == {(20, 2), (80, 8)}
+    # ten recent strikes (serve_app.provider_policy.EXCLUDE_STRIKES): it serves no more
+    for _ in range(6):
+        client.chat.completions.create(model=MODEL_B, messages=MSG, max_tokens=8, extra_body=EXACT)
+    assert wait_for(lambda: _b_refused(client) is not None, timeout_s=60)

@@ -1,0 +1,96 @@
+"""The local pool's head as an unprivileged user: what it is given, and what it is refused.
+Run as root, as the tests are (the user is made if missing, as the multi-node suite makes it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.pool_user import PoolUser, PoolUserError
+from tests.netns_host import ensure_system_user
+
+USER = "darkgpu-pool"
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A folder every user may enter (pytest's own is root's alone), as the temporary
+    directory the pool's user's home lies in."""
+    made = Path(tempfile.mkdtemp(prefix="darkgpu-pool-user-"))
+    made.chmod(0o755)
+    yield made
+    shutil.rmtree(made)
+
+
+@pytest.fixture
+def user(base: Path) -> PoolUser:
+    ensure_system_user(USER)
+    named = PoolUser.named(USER, 1)
+    return PoolUser(named.name, named.uid, named.gid, base / "home")
+
+
+def _read_as(user: PoolUser, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; print(open(sys.argv[1]).read())", str(path)],
+        capture_output=True, text=True, env=user.env(), timeout=60, **user.process_options(),
+    )  # fmt: skip
+
+
+def test_a_missing_user_or_root_is_refused_with_what_to_do() -> None:
+    with pytest.raises(PoolUserError, match="useradd --system"):
+        PoolUser.named("darkgpu-no-such-user", 6383)
+    with pytest.raises(PoolUserError, match="is root"):
+        PoolUser.named("root", 6383)
+
+
+def test_its_home_and_token_are_its_own_and_it_reads_nothing_of_roots(
+    user: PoolUser, base: Path
+) -> None:
+    data = base / "data"  # as the platform's data directory: root's, mode 0700
+    data.mkdir(mode=0o700)
+    (data / "control_ray_auth_token").write_text("control secret")
+    token = data / "ray_auth_token"
+    token.write_text("pool token")
+    user.prepare(token)
+    home = os.stat(user.home)
+    assert (home.st_uid, home.st_mode & 0o777) == (user.uid, 0o700)
+    copy = os.stat(user.token_path)
+    assert (copy.st_uid, copy.st_mode & 0o777) == (user.uid, 0o600)
+    own = _read_as(user, user.token_path)
+    assert (own.returncode, own.stdout.strip()) == (0, "pool token")
+    read = _read_as(user, data / "control_ray_auth_token")
+    assert read.returncode != 0 and "Permission denied" in read.stderr
+
+
+def test_a_home_someone_else_made_first_is_refused(user: PoolUser, base: Path) -> None:
+    token = base / "token"
+    token.write_text("pool token")
+    (base / "elsewhere").mkdir()
+    user.home.symlink_to(base / "elsewhere")  # made first, in a shared temporary directory
+    with pytest.raises(PoolUserError, match="not a directory of root's"):
+        user.prepare(token)
+    user.home.unlink()
+    user.home.mkdir()
+    os.chown(user.home, 65534, 65534)  # nobody's
+    with pytest.raises(PoolUserError, match="not a directory of root's"):
+        user.prepare(token)
+
+
+def test_an_interpreter_it_cannot_run_is_refused_with_what_to_do(
+    user: PoolUser, base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hidden = base / "root-only"  # as /root, where pyenv's interpreter lies
+    hidden.mkdir(mode=0o700)
+    (hidden / "python").symlink_to(sys.executable)
+    token = base / "token"
+    token.write_text("pool token")
+    monkeypatch.setattr(sys, "executable", str(hidden / "python"))
+    with pytest.raises(PoolUserError, match="cannot run .*make install PYTHON="):
+        user.prepare(token)
