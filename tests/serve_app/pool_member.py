@@ -19,6 +19,8 @@ import ray
 from ray.experimental import internal_kv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+NODE_IP_VARIABLE = "POOL_MEMBER_NODE_IP"
+
 
 def pool_store() -> list[tuple[str, str]]:
     """Every (key, value) of the store, base64, in each namespace Ray and Serve use (a listing
@@ -98,7 +100,11 @@ def probes() -> dict[str, object]:
 
 if __name__ == "__main__":
     what, address = sys.argv[1], sys.argv[2]
-    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    # which of this machine's raylets is its own (Ray would take the head's, on this host too):
+    # the node at this address, where the test names one (a node in a namespace of its own)
+    here = os.environ.get(NODE_IP_VARIABLE) or None
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
+             _node_ip_address=here)  # fmt: skip
     found = {"store": pool_store, "environ": environments, "probe": probes,
              "join": lambda: {"joined": True}}  # fmt: skip
     print(json.dumps(found[what]()))

@@ -77,6 +77,7 @@ from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
 from tests.exact_tokens import EXACT
 from tests.netns_host import NetnsHost, ensure_system_user
 from tests.ports import port
+from tests.serve_app.pool_member import NODE_IP_VARIABLE
 
 BIN = Path(sys.executable).parent
 MODEL = "darkgpu-tiny"
@@ -826,7 +827,7 @@ def _as_p6(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     """`tests.serve_app.pool_member` run on p6's machine with its agent's token."""
     run = _in_host(cluster, "p6")
     token = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).token_path
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), NODE_IP_VARIABLE: HOST.ip}
     return run([sys.executable, "-m", "tests.serve_app.pool_member", *args], env)
 
 
