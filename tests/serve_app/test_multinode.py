@@ -87,6 +87,7 @@ PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
          "METRICS_PORT": str(port(8100)), "DASHBOARD_PORT": str(port(8285)),
          "POOL_RAY_PORT": str(port(6404)), "POOL_HTTP_PORT": str(port(8021)),
          "POOL_METRICS_PORT": str(port(8101)), "POOL_DASHBOARD_PORT": str(port(8286))}  # fmt: skip
+API_ROOT = f"http://127.0.0.1:{PORTS['HTTP_PORT']}"  # the platform's, as agents call it
 REDIS_PORT = port(6402)
 POOL_USER = "darkgpu-pool"  # the pool's head runs as this unprivileged user
 HOST = NetnsHost.for_port(int(PORTS["POOL_RAY_PORT"]))  # p6's machine; the pool's head is at
@@ -806,12 +807,12 @@ def _in_host(cluster: Cluster, provider: str, patched: bool = False):
 
 def _join_from_host(
     cluster: Cluster, labels: dict[str, str], model: str | None = None, patched: bool = False
-) -> RayCli:
-    """p6's node joins from its namespace as its agent joins it (a ticket, `ray start`, the
-    ticket redeemed), with the pool's Ray token its agent was given and `labels` added to its
-    own; serving `model` with its GPU, else offering no GPU (no replica is planned for it)."""
-    agent = PlatformClient(cluster.api_url.removesuffix("/v1"), TOKENS["p6"])
-    ticket = agent.join_ticket()
+) -> tuple[RayCli, str]:
+    """p6's node joins from its namespace as its agent joins it (a join ticket, `ray start`),
+    with the pool's Ray token its agent was given and `labels` added to its own; serving
+    `model` with its GPU, else offering no GPU (no replica is planned for it). Its Ray, and
+    the ticket to redeem (`_bind`)."""
+    ticket = _agent("p6").join_ticket()
     token = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).token_path
     ray = RayCli(token, run=_in_host(cluster, "p6", patched))
     models = [model] if model else []
@@ -819,8 +820,15 @@ def _join_from_host(
     spec = replace(spec, labels={**spec.labels, **labels})
     ray.join(spec if model else replace(spec, resources={}))
     cluster.nodes["p6"] = ray
-    agent.bind_node(ticket, ray.node_id(), models or [MODEL])
-    return ray
+    return ray, ticket
+
+
+def _agent(provider: str) -> PlatformClient:
+    return PlatformClient(API_ROOT, TOKENS[provider])
+
+
+def _bind(ray: RayCli, ticket: str, model: str = MODEL) -> None:
+    _agent("p6").bind_node(ticket, ray.node_id(), [model])
 
 
 def _as_p6(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
@@ -859,7 +867,7 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     files = sorted(str(f) for f in data.rglob("*") if f.is_file())
     assert str(data / "darkgpu.db") in files
     servers = [(host, p) for host in ("127.0.0.1", POOL_IP) for p in (REDIS_PORT, STATE_REDIS_PORT)]
-    _join_from_host(cluster, {})
+    _bind(*_join_from_host(cluster, {}))
     head, p6_node = _head_node_id(cluster.session), cluster.nodes["p6"].node_id()
     tried = json.dumps({"nodes": [head, p6_node], "files": files, "servers": servers})
     done = _as_p6(cluster, "probe", cluster.address, tried)
@@ -894,10 +902,14 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     cluster.nodes["p6"].drain("leaving", 30)
     assert wait_for(lambda: not _raylets(cluster.session, "p6"), timeout_s=60)
     claimed = {**CONTROL_SELECTOR, TRUST_TIER_LABEL: TrustTier.verified.value}
-    rogue = _join_from_host(cluster, claimed).node_id()
-    assert wait_for(lambda: _drained(cluster, "p6", rogue), timeout_s=60)
+    rogue, ticket = _join_from_host(cluster, claimed)
+    with pytest.raises(PlatformError) as refused:  # its ticket is not redeemed for that
+        _bind(rogue, ticket)
+    assert (refused.value.status, refused.value.code) == (409, "node_label_mismatch")
+    rogue_node = rogue.node_id()
+    assert wait_for(lambda: _drained(cluster, "p6", rogue_node), timeout_s=60)
     assert wait_for(lambda: not _raylets(cluster.session, "p6"), timeout_s=120)
-    _join_from_host(cluster, {}, model=MODEL_B, patched=True)
+    _bind(*_join_from_host(cluster, {}, model=MODEL_B, patched=True), model=MODEL_B)
     key = cluster.new_key()
     client = openai.OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
     assert wait_for(lambda: _b_refused(client) is None, timeout_s=400, every_s=2)
