@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -784,12 +785,23 @@ def test_a_suspended_provider_gets_no_more_requests_and_its_node_is_drained(
 PATCHED_VLLM = Path(__file__).with_name("patched_vllm")  # p6's vLLM, once it is patched
 
 
+def _p6_home() -> Path:
+    """p6's machine's own folder (its home, and Ray's temporary directory there: its Ray's
+    files are not the pool's head's), the pool's user's."""
+    home = Path(tempfile.gettempdir()) / f"darkgpu-p6-{PORTS['POOL_RAY_PORT']}"
+    home.mkdir(mode=0o700, exist_ok=True)
+    pool_user = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"]))
+    os.chown(home, pool_user.uid, pool_user.gid)
+    return home
+
+
 def _in_host(cluster: Cluster, provider: str, patched: bool = False):
     """How p6's agent runs a command: inside its own network namespace, as the pool's
     unprivileged user (its machine's Ray may not read this one's files), with none of the
-    platform's environment; `patched`: with its patched vLLM on the Python path of every
-    process it starts. Its node-id helper's answer comes from its raylet, as `_runner`'s."""
-    home = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).home
+    platform's environment and a temporary directory of its own; `patched`: with its patched
+    vLLM on the Python path of every process it starts. Its node-id helper's answer comes
+    from its raylet, as `_runner`'s."""
+    home = _p6_home()
     paths = [str(PATCHED_VLLM)] if patched else []
     paths += [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
 
@@ -799,6 +811,8 @@ def _in_host(cluster: Cluster, provider: str, patched: bool = False):
             return subprocess.CompletedProcess(command, 0, node_id + "\n", "")
         own = {"PATH": os.environ["PATH"], "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
                "PYTHONPATH": ":".join(paths), **NODE_ENV, **env}  # fmt: skip
+        if command[1:2] == ["start"]:
+            command = [*command, "--temp-dir", str(home / "ray")]
         return subprocess.run(HOST.command(command, user=POOL_USER), env=own,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
 
