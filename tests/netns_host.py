@@ -46,8 +46,9 @@ class NetnsHost:
             subprocess.run(["ip", *command], capture_output=True, timeout=30)
 
     def command(self, argv: Sequence[str], user: str | None = None) -> list[str]:
-        """`argv` run inside the namespace, as `user` where one is named."""
-        as_user = ["runuser", "-u", user, "--"] if user else []
+        """`argv` run inside the namespace, as `user` where one is named (with the environment
+        it is given: HOME included)."""
+        as_user = ["runuser", "--preserve-environment", "-u", user, "--"] if user else []
         return ["ip", "netns", "exec", self.name, *as_user, *argv]
 
 
