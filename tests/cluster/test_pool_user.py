@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.local import LocalCluster
 from cluster.pool_user import PoolUser, PoolUserError
+from core.settings import ENV_PREFIX, Settings
 from tests.netns_host import ensure_system_user
 
 USER = "darkgpu-pool"
@@ -94,3 +96,22 @@ def test_an_interpreter_it_cannot_run_is_refused_with_what_to_do(
     monkeypatch.setattr(sys, "executable", str(hidden / "python"))
     with pytest.raises(PoolUserError, match="cannot run .*make install PYTHON="):
         user.prepare(token)
+
+
+def test_the_pools_head_is_started_as_its_user_with_none_of_the_platforms_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ensure_system_user(USER)
+    monkeypatch.setenv("DARKGPU_STRIPE_SECRET_KEY", "sk_live_operator")
+    settings = Settings(data_dir=tmp_path, pool_user=USER, pool_node_ip="10.9.0.1")
+    pool, control = LocalCluster.pool(settings), LocalCluster.control(settings)
+    assert pool.user is not None and control.user is None
+    env = pool.process_env()
+    assert env["HOME"] == str(pool.user.home) and env["USER"] == USER
+    assert env["RAY_AUTH_TOKEN_PATH"] == str(pool.user.token_path)  # its copy, not root's
+    assert not [name for name in env if name.startswith(ENV_PREFIX)]
+    assert pool.process_options()["user"] == pool.user.uid
+    assert pool.address == "10.9.0.1:6383" == settings.agent_cluster_address
+    # what root's own processes use to reach the pool: root's token, never the user's copy
+    assert pool.env()["RAY_AUTH_TOKEN_PATH"] == str(settings.ray_token_path)
+    assert control.process_options() == {} and control.address.startswith("127.0.0.1:")

@@ -4,13 +4,14 @@ store), so what is bound into the pool's app is what a provider can read."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ray import cloudpickle
 
 from cluster.pools import pool_token
 from core.settings import Settings
-from serve_app.pool import build_pool_app
+from serve_app.pool import build_pool_app, pool_arguments
 from serve_app.pool_protocol import credential_digest
 
 SECRETS = {
@@ -39,3 +40,17 @@ def test_the_credential_is_made_once_and_kept_private(tmp_path: Path) -> None:
     assert pool_token(settings) == first and len(first) == 64
     assert (tmp_path / "pool_token").stat().st_mode & 0o777 == 0o600
     assert pool_token(Settings(data_dir=tmp_path, pool_token="configured")) == "configured"
+
+
+def test_the_pool_is_handed_nothing_of_the_data_directory(tmp_path: Path) -> None:
+    """What the pool's deploy process is given (it runs as the pool's user where one is set,
+    who may not read the data directory): JSON naming no path in it, once the local models
+    are elsewhere (`darkgpu up` puts them in the pool's user's folder)."""
+    data, models = tmp_path / "data", tmp_path / "pool-models"
+    args = {"data_dir": str(data), "local_models_dir": str(models), **SECRETS}
+    arguments = pool_arguments(args)
+    sent = json.dumps(arguments)
+    assert str(data) not in sent and str(models) in sent
+    for secret in SECRETS.values():
+        assert secret not in sent
+    assert arguments["credential_sha256"] == credential_digest(pool_token(Settings(**args)))
