@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,7 +44,7 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent_bootstrap.agent import RayCli, node_spec
+from agent_bootstrap.agent import RayCli, RayError, node_spec
 from agent_bootstrap.api import PlatformClient, PlatformError
 from agent_bootstrap.evidence import make_evidence
 from agent_bootstrap.nvml import RecordedReader, detect
@@ -69,10 +70,11 @@ from kernel.labels import (
     CONTROL_SELECTOR,
     LOCAL_PROVIDER_ID,
     PROVIDER_ID_LABEL,
+    ROLE_LABEL,
     TRUST_TIER_LABEL,
     TrustTier,
 )
-from serve_app.pool_protocol import parse_replicas
+from serve_app.pool_protocol import parse_nodes, parse_replicas
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
 from tests.exact_tokens import EXACT
@@ -186,14 +188,21 @@ class Cluster:
             admin("account", "update", "--account", str(account["id"]), "--rpm", str(rpm))
         return admin("key", "create", "--account", str(account["id"]))["key"]
 
+    def pool_nodes(self) -> list[nodes.ClusterNode]:
+        """The pool's node table, as its gateway lists it to the control plane."""
+        return parse_nodes(self._pool_get("nodes"))
+
+    def _pool_get(self, path: str) -> bytes:
+        token = (Path(self.env["DARKGPU_DATA_DIR"]) / "pool_token").read_text().strip()
+        pool = f"http://127.0.0.1:{PORTS['POOL_HTTP_PORT']}/pool/{path}"
+        got = httpx.get(pool, headers={"authorization": f"Bearer {token}"}, timeout=30)
+        got.raise_for_status()
+        return got.content
+
     def replicas(self, model: str = MODEL) -> dict[str, str]:
         """replica id -> provider id, as the pool's gateway lists them (what the ingress
         reads: each replica with the stats it reports)."""
-        token = (Path(self.env["DARKGPU_DATA_DIR"]) / "pool_token").read_text().strip()
-        pool = f"http://127.0.0.1:{PORTS['POOL_HTTP_PORT']}/pool/replicas"
-        got = httpx.get(pool, headers={"authorization": f"Bearer {token}"}, timeout=30)
-        got.raise_for_status()
-        listed = parse_replicas(got.content).replicas
+        listed = parse_replicas(self._pool_get("replicas")).replicas
         return {r.replica_id: name(r.stats["provider_id"]) for r in listed if r.model == model}
 
     def set_status(self, provider: str, status: ProviderStatus) -> None:
@@ -865,7 +874,8 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     environment and command line of every process it may read; then p6 reads the pool's whole
     key-value store and tries the control plane's Ray cluster with the pool's token. Nothing
     is found, read or let in. It joins again claiming the control role and the verified tier:
-    its node is drained. Last, it serves darkgpu-tiny-b from its machine with a patched vLLM
+    its node is drained (within a second or two: the warden may end it before `ray start`
+    has seen it up). Last, it serves darkgpu-tiny-b from its machine with a patched vLLM
     that reports ten times the completion tokens it generates: each request is billed at what
     the ingress delivered, and struck; at ten strikes it gets no request."""
     data = Path(cluster.env["DARKGPU_DATA_DIR"])
@@ -916,13 +926,22 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     cluster.nodes["p6"].drain("leaving", 30)
     assert wait_for(lambda: not _raylets(cluster.session, "p6"), timeout_s=60)
     claimed = {**CONTROL_SELECTOR, TRUST_TIER_LABEL: TrustTier.verified.value}
-    rogue, ticket = _join_from_host(cluster, claimed)
-    with pytest.raises(PlatformError) as refused:  # its ticket is not redeemed for that
-        _bind(rogue, ticket)
-    assert (refused.value.status, refused.value.code) == (409, "node_label_mismatch")
-    rogue_node = rogue.node_id()
-    assert wait_for(lambda: _drained(cluster, "p6", rogue_node), timeout_s=60)
-    assert wait_for(lambda: not _raylets(cluster.session, "p6"), timeout_s=120)
+    with suppress(RayError):  # the warden may drain it before `ray start` has seen it up
+        _join_from_host(cluster, claimed)
+    # (its ticket would not be redeemed for such a node either: tests/cluster/test_nodes.py)
+
+    def claimed_control() -> list[nodes.ClusterNode]:
+        return [n for n in cluster.pool_nodes() if n.labels.get(PROVIDER_ID_LABEL) == IDS["p6"]
+                and n.labels.get(ROLE_LABEL) == "control"]  # fmt: skip
+
+    assert claimed_control(), "it never joined"
+    gone = lambda: (
+        not _raylets(cluster.session, "p6")
+        and not any(  # noqa: E731
+            n.alive for n in claimed_control()
+        )
+    )
+    assert wait_for(gone, timeout_s=60)
     _bind(*_join_from_host(cluster, {}, model=MODEL_B, patched=True), model=MODEL_B)
     key = cluster.new_key()
     client = openai.OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
