@@ -193,8 +193,8 @@ def undeploy_pool(
 
 class PoolDeploy:
     """The pool's deploy, in a process of its own with the pool's Ray environment (`env`, its
-    whole environment), started with `options` (`LocalCluster.process_options`): `start`
-    hands it `deployment` and returns the pool head's node id once the gateway runs; its
+    whole environment), started with `options` (`LocalCluster.process_options`) and handed
+    `deployment` at once: `start` returns the pool head's node id once the gateway runs; its
     replicas' progress goes on reaching `note` (from a thread) until `stop`."""
 
     def __init__(
