@@ -935,12 +935,10 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
                 and n.labels.get(ROLE_LABEL) == "control"]  # fmt: skip
 
     assert claimed_control(), "it never joined"
-    gone = lambda: (
-        not _raylets(cluster.session, "p6")
-        and not any(  # noqa: E731
-            n.alive for n in claimed_control()
-        )
-    )
+
+    def gone() -> bool:
+        return not _raylets(cluster.session, "p6") and not any(n.alive for n in claimed_control())
+
     assert wait_for(gone, timeout_s=60)
     _bind(*_join_from_host(cluster, {}, model=MODEL_B, patched=True), model=MODEL_B)
     key = cluster.new_key()
