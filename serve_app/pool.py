@@ -243,7 +243,7 @@ def pool_arguments(args: dict[str, Any] | None = None) -> dict[str, Any]:
         "credential_sha256": credential_digest(pool_token(settings)),
         "settings": model_settings(
             {**settings.model_dump(mode="json"), "local_models_dir": models_dir}
-        ),  # fmt: skip
+        ),
     }
 
 

@@ -77,6 +77,7 @@ from kernel.labels import (
 from serve_app.pool_protocol import parse_nodes, parse_replicas
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
+from tests.control_secrets import data_dir_secrets, store_bytes
 from tests.exact_tokens import EXACT
 from tests.netns_host import NetnsHost, ensure_system_user
 from tests.ports import port
@@ -794,12 +795,17 @@ def test_a_suspended_provider_gets_no_more_requests_and_its_node_is_drained(
 PATCHED_VLLM = Path(__file__).with_name("patched_vllm")  # p6's vLLM, once it is patched
 
 
+def _pool_user() -> PoolUser:
+    """The pool's head's user (made by the fixture), its home and its copy of the Ray token."""
+    return PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"]))
+
+
 def _p6_home() -> Path:
     """p6's machine's own folder (its home, and Ray's temporary directory there: its Ray's
     files are not the pool's head's), the pool's user's."""
     home = Path(tempfile.gettempdir()) / f"darkgpu-p6-{PORTS['POOL_RAY_PORT']}"
     home.mkdir(mode=0o700, exist_ok=True)
-    pool_user = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"]))
+    pool_user = _pool_user()
     os.chown(home, pool_user.uid, pool_user.gid)
     return home
 
@@ -836,7 +842,7 @@ def _join_from_host(
     `model` with its GPU, else offering no GPU (no replica is planned for it). Its Ray, and
     the ticket to redeem (`_bind`)."""
     ticket = _agent("p6").join_ticket()
-    token = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).token_path
+    token = _pool_user().token_path
     ray = RayCli(token, run=_in_host(cluster, "p6", patched))
     models = [model] if model else []
     spec = node_spec(cluster.address, IDS["p6"], TrustTier.basic, NODE_GPU, HOST.ip, models)
@@ -857,7 +863,7 @@ def _bind(ray: RayCli, ticket: str, model: str = MODEL) -> None:
 def _as_p6(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     """`tests.serve_app.pool_member` run on p6's machine with its agent's token."""
     run = _in_host(cluster, "p6")
-    token = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).token_path
+    token = _pool_user().token_path
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), NODE_IP_VARIABLE: HOST.ip}
     return run([sys.executable, "-m", "tests.serve_app.pool_member", *args], env)
 
@@ -879,15 +885,7 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     that reports ten times the completion tokens it generates: each request is billed at what
     the ingress delivered, and struck; at ten strikes it gets no request."""
     data = Path(cluster.env["DARKGPU_DATA_DIR"])
-    token = (data / "pool_token").read_text().strip()
-    users = json.loads((data / "redis-users.json").read_text())
-    secrets = {
-        "the pool's credential": token,
-        "the control plane's Ray token": (data / "control_ray_auth_token").read_text().strip(),
-        "the attestation key": (data / "attestation_secret").read_text().strip(),
-        **{f"Redis password {server}/{user}": password for server, found in users.items()
-           for user, password in found["users"].items()},
-    }  # fmt: skip
+    secrets = data_dir_secrets(data)
     files = sorted(str(f) for f in data.rglob("*") if f.is_file())
     assert str(data / "darkgpu.db") in files
     servers = [(host, p) for host in ("127.0.0.1", POOL_IP) for p in (REDIS_PORT, STATE_REDIS_PORT)]
@@ -897,7 +895,7 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     done = _as_p6(cluster, "probe", cluster.address, tried)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    pool_uid = PoolUser.named(POOL_USER, int(PORTS["POOL_RAY_PORT"])).uid
+    pool_uid = _pool_user().uid
     for node in (head, p6_node):
         reached = found[node]
         assert reached["uid"] == pool_uid  # not root, on the pool's head too
@@ -913,8 +911,7 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     assert found[head]["answered"][f"127.0.0.1:{REDIS_PORT}"].startswith("-NOAUTH")
     store = _as_p6(cluster, "store", cluster.address)
     assert store.returncode == 0, store.stderr[-3000:]
-    held = b"".join(base64.b64decode(k) + base64.b64decode(v)
-                    for k, v in json.loads(store.stdout.strip().splitlines()[-1]))  # fmt: skip
+    held = store_bytes(store.stdout)
     assert b"pool-gateway" in held
     assert [name for name, secret in secrets.items() if secret.encode() in held] == []
     control = f"{POOL_IP}:{PORTS['RAY_PORT']}"  # the control plane's GCS listens there too

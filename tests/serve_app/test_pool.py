@@ -3,7 +3,6 @@ through it, with the pool's credential; a consumer can neither call it nor steer
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from serve_app.pool_protocol import (
     parse_nodes,
     parse_replicas,
 )
+from tests.control_secrets import data_dir_secrets, store_bytes
 
 LOCAL = "darkgpu-tiny"
 BODY = {"model": LOCAL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -120,20 +120,16 @@ def test_with_the_credential_the_pool_lists_its_nodes_and_drains_only_a_node_id(
         assert refused.json()["error"]["type"] == "invalid_request"
 
 
-def _control_secrets(platform, pool_token: str) -> dict[str, str]:
-    """Each secret of the control plane, by name: what no member of the pool may find."""
+def _control_secrets(platform) -> dict[str, str]:
+    """Each secret of the control plane, by name: what no member of the pool may find (those
+    under the data directory, and what the operator set in the environment)."""
     data = Path(platform.env["DARKGPU_DATA_DIR"])
-    users = json.loads((data / "redis-users.json").read_text())
-    passwords = [p for server in users.values() for p in server["users"].values()]
     return {
-        "the pool's credential": pool_token,
-        "the control plane's Ray token": (data / "control_ray_auth_token").read_text().strip(),
-        "the attestation key": (data / "attestation_secret").read_text().strip(),
+        **data_dir_secrets(data),
         "the Stripe key": platform.env["DARKGPU_STRIPE_SECRET_KEY"],
         "the webhook secret": platform.env["DARKGPU_STRIPE_WEBHOOK_SECRET"],
         "the database": str(data / "darkgpu.db"),
         "the money Redis": platform.env["DARKGPU_REDIS_URL"].rsplit(":", 1)[1],
-        **{f"Redis password {i}": p for i, p in enumerate(passwords)},
     }
 
 
@@ -160,10 +156,9 @@ def test_a_member_of_the_pool_finds_no_secret_of_the_control_plane(
     plane, and the control plane's cluster does not take the token."""
     done = _as_member(platform, "store", "DARKGPU_POOL_RAY_PORT")
     assert done.returncode == 0, done.stderr[-3000:]
-    store = json.loads(done.stdout.strip().splitlines()[-1])
-    held = b"".join(base64.b64decode(k) + base64.b64decode(v) for k, v in store)
+    held = store_bytes(done.stdout)
     assert b"pool-gateway" in held  # the pool's deployments are there: it was read whole
-    secrets = _control_secrets(platform, pool_token)
+    secrets = _control_secrets(platform)
     found = [name for name, secret in secrets.items() if secret.encode() in held]
     assert found == []
     tried = _as_member(platform, "join", "DARKGPU_RAY_PORT", timeout_s=300)
@@ -185,7 +180,7 @@ def test_a_member_of_the_pool_finds_no_secret_where_its_deployments_run(
     environments = json.loads(done.stdout.strip().splitlines()[-1])
     assert environments and all("RAY_AUTH_TOKEN_PATH" in env for env in environments.values())
     held = json.dumps(environments)
-    secrets = _control_secrets(platform, pool_token)
+    secrets = _control_secrets(platform)
     assert [name for name, secret in secrets.items() if secret in held] == []
     settings = {
         name for env in environments.values() for name in env if name.startswith(ENV_PREFIX)
