@@ -72,7 +72,10 @@ class PoolUser:
         this Python (a venv whose interpreter lies under a directory only root enters, such as
         /root, cannot serve as another user)."""
         self._make_home()
-        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # the home is the user's: whatever it left at this name (a link to a file of root's)
+        # is removed, never written through
+        self.token_path.unlink(missing_ok=True)
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             os.fchown(f.fileno(), self.uid, self.gid)
             f.write(token.read_text())

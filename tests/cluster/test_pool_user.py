@@ -85,6 +85,24 @@ def test_a_home_someone_else_made_first_is_refused(user: PoolUser, base: Path) -
         user.prepare(token)
 
 
+def test_what_it_left_in_its_home_is_never_written_through(user: PoolUser, base: Path) -> None:
+    """Every member of the pool runs code as this user, who owns the home: before a restart it
+    puts, at the token's name, a hard link to a file of root's (which a kernel without
+    protected_hardlinks lets it make) or a symbolic link. Root's file is neither truncated,
+    written nor given away."""
+    token = base / "token"
+    token.write_text("pool token")
+    victim = base / "root-only"
+    victim.write_text("root's own")
+    user.prepare(token)
+    for link in (os.link, os.symlink):
+        user.token_path.unlink()
+        link(victim, user.token_path)
+        user.prepare(token)
+        assert victim.read_text() == "root's own" and victim.stat().st_uid == 0
+        assert user.token_path.read_text() == "pool token" and not user.token_path.is_symlink()
+
+
 def test_an_interpreter_it_cannot_run_is_refused_with_what_to_do(
     user: PoolUser, base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
