@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import REPO_ROOT
 from tests.billing.fake_stripe import API_KEY, WEBHOOK_SECRET, FakeStripe, serve
+from tests.netns_host import POOL_USER, ensure_system_user, reachable_by_others
 from tests.ports import port
 
 BIN = Path(sys.executable).parent
@@ -58,6 +60,15 @@ class Platform:
             self.admin("credits", "grant", "--account", str(account["id"]), "--usd", usd)
         key = self.admin("key", "create", "--account", str(account["id"]))
         return account["id"], key["key"]
+
+
+@pytest.fixture(scope="session")
+def pool_user() -> Iterator[str]:
+    """The unprivileged user a pool's head runs as in tests (`Settings.pool_user`): made if
+    missing, and able to reach this checkout and its venv for the session."""
+    ensure_system_user(POOL_USER)
+    with reachable_by_others([REPO_ROOT, Path(sys.prefix)]):
+        yield POOL_USER
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,16 @@ nothing routes anywhere else. Traffic stays on this machine. Needs root (`ip net
 
 from __future__ import annotations
 
+import os
 import pwd
+import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
+POOL_USER = "darkgpu-pool"  # the unprivileged user a pool's head runs as in tests
 
 
 @dataclass(frozen=True)
@@ -59,3 +65,24 @@ def ensure_system_user(name: str) -> None:
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
                         "/usr/sbin/nologin", name], check=True, timeout=30)  # fmt: skip
+
+
+@contextmanager
+def reachable_by_others(paths: Iterable[Path]) -> Iterator[None]:
+    """Every folder above `paths` lets other users through (search permission only, not
+    listing) while this lasts, then has its own mode back: a checkout in a folder only root
+    may enter (`mktemp -d` makes them 0700) is out of the pool's user's reach, and the pool's
+    head runs this checkout's venv as that user. An operator installs the platform where
+    the user reaches it."""
+    opened: dict[Path, int] = {}
+    for path in paths:
+        for folder in (path.resolve(), *path.resolve().parents):
+            mode = folder.stat().st_mode
+            if folder not in opened and not mode & stat.S_IXOTH:
+                opened[folder] = stat.S_IMODE(mode)
+                os.chmod(folder, stat.S_IMODE(mode) | stat.S_IXOTH)
+    try:
+        yield
+    finally:
+        for folder, mode in opened.items():
+            os.chmod(folder, mode)

@@ -16,9 +16,6 @@ import pytest
 from cluster.local import LocalCluster
 from cluster.pool_user import PoolUser, PoolUserError
 from core.settings import ENV_PREFIX, Settings
-from tests.netns_host import ensure_system_user
-
-USER = "darkgpu-pool"
 
 
 @pytest.fixture
@@ -32,9 +29,8 @@ def base() -> Iterator[Path]:
 
 
 @pytest.fixture
-def user(base: Path) -> PoolUser:
-    ensure_system_user(USER)
-    named = PoolUser.named(USER, 1)
+def user(base: Path, pool_user: str) -> PoolUser:
+    named = PoolUser.named(pool_user, 1)
     return PoolUser(named.name, named.uid, named.gid, base / "home")
 
 
@@ -117,15 +113,14 @@ def test_an_interpreter_it_cannot_run_is_refused_with_what_to_do(
 
 
 def test_the_pools_head_is_started_as_its_user_with_none_of_the_platforms_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool_user: str
 ) -> None:
-    ensure_system_user(USER)
     monkeypatch.setenv("DARKGPU_STRIPE_SECRET_KEY", "sk_live_operator")
-    settings = Settings(data_dir=tmp_path, pool_user=USER, pool_node_ip="10.9.0.1")
+    settings = Settings(data_dir=tmp_path, pool_user=pool_user, pool_node_ip="10.9.0.1")
     pool, control = LocalCluster.pool(settings), LocalCluster.control(settings)
     assert pool.user is not None and control.user is None
     env = pool.process_env()
-    assert env["HOME"] == str(pool.user.home) and env["USER"] == USER
+    assert env["HOME"] == str(pool.user.home) and env["USER"] == pool_user
     assert env["RAY_AUTH_TOKEN_PATH"] == str(pool.user.token_path)  # its copy, not root's
     assert not [name for name in env if name.startswith(ENV_PREFIX)]
     assert pool.process_options()["user"] == pool.user.uid

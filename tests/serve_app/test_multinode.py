@@ -79,7 +79,7 @@ from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100_CC_ON, RTX_4090
 from tests.control_secrets import data_dir_secrets, store_bytes
 from tests.exact_tokens import EXACT
-from tests.netns_host import NetnsHost, ensure_system_user
+from tests.netns_host import POOL_USER, NetnsHost
 from tests.ports import port
 from tests.serve_app.pool_member import NODE_IP_VARIABLE
 
@@ -93,7 +93,6 @@ PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
          "POOL_METRICS_PORT": str(port(8101)), "POOL_DASHBOARD_PORT": str(port(8286))}  # fmt: skip
 API_ROOT = f"http://127.0.0.1:{PORTS['HTTP_PORT']}"  # the platform's, as agents call it
 REDIS_PORT = port(6402)
-POOL_USER = "darkgpu-pool"  # the pool's head runs as this unprivileged user
 HOST = NetnsHost.for_port(int(PORTS["POOL_RAY_PORT"]))  # p6's machine; the pool's head is at
 POOL_IP = HOST.gateway_ip  # its end of the pair, which the other providers' nodes reach too
 STATE_REDIS_PORT = port(6403)  # the replicas' stats, sessions: what is not money
@@ -310,7 +309,7 @@ def _node_id(session: str, provider: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, pool_user: str) -> Iterator[Cluster]:
     data = tmp_path_factory.mktemp("multinode")
     models = data / "models.toml"
     catalog = (CONFIGS_DIR / "models.toml").read_text()
@@ -341,7 +340,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if _listening(int(taken)):
             pytest.fail(f"port {taken} is taken: a previous run left something behind")
     try:
-        ensure_system_user(POOL_USER)
         HOST.create()
         _register(data)
         pool.start_head()
