@@ -427,6 +427,8 @@ class Agent:
             self.deps.platform.bind_node(ticket, self.deps.ray.node_id(), self.config.models)
         except Exception as exc:  # unbound, it would get no traffic and be drained
             self._leave(f"could not bind this node to the provider: {exc}")
+            # its tier's pool may have changed (the node is looked up there): ask again
+            self.credentials = self.credentials.model_copy(update={"ray_auth_token": None})
             return
         self.phase, self.reason = Phase.joined, "serving"
         self._last_heartbeat = -float("inf")

@@ -6,15 +6,17 @@ The control plane's (`LocalCluster.control`): one head, labelled the control nod
 reconciler run there), its Ray token under the data directory as `control_ray_auth_token`,
 which no provider is ever given. Nothing of a provider joins it.
 
-The supply pool's (`LocalCluster.pool`): a head of its own ports and token
-(`ray_auth_token`: what an approved provider's agent is given, `Settings.ray_token_path`),
-labelled as a provider node of provider `local` (tier `basic`) and as the pool's control node
-(its gateway runs there), offering its GPUs' VRAM as the `vram_gb` resource, so the same
-placement rules apply as on a real pool. Providers' nodes join it, and only it, at
-`Settings.pool_node_ip`. Every member of the pool can run code on its head: the head's
-processes get none of the operator's `DARKGPU_*` environment, and where `Settings.pool_user`
-is set they run as that unprivileged user (`cluster.pool_user`), who reads nothing of the
-data directory. Ray's token authentication is on in both; each token file is mode 0600.
+The supply pools' (`LocalCluster.pool`, one per trust tier: `cluster.pools`): each a head of
+its own ports and token (`Pool.ray_token_path`: what an approved provider's agent of its tier
+is given), labelled as the pool's control node (its gateway runs there). The basic pool's
+head is also a provider node of provider `local` (tier `basic`), offering its GPUs' VRAM as
+the `vram_gb` resource and every catalog model, so the same placement rules apply as on a
+real pool; the verified pool's serves nothing (the operator's machine is not attested).
+Providers' nodes join their tier's pool, and only it, at its `node_ip`. Every member of a
+pool can run code on its head: the head's processes get none of the operator's `DARKGPU_*`
+environment, and where the pool's `user` is set they run as that unprivileged user
+(`cluster.pool_user`), who reads nothing of the data directory. Ray's token authentication
+is on in all three; each token file is mode 0600.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 from cluster.catalog import load_catalog
 from cluster.gpu import local_gpus
 from cluster.pool_user import PoolUser
+from cluster.pools import Pool, pools
 from cluster.processes import forget_address, session_of, stop_session
 from core.settings import ENV_PREFIX, Settings
 from kernel.labels import (
@@ -49,27 +52,36 @@ CONTROL_TOKEN_FILE = "control_ray_auth_token"
 
 
 class LocalCluster:
-    def __init__(self, settings: Settings, pool: bool = False) -> None:
+    def __init__(self, settings: Settings, of_pool: Pool | None = None) -> None:
         self.settings = settings
         self.data_dir = settings.resolved_data_dir
-        self.is_pool = pool
-        self.port = settings.pool_ray_port if pool else settings.ray_port
-        self.dashboard_port = settings.pool_dashboard_port if pool else settings.dashboard_port
-        self.metrics_port = settings.pool_metrics_port if pool else settings.metrics_port
-        self.token_path = settings.ray_token_path if pool else self.data_dir / CONTROL_TOKEN_FILE
-        self.host = settings.pool_node_ip if pool else "127.0.0.1"
+        self.of_pool = of_pool
+        if of_pool is None:
+            self.port, self.host = settings.ray_port, "127.0.0.1"
+            self.dashboard_port, self.metrics_port = settings.dashboard_port, settings.metrics_port
+            self.token_path = self.data_dir / CONTROL_TOKEN_FILE
+        else:
+            own = of_pool.settings
+            self.port, self.host = own.ray_port, own.node_ip
+            self.dashboard_port, self.metrics_port = own.dashboard_port, own.metrics_port
+            self.token_path = of_pool.ray_token_path
 
     @classmethod
     def control(cls, settings: Settings) -> LocalCluster:
         return cls(settings)
 
     @classmethod
-    def pool(cls, settings: Settings) -> LocalCluster:
-        return cls(settings, pool=True)
+    def pool(cls, settings: Settings, tier: TrustTier = TrustTier.basic) -> LocalCluster:
+        """The head of a trust tier's supply pool."""
+        return cls(settings, pools(settings)[tier])
+
+    @property
+    def is_pool(self) -> bool:
+        return self.of_pool is not None
 
     @property
     def name(self) -> str:
-        return "supply pool" if self.is_pool else "control plane"
+        return self.of_pool.name if self.of_pool is not None else "control plane"
 
     @property
     def address(self) -> str:
@@ -78,9 +90,9 @@ class LocalCluster:
     @cached_property
     def user(self) -> PoolUser | None:
         """The unprivileged user the pool's head runs as, if one is set."""
-        if not (self.is_pool and self.settings.pool_user):
+        if self.of_pool is None or not self.of_pool.settings.user:
             return None
-        return PoolUser.named(self.settings.pool_user, self.port)
+        return PoolUser.named(self.of_pool.settings.user, self.port)
 
     def env(self) -> dict[str, str]:
         """Environment for every process that talks to this cluster."""
@@ -128,9 +140,9 @@ class LocalCluster:
                 f.write(secrets.token_hex(32))
 
     def _node_spec(self) -> tuple[dict[str, str], dict[str, float]]:
-        """The head's labels and resources: the control role; in the pool, also the platform's
-        own provider node, which may serve any catalog model that fits it."""
-        if not self.is_pool:
+        """The head's labels and resources: the control role; in the basic pool, also the
+        platform's own provider node, which may serve any catalog model that fits it."""
+        if self.of_pool is None or self.of_pool.tier is not TrustTier.basic:
             return dict(CONTROL_SELECTOR), {}
         gpus = local_gpus()
         identity = NodeIdentity(

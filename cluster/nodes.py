@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from core.schema import JoinTicket, Provider, ProviderNode, ProviderReview, utcnow
 from kernel.errors import AuthError, Conflict, Forbidden, InvalidRequest
-from kernel.labels import LOCAL_PROVIDER_ID, PROVIDER_ID_LABEL, ROLE_LABEL
+from kernel.labels import LOCAL_PROVIDER_ID, PROVIDER_ID_LABEL, ROLE_LABEL, TrustTier
 from kernel.tokens import hash_key
 
 TICKET_PREFIX = "dgpj-"
@@ -175,6 +175,13 @@ def allow_lists(engine: Engine) -> dict[str, tuple[str, ...]]:
     return {node_id: tuple(json.loads(models or "[]")) for node_id, models in rows}
 
 
+def provider_tiers(engine: Engine) -> dict[str, TrustTier]:
+    """provider id -> its trust tier, as the registry has it."""
+    with Session(engine) as session:
+        rows = session.execute(select(Provider.id, Provider.trust_tier)).all()
+    return {provider_id: TrustTier(tier) for provider_id, tier in rows}
+
+
 def approved_providers(engine: Engine) -> set[str]:
     with Session(engine) as session:
         approved = select(Provider.id).where(Provider.review == ProviderReview.approved.value)
@@ -205,11 +212,15 @@ def nodes_to_remove(
     now_s: float,
     grace_s: float,
     approved: Collection[str] | None = None,
+    tiers: Mapping[str, TrustTier] | None = None,
+    pool: TrustTier | None = None,
 ) -> dict[str, str]:
     """node id -> why it must leave: a node that claims the control role and is not one; one
     that claims a provider it is not bound to (after `grace_s` to redeem its ticket); one
     bound to a provider but labelled as another; one whose provider is no longer approved
-    (suspended or revoked: its agent drains it, and a patched agent is drained anyway)."""
+    (suspended or revoked: its agent drains it, and a patched agent is drained anyway); in
+    the `pool` of one trust tier, one whose provider is of another (`tiers`: its tier changed
+    since it joined; it rejoins its tier's pool)."""
     control = set(control_nodes)
     out = {}
     for node in nodes:
@@ -222,6 +233,8 @@ def nodes_to_remove(
             out[node.node_id] = f"it is bound to {owner} but labelled {claimed}"
         elif owner is not None and approved is not None and owner not in approved:
             out[node.node_id] = f"its provider {owner} is not approved"
+        elif owner is not None and pool is not None and (tiers or {}).get(owner) is not pool:
+            out[node.node_id] = f"its provider {owner} is not of the {pool.value} tier"
         elif owner is None and now_s - first_seen_s.get(node.node_id, now_s) > grace_s:
             out[node.node_id] = "it never redeemed a join ticket for its labels"
     return out

@@ -34,6 +34,7 @@ from cluster.attestation import (
     decode_public_key,
     issue_challenge,
 )
+from cluster.pools import pools
 from core.local_secrets import made_once
 from core.schema import (
     Account,
@@ -499,16 +500,14 @@ class ProviderPlatform:
     settings: Settings
     verifier: CcVerifier = field(default_factory=NoVerifier)
 
-    def cluster_address(self) -> str:
-        return self.settings.agent_cluster_address
+    def cluster_address(self, tier: TrustTier) -> str:
+        """Where a provider of `tier` joins: its tier's pool (`cluster.pools`)."""
+        return pools(self.settings)[tier].agent_address
 
-    def ray_token_path(self) -> Path:
-        return self.settings.ray_token_path
-
-    def ray_token(self) -> str:
-        """The cluster's Ray auth token, or ClusterNotReady when the cluster has none yet."""
+    def ray_token(self, tier: TrustTier) -> str:
+        """The Ray auth token of `tier`'s pool, or ClusterNotReady when it has none yet."""
         try:
-            token = self.ray_token_path().read_text().strip()
+            token = pools(self.settings)[tier].ray_token_path.read_text().strip()
         except OSError:
             token = ""
         if not token:

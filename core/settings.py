@@ -14,10 +14,11 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core import redis_users
+from kernel.labels import TrustTier
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -40,8 +41,72 @@ RETURN_PATHS = {
 }
 
 
+class PoolSettings(BaseModel):
+    """One supply pool (a Ray cluster of its own, per trust tier: `cluster.pools`): where the
+    control plane reaches its gateway and with what, where providers' nodes join it, and, on
+    the local platform, the head `darkgpu up` starts for it. The basic pool's are the flat
+    `pool_*` settings (`Settings.pools`); the verified pool's, `verified_pool`
+    (`DARKGPU_VERIFIED_POOL__RAY_PORT`, … or one JSON object in `DARKGPU_VERIFIED_POOL`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ray_port: int
+    dashboard_port: int
+    metrics_port: int = Field(description="Prometheus metrics of the pool's head (Serve, vLLM).")
+    http_host: str = Field(
+        default="127.0.0.1",
+        description="Where the pool's gateway listens: an address the control plane reaches.",
+    )
+    http_port: int
+    node_ip: str = Field(
+        default="127.0.0.1",
+        description="The local pool's head's address (Ray's --node-ip-address): one its "
+        "providers' nodes reach, on the network between them and the pool only.",
+    )
+    user: str = Field(
+        default="",
+        description="An unprivileged system user the local pool's head runs as (`darkgpu up` "
+        "as root), each pool a user of its own. Every member of a pool can run code on its "
+        "head: as this user, that code reads nothing of the data directory, nor any "
+        "process's environment there, nor the other pool's head's. Empty: the head runs as "
+        "`darkgpu up`'s own user, for a pool of the operator's own nodes only.",
+    )
+    url: str = Field(
+        default="",
+        description="Base URL of the pool's gateway; empty: the local platform's own, "
+        "http://<http_host>:<http_port>/pool.",
+    )
+    token: SecretStr = Field(
+        default=SecretStr(""),
+        description="The credential the ingress presents to the pool (the gateway keeps only "
+        "its SHA-256); empty: made once under the data directory (cluster.pools).",
+    )
+    cluster_address: str = Field(
+        default="",
+        description="host:port of the pool's Ray head, which its agents join, on the "
+        "overlay network (e.g. 10.8.0.1:6383); empty: the local head, <node_ip>:<ray_port>.",
+    )
+    ray_auth_token_path: Path | None = Field(
+        default=None,
+        description="The pool's Ray token, which approved agents of its tier are given; "
+        "unset: made once under the data directory (cluster.local). The control plane's "
+        "cluster has its own.",
+    )
+
+
+class VerifiedPoolSettings(PoolSettings):
+    """The verified tier's pool: its local head on ports of its own."""
+
+    ray_port: int = 6384
+    dashboard_port: int = 8267
+    metrics_port: int = 8082
+    http_port: int = 8002
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", env_nested_delimiter="__"
+    )
 
     data_dir: Path = Field(
         default=Path("~/.local/share/darkgpu"),
@@ -141,30 +206,18 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8000
-    # The supply pool: a Ray cluster of its own, which providers' nodes join (never the
-    # control plane's); its head runs the pool's gateway (serve_app.pool) behind Serve's proxy.
+    # The supply pools: a Ray cluster per trust tier, which providers' nodes of that tier join
+    # (never the control plane's); each head runs its pool's gateway (serve_app.pool) behind
+    # Serve's proxy. These flat `pool_*` settings are the basic pool's (`PoolSettings` says
+    # what each means); `verified_pool` holds the verified pool's.
     pool_ray_port: int = 6383
     pool_dashboard_port: int = 8266
-    pool_metrics_port: int = Field(
-        default=8081, description="Prometheus metrics of the pool's head (Serve, vLLM)."
-    )
-    pool_http_host: str = Field(
-        default="127.0.0.1",
-        description="Where the pool's gateway listens: an address the control plane reaches.",
-    )
+    pool_metrics_port: int = 8081
+    pool_http_host: str = "127.0.0.1"
     pool_http_port: int = 8001
-    pool_node_ip: str = Field(
-        default="127.0.0.1",
-        description="The local pool's head's address (Ray's --node-ip-address): one its "
-        "providers' nodes reach, on the network between them and the pool only.",
-    )
-    pool_user: str = Field(
-        default="",
-        description="An unprivileged system user the local pool's head runs as (`darkgpu up` "
-        "as root). Every member of a pool can run code on its head: as this user, that code "
-        "reads nothing of the data directory, nor any process's environment there. Empty: the "
-        "head runs as `darkgpu up`'s own user, for a pool of the operator's own nodes only.",
-    )
+    pool_node_ip: str = "127.0.0.1"
+    pool_user: str = ""
+    verified_pool: VerifiedPoolSettings = Field(default_factory=lambda: VerifiedPoolSettings())
     ingress_replicas: int = Field(
         default=1,
         ge=1,
@@ -182,17 +235,9 @@ class Settings(BaseSettings):
         "over gRPC, user code runs on the replica's event loop "
         "(bench/serving_overhead.py --serve-modes).",
     )
-    # The supply pool the ingress sends generation to (serve_app.pool), over HTTP.
-    pool_url: str = Field(
-        default="",
-        description="Base URL of the pool's gateway; empty: the local platform's own, "
-        "http://<pool_http_host>:<pool_http_port>/pool.",
-    )
-    pool_token: SecretStr = Field(
-        default=SecretStr(""),
-        description="The credential the ingress presents to the pool (the gateway keeps only "
-        "its SHA-256); empty: made once into <data_dir>/pool_token (cluster.pools).",
-    )
+    # The basic pool's gateway, as the ingress reaches it (`PoolSettings.url`, `.token`).
+    pool_url: str = ""
+    pool_token: SecretStr = SecretStr("")
     pool_read_timeout_s: float = Field(
         default=300.0, gt=0, description="Longest wait for the pool's next bytes of an answer."
     )
@@ -210,17 +255,10 @@ class Settings(BaseSettings):
     model_load_s: int = Field(default=60, ge=1)
 
     # --- providers (cluster.registry) ----------------------------------------------------
-    cluster_address: str = Field(
-        default="",
-        description="host:port of the supply pool's Ray head, which agents join, on the "
-        "overlay network (e.g. 10.8.0.1:6383); empty: the local pool, "
-        "<pool_node_ip>:<pool_ray_port>.",
-    )
-    ray_auth_token_path: Path | None = Field(
-        default=None,
-        description="The supply pool's Ray token, which approved agents are given; unset: "
-        "<data_dir>/ray_auth_token (cluster.local). The control plane's cluster has its own.",
-    )
+    # Where the basic pool's agents join, and its Ray token (`PoolSettings.cluster_address`,
+    # `.ray_auth_token_path`).
+    cluster_address: str = ""
+    ray_auth_token_path: Path | None = None
     attestation_secret: str = Field(
         default="",
         description="HMAC key of attestation challenges; empty: made once into "
@@ -253,6 +291,9 @@ class Settings(BaseSettings):
             plans = REPO_ROOT / plans
         self.plans_file = plans
         self.meter_redis_url = self.meter_redis_url or self.redis_url
+        if self.pool_user and self.pool_user == self.verified_pool.user:
+            # a basic pool's member could read the verified head's processes and token
+            raise ValueError("pool_user and verified_pool.user must be two users, one a pool")
         self._fill_redis_users()
         return self
 
@@ -292,19 +333,22 @@ class Settings(BaseSettings):
         return f"http://{self.http_host}:{self.http_port}/v1"
 
     @property
-    def resolved_pool_url(self) -> str:
-        local = f"http://{self.pool_http_host}:{self.pool_http_port}/pool"
-        return (self.pool_url or local).rstrip("/")
-
-    @property
-    def ray_token_path(self) -> Path:
-        path = self.ray_auth_token_path
-        return path.expanduser() if path else self.data_dir / "ray_auth_token"
-
-    @property
-    def agent_cluster_address(self) -> str:
-        """Where agents join: the configured address, or the local head."""
-        return self.cluster_address or f"{self.pool_node_ip}:{self.pool_ray_port}"
+    def pools(self) -> dict[TrustTier, PoolSettings]:
+        """Each trust tier's supply pool: the basic one's from the flat `pool_*` settings."""
+        basic = PoolSettings(
+            ray_port=self.pool_ray_port,
+            dashboard_port=self.pool_dashboard_port,
+            metrics_port=self.pool_metrics_port,
+            http_host=self.pool_http_host,
+            http_port=self.pool_http_port,
+            node_ip=self.pool_node_ip,
+            user=self.pool_user,
+            url=self.pool_url,
+            token=self.pool_token,
+            cluster_address=self.cluster_address,
+            ray_auth_token_path=self.ray_auth_token_path,
+        )
+        return {TrustTier.basic: basic, TrustTier.verified: self.verified_pool}
 
     def as_args(self) -> dict[str, Any]:
         """The settings as the replicas' constructor arguments, secrets in clear (they cross
@@ -313,4 +357,5 @@ class Settings(BaseSettings):
         for name, value in self:
             if isinstance(value, SecretStr):
                 args[name] = value.get_secret_value()
+        args["verified_pool"]["token"] = self.verified_pool.token.get_secret_value()
         return args

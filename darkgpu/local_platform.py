@@ -13,6 +13,7 @@ everything up started, nothing it did not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from billing.redis_server import LocalRedis, check_money_redis, money_server, state_server
 from cluster.local import LocalCluster
@@ -20,6 +21,10 @@ from core import redis_users
 from core.db import migrate
 from core.settings import Settings
 from darkgpu.progress import Progress
+from kernel.labels import TrustTier
+
+if TYPE_CHECKING:  # imported where used: Ray reads its environment once, on import
+    from serve_app.deploy import PoolDeploy
 
 
 @dataclass
@@ -36,9 +41,9 @@ class LocalPlatform:
         return LocalCluster.control(self.settings)
 
     @property
-    def pool(self) -> LocalCluster:
-        """The supply pool's cluster."""
-        return LocalCluster.pool(self.settings)
+    def pools(self) -> dict[TrustTier, LocalCluster]:
+        """Each trust tier's supply pool's cluster."""
+        return {tier: LocalCluster.pool(self.settings, tier) for tier in TrustTier}
 
     def own_redis(self) -> list[LocalRedis]:
         """The private Redis servers `up` runs where the configured ones are local: the money
@@ -57,10 +62,11 @@ class LocalPlatform:
         return cluster.is_running() and is_deployed(cluster.address)
 
     def up(self, progress: Progress) -> None:
-        cluster, pool = self.cluster, self.pool
+        cluster, pools = self.cluster, self.pools
         cluster.apply_env()
-        pool.ensure_token()
-        from serve_app.deploy import PoolDeploy, deploy, pool_deployment
+        for pool in pools.values():
+            pool.ensure_token()
+        from serve_app.deploy import deploy
 
         data_dir = self.settings.resolved_data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -79,34 +85,45 @@ class LocalPlatform:
             check_money_redis(self.settings.redis_url)
         with progress.step("Database migrated"):
             migrate(self.settings.database_url)
-        for head in (pool, cluster):
+        for head in (*pools.values(), cluster):
             if not head.is_running():
                 with progress.step(f"Ray head ({head.name}) on {head.address}"):
                     head.start_head()
-        pool_settings = self.settings
-        if pool.user is not None and self.settings.local_models_dir is None:
-            # its user makes and reads the local models in a folder of its own
-            models = {"local_models_dir": str(pool.user.home / "models")}
-            pool_settings = Settings(**{**self.settings.as_args(), **models})
-        pool_deploy = PoolDeploy(pool.process_env(), pool_deployment(pool_settings),
-                                 progress.note, pool.process_options())  # fmt: skip
+        deploys = [self._pool_deploy(tier, pool, progress) for tier, pool in pools.items()]
         try:
-            with progress.step("Supply pool's gateway deployed"):
-                pool_head = pool_deploy.start()
-            # the pool's head is the platform's own node there (local models, never drained)
-            own = [*self.settings.control_node_ids, pool_head]
+            heads = []
+            for deploy_one, pool in zip(deploys, pools.values(), strict=True):
+                with progress.step(f"Supply pool's gateway deployed ({pool.name})"):
+                    heads.append(deploy_one.start())
+            # each pool's head is the platform's own node there (never drained; the basic
+            # one's serves the local models)
+            own = [*self.settings.control_node_ids, *heads]
             settings = Settings(**{**self.settings.as_args(), "control_node_ids": own})
             with progress.step("Serve application deployed (the first start takes a few minutes)"):
                 deploy(settings, cluster.address, note=progress.note)
         finally:
-            pool_deploy.stop()
+            for deploy_one in deploys:
+                deploy_one.stop()
+
+    def _pool_deploy(self, tier: TrustTier, pool: LocalCluster, progress: Progress) -> PoolDeploy:
+        from serve_app.deploy import PoolDeploy, pool_deployment
+
+        settings = self.settings
+        if pool.user is not None and settings.local_models_dir is None:
+            # its user makes and reads the local models in a folder of its own
+            models = {"local_models_dir": str(pool.user.home / "models")}
+            settings = Settings(**{**settings.as_args(), **models})
+        return PoolDeploy(pool.process_env(), pool_deployment(settings, tier), progress.note,
+                          pool.process_options())  # fmt: skip
 
     def down(self) -> bool:
         """Stop what `up` started; False when nothing was running."""
-        cluster, pool = self.cluster, self.pool
+        cluster = self.cluster
         cluster.apply_env()
         running = False
-        if pool.is_running():
+        for pool in self.pools.values():
+            if not pool.is_running():
+                continue
             running = True
             from serve_app.deploy import undeploy_pool
 

@@ -14,6 +14,7 @@ import typer
 from billing.cli import app as admin_app
 from billing.enterprise_cli import app as enterprise_app
 from cluster.cli import app as provider_admin_app
+from cluster.pools import pools
 from darkgpu.local_platform import LocalPlatform
 from darkgpu.progress import Progress, captured
 
@@ -57,11 +58,13 @@ def up() -> None:
     typer.echo(f"DarkGPU is up in {progress.elapsed():.0f} s.")
     typer.echo(f"  API:        {settings.api_url}")
     typer.echo(f"  Console:    {settings.api_url.removesuffix('/v1')}/console")
-    typer.echo(f"  Dashboard:  http://127.0.0.1:{settings.dashboard_port} (control plane), "
-               f"http://127.0.0.1:{settings.pool_dashboard_port} (supply pool)")  # fmt: skip
-    typer.echo(f"  Metrics:    http://127.0.0.1:{settings.metrics_port}/metrics, "
-               f"http://127.0.0.1:{settings.pool_metrics_port}/metrics")  # fmt: skip
-    typer.echo(f"  Pool:       {settings.agent_cluster_address} (where providers' nodes join)")
+    typer.echo(f"  Dashboard:  http://127.0.0.1:{settings.dashboard_port} (control plane)")
+    typer.echo(f"  Metrics:    http://127.0.0.1:{settings.metrics_port}/metrics")
+    for pool in pools(settings).values():
+        own = pool.settings
+        typer.echo(f"  Pool ({pool.tier.value}): {pool.agent_address} (where its providers' nodes "
+                   f"join), dashboard http://127.0.0.1:{own.dashboard_port}, metrics "
+                   f"http://127.0.0.1:{own.metrics_port}/metrics")  # fmt: skip
     typer.echo("Create an account and a key: darkgpu admin account create --email E --plan free")
 
 

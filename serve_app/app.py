@@ -10,13 +10,16 @@ application of its own that the reconciler deploys on the nodes that may hold it
 join and leave (`serve_app.supply`), so a model comes and goes without restarting the
 ingress.
 
-Generation goes from the ingress to the supply pool's own application (`pool`,
-`serve_app.pool.build_pool_app`), deployed beside this one under `/pool`, over HTTP.
+Generation goes from the ingress to a supply pool's own application (`pool`,
+`serve_app.pool.build_pool_app`), one per trust tier, each in a Ray cluster of its own, over
+HTTP (`cluster.pools`).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from functools import partial
 from typing import Any, cast
 
 import ray
@@ -26,14 +29,15 @@ from ray.serve import Application, Deployment
 from billing.loop import BillingLoop
 from cluster.catalog import load_catalog
 from cluster.node_warden import NodeWarden
-from cluster.pools import pool_token
+from cluster.pools import pools
 from cluster.registry import attestation_secret, mark_stale_offline
 from core.settings import Settings
-from kernel.labels import CONTROL_SELECTOR
+from kernel.labels import CONTROL_SELECTOR, TrustTier
 from serve_app.accounts import ACCOUNTS
 from serve_app.ingress import INGRESS
 from serve_app.meter_metrics import MeterMetrics
-from serve_app.pool_admin import PoolAdmin
+from serve_app.pool_admin import PoolAdmin, pool_admins
+from serve_app.pool_protocol import PoolReplica
 from serve_app.supply import Supply
 
 APP_NAME = "darkgpu"
@@ -67,18 +71,18 @@ class BillingMeter:
         self._loop.chores.append(
             lambda: mark_stale_offline(engine, older_than_s=settings.offline_after_s)
         )
-        # Nodes with no right to be in the cluster are drained (cluster.node_warden).
-        # (the pool's nodes and its drain, through its gateway)
-        pool = PoolAdmin(settings.resolved_pool_url, pool_token(settings))
+        # Nodes with no right to be in their pool are drained (cluster.node_warden), a warden
+        # per pool (its nodes and its drain, through its gateway).
+        pools = pool_admins(settings)
         control = frozenset({ray.get_runtime_context().get_node_id(), *settings.control_node_ids})
-        warden = NodeWarden(
-            engine, control, pool.nodes, pool.drain, grace_s=settings.node_join_grace_s
-        )
-        self._loop.chores.append(warden.tick)
+        for tier, pool in pools.items():
+            warden = NodeWarden(engine, control, pool.nodes, pool.drain,
+                                grace_s=settings.node_join_grace_s, pool=tier)  # fmt: skip
+            self._loop.chores.append(warden.tick)
         self._thread = threading.Thread(target=self._loop.run, name="billing", daemon=True)
         self._thread.start()
-        # Providers serving: the pool's replicas, as its gateway lists them.
-        self._metrics.start(self._loop.engine, self._loop.redis, lambda: pool.replicas().replicas)
+        # Providers serving: every pool's replicas, as its gateway lists them.
+        self._metrics.start(self._loop.engine, self._loop.redis, partial(every_replica, pools))
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
@@ -89,13 +93,21 @@ class BillingMeter:
         self._metrics.stop()
 
 
+def every_replica(pools: Mapping[TrustTier, PoolAdmin]) -> list[PoolReplica]:
+    """Every pool's model replicas (a pool that does not answer raises: the gauges wait)."""
+    return [replica for pool in pools.values() for replica in pool.replicas().replicas]
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = Settings(**(args or {}))
-    # the pool's credential travels to the ingress as an argument: its replica may run on a
+    # each pool's credential travels to the ingress as an argument: its replica may run on a
     # control node without this data directory
     # (and so does the attestation challenges' key, made once under it)
-    args = {**settings.as_args(), "pool_token": pool_token(settings),
-            "attestation_secret": attestation_secret(settings)}  # fmt: skip
+    found = pools(settings)
+    args = settings.as_args()
+    args["pool_token"] = found[TrustTier.basic].credential()
+    args["verified_pool"]["token"] = found[TrustTier.verified].credential()
+    args["attestation_secret"] = attestation_secret(settings)
     # `@serve.deployment` made these Deployments; mypy does not apply class decorators.
     meter, supply = cast(Deployment, BillingMeter), cast(Deployment, Supply)
     ingress = INGRESS.options(num_replicas=settings.ingress_replicas)

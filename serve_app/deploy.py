@@ -32,6 +32,7 @@ from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview
 
 from cluster.ray_internals import SERVE_REPLICA_ACTOR_PREFIX, actor_states
 from core.settings import Settings
+from kernel.labels import TrustTier
 from serve_app.app import APP_NAME, build_app
 from serve_app.models import MODEL_APP_PREFIX
 from serve_app.pool import POOL_APP_NAME, POOL_ROUTE_PREFIX, bind_pool_app, pool_arguments
@@ -113,9 +114,11 @@ class PoolDeployment(TypedDict):
     port: int
 
 
-def pool_deployment(settings: Settings) -> PoolDeployment:
-    return {"arguments": pool_arguments(settings.as_args()), "host": settings.pool_http_host,
-            "port": settings.pool_http_port}  # fmt: skip
+def pool_deployment(settings: Settings, tier: TrustTier = TrustTier.basic) -> PoolDeployment:
+    """A tier's pool's deployment, as `darkgpu up` runs it there."""
+    own = settings.pools[tier]
+    return {"arguments": pool_arguments(settings.as_args(), tier), "host": own.http_host,
+            "port": own.http_port}  # fmt: skip
 
 
 def deploy_pool(

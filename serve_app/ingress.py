@@ -52,7 +52,7 @@ from ray.serve.handle import DeploymentHandle
 
 from billing.admission import Admitted, connect
 from cluster.catalog import Catalog, CatalogModel
-from cluster.pools import pool_token
+from cluster.pools import pools
 from cluster.registry import provider_terms
 from kernel.errors import DarkGpuError, InternalError, Unavailable
 from kernel.labels import CONTROL_SELECTOR
@@ -191,16 +191,18 @@ class Ingress:
         self._gate = self._services.gate
         settings = self._services.settings
         db = self._services.db
-        self._pool = PoolClient(
-            settings.resolved_pool_url, pool_token(settings), settings.pool_read_timeout_s
-        )
+        # each trust tier's pool; a request goes to the pool of the replica it is sent to
+        self._pools = {
+            tier: PoolClient(pool.url, pool.credential(), settings.pool_read_timeout_s)
+            for tier, pool in pools(settings).items()
+        }
         # the supply reconciler publishes its plan to the state Redis
         state = connect(settings.state_redis_url, max_connections=8)
         self._supply = SupplyView(state, settings.model_load_s)
         own_node = ray.get_runtime_context().get_node_id()
         control = frozenset({own_node, *settings.control_node_ids})
         self._directory = ReplicaDirectory(
-            self._pool.replicas,
+            {tier: client.replicas for tier, client in self._pools.items()},
             RegistryTerms(lambda: provider_terms(db)),
             NodeBindings(db, control),
             on_online=self._supply.online,
@@ -451,9 +453,9 @@ class Ingress:
         catalog: Price,
         ranked: Ranked,
     ) -> PoolAnswer:
-        """Send a request to the pool with the replicas that may take it; when none of them
-        takes it in time (gone, or full), route it again on a fresh reading of the replicas
-        (never above the price reserved)."""
+        """Send a request to the pool of its best candidate, with the replicas there that may
+        take it; when none of them takes it in time (gone, or full), route it again on a fresh
+        reading of the replicas (never above the price reserved)."""
         limit = ranked.highest
         capped = Requirements(requirements.trust_tier, limit)  # never above the reservation
         for attempt in range(ROUTE_ATTEMPTS):
@@ -461,9 +463,10 @@ class Ingress:
             demoted = frozenset(
                 p for p, terms in registry.items() if terms.recent_strikes >= DEMOTE_STRIKES
             )
+            ranked = ranked.in_pool()
             headers = allowed_headers(ranked, demoted)
             try:
-                return await self._pool.open(
+                return await self._pools[ranked.pool].open(
                     sent.model_id, sent.endpoint, sent.body, sent.stream, headers, ROUTE_ATTEMPT_S
                 )
             except TimeoutError:  # no listed replica took it: routed again, a 503 after the last

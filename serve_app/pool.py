@@ -47,11 +47,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.catalog import Catalog, load_catalog
 from cluster.nodes import cluster_nodes
-from cluster.pools import pool_token
+from cluster.pools import pools
 from cluster.ray_internals import DrainingNodes, ErrorResponse, RawRequestInfo, drain_node
 from core.settings import Settings
 from kernel.errors import AuthError, DarkGpuError, InvalidRequest, NotFound, Unavailable
-from kernel.labels import CONTROL_SELECTOR
+from kernel.labels import CONTROL_SELECTOR, TrustTier
 from serve_app.availability import ReplicaAvailability
 from serve_app.errors import error_response
 from serve_app.models import deployment_name, model_app_name
@@ -231,16 +231,18 @@ POOL_GATEWAY = serve.deployment(
 )(PoolGateway)
 
 
-def pool_arguments(args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the pool's gateway is bound with, as JSON (it crosses to the pool's own deploy
-    process, run as the pool's user: `cluster.pool_user`): the catalog, the credential's
-    SHA-256, and only what the model replicas' configs are made of. Nothing secret of the
-    control plane: it reaches Serve's checkpoint of the pool (test_pool_app)."""
+def pool_arguments(
+    args: dict[str, Any] | None = None, tier: TrustTier = TrustTier.basic
+) -> dict[str, Any]:
+    """What a tier's pool's gateway is bound with, as JSON (it crosses to the pool's own
+    deploy process, run as the pool's user: `cluster.pool_user`): the catalog, the pool's
+    credential's SHA-256, and only what the model replicas' configs are made of. Nothing
+    secret of the control plane: it reaches Serve's checkpoint of the pool (test_pool_app)."""
     settings = Settings(**(args or {}))
     models_dir = str(settings.resolved_local_models_dir)  # the pool reads no data directory
     return {
         "catalog": load_catalog(settings.models_file).model_dump(mode="json"),
-        "credential_sha256": credential_digest(pool_token(settings)),
+        "credential_sha256": credential_digest(pools(settings)[tier].credential()),
         "settings": model_settings(
             {**settings.model_dump(mode="json"), "local_models_dir": models_dir}
         ),
@@ -256,5 +258,7 @@ def bind_pool_app(arguments: dict[str, Any]) -> Application:
 
 
 def build_pool_app(args: dict[str, Any] | None = None) -> Application:
-    """The pool's application (`serve deploy configs/pool.yaml`, and `darkgpu up`)."""
-    return bind_pool_app(pool_arguments(args))
+    """A pool's application (`serve deploy configs/pool.yaml`, and `darkgpu up`): `args` are
+    settings, and `tier`, the pool's (basic unless said)."""
+    args = dict(args or {})
+    return bind_pool_app(pool_arguments(args, TrustTier(args.pop("tier", TrustTier.basic))))

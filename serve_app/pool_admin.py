@@ -17,7 +17,10 @@ from collections.abc import Mapping
 import httpx
 
 from cluster.nodes import ClusterNode
+from cluster.pools import pools
 from cluster.supply import ModelSupply
+from core.settings import Settings
+from kernel.labels import TrustTier
 from serve_app.pool_protocol import (
     DRAIN_PATH,
     MAX_LIST_BYTES,
@@ -82,3 +85,8 @@ class PoolAdmin:
                     raise ValueError(f"the pool's {path}: more than {MAX_LIST_BYTES} bytes")
                 parts.append(part)
         return b"".join(parts)
+
+
+def pool_admins(settings: Settings) -> dict[TrustTier, PoolAdmin]:
+    """Every trust tier's pool, as the control plane's threads call it."""
+    return {tier: PoolAdmin(pool.url, pool.credential()) for tier, pool in pools(settings).items()}

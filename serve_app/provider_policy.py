@@ -94,6 +94,7 @@ class ReplicaStats:
     load: float = 0.0  # e.g. ongoing requests / max ongoing requests
     approved: bool = True  # False: the registry does not let its provider serve at all
     strikes: int = 0  # its provider's recent usage strikes (from the registry)
+    pool: TrustTier = TrustTier.basic  # the supply pool it runs in (where it is sent)
 
     @property
     def demoted(self) -> bool:
@@ -112,6 +113,7 @@ class ReplicaStats:
         stats: Mapping[str, Any],
         load: float | None = None,
         registry: Mapping[str, ProviderTerms] | None = None,
+        pool: TrustTier = TrustTier.basic,
     ) -> ReplicaStats | None:
         """From `record_routing_stats()`'s dict; None until the replica has reported who it
         is. Keys: provider_id, trust_tier, price_floor_pct, healthy, draining, ongoing.
@@ -122,6 +124,11 @@ class ReplicaStats:
         provider the operator has not approved is not `approved`, nor is one it does not
         know (a made-up id), except the platform's own head (`local`, basic). A replica's own
         word that its node is draining always counts.
+
+        Its tier is never above its `pool`'s: every node of a pool can run code on every
+        other, so a replica in the basic pool is basic whatever its provider is. Nor does a
+        provider the registry places in another tier serve from this pool (its tier changed
+        since it joined: the warden drains its node, and its agent joins its tier's pool).
         """
         if "provider_id" not in stats:
             return None
@@ -145,8 +152,10 @@ class ReplicaStats:
             else:
                 trust, floor = terms.trust_tier, terms.price_floor_pct
                 draining = draining or not terms.takes_requests
-                approved = terms.approved
+                approved = terms.approved and terms.trust_tier == pool
                 strikes = terms.recent_strikes
+        if TIER_ORDER[trust] > TIER_ORDER[pool]:
+            trust = pool
         return cls(
             replica_id=replica_id,
             provider_id=provider_id,
@@ -157,6 +166,7 @@ class ReplicaStats:
             load=ongoing,
             approved=approved,
             strikes=strikes,
+            pool=pool,
         )
 
 
@@ -204,6 +214,15 @@ class Ranked:
     @property
     def replica_ids(self) -> list[str]:
         return [c.replica.replica_id for c in self.candidates]
+
+    @property
+    def pool(self) -> TrustTier:
+        """Where the request goes: the pool of the best candidate."""
+        return self.candidates[0].replica.pool
+
+    def in_pool(self) -> Ranked:
+        """The candidates in the best one's pool (the only ones its router can reach)."""
+        return Ranked(tuple(c for c in self.candidates if c.replica.pool == self.pool))
 
 
 @dataclass(frozen=True)

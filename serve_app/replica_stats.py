@@ -1,15 +1,17 @@
-"""Which replicas of each model are up, on which provider's node: listed by the pool's
-gateway, read by the ingress before it routes a request.
+"""Which replicas of each model are up, on which provider's node, in which pool: listed by
+each pool's gateway, read by the ingress before it routes a request.
 
 Ray Serve gives a replica's routing stats only to the request router, which runs in the
 pool, after the ingress has already admitted (reserved credits for) the request; the ingress
 must know the candidates first, to refuse with the reason (503 `service_unavailable`) when
 none fits and to reserve at the highest price a candidate may bill. So the ingress reads the
 pool's list (`GET <pool>/replicas`: each replica's node, as the pool's GCS placed it, and
-the stats the replica reports) at most once a second (`ReplicaDirectory`); a replica that
-died is gone from the next list. The same list says which models have a replica Serve routes
-to (the pool's Serve controller pushes it to the gateway: `serve_app.availability`): a model
-deployed but not online is warming (503 `model_warming`).
+the stats the replica reports) at most once a second (`ReplicaDirectory`), every pool at once
+(one per trust tier: `cluster.pools`), each replica tagged with its pool; a replica that
+died is gone from the next list, and a pool that does not answer keeps its last list. The
+same lists say which models have a replica Serve routes to (each pool's Serve controller
+pushes it to its gateway: `serve_app.availability`): a model deployed but online in no pool
+is warming (503 `model_warming`).
 
 What a replica says of its provider's trust tier and price floor comes from its node's
 labels, which the node chose itself; the provider registry (SQL) is the authority. The
@@ -27,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from cluster.registry import ProviderTerms
+from kernel.labels import TrustTier
 from serve_app.node_bindings import NodeBindings
 from serve_app.pool_protocol import PoolListing, PoolReplica
 from serve_app.provider_policy import ReplicaStats
@@ -38,14 +41,16 @@ def by_model(
     listed: Iterable[PoolReplica],
     registry: Mapping[str, ProviderTerms] | None = None,
     bindings: NodeBindings | None = None,
+    pool: TrustTier = TrustTier.basic,
+    out: dict[str, list[ReplicaStats]] | None = None,
 ) -> dict[str, list[ReplicaStats]]:
-    """The pool's replicas by model, as the provider policy sees them (with the registry's
-    terms, where given): those whose stats parse and, where `bindings` are given, whose node
-    is bound to the provider they name."""
-    out: dict[str, list[ReplicaStats]] = {}
+    """A pool's replicas by model (added to `out`), as the provider policy sees them (with the
+    registry's terms, where given): those whose stats parse and, where `bindings` are given,
+    whose node is bound to the provider they name."""
+    out = {} if out is None else out
     for listing in listed:
         replica = ReplicaStats.from_routing_stats(
-            listing.replica_id, listing.stats, registry=registry
+            listing.replica_id, listing.stats, registry=registry, pool=pool
         )
         if replica is None:
             continue
@@ -86,22 +91,23 @@ class RegistryTerms:
 
 class ReplicaDirectory:
     """The ingress's view of every model's replicas, and of which models are online (have a
-    replica Serve routes to: the pool's controller's word), read from the pool at most every
-    `ttl_s` seconds.
+    replica Serve routes to in some pool: its controller's word), read from every pool
+    (`reads`: each pool's reader, by its tier) at most every `ttl_s` seconds.
 
     A request uses the last reading; the first request of a model waits for one read. A pool
-    that cannot be read leaves the last reading in place (and empty at start).
+    that cannot be read leaves its last reading in place (and empty at start).
     `on_online(model_id)` is called as a reading finds a model online that the last did not."""
 
     def __init__(
         self,
-        read: Callable[[], Awaitable[PoolListing]],
+        reads: Mapping[TrustTier, Callable[[], Awaitable[PoolListing]]],
         terms: RegistryTerms | None = None,
         bindings: NodeBindings | None = None,
         ttl_s: float = 1.0,
         on_online: Callable[[str], object] | None = None,
     ) -> None:
-        self._read = read
+        self._reads = reads
+        self._listings: dict[TrustTier, PoolListing] = {}  # each pool's last reading
         self.terms = terms
         self._bindings = bindings
         self._ttl_s = ttl_s
@@ -153,18 +159,27 @@ class ReplicaDirectory:
         return self._refreshing
 
     async def _refresh(self) -> None:
-        try:
-            listed = await self._read()
-        except Exception as exc:  # noqa: BLE001 - keep serving on the last reading
-            logger.warning("reading the pool's replicas failed: %r", exc)
+        tiers = list(self._reads)
+        found = await asyncio.gather(*(self._reads[t]() for t in tiers), return_exceptions=True)
+        read = 0
+        for tier, listing in zip(tiers, found, strict=True):
+            if isinstance(listing, PoolListing):
+                self._listings[tier], read = listing, read + 1
+            else:  # keep serving on its last reading
+                logger.warning("reading the %s pool's replicas failed: %r", tier.value, listing)
+        if not read:
             if self._read_at is None:
                 self._read_at = time.monotonic()
             return
         registry = await self.terms.current() if self.terms is not None else None
         if self._bindings is not None:
             await self._bindings.refresh()
-        self._replicas = by_model(listed.replicas, registry, self._bindings)
-        came, self._online = listed.online - self._online, listed.online
+        replicas: dict[str, list[ReplicaStats]] = {}
+        for tier, listing in self._listings.items():
+            by_model(listing.replicas, registry, self._bindings, tier, replicas)
+        self._replicas = replicas
+        online = frozenset().union(*(listing.online for listing in self._listings.values()))
+        came, self._online = online - self._online, online
         self._read_at = time.monotonic()
         if self._on_online is not None:
             for model_id in sorted(came):

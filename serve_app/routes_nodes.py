@@ -5,8 +5,9 @@
                                  cluster sees it, to serve those catalog models (none: any
                                  that fits; `models = [...]` in the agent's provider.toml)
 
-The node's labels are read from the pool's own node table (its gateway lists it:
-`serve_app.pool_admin`), never from the request.
+The node's labels are read from the node table of the provider's tier's pool (its gateway
+lists it: `serve_app.pool_admin`), never from the request: a node in another pool is not
+found there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster import nodes
 from kernel.errors import InvalidRequest
+from kernel.labels import TrustTier
 from serve_app.catalog_file import catalog_of
 from serve_app.routes_providers import AuthedProvider, Svc
 
@@ -46,9 +48,9 @@ def issue_ticket(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
     }
 
 
-def node_table(svc: Svc) -> Callable[[], list[nodes.ClusterNode]]:
-    """How the pool's node table is read: from its gateway."""
-    return svc.pool.nodes
+def node_table(provider: AuthedProvider, svc: Svc) -> Callable[[], list[nodes.ClusterNode]]:
+    """How the node table of the provider's tier's pool is read: from its gateway."""
+    return svc.pools[TrustTier(provider.trust_tier)].nodes
 
 
 NodeTable = Annotated[Callable[[], list[nodes.ClusterNode]], Depends(node_table)]

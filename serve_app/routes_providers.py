@@ -96,15 +96,18 @@ async def list_own_providers(request: Request, svc: Svc) -> dict[str, Any]:
 
 @router.post("/v1/providers/auth")
 def exchange(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
-    """The cluster's address and Ray token, only for a provider the operator approved:
-    any node with the token can join (and Ray trusts every node that joins)."""
+    """The address and Ray token of the provider's tier's pool, only for a provider the
+    operator approved: any node with the token can join (and Ray trusts every node that
+    joins), so each tier's providers get their own pool's, never another's."""
     approved = provider.review == ProviderReview.approved.value
+    tier = TrustTier(provider.trust_tier)
     return {
         "object": "provider.credentials",
         "provider_id": provider.id,
         "review": provider.review,
-        "cluster_address": svc.providers.cluster_address() if approved else None,
-        "ray_auth_token": svc.providers.ray_token() if approved else None,
+        "trust_tier": tier.value,
+        "cluster_address": svc.providers.cluster_address(tier) if approved else None,
+        "ray_auth_token": svc.providers.ray_token(tier) if approved else None,
         "heartbeat_interval_s": svc.providers.settings.heartbeat_interval_s,
     }
 

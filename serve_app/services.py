@@ -23,13 +23,13 @@ from billing.admission import Admission, connect
 from billing.plans import Plans, load_plans
 from billing.redis_server import check_money_redis, sync_client
 from billing.stripe_client import maybe_stripe_client
-from cluster.pools import pool_token
 from cluster.registry import ProviderPlatform
 from core.db import make_engine
 from core.settings import Settings
+from kernel.labels import TrustTier
 from serve_app.gate import Gate
 from serve_app.metrics import IngressMetrics
-from serve_app.pool_admin import PoolAdmin
+from serve_app.pool_admin import PoolAdmin, pool_admins
 
 
 @dataclass
@@ -43,7 +43,8 @@ class Services:
     admission: Admission
     # the provider registry's settings and CC verifier (serve_app/routes_providers.py)
     providers: ProviderPlatform
-    pool: PoolAdmin  # the pool's nodes, as its gateway lists them (serve_app/routes_nodes.py)
+    # each tier's pool's nodes, as its gateway lists them (serve_app/routes_nodes.py)
+    pools: dict[TrustTier, PoolAdmin]
     # None when DARKGPU_STRIPE_SECRET_KEY is not set: the payment routes answer 503.
     stripe: stripe.StripeClient | None = None
 
@@ -62,7 +63,7 @@ class Services:
             gate=Gate(admission, metrics),
             admission=admission,
             providers=ProviderPlatform(settings),
-            pool=PoolAdmin(settings.resolved_pool_url, pool_token(settings)),
+            pools=pool_admins(settings),
             stripe=maybe_stripe_client(settings),
         )
 

@@ -1,19 +1,23 @@
-"""The supply reconciler: a Serve application per catalog model, kept on the nodes that may
-hold it and sized by the demand, as `cluster.supply.plan_supply` decides.
+"""The supply reconciler: a Serve application per catalog model in each supply pool, kept on
+the nodes that may hold it and sized by the demand, as `cluster.supply.plan_supply` decides.
 
-Every `supply_every_s` the `supply` deployment (on a control node) reads the pool's nodes
-(its gateway lists its GCS's table: resources, and which it drains: `serve_app.pool_admin`),
-which of them are the platform's own (control nodes) or bound to an approved provider with
-the models it allows (SQL, `cluster.nodes`), and the demand the ingresses report
-(`dg:supply:asked`: when each model was last asked for; `dg:supply:requests`: running
-totals, made a rate by `cluster.supply.DemandRate`); plans; sends the pool the models it
-wants with their bounds (`PUT <pool>/models`: the pool deploys each whose bounds changed as
-an application of its own and deletes those no node may hold any longer or that got no slot,
-others needing the GPUs they fit more: `serve_app.pool_models`); and, once the pool took it,
-publishes the plan (`dg:supply:plan`, the state Redis) for the ingresses: which models are
-deployed, which are warm, and whether the platform serves the CPU engine's models (no node
-has a GPU). Serve's autoscaler then moves each model's replica count between the bounds by
-the model's ongoing requests."""
+Every `supply_every_s` the `supply` deployment (on a control node) reads the demand the
+ingresses report (`dg:supply:asked`: when each model was last asked for;
+`dg:supply:requests`: running totals, made a rate by `cluster.supply.DemandRate`) and, for
+each pool (one per trust tier: `cluster.pools`), its nodes (its gateway lists its GCS's
+table: resources, and which it drains: `serve_app.pool_admin`), which of them are the
+platform's own (control nodes) or bound to an approved provider of the pool's tier with the
+models it allows (SQL, `cluster.nodes`); plans that pool; sends it the models it wants with
+their bounds (`PUT <pool>/models`: the pool deploys each whose bounds changed as an
+application of its own and deletes those no node may hold any longer or that got no slot,
+others needing the GPUs they fit more: `serve_app.pool_models`). Each pool is planned for the
+whole demand (which tier a request will need is the request's, not known ahead), so a model
+asked for is warm in every pool that can hold it. Once the pools took theirs, it publishes
+the plan (`dg:supply:plan`, the state Redis) for the ingresses, the pools' plans summed:
+which models are deployed, which are warm, and whether the platform serves the CPU engine's
+models (no node of any pool has a GPU). A pool that cannot be reached keeps its last plan in
+what is published. Serve's autoscaler then moves each model's replica count between the
+bounds by the model's ongoing requests."""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 import redis as redis_lib
@@ -34,13 +38,12 @@ from billing.redis_server import sync_client
 from cluster import nodes
 from cluster.catalog import Catalog, load_catalog
 from cluster.placement import NodeCapacity
-from cluster.pools import pool_token
 from cluster.supply import DemandRate, ModelSupply, SupplyNode, SupplyPolicy, plan_supply
 from core.db import make_engine
 from core.settings import Settings
 from kernel import redis_keys
-from kernel.labels import CONTROL_SELECTOR
-from serve_app.pool_admin import PoolAdmin
+from kernel.labels import CONTROL_SELECTOR, MODEL_RESOURCE_PREFIX, TrustTier
+from serve_app.pool_admin import pool_admins
 
 logger = logging.getLogger("darkgpu.supply")
 PLAN_TTL_S = 60  # a plan not refreshed for this long is gone: the ingresses then serve nothing
@@ -68,23 +71,40 @@ class Plan:
         return cls(models, bool(found["local"]))
 
 
+class PoolSupply(Protocol):
+    """A pool as the reconciler drives it (`serve_app.pool_admin.PoolAdmin`)."""
+
+    def nodes(self) -> list[nodes.ClusterNode]: ...
+
+    def apply_models(self, wanted: Mapping[str, ModelSupply]) -> None: ...
+
+
 def supply_nodes(
     found: Collection[nodes.ClusterNode],
     control: Collection[str],
     bound: Mapping[str, str],
     approved: Collection[str],
     allowed: Mapping[str, tuple[str, ...]],
+    tiers: Mapping[str, TrustTier] | None = None,
+    pool: TrustTier | None = None,
 ) -> list[SupplyNode]:
-    """The alive nodes that may serve: control nodes (any model that fits), and nodes bound to
-    an approved provider (the models it allows). Any other node (unbound, or its provider
-    suspended) counts for nothing, whatever its labels say."""
+    """The alive nodes that may serve: control nodes that declare catalog models (any that
+    fits: the basic pool's head; the verified pool's declares none), and nodes bound to an approved
+    provider (of the `pool`'s tier, where `tiers` are given: the models it allows). Any other
+    node (unbound, its provider suspended or of another tier) counts for nothing, whatever
+    its labels say."""
     out = []
     for node in found:
         if not node.alive:
             continue
         own = node.node_id in control
-        if not own and bound.get(node.node_id) not in approved:
+        provider = bound.get(node.node_id)
+        if not own and provider not in approved:
             continue
+        if not own and tiers is not None and tiers.get(provider or "") is not pool:
+            continue
+        if own and not any(r.startswith(MODEL_RESOURCE_PREFIX) for r in node.resources):
+            continue  # it declares no model: it can hold no replica
         out.append(
             SupplyNode(
                 node.node_id,
@@ -102,8 +122,8 @@ def floats(found: Mapping[bytes, bytes]) -> dict[str, float]:
 
 
 class SupplyReconciler:
-    """One tick: read, plan, apply, publish. The readers and Serve's calls are parameters, so
-    that tests can drive it against a recorded cluster."""
+    """One tick: read, plan and apply each pool, publish. The pools are parameters (each with
+    its node table and its deploy), so that tests can drive it against a recorded cluster."""
 
     def __init__(
         self,
@@ -113,8 +133,7 @@ class SupplyReconciler:
         state: redis_lib.Redis,
         control: Collection[str],
         *,
-        list_nodes: Callable[[], list[nodes.ClusterNode]],
-        apply: Callable[[Mapping[str, ModelSupply]], None],
+        pools: Mapping[TrustTier, PoolSupply],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._catalog = catalog
@@ -122,8 +141,7 @@ class SupplyReconciler:
         self._engine = engine
         self._state = state
         self._control = frozenset(control)
-        self._list_nodes = list_nodes
-        self._apply = apply
+        self._pools = pools
         self._clock = clock
         self._policy = SupplyPolicy(
             min_replicas=settings.min_replicas,
@@ -131,37 +149,67 @@ class SupplyReconciler:
             cool_after_s=settings.scale_to_zero_after_s or None,
         )
         self._demand = DemandRate()
-        self._planned: Mapping[str, ModelSupply] = {}  # the last plan: the slots held
+        # each pool's last plan (the slots it holds), and whether a node of it has a GPU
+        self._planned: dict[TrustTier, Mapping[str, ModelSupply]] = {}
+        self._gpus: dict[TrustTier, bool] = {}
 
     def tick(self) -> Plan | None:
         try:
             return self._tick()
-        except Exception as exc:  # noqa: BLE001 - the GCS, SQL or Redis away: the next tick
+        except Exception as exc:  # noqa: BLE001 - SQL or Redis away: the next tick
             logger.warning("reconciling the supply failed: %r", exc)
             return None
 
     def _tick(self) -> Plan:
-        nodes_now = supply_nodes(
-            self._list_nodes(),
-            self._control,
-            nodes.bindings(self._engine),
-            nodes.approved_providers(self._engine),
-            nodes.allow_lists(self._engine),
-        )
         with self._state.pipeline(transaction=False) as pipe:
             pipe.hgetall(redis_keys.SUPPLY_ASKED)
             pipe.hgetall(redis_keys.SUPPLY_REQUESTS)
             asked, totals = (floats(found) for found in pipe.execute())
         now = self._clock()
         demand = self._demand.update(totals, now)
-        models = plan_supply(
-            self._catalog, nodes_now, asked, self._policy, now, demand, held=self._planned
+        registry = (
+            nodes.bindings(self._engine),
+            nodes.approved_providers(self._engine),
+            nodes.allow_lists(self._engine),
+            nodes.provider_tiers(self._engine),
         )
-        plan = Plan(models, local=not any(node.capacity.gpus for node in nodes_now))
-        self._apply({m: supply for m, supply in models.items() if supply.max_replicas})
-        self._planned = models
+        for tier, pool in self._pools.items():
+            try:
+                self._plan_pool(tier, pool, registry, asked, demand, now)
+            except Exception as exc:  # noqa: BLE001 - its gateway away: its last plan stands
+                logger.warning("reconciling the %s pool's supply failed: %r", tier.value, exc)
+        models: dict[str, ModelSupply] = {}
+        for planned in self._planned.values():
+            for model, supply in planned.items():
+                had = models.get(model, ModelSupply(0, 0))
+                models[model] = ModelSupply(
+                    had.min_replicas + supply.min_replicas, had.max_replicas + supply.max_replicas
+                )
+        plan = Plan(models, local=not any(self._gpus.values()))
         self._state.set(redis_keys.SUPPLY_PLAN, plan.to_json(), ex=PLAN_TTL_S)
         return plan
+
+    def _plan_pool(
+        self,
+        tier: TrustTier,
+        pool: PoolSupply,
+        registry: tuple[
+            Mapping[str, str],
+            Collection[str],
+            Mapping[str, tuple[str, ...]],
+            Mapping[str, TrustTier],
+        ],  # fmt: skip
+        asked: Mapping[str, float],
+        demand: Mapping[str, float],
+        now: float,
+    ) -> None:
+        bound, approved, allowed, tiers = registry
+        nodes_now = supply_nodes(pool.nodes(), self._control, bound, approved, allowed, tiers, tier)
+        models = plan_supply(self._catalog, nodes_now, asked, self._policy, now, demand,
+                             held=self._planned.get(tier))  # fmt: skip
+        pool.apply_models({m: supply for m, supply in models.items() if supply.max_replicas})
+        self._planned[tier] = models
+        self._gpus[tier] = any(node.capacity.gpus for node in nodes_now)
 
 
 @serve.deployment(
@@ -174,15 +222,13 @@ class Supply:
 
     def __init__(self, args: dict[str, Any]) -> None:
         settings = Settings(**args)
-        pool = PoolAdmin(settings.resolved_pool_url, pool_token(settings))
         self._reconciler = SupplyReconciler(
             load_catalog(settings.models_file),
             settings,
             make_engine(settings.database_url),
             sync_client(settings.state_redis_url),
             {ray.get_runtime_context().get_node_id(), *settings.control_node_ids},
-            list_nodes=pool.nodes,
-            apply=pool.apply_models,
+            pools=pool_admins(settings),
         )
         self._every_s = settings.supply_every_s
         self._stop = threading.Event()

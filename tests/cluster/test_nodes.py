@@ -21,7 +21,7 @@ from cluster.nodes import ClusterNode, NodeBindingError, TicketError
 from cluster.ray_internals import alive_actor_nodes
 from core.schema import JoinTicket, ProviderReview, utcnow
 from kernel.errors import Forbidden, InvalidRequest
-from kernel.labels import LOCAL_PROVIDER_ID, PROVIDER_ID_LABEL, ROLE_LABEL
+from kernel.labels import LOCAL_PROVIDER_ID, PROVIDER_ID_LABEL, ROLE_LABEL, TrustTier
 from kernel.tokens import hash_key
 
 NODE_A = "a" * 56
@@ -147,6 +147,21 @@ def test_the_warden_drains_intruders_once_after_the_grace() -> None:
     assert nodes.nodes_to_remove(relabelled, bound, {HEAD}, seen, 1.0, grace_s=60) == {
         NODE_A: "it is bound to prv_a but labelled prv_b"
     }
+
+
+def test_the_warden_drains_a_node_whose_provider_is_of_another_tier_than_its_pool() -> None:
+    """A provider whose tier changed since it joined (its attestation lapsed, or it became
+    verified) leaves the pool it joined: a basic provider's node among verified ones could
+    run code on them; its agent joins its tier's pool again."""
+    bound, seen = {NODE_A: "prv_a"}, {NODE_A: 0.0}
+    tiers = {"prv_a": TrustTier.basic}
+    node = [labelled(NODE_A, "prv_a")]
+    assert nodes.nodes_to_remove(node, bound, {HEAD}, seen, 1.0, 60, {"prv_a"}, tiers,
+                                 TrustTier.verified) == {
+        NODE_A: "its provider prv_a is not of the verified tier"
+    }  # fmt: skip
+    assert nodes.nodes_to_remove(node, bound, {HEAD}, seen, 1.0, 60, {"prv_a"}, tiers,
+                                 TrustTier.basic) == {}  # fmt: skip
 
 
 def test_the_warden_asks_each_intruder_to_drain_once(engine: Engine, two: tuple[str, str]) -> None:

@@ -15,7 +15,9 @@ import pytest
 
 from cluster.local import LocalCluster
 from cluster.pool_user import PoolUser, PoolUserError
+from cluster.pools import pools
 from core.settings import ENV_PREFIX, Settings
+from kernel.labels import TrustTier
 
 
 @pytest.fixture
@@ -124,7 +126,8 @@ def test_the_pools_head_is_started_as_its_user_with_none_of_the_platforms_settin
     assert env["RAY_AUTH_TOKEN_PATH"] == str(pool.user.token_path)  # its copy, not root's
     assert not [name for name in env if name.startswith(ENV_PREFIX)]
     assert pool.process_options()["user"] == pool.user.uid
-    assert pool.address == "10.9.0.1:6383" == settings.agent_cluster_address
+    basic = pools(settings)[TrustTier.basic]
+    assert pool.address == "10.9.0.1:6383" == basic.agent_address
     # what root's own processes use to reach the pool: root's token, never the user's copy
-    assert pool.env()["RAY_AUTH_TOKEN_PATH"] == str(settings.ray_token_path)
+    assert pool.env()["RAY_AUTH_TOKEN_PATH"] == str(basic.ray_token_path)
     assert control.process_options() == {} and control.address.startswith("127.0.0.1:")

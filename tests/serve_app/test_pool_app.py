@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ray import cloudpickle
 
-from cluster.pools import pool_token
+from cluster.pools import pools
 from core.settings import Settings
+from kernel.labels import TrustTier
 from serve_app.pool import build_pool_app, pool_arguments
 from serve_app.pool_protocol import credential_digest
 
@@ -27,7 +28,7 @@ SECRETS = {
 
 def test_the_pool_app_binds_the_credentials_digest_and_no_secret(tmp_path: Path) -> None:
     args = {"data_dir": str(tmp_path), **SECRETS}
-    token = pool_token(Settings(**args))
+    token = pools(Settings(**args))[TrustTier.basic].credential()
     bound = cloudpickle.dumps(build_pool_app(args))  # what Serve would keep of it
     for secret in (*SECRETS.values(), "db_password", "redis_password", token):
         assert secret.encode() not in bound, secret
@@ -35,11 +36,16 @@ def test_the_pool_app_binds_the_credentials_digest_and_no_secret(tmp_path: Path)
 
 
 def test_the_credential_is_made_once_and_kept_private(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path)
-    first = pool_token(settings)
-    assert pool_token(settings) == first and len(first) == 64
+    basic, verified = pools(Settings(data_dir=tmp_path)).values()
+    first = basic.credential()
+    assert basic.credential() == first and len(first) == 64
     assert (tmp_path / "pool_token").stat().st_mode & 0o777 == 0o600
-    assert pool_token(Settings(data_dir=tmp_path, pool_token="configured")) == "configured"
+    # each pool its own
+    assert verified.credential() not in (first, "") and verified.tier is TrustTier.verified
+    assert (tmp_path / "verified_pool_token").stat().st_mode & 0o777 == 0o600
+    configured = Settings(data_dir=tmp_path, pool_token="configured",
+                          verified_pool={"token": "other"})  # fmt: skip
+    assert [p.credential() for p in pools(configured).values()] == ["configured", "other"]
 
 
 def test_the_pool_is_handed_nothing_of_the_data_directory(tmp_path: Path) -> None:
@@ -53,4 +59,6 @@ def test_the_pool_is_handed_nothing_of_the_data_directory(tmp_path: Path) -> Non
     assert str(data) not in sent and str(models) in sent
     for secret in SECRETS.values():
         assert secret not in sent
-    assert arguments["credential_sha256"] == credential_digest(pool_token(Settings(**args)))
+    assert arguments["credential_sha256"] == credential_digest(
+        pools(Settings(**args))[TrustTier.basic].credential()
+    )

@@ -143,8 +143,10 @@ def test_replica_stats_from_routing_stats() -> None:
         "ongoing": 3,
         "draining": True,
     }
-    got = ReplicaStats.from_routing_stats("r", stats)
-    assert got == ReplicaStats("r", "prv_x", V, 15, True, True, 3.0)
+    got = ReplicaStats.from_routing_stats("r", stats, pool=V)  # in the verified pool
+    assert got == ReplicaStats("r", "prv_x", V, 15, True, True, 3.0, pool=V)
+    # in the basic pool it is basic, whatever it says
+    assert ReplicaStats.from_routing_stats("r", stats).trust_tier is B
     assert ReplicaStats.from_routing_stats("r", stats, load=0.5).load == 0.5
     odd = ReplicaStats.from_routing_stats("r", {"provider_id": "p", "trust_tier": "gold"})
     assert odd is not None and odd.trust_tier is B

@@ -38,7 +38,7 @@ def test_replicas_by_model_with_the_registrys_terms() -> None:
         listing("r3", NODE_B, {"ongoing": 0}),  # names no provider: not a candidate
         listing("r4", NODE_A, stats("p1"), model="other"),
     ]
-    found = by_model(listed)
+    found = by_model(listed, pool=TrustTier.verified)
     assert {m: [r.replica_id for r in rs] for m, rs in found.items()} == {
         "m": ["r1", "r2"], "other": ["r4"]
     }  # fmt: skip
@@ -49,6 +49,23 @@ def test_replicas_by_model_with_the_registrys_terms() -> None:
     registry = {"p2": ProviderTerms(TrustTier.basic, 0, ProviderStatus.online)}
     r2 = by_model(listed, registry)["m"][1]  # the registry's word, not the node's labels
     assert (r2.trust_tier, r2.price_floor_pct) == (TrustTier.basic, 0)
+
+
+def test_a_replica_is_never_above_its_pools_tier_nor_serves_from_another_tiers_pool() -> None:
+    """Every node of a pool can run code on every other: a replica in the basic pool is basic,
+    whatever its labels or its provider's tier say; a provider the registry has in another
+    tier than its pool's (its tier changed since it joined) serves from there no request."""
+    verified = {"p2": ProviderTerms(TrustTier.verified, 0, ProviderStatus.online)}
+    basic = {"p2": ProviderTerms(TrustTier.basic, 0, ProviderStatus.online)}
+    said = [listing("r2", NODE_B, stats("p2", "verified"))]
+    [labelled] = by_model(said)["m"]  # no registry: its labels, capped at the pool's tier
+    assert (labelled.trust_tier, labelled.pool) == (TrustTier.basic, TrustTier.basic)
+    [there] = by_model(said, verified, pool=TrustTier.verified)["m"]
+    assert (there.trust_tier, there.pool, there.approved) == (TrustTier.verified,) * 2 + (True,)
+    [in_basic] = by_model(said, verified)["m"]
+    assert (in_basic.trust_tier, in_basic.approved) == (TrustTier.basic, False)
+    [demoted] = by_model(said, basic, pool=TrustTier.verified)["m"]
+    assert (demoted.trust_tier, demoted.approved) == (TrustTier.basic, False)
 
 
 async def test_a_replica_serves_only_where_its_node_is_bound_to_the_provider_it_names(
@@ -72,7 +89,9 @@ async def test_a_replica_serves_only_where_its_node_is_bound_to_the_provider_it_
     async def read() -> PoolListing:
         return PoolListing(listed)
 
-    directory = ReplicaDirectory(read, bindings=NodeBindings(engine, frozenset({HEAD})))
+    directory = ReplicaDirectory(
+        {TrustTier.basic: read}, bindings=NodeBindings(engine, frozenset({HEAD}))
+    )
     assert [x.replica_id for x in await directory.replicas("m")] == ["alice-on-a", "head"]
 
 
@@ -89,7 +108,7 @@ async def test_a_pool_that_cannot_be_read_keeps_the_last_reading() -> None:
             raise answer
         return answer
 
-    directory = ReplicaDirectory(read, ttl_s=0)
+    directory = ReplicaDirectory({TrustTier.basic: read}, ttl_s=0)
     assert [x.replica_id for x in await directory.replicas("m")] == ["r1", "r2"]
     assert [x.replica_id for x in await directory.refresh("m")] == ["r1", "r2"]  # kept
     assert [x.replica_id for x in await directory.refresh("m")] == ["r2"]
@@ -100,7 +119,7 @@ async def test_an_unreadable_pool_at_start_leaves_the_directory_empty_not_failin
     async def read() -> PoolListing:
         raise ConnectionError("nobody listening")
 
-    directory = ReplicaDirectory(read)
+    directory = ReplicaDirectory({TrustTier.basic: read})
     assert await directory.replicas("m") == []
     assert await directory.online() == frozenset()
 
@@ -124,7 +143,7 @@ async def test_models_come_online_as_the_pool_says_and_each_is_told_once() -> No
             raise answer
         return answer
 
-    directory = ReplicaDirectory(read, ttl_s=0, on_online=told.append)
+    directory = ReplicaDirectory({TrustTier.basic: read}, ttl_s=0, on_online=told.append)
     seen = []
     for _ in range(5):
         await directory.refresh("m")

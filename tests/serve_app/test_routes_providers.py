@@ -16,6 +16,10 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from agent_bootstrap import credentials as creds
 from agent_bootstrap.agent import Agent, AgentDeps, NodeSpec, Phase
@@ -39,21 +43,25 @@ from cluster.nodes import ClusterNode
 from cluster.registry import ProviderPlatform
 from core.schema import ProviderReview
 from core.settings import Settings
-from kernel.labels import PROVIDER_ID_LABEL
+from kernel.labels import PROVIDER_ID_LABEL, TrustTier
 from serve_app.http_app import create_app
+from serve_app.pool_admin import PoolAdmin
+from serve_app.pool_protocol import credential_digest, credential_matches, nodes_body
 from serve_app.routes_nodes import node_table
 from serve_app.services import Services
 from tests.agent_bootstrap.proc_tables import StaticProcTable
 from tests.billing import conftest as billing
 from tests.cluster.cc_pki import DevicePki
 from tests.cluster.nvml_readings import H100, H100_CC_ON
+from tests.http_server import serving
 
 db_url = billing.db_url
 engine = billing.engine
 r = billing.r
 plans = billing.plans
 
-RAY_TOKEN = "ray-cluster-token-0123456789"
+RAY_TOKEN = "ray-cluster-token-0123456789"  # the basic pool's
+VERIFIED_RAY_TOKEN = "verified-pool-token-9876543210"
 
 
 @dataclass
@@ -83,12 +91,18 @@ def platform(
 ) -> Iterator[Platform]:
     token_file = tmp_path / "ray_auth_token"
     token_file.write_text(RAY_TOKEN + "\n")
+    verified_file = tmp_path / "verified_ray_auth_token"
+    verified_file.write_text(VERIFIED_RAY_TOKEN + "\n")
     services = Services.create({"database_url": db_url, "redis_url": billing.REDIS_URL})
     services.providers = ProviderPlatform(
         Settings(
             data_dir=tmp_path,
             cluster_address="10.8.0.1:6380",
             ray_auth_token_path=token_file,
+            verified_pool={
+                "cluster_address": "10.8.1.1:6384",
+                "ray_auth_token_path": str(verified_file),
+            },
             heartbeat_interval_s=7,
         )
     )
@@ -145,6 +159,7 @@ def test_darkgpu_auth_exchanges_the_token_for_private_credentials(
     registry.review(platform.services.db, provider_id, ProviderReview.approved)
     got = creds.exchange("http://testserver", token, client=platform.client)
     assert got.provider_id == provider_id and got.review == "approved"
+    # a basic provider joins the basic pool: never given the verified pool's address or token
     assert got.cluster_address == "10.8.0.1:6380"
     assert got.ray_auth_token == RAY_TOKEN
     assert got.heartbeat_interval_s == 7
@@ -220,7 +235,11 @@ def test_a_cc_provider_becomes_verified_through_the_routes(platform: Platform) -
     got = api.register(body)
     assert got["trust_tier"] == "verified", got["tier_reason"]
     assert got["review"] == "approved"  # the rule: its attestation passed
-    assert api.exchange()["ray_auth_token"] == RAY_TOKEN
+    # it joins the verified tier's pool, and only it: the basic one's token is not given
+    joined = api.exchange()
+    assert (joined["trust_tier"], joined["cluster_address"], joined["ray_auth_token"]) == (
+        "verified", "10.8.1.1:6384", VERIFIED_RAY_TOKEN
+    )  # fmt: skip
     assert got["node"]["labels"]["darkgpu.io/trust-tier"] == "verified"
     doc = platform.get(f"/v1/providers/{provider_id}/attestation").json()
     assert doc["trust_tier"] == "verified"
@@ -417,3 +436,38 @@ def test_a_provider_holding_the_pools_ray_token_cannot_issue_itself_a_challenge(
     issued = platform.services.providers.challenge(provider_id, now)
     assert check_challenge(key, provider_id, issued, now)
     assert key == platform.services.providers.secret()  # made once, kept
+
+
+def test_a_node_is_bound_only_from_its_providers_tier_pool(platform: Platform) -> None:
+    """Each pool's node table is its own gateway's (two real HTTP servers here, as the two
+    pools' gateways answer `GET <pool>/nodes`): a basic provider's node that shows up in the
+    verified pool (it found that pool's token somewhere) is not found, so never bound there;
+    in its own pool it binds."""
+    provider_id, token = platform.new_provider()
+    registry.review(platform.services.db, provider_id, ProviderReview.approved)
+    node = ClusterNode(RecordingRay.NODE_ID, alive=True, labels={PROVIDER_ID_LABEL: provider_id})
+    tables: dict[TrustTier, list[ClusterNode]] = {TrustTier.basic: [], TrustTier.verified: [node]}
+
+    def gateway(tier: TrustTier) -> Starlette:
+        async def listed(request: Request) -> Response:
+            if not credential_matches(request.headers.get("authorization"), digest):
+                return Response(status_code=401)
+            return Response(nodes_body(tables[tier]), media_type="application/json")
+
+        return Starlette(routes=[Route("/pool/nodes", listed)])
+
+    digest = credential_digest("pool credential")
+    with serving(gateway(TrustTier.basic)) as basic, serving(gateway(TrustTier.verified)) as ver:
+        platform.services.pools = {
+            TrustTier.basic: PoolAdmin(f"{basic}/pool", "pool credential"),
+            TrustTier.verified: PoolAdmin(f"{ver}/pool", "pool credential"),
+        }
+
+        def bind() -> dict:
+            ticket = platform.post("/v1/providers/tickets", token).json()["ticket"]
+            body = {"ticket": ticket, "node_id": node.node_id}
+            return platform.post("/v1/providers/nodes", token, json=body).json()
+
+        assert bind()["error"]["code"] == "node_not_found"  # in the verified pool only
+        tables[TrustTier.basic].append(node)
+        assert bind()["node_id"] == node.node_id

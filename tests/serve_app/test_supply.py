@@ -8,7 +8,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,10 +24,10 @@ from cluster.supply import ModelSupply
 from core.schema import ProviderReview
 from core.settings import CONFIGS_DIR, Settings
 from kernel import redis_keys
-from kernel.labels import PROVIDER_ID_LABEL, VRAM_RESOURCE
+from kernel.labels import PROVIDER_ID_LABEL, VRAM_RESOURCE, TrustTier, model_resources
 from serve_app.models import deployment_version, llm_config_for
 from serve_app.pool_models import ModelApplier
-from serve_app.supply import Plan, SupplyReconciler
+from serve_app.supply import Plan, PoolSupply, SupplyReconciler
 from serve_app.supply_view import SupplyView
 from tests.billing import conftest as billing
 from tests.cluster.test_nodes import provider
@@ -54,7 +54,8 @@ class Recorded:
     and the deploys and deletes it asked for."""
 
     def __init__(self) -> None:
-        self.alive = [alive(HEAD, {"CPU": 8.0})]
+        # the basic pool's head: every catalog model (a head that declares none holds none)
+        self.alive = [alive(HEAD, {"CPU": 8.0, **model_resources(m.id for m in CATALOG.models)})]
         self.draining: set[str] = set()
         self.running = {"model-darkgpu-tiny-b"}  # left by an earlier reconciler
         self.calls: list[tuple[str, str, ModelSupply | None]] = []
@@ -67,6 +68,19 @@ class Recorded:
         """The pool's side of the plan (`PUT <pool>/models`), over the recorded Serve."""
         return ModelApplier(CATALOG, settings, deploy=self.deploy, delete=self.delete,
                             running_apps=lambda: self.running)  # fmt: skip
+
+    def pool(self, settings: Settings) -> PoolSupply:
+        """The pool as the reconciler drives it: its node table and its deploy."""
+        applier = self.applier(settings)
+
+        class Pool:
+            nodes = self.nodes
+
+            @staticmethod
+            def apply_models(wanted: Mapping[str, ModelSupply]) -> None:
+                applier.apply(wanted)
+
+        return Pool()
 
     def deploy(self, model: CatalogModel, supply: ModelSupply, settings: Settings) -> None:
         self.calls.append(("deploy", model.id, supply))
@@ -92,8 +106,7 @@ def reconciler(
                         scale_to_zero_after_s=600)  # fmt: skip
     yield SupplyReconciler(
         CATALOG, settings, sqlite_engine, r, {HEAD},
-        list_nodes=cluster.nodes,
-        apply=cluster.applier(settings).apply,
+        pools={TrustTier.basic: cluster.pool(settings)},
     )  # fmt: skip
 
 
@@ -190,8 +203,7 @@ def test_a_gpu_that_fits_two_models_serves_the_one_asked_for_most(
     settings = Settings(data_dir=tmp_path)
     reconciler = SupplyReconciler(
         CATALOG, settings, sqlite_engine, r, {HEAD},
-        list_nodes=cluster.nodes,
-        apply=cluster.applier(settings).apply,
+        pools={TrustTier.basic: cluster.pool(settings)},
         clock=lambda: now[0],
     )  # fmt: skip
     reconciler.tick()
