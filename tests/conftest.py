@@ -84,7 +84,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory, fake_stripe) -> Iterator[
     ports = {"RAY_PORT": port(6390), "HTTP_PORT": port(8010), "METRICS_PORT": port(8090),
              "DASHBOARD_PORT": port(8275), "POOL_RAY_PORT": port(6394),
              "POOL_HTTP_PORT": port(8011), "POOL_METRICS_PORT": port(8091),
-             "POOL_DASHBOARD_PORT": port(8276)}  # fmt: skip
+             "POOL_DASHBOARD_PORT": port(8276), "VERIFIED_POOL__RAY_PORT": port(6395),
+             "VERIFIED_POOL__HTTP_PORT": port(8012), "VERIFIED_POOL__METRICS_PORT": port(8092),
+             "VERIFIED_POOL__DASHBOARD_PORT": port(8277)}  # fmt: skip
     # The money and the state Redis on ports where nothing runs: `darkgpu up` starts its own
     # there, as on a bare machine; SQL is the default SQLite under the data directory.
     env = {**os.environ, "DARKGPU_DATA_DIR": str(tmp_path_factory.mktemp("darkgpu"))}
@@ -108,8 +110,10 @@ def platform(tmp_path_factory: pytest.TempPathFactory, fake_stripe) -> Iterator[
     assert platform.api_url.removesuffix("/v1") + "/console" in started.stdout
     # each step with its time, each deployment's replicas to ready; the rest in its log
     shown = started.stdout
-    for step in ("✓ Database migrated", "✓ Ray head (supply pool) on",
-                 "✓ Ray head (control plane) on", "✓ Supply pool's gateway deployed",
+    for step in ("✓ Database migrated", "✓ Ray head (basic pool) on",
+                 "✓ Ray head (verified pool) on", "✓ Ray head (control plane) on",
+                 "✓ Supply pool's gateway deployed (basic pool)",
+                 "✓ Supply pool's gateway deployed (verified pool)",
                  "✓ Serve application deployed", "llm-darkgpu-tiny: 1 ready",
                  "ingress: 1 ready"):  # fmt: skip
         assert step in shown, shown

@@ -252,6 +252,7 @@ def darkgpu(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProce
     ray_port = free_port()
     environ = {**os.environ, "DARKGPU_DATA_DIR": str(tmp_path / "platform"),
                "DARKGPU_RAY_PORT": str(ray_port), "DARKGPU_POOL_RAY_PORT": str(free_port()),
+               "DARKGPU_VERIFIED_POOL__RAY_PORT": str(free_port()),
                **env}  # fmt: skip
     environ.pop("RAY_ADDRESS", None)
     return subprocess.run([str(BIN / "darkgpu"), *args], env=environ, capture_output=True,

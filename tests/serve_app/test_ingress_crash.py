@@ -45,7 +45,10 @@ MODEL = "darkgpu-tiny"
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
 PORTS = {"RAY_PORT": port(6420), "HTTP_PORT": port(8040), "METRICS_PORT": port(8120),
          "DASHBOARD_PORT": port(8305), "POOL_RAY_PORT": port(6424), "POOL_HTTP_PORT": port(8041),
-         "POOL_METRICS_PORT": port(8121), "POOL_DASHBOARD_PORT": port(8306)}  # fmt: skip
+         "POOL_METRICS_PORT": port(8121), "POOL_DASHBOARD_PORT": port(8306),
+         "VERIFIED_POOL__RAY_PORT": port(6425), "VERIFIED_POOL__HTTP_PORT": port(8042),
+         "VERIFIED_POOL__METRICS_PORT": port(8122),
+         "VERIFIED_POOL__DASHBOARD_PORT": port(8307)}  # fmt: skip
 REDIS_PORT, STATE_REDIS_PORT = port(6422), port(6423)
 HOLD_TTL_S = 8
 CHECKPOINT_TOKENS = 4

@@ -1,19 +1,21 @@
-"""Routing among providers on a real multi-node supply pool on this machine.
+"""Routing among providers on real multi-node supply pools on this machine.
 
-Two Ray clusters, as DESIGN's two planes: the control plane's (one head: the ingress, the
-billing actor, the reconciler), which nothing of a provider joins, and the supply pool's: a
-head (provider `local`, no VRAM) and two provider nodes that join and later drain through
-the agent's own Ray commands (`agent_bootstrap.agent.RayCli`: `ray start --address …
---labels … --resources '{"vram_gb": 24}'`, `ray drain-node`): `p1` (registered basic, at the
-catalog price) and `p2` (registered verified, its CC evidence checked against a test device
-PKI, 50% above the catalog price). Their nodes' labels claim the opposite (p1 says
-`verified`, p2 says `basic` at no premium): the registry decides, not the labels. Every
+Three Ray clusters, as DESIGN's two planes are: the control plane's (one head: the ingress,
+the billing actor, the reconciler), which nothing of a provider joins, and a supply pool per
+trust tier, each a head of its own that its tier's provider nodes join through the agent's
+own Ray commands (`agent_bootstrap.agent.RayCli`: `ray start --address … --labels …
+--resources '{"vram_gb": 24}'`, `ray drain-node`). The basic pool: a head (provider `local`,
+no VRAM) and `p1` (registered basic, at the catalog price; later p3…p6); the verified pool: a
+head that serves nothing and `p2` (registered verified, its CC evidence checked against a
+test device PKI, 50% above the catalog price). Their nodes' labels claim the opposite (p1
+says `verified`, p2 says `basic` at no premium): the registry decides, not the labels. Every
 node offers what an RTX 4090 does (24 GiB), and the catalog here has the CPU engine's tiny
-model needing 16 GiB of VRAM, so its two replicas land one on each provider node and never
-on the head. The pool's head runs as an unprivileged user of its own (`Settings.pool_user`)
-at an address a provider in a network namespace of its own reaches (`tests.netns_host`:
-p6's, in the red-team test). The platform is then deployed with `darkgpu up` (which finds the
-pool's head running and starts the control plane's), on ports of its own.
+model needing 16 GiB of VRAM, so its replicas land one on each provider node (one per pool)
+and never on a head; the ingress sends each request to the pool of the replica it picked.
+The basic pool's head runs as an unprivileged user of its own (`Settings.pool_user`) at an
+address a provider in a network namespace of its own reaches (`tests.netns_host`: p6's, in
+the red-team test). The platform is then deployed with `darkgpu up` (which finds the pools'
+heads running and starts the control plane's), on ports of its own.
 
 Teardown is `darkgpu down` (Serve stopped gracefully in both clusters: no vLLM engine
 outlives it), then whatever of the pool's own Ray processes is left, by pid: `ray stop`
@@ -54,6 +56,7 @@ from cluster import nodes, registry
 from cluster.attestation import SignedReportVerifier, issue_challenge
 from cluster.local import LocalCluster
 from cluster.pool_user import PoolUser
+from cluster.pools import pools
 from cluster.processes import (
     cmdline,
     descendants,
@@ -90,7 +93,10 @@ MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
 PORTS = {"RAY_PORT": str(port(6400)), "HTTP_PORT": str(port(8020)),
          "METRICS_PORT": str(port(8100)), "DASHBOARD_PORT": str(port(8285)),
          "POOL_RAY_PORT": str(port(6404)), "POOL_HTTP_PORT": str(port(8021)),
-         "POOL_METRICS_PORT": str(port(8101)), "POOL_DASHBOARD_PORT": str(port(8286))}  # fmt: skip
+         "POOL_METRICS_PORT": str(port(8101)), "POOL_DASHBOARD_PORT": str(port(8286)),
+         "VERIFIED_POOL__RAY_PORT": str(port(6405)), "VERIFIED_POOL__HTTP_PORT": str(port(8022)),
+         "VERIFIED_POOL__METRICS_PORT": str(port(8102)),
+         "VERIFIED_POOL__DASHBOARD_PORT": str(port(8287))}  # fmt: skip
 API_ROOT = f"http://127.0.0.1:{PORTS['HTTP_PORT']}"  # the platform's, as agents call it
 REDIS_PORT = port(6402)
 HOST = NetnsHost.for_port(int(PORTS["POOL_RAY_PORT"]))  # p6's machine; the pool's head is at
@@ -98,6 +104,8 @@ POOL_IP = HOST.gateway_ip  # its end of the pair, which the other providers' nod
 STATE_REDIS_PORT = port(6403)  # the replicas' stats, sessions: what is not money
 # the trust tier each provider's node claims in its labels; the registry knows better
 PROVIDERS = {"p1": TrustTier.verified, "p2": TrustTier.basic}
+# the registry's: each provider's node joins its tier's pool (the others, the basic one)
+TIERS = {"p2": TrustTier.verified}
 # what every provider node offers: one RTX 4090 (24 GiB, room for one 16 GiB replica)
 NODE_GPU = detect(RecordedReader(RTX_4090))
 # This machine stands in for provider machines of 4 CPUs each. Ray's own resource override
@@ -113,14 +121,43 @@ ANY_PRICE = {"max_price": {"prompt": 1, "completion": 1}}  # USD per 1M tokens
 
 
 @dataclass
+class PoolHead:
+    """One trust tier's supply pool, as the tests reach it."""
+
+    address: str
+    token_path: Path  # the pool's Ray token, which `darkgpu auth` gives its tier's agents
+    http_port: str  # its gateway's
+    ray_env: dict[str, str]
+    session: str = ""  # its Ray session
+
+
+@dataclass
 class Cluster:
     env: dict[str, str]
     api_url: str
-    ray_env: dict[str, str]
-    address: str
-    token_path: Path  # the cluster's Ray token, which `darkgpu auth` gives an agent
-    session: str = ""  # the Ray session of this cluster
+    pools: dict[TrustTier, PoolHead]
     nodes: dict[str, RayCli] = field(default_factory=dict)  # each provider's agent's Ray
+
+    def pool_of(self, provider: str) -> PoolHead:
+        """The pool a provider's agent joins: its registry tier's."""
+        return self.pools[TIERS.get(provider, TrustTier.basic)]
+
+    @property
+    def basic(self) -> PoolHead:
+        return self.pools[TrustTier.basic]
+
+    # the basic pool's, where most of the suite runs
+    @property
+    def address(self) -> str:
+        return self.basic.address
+
+    @property
+    def token_path(self) -> Path:
+        return self.basic.token_path
+
+    @property
+    def session(self) -> str:
+        return self.basic.session
 
     def join(self, provider: str, claimed_tier: TrustTier, models: Sequence[str] = ()) -> None:
         """A provider node joins as its agent joins it: a join ticket from the platform, the
@@ -129,10 +166,11 @@ class Cluster:
         `PlatformClient` calls)."""
         agent = PlatformClient(self.api_url.removesuffix("/v1"), TOKENS[provider])
         ticket = agent.join_ticket()
-        ray = RayCli(self.token_path, run=self._runner(provider))
+        pool = self.pool_of(provider)
+        ray = RayCli(pool.token_path, run=self._runner(provider))
         # it declares a resource for each model it serves (none named: the whole catalog)
         declared = models or [MODEL, MODEL_B]
-        spec = node_spec(self.address, IDS[provider], claimed_tier, NODE_GPU, "127.0.0.1", declared)
+        spec = node_spec(pool.address, IDS[provider], claimed_tier, NODE_GPU, "127.0.0.1", declared)
         ray.join(spec)
         self.nodes[provider] = ray
         agent.bind_node(ticket, ray.node_id(), models)
@@ -142,8 +180,9 @@ class Cluster:
         issued and redeemed with the registry's own functions (what the two provider routes
         call; `join` goes through the routes themselves), so that the billing actor finds it
         bound from its first look."""
-        spec = node_spec(self.address, IDS[provider], claimed_tier, NODE_GPU, "127.0.0.1", [MODEL])
-        ray = RayCli(self.token_path, run=self._runner(provider))
+        pool = self.pool_of(provider)
+        spec = node_spec(pool.address, IDS[provider], claimed_tier, NODE_GPU, "127.0.0.1", [MODEL])
+        ray = RayCli(pool.token_path, run=self._runner(provider))
         ray.join(spec)
         self.nodes[provider] = ray
         engine = make_engine(Settings(data_dir=Path(self.env["DARKGPU_DATA_DIR"])).database_url)
@@ -154,16 +193,17 @@ class Cluster:
         finally:
             engine.dispose()
 
-    def _runner(self, provider: str):
-        """How the provider's agent runs a command here: in this cluster's environment. Its
+    def _runner(self, provider: str, pool: PoolHead | None = None):
+        """How the provider's agent runs a command here: in its pool's environment. Its
         node-id helper (a driver that asks the local raylet) cannot tell this machine's
         raylets apart, so that one answer comes from the provider's own raylet."""
+        pool = pool or self.pool_of(provider)
 
         def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
             if command[1:] == ["-m", "agent_bootstrap.ray_node_id"]:
-                node_id = _node_id(self.session, provider)
+                node_id = _node_id(pool.session, provider)
                 return subprocess.CompletedProcess(command, 0, node_id + "\n", "")
-            return subprocess.run(command, env={**self.ray_env, **env, **NODE_ENV},
+            return subprocess.run(command, env={**pool.ray_env, **env, **NODE_ENV},
                                   capture_output=True, text=True, timeout=120)  # fmt: skip
 
         return run
@@ -189,20 +229,22 @@ class Cluster:
         return admin("key", "create", "--account", str(account["id"]))["key"]
 
     def pool_nodes(self) -> list[nodes.ClusterNode]:
-        """The pool's node table, as its gateway lists it to the control plane."""
-        return parse_nodes(self._pool_get("nodes"))
+        """The basic pool's node table, as its gateway lists it to the control plane."""
+        return parse_nodes(self._pool_get(TrustTier.basic, "nodes"))
 
-    def _pool_get(self, path: str) -> bytes:
-        token = (Path(self.env["DARKGPU_DATA_DIR"]) / "pool_token").read_text().strip()
-        pool = f"http://127.0.0.1:{PORTS['POOL_HTTP_PORT']}/pool/{path}"
+    def _pool_get(self, tier: TrustTier, path: str) -> bytes:
+        settings = Settings(data_dir=Path(self.env["DARKGPU_DATA_DIR"]))
+        token = pools(settings)[tier].credential()
+        pool = f"http://127.0.0.1:{self.pools[tier].http_port}/pool/{path}"
         got = httpx.get(pool, headers={"authorization": f"Bearer {token}"}, timeout=30)
         got.raise_for_status()
         return got.content
 
     def replicas(self, model: str = MODEL) -> dict[str, str]:
-        """replica id -> provider id, as the pool's gateway lists them (what the ingress
+        """replica id -> provider id, as every pool's gateway lists them (what the ingress
         reads: each replica with the stats it reports)."""
-        listed = parse_replicas(self._pool_get("replicas")).replicas
+        listed = [r for tier in self.pools
+                  for r in parse_replicas(self._pool_get(tier, "replicas")).replicas]  # fmt: skip
         return {r.replica_id: name(r.stats["provider_id"]) for r in listed if r.model == model}
 
     def set_status(self, provider: str, status: ProviderStatus) -> None:
@@ -220,7 +262,7 @@ class Cluster:
                "from cluster.ray_internals import SERVE_REPLICA_ACTOR_PREFIX, alive_actor_nodes; "
                "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
                "print(*alive_actor_nodes(SERVE_REPLICA_ACTOR_PREFIX).values())")  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", ask, self.address], env=self.ray_env,
+        done = subprocess.run([sys.executable, "-c", ask, self.address], env=self.basic.ray_env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         return set(done.stdout.split())
@@ -230,7 +272,7 @@ class Cluster:
         asked from a process with this cluster's Ray token."""
         ask = ("import sys; from cluster.ray_internals import DrainingNodes; "
                "print(*DrainingNodes(sys.argv[1]).node_ids())")  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", ask, self.address], env=self.ray_env,
+        done = subprocess.run([sys.executable, "-c", ask, self.address], env=self.basic.ray_env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         return set(done.stdout.split())
@@ -328,22 +370,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pool_user: str) -> Iterato
     env.pop("DARKGPU_DATABASE_URL", None)
     for name in ("RAY_ADDRESS", "DARKGPU_STRIPE_SECRET_KEY"):
         env.pop(name, None)
+    ports = {k.lower(): int(v) for k, v in PORTS.items() if not k.startswith("VERIFIED")}
+    verified = {k.lower().removeprefix("verified_pool__"): int(v) for k, v in PORTS.items()
+                if k.startswith("VERIFIED")}  # fmt: skip
     settings = Settings(data_dir=data, pool_user=POOL_USER, pool_node_ip=POOL_IP,
-                        **{k.lower(): int(v) for k, v in PORTS.items()})  # fmt: skip
-    # the supply pool's cluster: providers' nodes join it (never the control plane's)
-    pool = LocalCluster.pool(settings)
-    ray_env = {**env, **pool.env()}
-    ray_env.pop("RAY_ADDRESS")
-    c = Cluster(env=env, api_url=f"http://127.0.0.1:{PORTS['HTTP_PORT']}/v1", ray_env=ray_env,
-                address=pool.address, token_path=pool.token_path)  # fmt: skip
+                        verified_pool=verified, **ports)  # fmt: skip
+    # the supply pools' clusters, one per tier: providers' nodes join their tier's (never the
+    # control plane's); the verified pool's head runs as the operator (no pool user)
+    heads = {tier: LocalCluster.pool(settings, tier) for tier in TrustTier}
+    c = Cluster(env=env, api_url=f"http://127.0.0.1:{PORTS['HTTP_PORT']}/v1", pools={})
+    for tier, head in heads.items():
+        ray_env = {**env, **head.env()}
+        ray_env.pop("RAY_ADDRESS")
+        http_port = settings.pools[tier].http_port
+        c.pools[tier] = PoolHead(head.address, head.token_path, str(http_port), ray_env)
     for taken in (*PORTS.values(), str(REDIS_PORT), str(STATE_REDIS_PORT)):
         if _listening(int(taken)):
             pytest.fail(f"port {taken} is taken: a previous run left something behind")
     try:
         HOST.create()
         _register(data)
-        pool.start_head()
-        c.session = session_of(int(PORTS["POOL_RAY_PORT"])) or ""
+        for head, pool in zip(heads.values(), c.pools.values(), strict=True):
+            head.start_head()
+            pool.session = session_of(head.port) or ""
         for provider, claimed_tier in PROVIDERS.items():
             c.join_unbound(provider, claimed_tier)
         up = c.darkgpu("up")
@@ -360,9 +409,10 @@ def _teardown(c: Cluster) -> None:
     try:
         c.darkgpu("down", timeout=600)
     finally:
-        if c.session:
-            stop_session(c.session)
-            forget_address(int(PORTS["POOL_RAY_PORT"]))
+        for pool in c.pools.values():
+            if pool.session:
+                stop_session(pool.session)
+                forget_address(int(pool.address.rsplit(":", 1)[1]))
 
 
 @pytest.fixture(scope="module")
@@ -692,7 +742,7 @@ def test_killing_a_node_mid_stream_ends_that_stream_and_bills_what_was_delivered
             tokens = _delivered(line) or tokens
             if tokens >= 2:
                 break
-        raylet = _raylet(cluster.session, "p2")
+        raylet = _raylet(cluster.pool_of("p2").session, "p2")
         processes = [p.pid for p in descendants(raylet.pid)]  # the replica and its engine
         end([raylet.pid, *processes], signal.SIGKILL, wait_s=5)
         for line in lines:
@@ -732,7 +782,7 @@ def test_a_node_that_labels_itself_another_provider_gets_no_request_and_is_drain
     Serve may place a pending one anywhere, the ingress lists none on a node not bound to the
     provider its stats name: `tests/serve_app/test_replica_stats.py`.)"""
     client = openai.OpenAI(base_url=cluster.api_url, api_key=cluster.new_key(), max_retries=0)
-    rogue = RayCli(cluster.token_path, run=cluster._runner("p2"))
+    rogue = RayCli(cluster.token_path, run=cluster._runner("p2", cluster.basic))  # the basic pool
     rogue.join(
         node_spec(cluster.address, IDS["p2"], TrustTier.verified, NODE_GPU, "127.0.0.1", [MODEL])
     )
