@@ -488,6 +488,11 @@ def platform(
         "DARKGPU_POOL_HTTP_PORT": str(port + 1),
         "DARKGPU_POOL_METRICS_PORT": "8096",
         "DARKGPU_POOL_DASHBOARD_PORT": "8286",
+        # the verified pool (empty here: the platform row is served by the basic pool)
+        "DARKGPU_VERIFIED_POOL__RAY_PORT": str(PLATFORM_POOL_RAY_PORT + 1),
+        "DARKGPU_VERIFIED_POOL__HTTP_PORT": str(port + 2),
+        "DARKGPU_VERIFIED_POOL__METRICS_PORT": "8097",
+        "DARKGPU_VERIFIED_POOL__DASHBOARD_PORT": "8287",
         "DARKGPU_REDIS_URL": "redis://127.0.0.1:6396/0",
         **({"DARKGPU_MODELS_FILE": str(models_file)} if models_file else {}),
     }

@@ -72,6 +72,8 @@ BIN = Path(sys.executable).parent
 PORTS = {"RAY_PORT": 6410, "HTTP_PORT": 8030, "METRICS_PORT": 8110, "DASHBOARD_PORT": 8295,
          "POOL_RAY_PORT": 6414, "POOL_HTTP_PORT": 8031, "POOL_METRICS_PORT": 8111,
          "POOL_DASHBOARD_PORT": 8296}  # fmt: skip
+# the verified pool's (empty here: every bench provider is basic)
+VERIFIED = {"RAY_PORT": 6415, "HTTP_PORT": 8032, "METRICS_PORT": 8112, "DASHBOARD_PORT": 8297}
 REDIS = {"DARKGPU_REDIS_URL": "redis://127.0.0.1:6412/0",
          "DARKGPU_STATE_REDIS_URL": "redis://127.0.0.1:6413/0"}  # fmt: skip
 GPU = detect(RecordedReader(RTX_4090))
@@ -95,12 +97,15 @@ class Bench:
         catalog = (CONFIGS_DIR / "models.toml").read_text()
         tiny = catalog[catalog.index(f'[[models]]\nid = "{MODEL}"') :]
         models.write_text(tiny.replace("min_vram_gb = 0", "min_vram_gb = 16"))
+        verified = {k.lower(): v for k, v in VERIFIED.items()}
         self.env = {**os.environ, "DARKGPU_DATA_DIR": str(data),
                     "DARKGPU_MODELS_FILE": str(models), **REDIS,
                     "DARKGPU_SCALE_TO_ZERO_AFTER_S": str(COOL_AFTER_S),
-                    **{f"DARKGPU_{k}": str(v) for k, v in PORTS.items()}}  # fmt: skip
+                    **{f"DARKGPU_{k}": str(v) for k, v in PORTS.items()},
+                    "DARKGPU_VERIFIED_POOL": json.dumps(verified)}  # fmt: skip
         self.env.pop("DARKGPU_DATABASE_URL", None)
-        self.settings = Settings(data_dir=data, **{k.lower(): v for k, v in PORTS.items()})
+        ports = {k.lower(): v for k, v in PORTS.items()}
+        self.settings = Settings(data_dir=data, verified_pool=verified, **ports)
         # the supply pool's cluster, which providers' nodes join (`darkgpu up` starts the
         # control plane's)
         self.local = LocalCluster.pool(self.settings)

@@ -45,10 +45,36 @@ def test_a_misspelt_setting_is_an_error_not_dropped(tmp_path: Path) -> None:
 
 def test_the_settings_cross_to_replicas_whole(tmp_path: Path) -> None:
     """What a replica gets (`as_args`) rebuilds the same settings, secrets included."""
-    settings = Settings(data_dir=tmp_path, stripe_secret_key="sk_test_x", http_port=9000)
+    settings = Settings(data_dir=tmp_path, stripe_secret_key="sk_test_x", http_port=9000,
+                        verified_pool={"token": "verified-credential"})  # fmt: skip
     again = Settings(**settings.as_args())
     assert again == settings
     assert again.stripe_secret_key.get_secret_value() == "sk_test_x"
+    assert again.verified_pool.token.get_secret_value() == "verified-credential"
+
+
+def test_each_trust_tier_has_a_pool_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The basic pool is the flat `pool_*` settings; the verified pool's are its own, from
+    `DARKGPU_VERIFIED_POOL__*` over its defaults (ports apart from the basic pool's)."""
+    monkeypatch.setenv("DARKGPU_VERIFIED_POOL__RAY_PORT", "7384")
+    monkeypatch.setenv("DARKGPU_VERIFIED_POOL__URL", "http://10.9.0.2:8002/pool")
+    basic, verified = Settings(data_dir=tmp_path, pool_ray_port=7383).pools.values()
+    assert (basic.ray_port, basic.http_port) == (7383, 8001)
+    assert (verified.ray_port, verified.http_port, verified.url) == (
+        7384, 8002, "http://10.9.0.2:8002/pool"
+    )  # fmt: skip
+
+
+def test_two_pools_never_run_as_one_user(tmp_path: Path) -> None:
+    """A member of the basic pool runs code as its head's user: were the verified pool's head
+    the same user, it could read that head's processes and its copy of the Ray token."""
+    with pytest.raises(ValidationError, match="two users"):
+        Settings(
+            data_dir=tmp_path, pool_user="darkgpu-pool", verified_pool={"user": "darkgpu-pool"}
+        )
+    Settings(data_dir=tmp_path, pool_user="darkgpu-pool", verified_pool={"user": "darkgpu-pool-v"})
 
 
 def test_the_state_redis_has_a_bound(tmp_path: Path) -> None:
