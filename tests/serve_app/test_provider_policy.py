@@ -284,3 +284,21 @@ def test_a_provider_with_recent_strikes_ranks_last_and_past_a_threshold_not_at_a
     assert ranked_ids(rank(excluded, Requirements(), CATALOG)) == ["r-fair"]
     alone = rank(excluded[:1], Requirements(), CATALOG)
     assert isinstance(alone, NoCandidate) and alone.reason.value == "no_provider_online"
+
+
+def test_a_request_goes_to_its_best_candidates_pool_with_that_pools_candidates_only() -> None:
+    """Each pool's router reaches its own replicas only: the ingress sends a request to the
+    pool of the best candidate, listing the candidates there (in their order); the
+    reservation still covers the dearest candidate of every pool."""
+    replicas = [
+        replace(replica("b1", load=0.5), pool=B),
+        replace(replica("v1", V, pct=50, load=0.1), pool=V),
+        replace(replica("b2", load=0.2), pool=B),
+    ]
+    ranked = rank(replicas, Requirements(max_price=Price(100, 100)), CATALOG)
+    assert isinstance(ranked, Ranked) and ranked.replica_ids == ["v1", "b2", "b1"]
+    assert (ranked.pool, ranked.in_pool().replica_ids) == (V, ["v1"])
+    assert ranked.highest == provider_price(CATALOG, 50)
+    busy = rank([replace(replicas[1], load=0.9), *replicas[::2]], Requirements(), CATALOG)
+    assert isinstance(busy, Ranked) and busy.pool is B  # v1 asks more than the catalog price
+    assert busy.in_pool().replica_ids == ["b2", "b1"]

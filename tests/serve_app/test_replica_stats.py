@@ -150,3 +150,36 @@ async def test_models_come_online_as_the_pool_says_and_each_is_told_once() -> No
         seen.append(await directory.is_online("m"))
     assert seen == [False, True, True, True, False]
     assert told == ["m", "n"]
+
+
+async def test_every_pools_replicas_are_read_and_tagged_with_their_pool() -> None:
+    """Each pool is read on its own: its replicas carry its tier as their pool; a model is
+    online where any pool says so; a pool that fails keeps its last reading while the
+    other's is fresh."""
+    verified_answers: list[PoolListing | Exception] = [
+        PoolListing([listing("v1", NODE_B, stats("p2", "verified"))], frozenset({"m"})),
+        ConnectionError("the verified pool is down"),
+    ]
+    basic_answers = [
+        PoolListing([listing("b1", NODE_A, stats("p1"))], frozenset()),
+        PoolListing([listing("b2", NODE_A, stats("p1"))], frozenset({"n"})),
+    ]
+
+    async def basic() -> PoolListing:
+        return basic_answers.pop(0)
+
+    async def verified() -> PoolListing:
+        answer = verified_answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    directory = ReplicaDirectory({TrustTier.basic: basic, TrustTier.verified: verified}, ttl_s=0)
+    first = await directory.replicas("m")
+    assert [(x.replica_id, x.pool, x.trust_tier) for x in first] == [
+        ("b1", TrustTier.basic, TrustTier.basic), ("v1", TrustTier.verified, TrustTier.verified)
+    ]  # fmt: skip
+    assert await directory.online() == frozenset({"m"})
+    again = await directory.refresh("m")
+    assert [x.replica_id for x in again] == ["b2", "v1"]  # the verified pool's last reading
+    assert await directory.online() == frozenset({"m", "n"})

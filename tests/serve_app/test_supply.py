@@ -16,12 +16,13 @@ import pytest
 import redis
 from redis import asyncio as aredis
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from billing.plans import Plans
 from cluster import nodes, registry
 from cluster.catalog import Catalog, CatalogModel, load_catalog
 from cluster.supply import ModelSupply
-from core.schema import ProviderReview
+from core.schema import Provider, ProviderReview
 from core.settings import CONFIGS_DIR, Settings
 from kernel import redis_keys
 from kernel.labels import PROVIDER_ID_LABEL, VRAM_RESOURCE, TrustTier, model_resources
@@ -313,3 +314,39 @@ def test_a_models_code_version_ignores_its_bounds_only(tmp_path: Path) -> None:
     assert version == deployment_version(llm_config_for(model, settings, ModelSupply(2, 4)))
     other = Settings(data_dir=tmp_path, max_ongoing_requests=8)
     assert version != deployment_version(llm_config_for(model, other, ModelSupply(0, 1)))
+
+
+def test_each_pool_is_planned_on_its_own_tiers_nodes_and_the_plans_are_summed(
+    sqlite_engine: Engine, r: redis.Redis, plans: Plans, tmp_path: Path
+) -> None:
+    """The basic pool holds alice's node, the verified pool bob's (verified) and one of
+    alice's that got in there (basic: it counts for nothing, and the warden drains it). Each
+    pool gets the replicas its own nodes hold; the published plan is their sum. A pool whose
+    gateway stops answering keeps its last plan in what is published."""
+    alice = provider(sqlite_engine, r, plans, "alice@example.com")
+    bob = provider(sqlite_engine, r, plans, "bob@example.com")
+    with Session(sqlite_engine) as session, session.begin():
+        session.get(Provider, bob).trust_tier = TrustTier.verified.value
+    for who, node in ((alice, NODE_A), (bob, NODE_B), (alice, ROGUE)):
+        bind(sqlite_engine, who, node, ["darkgpu-tiny"])
+    basic, verified = Recorded(), Recorded()
+    basic.alive.append(alive(NODE_A, A_24GB))
+    verified.alive = [alive(HEAD, {"CPU": 8.0}), alive(NODE_B, A_24GB), alive(ROGUE, A_24GB)]
+    settings = Settings(data_dir=tmp_path, min_replicas=1)
+    verified_pool = verified.pool(settings)
+    reconciler = SupplyReconciler(
+        CATALOG, settings, sqlite_engine, r, {HEAD},
+        pools={TrustTier.basic: basic.pool(settings), TrustTier.verified: verified_pool},
+    )  # fmt: skip
+    reconciler.tick()
+    one = ("deploy", "darkgpu-tiny", ModelSupply(1, 1))
+    assert one in basic.taken() and one in verified.taken()  # ROGUE holds no slot
+    assert published(r).models["darkgpu-tiny"] == ModelSupply(2, 2)
+
+    def away() -> list[nodes.ClusterNode]:
+        raise ConnectionError("the verified pool's gateway is down")
+
+    verified_pool.nodes = away  # type: ignore[method-assign]
+    basic.alive.pop()  # alice's node leaves the basic pool
+    reconciler.tick()
+    assert published(r).models["darkgpu-tiny"] == ModelSupply(1, 1)  # the verified pool's
