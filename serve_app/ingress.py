@@ -71,6 +71,7 @@ from serve_app.provider_policy import (
     Price,
     Ranked,
     Requirements,
+    by_load,
     no_candidate_error,
     parse_requirements,
     provider_price,
@@ -463,8 +464,12 @@ class Ingress:
             demoted = frozenset(
                 p for p, terms in registry.items() if terms.recent_strikes >= DEMOTE_STRIKES
             )
-            ranked = ranked.in_pool()
+            # the pool of the best candidate by what is in flight now: each pool's router
+            # balances its own replicas, the ingress the pools (a burst spreads over them)
+            ranked = by_load(ranked, self._in_flight.__getitem__).in_pool()
             headers = allowed_headers(ranked, demoted)
+            first = ranked.replica_ids[0]
+            self._in_flight.sent(first)  # counted from dispatch until the pool answers
             try:
                 return await self._pools[ranked.pool].open(
                     sent.model_id, sent.endpoint, sent.body, sent.stream, headers, ROUTE_ATTEMPT_S
@@ -479,6 +484,8 @@ class Ingress:
                 again = rank(replicas, capped, catalog, model.id)
                 if isinstance(again, Ranked):
                     ranked = again
+            finally:
+                self._in_flight.completed(first)
         raise Unavailable(
             "No allowed provider took the request in time; retry shortly.",
             code="no_provider_online",

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -272,17 +272,24 @@ def rank(
             f"(the cheapest asks {cheapest}% above the catalog price); allow more with "
             "provider.max_price.",
         )
-    affordable.sort(
-        key=lambda c: (
-            c.replica.draining,
-            c.replica.demoted,
-            not c.replica.healthy,
-            c.replica.load,
-            c.replica.price_floor_pct,
-            c.replica.replica_id,
-        )
-    )
-    return Ranked(tuple(affordable))
+    return Ranked(tuple(sorted(affordable, key=_order)))
+
+
+def _order(c: Candidate) -> tuple[bool, bool, bool, float, int, str]:
+    """Best first: not draining, not demoted, healthy, least loaded, cheapest."""
+    r = c.replica
+    return (r.draining, r.demoted, not r.healthy, r.load, r.price_floor_pct, r.replica_id)
+
+
+def by_load(ranked: Ranked, load: Callable[[str], float]) -> Ranked:
+    """The candidates in `rank`'s order again, each replica's load the most of what it had
+    and `load(replica_id)` (what the ingress has in flight there now)."""
+    now = [
+        Candidate(replace(c.replica, load=max(c.replica.load, load(c.replica.replica_id))),
+                  c.price)
+        for c in ranked.candidates
+    ]  # fmt: skip
+    return Ranked(tuple(sorted(now, key=_order)))
 
 
 def no_candidate_error(none: NoCandidate, retry_after_s: int = 5) -> Unavailable:

@@ -255,24 +255,26 @@ class Cluster:
         finally:
             engine.dispose()
 
-    def replica_nodes(self) -> set[str]:
+    def replica_nodes(self, pool: PoolHead | None = None) -> set[str]:
         """The node ids the GCS's actor table places model replicas on (from the moment Ray
         places one, before it loads), asked from a process with this cluster's Ray token."""
         ask = ("import sys, ray; "
                "from cluster.ray_internals import SERVE_REPLICA_ACTOR_PREFIX, alive_actor_nodes; "
                "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
                "print(*alive_actor_nodes(SERVE_REPLICA_ACTOR_PREFIX).values())")  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", ask, self.address], env=self.basic.ray_env,
+        pool = pool or self.basic
+        done = subprocess.run([sys.executable, "-c", ask, pool.address], env=pool.ray_env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         return set(done.stdout.split())
 
-    def draining(self) -> set[str]:
+    def draining(self, pool: PoolHead | None = None) -> set[str]:
         """The node ids the cluster's GCS says are draining (`ray_internals.DrainingNodes`),
         asked from a process with this cluster's Ray token."""
         ask = ("import sys; from cluster.ray_internals import DrainingNodes; "
                "print(*DrainingNodes(sys.argv[1]).node_ids())")  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", ask, self.address], env=self.basic.ray_env,
+        pool = pool or self.basic
+        done = subprocess.run([sys.executable, "-c", ask, pool.address], env=pool.ray_env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         return set(done.stdout.split())
@@ -331,9 +333,10 @@ def _raylets(session: str, provider: str) -> list[psutil.Process]:
     return [p for p in session_processes(session) if "raylet" in p.name() and label in cmdline(p)]
 
 
-def _drained(cluster: Cluster, provider: str, node_id: str) -> bool:
+def _drained(cluster: Cluster, provider: str, node_id: str, pool: PoolHead | None = None) -> bool:
     """The node is draining, or gone: Ray ends a node drained while idle at once."""
-    return not _raylets(cluster.session, provider) or node_id in cluster.draining()
+    pool = pool or cluster.basic
+    return not _raylets(pool.session, provider) or node_id in cluster.draining(pool)
 
 
 def _raylet(session: str, provider: str) -> psutil.Process:
@@ -800,8 +803,23 @@ def test_a_node_that_labels_itself_another_provider_gets_no_request_and_is_drain
     with pytest.raises(PlatformError) as refused:
         mallory.bind_node(mallory.join_ticket(), rogue_node)
     assert refused.value.status == 409 and refused.value.code == "node_label_mismatch"
+    # p3 (basic) gets its node into the verified pool too, with that pool's Ray token (as if
+    # stolen: the platform gives it only the basic pool's), labelled as itself; it cannot bind
+    # it (a node is looked up in its provider's tier's pool only), the reconciler counts it
+    # for nothing there, and the verified pool's warden drains it like the rogue above
+    verified = cluster.pools[TrustTier.verified]
+    intruder = RayCli(verified.token_path, run=cluster._runner("p3", verified))
+    intruder.join(
+        node_spec(verified.address, IDS["p3"], TrustTier.basic, NODE_GPU, "127.0.0.1", [MODEL])
+    )
+    intruder_node = intruder.node_id()
+    with pytest.raises(PlatformError) as refused:
+        mallory.bind_node(mallory.join_ticket(), intruder_node)
+    assert refused.value.code == "node_not_found"
     drained = lambda: _drained(cluster, "p2", rogue_node)  # noqa: E731 - idle: it may be gone
     assert wait_for(drained, timeout_s=JOIN_GRACE_S + 60)
+    assert wait_for(lambda: _drained(cluster, "p3", intruder_node, verified), timeout_s=90)
+    assert intruder_node not in cluster.replica_nodes(verified)
     assert {chat(client, ANY_PRICE)[0] for _ in range(4)} == {"p3"}
 
 

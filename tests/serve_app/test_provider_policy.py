@@ -18,6 +18,7 @@ from serve_app.provider_policy import (
     Ranked,
     ReplicaStats,
     Requirements,
+    by_load,
     no_candidate_error,
     parse_requirements,
     provider_price,
@@ -302,3 +303,16 @@ def test_a_request_goes_to_its_best_candidates_pool_with_that_pools_candidates_o
     busy = rank([replace(replicas[1], load=0.9), *replicas[::2]], Requirements(), CATALOG)
     assert isinstance(busy, Ranked) and busy.pool is B  # v1 asks more than the catalog price
     assert busy.in_pool().replica_ids == ["b2", "b1"]
+
+
+def test_candidates_ranked_again_by_what_is_in_flight_now() -> None:
+    """Requests ranked at once all find the same best candidate; at dispatch the ingress
+    ranks them again by what it has in flight (from the moment each is sent), so a burst
+    spreads over the pools instead of queueing in the first."""
+    replicas = [replace(replica("b1"), pool=B), replace(replica("v1", V, pct=50), pool=V)]
+    ranked = rank(replicas, Requirements(max_price=Price(100, 100)), CATALOG)
+    assert isinstance(ranked, Ranked) and ranked.pool is B  # cheaper, at equal load
+    in_flight = {"b1": 2}
+    again = by_load(ranked, lambda rid: in_flight.get(rid, 0))
+    assert (again.pool, again.replica_ids) == (V, ["v1", "b1"])
+    assert by_load(ranked, lambda rid: 0).replica_ids == ["b1", "v1"]
