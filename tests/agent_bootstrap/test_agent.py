@@ -413,5 +413,10 @@ def test_a_node_the_platform_will_not_bind_leaves_again(tmp_path: Path) -> None:
     assert runner.verbs == ["start", "node-id", "stop"]
     assert agent.reason.startswith("could not bind this node to the provider: The node is not")
     platform.refuse_binding = None
+    exchanges = platform.exchanges
     assert agent.tick() is Phase.joined
     assert platform.bound == [("dgpj-1", "a1b2c3d4e5f6")]
+    # it asked for its credentials again: the node is looked up in its tier's pool, which
+    # may not be the one it joined (its tier changed)
+    assert platform.exchanges == exchanges + 1
+    assert agent.credentials.ray_auth_token == "rotated-token"
