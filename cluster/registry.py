@@ -34,7 +34,7 @@ from cluster.attestation import (
     decode_public_key,
     issue_challenge,
 )
-from cluster.pools import pools
+from cluster.pools import Pool, pools
 from core.local_secrets import made_once
 from core.schema import (
     Account,
@@ -500,14 +500,23 @@ class ProviderPlatform:
     settings: Settings
     verifier: CcVerifier = field(default_factory=NoVerifier)
 
+    def _pool(self, tier: TrustTier) -> Pool:
+        found = pools(self.settings).get(tier)
+        if found is None:
+            raise ClusterNotReady(
+                f"No supply pool takes providers of the {tier.value} tier on this platform.",
+                headers={"Retry-After": "3600"},
+            )
+        return found
+
     def cluster_address(self, tier: TrustTier) -> str:
         """Where a provider of `tier` joins: its tier's pool (`cluster.pools`)."""
-        return pools(self.settings)[tier].agent_address
+        return self._pool(tier).agent_address
 
     def ray_token(self, tier: TrustTier) -> str:
-        """The Ray auth token of `tier`'s pool, or ClusterNotReady when it has none yet."""
+        """The Ray auth token of `tier`'s pool, or ClusterNotReady when it has none (yet)."""
         try:
-            token = pools(self.settings)[tier].ray_token_path.read_text().strip()
+            token = self._pool(tier).ray_token_path.read_text().strip()
         except OSError:
             token = ""
         if not token:

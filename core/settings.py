@@ -218,6 +218,13 @@ class Settings(BaseSettings):
     pool_node_ip: str = "127.0.0.1"
     pool_user: str = ""
     verified_pool: VerifiedPoolSettings = Field(default_factory=lambda: VerifiedPoolSettings())
+    pool_tiers: list[TrustTier] = Field(
+        default_factory=lambda: list(TrustTier),
+        min_length=1,
+        description="The trust tiers this platform runs a supply pool for (each a Ray "
+        "cluster of its own). A tier left out takes no provider (its agents are told no pool "
+        "takes their tier) and serves no request (`none_at_tier`).",
+    )
     ingress_replicas: int = Field(
         default=1,
         ge=1,
@@ -334,7 +341,8 @@ class Settings(BaseSettings):
 
     @property
     def pools(self) -> dict[TrustTier, PoolSettings]:
-        """Each trust tier's supply pool: the basic one's from the flat `pool_*` settings."""
+        """The supply pool of each tier in `pool_tiers`: the basic one's from the flat
+        `pool_*` settings."""
         basic = PoolSettings(
             ray_port=self.pool_ray_port,
             dashboard_port=self.pool_dashboard_port,
@@ -348,7 +356,8 @@ class Settings(BaseSettings):
             cluster_address=self.cluster_address,
             ray_auth_token_path=self.ray_auth_token_path,
         )
-        return {TrustTier.basic: basic, TrustTier.verified: self.verified_pool}
+        found = {TrustTier.basic: basic, TrustTier.verified: self.verified_pool}
+        return {tier: found[tier] for tier in TrustTier if tier in self.pool_tiers}
 
     def as_args(self) -> dict[str, Any]:
         """The settings as the replicas' constructor arguments, secrets in clear (they cross

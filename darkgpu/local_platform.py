@@ -42,8 +42,8 @@ class LocalPlatform:
 
     @property
     def pools(self) -> dict[TrustTier, LocalCluster]:
-        """Each trust tier's supply pool's cluster."""
-        return {tier: LocalCluster.pool(self.settings, tier) for tier in TrustTier}
+        """The supply pool's cluster of each tier the platform runs one for."""
+        return {tier: LocalCluster.pool(self.settings, tier) for tier in self.settings.pools}
 
     def own_redis(self) -> list[LocalRedis]:
         """The private Redis servers `up` runs where the configured ones are local: the money

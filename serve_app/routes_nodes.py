@@ -50,7 +50,8 @@ def issue_ticket(provider: AuthedProvider, svc: Svc) -> dict[str, Any]:
 
 def node_table(provider: AuthedProvider, svc: Svc) -> Callable[[], list[nodes.ClusterNode]]:
     """How the node table of the provider's tier's pool is read: from its gateway."""
-    return svc.pools[TrustTier(provider.trust_tier)].nodes
+    pool = svc.pools.get(TrustTier(provider.trust_tier))
+    return pool.nodes if pool is not None else list  # no pool for its tier: no node
 
 
 NodeTable = Annotated[Callable[[], list[nodes.ClusterNode]], Depends(node_table)]

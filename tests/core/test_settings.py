@@ -67,6 +67,14 @@ def test_each_trust_tier_has_a_pool_of_its_own(
     )  # fmt: skip
 
 
+def test_a_platform_may_run_pools_for_some_tiers_only(tmp_path: Path) -> None:
+    assert list(Settings(data_dir=tmp_path, pool_tiers=["basic"]).pools) == ["basic"]
+    assert list(Settings(data_dir=tmp_path).pools) == ["basic", "verified"]
+    for wrong in ([], ["gold"]):
+        with pytest.raises(ValidationError):
+            Settings(data_dir=tmp_path, pool_tiers=wrong)
+
+
 def test_two_pools_never_run_as_one_user(tmp_path: Path) -> None:
     """A member of the basic pool runs code as its head's user: were the verified pool's head
     the same user, it could read that head's processes and its copy of the Ray token."""

@@ -45,10 +45,7 @@ MODEL = "darkgpu-tiny"
 MSG = [{"role": "user", "content": "Tell me a story about a small robot."}]
 PORTS = {"RAY_PORT": port(6420), "HTTP_PORT": port(8040), "METRICS_PORT": port(8120),
          "DASHBOARD_PORT": port(8305), "POOL_RAY_PORT": port(6424), "POOL_HTTP_PORT": port(8041),
-         "POOL_METRICS_PORT": port(8121), "POOL_DASHBOARD_PORT": port(8306),
-         "VERIFIED_POOL__RAY_PORT": port(6425), "VERIFIED_POOL__HTTP_PORT": port(8042),
-         "VERIFIED_POOL__METRICS_PORT": port(8122),
-         "VERIFIED_POOL__DASHBOARD_PORT": port(8307)}  # fmt: skip
+         "POOL_METRICS_PORT": port(8121), "POOL_DASHBOARD_PORT": port(8306)}  # fmt: skip
 REDIS_PORT, STATE_REDIS_PORT = port(6422), port(6423)
 HOLD_TTL_S = 8
 CHECKPOINT_TOKENS = 4
@@ -63,7 +60,8 @@ def crashable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
            "DARKGPU_STATE_REDIS_URL": f"redis://127.0.0.1:{STATE_REDIS_PORT}/0",
            "DARKGPU_HOLD_TTL_S": str(HOLD_TTL_S), "DARKGPU_REAP_EVERY_S": "1",
            "DARKGPU_CHECKPOINT_TOKENS": str(CHECKPOINT_TOKENS),
-           **{f"DARKGPU_{k}": str(v) for k, v in PORTS.items()}}  # fmt: skip
+           **{f"DARKGPU_{k}": str(v) for k, v in PORTS.items()},
+           "DARKGPU_POOL_TIERS": '["basic"]'}  # fmt: skip  # it serves from the basic pool's head
     for name in ("DARKGPU_DATABASE_URL", "RAY_ADDRESS", "DARKGPU_STRIPE_SECRET_KEY",
                  "DARKGPU_STRIPE_WEBHOOK_SECRET", "DARKGPU_STRIPE_API_BASE"):  # fmt: skip
         env.pop(name, None)

@@ -16,6 +16,7 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -41,7 +42,7 @@ from cluster.attestation import (
 )
 from cluster.nodes import ClusterNode
 from cluster.registry import ProviderPlatform
-from core.schema import ProviderReview
+from core.schema import Provider, ProviderReview
 from core.settings import Settings
 from kernel.labels import PROVIDER_ID_LABEL, TrustTier
 from serve_app.http_app import create_app
@@ -436,6 +437,30 @@ def test_a_provider_holding_the_pools_ray_token_cannot_issue_itself_a_challenge(
     issued = platform.services.providers.challenge(provider_id, now)
     assert check_challenge(key, provider_id, issued, now)
     assert key == platform.services.providers.secret()  # made once, kept
+
+
+def test_a_tier_without_a_pool_gets_no_credentials_and_binds_no_node(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """A platform that runs the basic pool only: a verified provider is told so (503, a
+    clear message), never handed the basic pool's token, and none of its nodes binds."""
+    settings = platform.services.providers.settings
+    platform.services.providers = ProviderPlatform(
+        Settings(**{**settings.as_args(), "pool_tiers": ["basic"]})
+    )
+    platform.services.pools = {}
+    provider_id, token = platform.new_provider()
+    registry.review(platform.services.db, provider_id, ProviderReview.approved)
+    with Session(platform.services.db) as session, session.begin():
+        session.get(Provider, provider_id).trust_tier = TrustTier.verified.value
+    refused = platform.post("/v1/providers/auth", token)
+    assert refused.status_code == 503, refused.text
+    assert "No supply pool takes providers of the verified tier" in refused.text
+    assert RAY_TOKEN not in refused.text
+    ticket = platform.post("/v1/providers/tickets", token).json()["ticket"]
+    body = {"ticket": ticket, "node_id": RecordingRay.NODE_ID}
+    bound = platform.post("/v1/providers/nodes", token, json=body).json()
+    assert bound["error"]["code"] == "node_not_found"
 
 
 def test_a_node_is_bound_only_from_its_providers_tier_pool(platform: Platform) -> None:
