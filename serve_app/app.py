@@ -103,10 +103,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # each pool's credential travels to the ingress as an argument: its replica may run on a
     # control node without this data directory
     # (and so does the attestation challenges' key, made once under it)
-    args = settings.as_args()
-    for tier, pool in pools(settings).items():
-        own = args if tier is TrustTier.basic else args["verified_pool"]
-        own["pool_token" if tier is TrustTier.basic else "token"] = pool.credential()
+    args, found = settings.as_args(), pools(settings)
+    if TrustTier.basic in found:
+        args["pool_token"] = found[TrustTier.basic].credential()
+    if TrustTier.verified in found:
+        args["verified_pool"]["token"] = found[TrustTier.verified].credential()
     args["attestation_secret"] = attestation_secret(settings)
     # `@serve.deployment` made these Deployments; mypy does not apply class decorators.
     meter, supply = cast(Deployment, BillingMeter), cast(Deployment, Supply)
