@@ -12,6 +12,7 @@ from ray import cloudpickle
 from cluster.pools import pools
 from core.settings import Settings
 from kernel.labels import TrustTier
+from serve_app.app import build_app
 from serve_app.pool import build_pool_app, pool_arguments
 from serve_app.pool_protocol import credential_digest
 
@@ -62,3 +63,18 @@ def test_the_pool_is_handed_nothing_of_the_data_directory(tmp_path: Path) -> Non
     assert arguments["credential_sha256"] == credential_digest(
         pools(Settings(**args))[TrustTier.basic].credential()
     )
+
+
+def test_the_ingress_is_bound_with_each_configured_pools_credential(tmp_path: Path) -> None:
+    """The ingress's replica may run on a control node without the data directory: each
+    pool's credential crosses as an argument; a tier without a pool has none made."""
+    for tiers in (["basic"], ["basic", "verified"]):
+        data = tmp_path / "-".join(tiers)
+        args = build_app({"data_dir": str(data), "pool_tiers": tiers})._bound_deployment.init_args[
+            1
+        ]
+        made = pools(Settings(data_dir=data, pool_tiers=tiers))
+        assert args["pool_token"] == made[TrustTier.basic].credential()
+        verified = made.get(TrustTier.verified)
+        assert args["verified_pool"]["token"] == (verified.credential() if verified else "")
+        assert (data / "verified_pool_token").exists() == (verified is not None)
