@@ -93,9 +93,9 @@ class BillingMeter:
         self._metrics.stop()
 
 
-def every_replica(pools: Mapping[TrustTier, PoolAdmin]) -> list[PoolReplica]:
-    """Every pool's model replicas (a pool that does not answer raises: the gauges wait)."""
-    return [replica for pool in pools.values() for replica in pool.replicas().replicas]
+def every_replica(pools: Mapping[TrustTier, PoolAdmin]) -> dict[TrustTier, list[PoolReplica]]:
+    """Each pool's model replicas (a pool that does not answer raises: the gauges wait)."""
+    return {tier: pool.replicas().replicas for tier, pool in pools.items()}
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -86,17 +86,20 @@ def read_registered(engine: Engine) -> dict[tuple[str, str], int]:
 
 
 def read_serving(
-    listed: Iterable[PoolReplica], registry: Mapping[str, ProviderTerms] | None = None
+    listed: Mapping[TrustTier, Iterable[PoolReplica]],
+    registry: Mapping[str, ProviderTerms] | None = None,
 ) -> dict[str, int]:
     """Providers with at least one healthy replica of any model that is not draining, by
-    trust tier: the registry's (`registry`, as the ingress routes by it), where given."""
+    trust tier (each pool's replicas, `listed`): the registry's (`registry`, as the ingress
+    routes by it), where given, never above the pool's."""
     providers: set[tuple[str, str]] = set()
-    for listing in listed:
-        replica = ReplicaStats.from_routing_stats(
-            listing.replica_id, listing.stats, registry=registry
-        )
-        if replica is not None and replica.healthy and not replica.draining:
-            providers.add((replica.trust_tier.value, replica.provider_id))
+    for pool, replicas in listed.items():
+        for listing in replicas:
+            replica = ReplicaStats.from_routing_stats(
+                listing.replica_id, listing.stats, registry=registry, pool=pool
+            )
+            if replica is not None and replica.healthy and not replica.draining:
+                providers.add((replica.trust_tier.value, replica.provider_id))
     serving = dict.fromkeys(TIERS, 0)
     serving.update(Counter(tier for tier, _provider in providers))
     return serving
@@ -171,10 +174,10 @@ class MeterMetrics:
         self,
         engine: Engine,
         r: redis_sync.Redis,
-        replicas: Callable[[], list[PoolReplica]],
+        replicas: Callable[[], Mapping[TrustTier, list[PoolReplica]]],
     ) -> None:
         """Read every gauge; a source that fails leaves its gauges at their last reading.
-        `r`: the money Redis (the usage stream); `replicas`: reads the pool's replicas
+        `r`: the money Redis (the usage stream); `replicas`: reads each pool's replicas
         (`serve_app.pool_admin.PoolAdmin.replicas`)."""
         self._read("usage stream", lambda: self._set_backlog(read_backlog(r)))
         self._read("provider registry", lambda: self._set_providers(read_registered(engine)))
@@ -188,7 +191,7 @@ class MeterMetrics:
         self,
         engine: Engine,
         r: redis_sync.Redis,
-        replicas: Callable[[], list[PoolReplica]],
+        replicas: Callable[[], Mapping[TrustTier, list[PoolReplica]]],
     ) -> threading.Thread:
         """Refresh the gauges every `every_s` seconds, in a daemon thread, until `stop`."""
 

@@ -83,20 +83,23 @@ def test_providers_serving_are_those_with_a_healthy_replica_the_pool_lists() -> 
         said = {"provider_id": provider, "trust_tier": tier, **extra}
         return PoolReplica(model, name, "n" * 56, said)
 
-    listed = [
+    basic = [
         replica("r1", "p1", "basic"),
         replica("r2", "p1", "basic"),  # a provider with two replicas counts once
-        replica("r3", "p2", "verified"),
         replica("r5", "p1", "basic", model="b"),  # the same provider serving another model
         replica("r6", "p4", "basic", model="b", draining=True),
         replica("r7", "p5", "basic", model="b", healthy=False),
         PoolReplica("b", "r8", "n" * 56, {"ongoing": 0}),  # names no provider
     ]
+    listed = {TrustTier.basic: basic, TrustTier.verified: [replica("r3", "p2", "verified")]}
     assert read_serving(listed) == {"basic": 1, "verified": 1}
+    # in the basic pool, a replica that says verified is basic
+    said_verified = {TrustTier.basic: [replica("r9", "p9", "verified")]}
+    assert read_serving(said_verified) == {"basic": 1, "verified": 0}
     # the registry's word wins over a node's labels: p2 is basic, p1 is paused
     registry = {
         "p1": ProviderTerms(TrustTier.basic, 0, ProviderStatus.paused),
         "p2": ProviderTerms(TrustTier.basic, 0, ProviderStatus.online),
     }
     assert read_serving(listed, registry) == {"basic": 1, "verified": 0}
-    assert read_serving([]) == {"basic": 0, "verified": 0}
+    assert read_serving({}) == {"basic": 0, "verified": 0}
