@@ -28,6 +28,14 @@ os.environ.setdefault(
     os.environ.get("DARKGPU_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
 )
 _emails = itertools.count(1)
+# Run first, before the session's shared platform starts: its three Ray clusters, six
+# provider nodes and their vLLM engines, beside that platform, took this 24 GB machine past
+# Ray's memory monitor's 95% (it killed both control planes' replicas).
+FIRST = "tests/serve_app/test_multinode.py::"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest as found
 
 
 @dataclass(frozen=True)
@@ -89,11 +97,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory, fake_stripe) -> Iterator[
     # there, as on a bare machine; SQL is the default SQLite under the data directory.
     env = {**os.environ, "DARKGPU_DATA_DIR": str(tmp_path_factory.mktemp("darkgpu"))}
     env.update({f"DARKGPU_{k}": str(v) for k, v in ports.items()})
-    # The basic pool only: this platform lives through the whole session, the multi-node
-    # suite's (a pool per tier, vLLM engines on six nodes) beside it, and an empty verified
-    # pool's Ray head, Serve and gateway (about 1.6 GB) took this 24 GB machine past Ray's
-    # memory monitor's 95% there: it killed the control plane's replicas. The verified pool
-    # is tested in the multi-node suite.
+    # The basic pool only: an empty verified pool's Ray head, Serve and gateway cost about
+    # 1.6 GB for the whole session; the verified pool is tested in the multi-node suite.
     env["DARKGPU_POOL_TIERS"] = '["basic"]'
     env["DARKGPU_REDIS_URL"] = f"redis://127.0.0.1:{port(6392)}/0"
     env["DARKGPU_STATE_REDIS_URL"] = f"redis://127.0.0.1:{port(6393)}/0"
