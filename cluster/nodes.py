@@ -227,14 +227,15 @@ def nodes_to_remove(
         if not node.alive or node.node_id in control:
             continue
         claimed, owner = node.claimed_provider, bound.get(node.node_id)
+        of_pool_tier = pool is None or tiers is None or tiers.get(owner or "") is pool
         if node.claims_control:
             out[node.node_id] = "it claims the control role"
         elif owner is not None and claimed != owner:
             out[node.node_id] = f"it is bound to {owner} but labelled {claimed}"
         elif owner is not None and approved is not None and owner not in approved:
             out[node.node_id] = f"its provider {owner} is not approved"
-        elif owner is not None and pool is not None and (tiers or {}).get(owner) is not pool:
-            out[node.node_id] = f"its provider {owner} is not of the {pool.value} tier"
+        elif owner is not None and not of_pool_tier:
+            out[node.node_id] = f"its provider {owner} is not of the {pool} tier"
         elif owner is None and now_s - first_seen_s.get(node.node_id, now_s) > grace_s:
             out[node.node_id] = "it never redeemed a join ticket for its labels"
     return out
