@@ -40,10 +40,15 @@ APPLY_TIMEOUT_S = 120.0
 
 
 class PoolAdmin:
+    """One pool's admin calls, over one kept-alive client: a client made per call loads the
+    CA bundle into a new SSL context each time (httpx does so even for plain HTTP), which
+    was most of the supply reconciler's and the billing actor's idle CPU (py-spy, issue 13).
+    httpx's client is safe to share between the threads that call it."""
+
     def __init__(self, url: str, credential: str, timeout_s: float = 5.0) -> None:
         self._url = url.rstrip("/")
-        self._headers = {"authorization": f"Bearer {credential}"}
         self._timeout_s = timeout_s
+        self._client = httpx.Client(headers={"authorization": f"Bearer {credential}"})
 
     def replicas(self) -> PoolListing:
         """Every model replica the pool has alive, where it placed each, what each reports."""
@@ -69,10 +74,9 @@ class PoolAdmin:
     def _call(
         self, method: str, path: str, body: object = None, timeout_s: float | None = None
     ) -> bytes:
-        with httpx.stream(
+        with self._client.stream(
             method,
             f"{self._url}/{path}",
-            headers=self._headers,
             json=body,
             timeout=timeout_s or self._timeout_s,
         ) as response:
@@ -85,6 +89,9 @@ class PoolAdmin:
                     raise ValueError(f"the pool's {path}: more than {MAX_LIST_BYTES} bytes")
                 parts.append(part)
         return b"".join(parts)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def pool_admins(settings: Settings) -> dict[TrustTier, PoolAdmin]:
