@@ -17,8 +17,11 @@ requests/s. Prints a table, then the ratios of the platform to the other two.
 `--serve-modes`: the Serve-based servers (bare Serve LLM and the platform) run once per mode:
 `default`, and `throughput` with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in every Ray process's
 environment (Ray 2.56+: user code on the replica's own event loop, gRPC between deployments,
-direct ingress, request logs buffered, GC frozen after start-up). Rows and ratios are per
-mode (`platform+throughput ÷ serve-llm+throughput`, …).
+direct ingress, request logs buffered, GC frozen after start-up); and `haproxy`, that with
+`RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy in place of Serve's Python proxy, handing each request
+to the ingress replica's own HTTP server; bare Serve LLM only: `NOT_FOR_THE_PLATFORM` says
+why). Rows are per mode; the ratios set each platform row against vLLM and every bare Serve
+LLM row (`platform+throughput ÷ serve-llm+throughput`, `platform ÷ serve-llm+haproxy`, …).
 
 `--servers platform` measures the platform alone. Each server stops only its own processes:
 the bare Serve LLM app's Ray cluster is its driver's descendants (never `ray stop`, which
@@ -297,6 +300,16 @@ def vllm_alone(model_dir: Path, port: int, context: int = 256) -> Iterator[str]:
 SERVE_MODES: dict[str, dict[str, str]] = {
     "default": {},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+
+
+# Why the platform is not measured in a mode: what Ray 2.60 refuses or loses there.
+NOT_FOR_THE_PLATFORM = {
+    "haproxy": "since under HAProxy Serve refuses a custom request router on an application's "
+    "ingress deployment, routed by HTTP or not (each model's application is its LLMServer "
+    "deployment, routed by serve_app.router), and HAProxy adds no X-Forwarded-For (every "
+    "client would have its address to the sign-up and sign-in throttles)",
 }
 
 
@@ -550,12 +563,15 @@ def ratios(results: list[Result], modes: list[str]) -> str:
         "req/s": lambda r: r.rps,
     }  # fmt: skip
     rows = ["| ratio | c | " + " | ".join(fields) + " |", "|---|---|" + "---|" * len(fields)]
-    for mode in modes:
-        for other in ("vllm", labelled("serve-llm", mode)):
+    served = {r.server for r in results}
+    platforms = [labelled("platform", m) for m in modes if labelled("platform", m) in served]
+    others = ["vllm", *(labelled("serve-llm", m) for m in modes)]
+    for mine_name in platforms:
+        for other in (o for o in others if o in served):
             for c in (1, 16):
-                mine, theirs = by[(labelled("platform", mode), c)], by[(other, c)]
+                mine, theirs = by[(mine_name, c)], by[(other, c)]
                 cells = " | ".join(f"{get(mine) / get(theirs):.2f}" for get in fields.values())
-                rows.append(f"| {labelled('platform', mode)} ÷ {other} | {c} | {cells} |")
+                rows.append(f"| {mine_name} ÷ {other} | {c} | {cells} |")
     return "\n".join(rows)
 
 
@@ -660,7 +676,9 @@ def main() -> None:
                     results += measure(name, base, n, max_tokens, profile=profile)
                     if prompts:
                         by_prompt += measure_prompts(name, base, prompts, n, max_tokens)
-            if "platform" in servers:
+            if "platform" in servers and mode in NOT_FOR_THE_PLATFORM:
+                print(f"this platform ({mode}): not run, {NOT_FOR_THE_PLATFORM[mode]}", flush=True)
+            elif "platform" in servers:
                 name = labelled("platform", mode)
                 print(f"this platform ({mode}) ...", flush=True)
                 profile = py_spy_profiler(args.profile / mode) if args.profile else None
@@ -673,7 +691,7 @@ def main() -> None:
                         )  # fmt: skip
     print(f"\n{args.max_tokens} output tokens per request, {os.cpu_count()} cores\n")
     print(table(results))
-    if {"vllm", "serve-llm", "platform"} <= servers:
+    if "platform" in servers and servers & {"vllm", "serve-llm"}:
         print()
         print(ratios(results, modes))
     if by_prompt:

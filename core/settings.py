@@ -238,8 +238,8 @@ class Settings(BaseSettings):
         description="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED, "
         "Ray 2.56+) in every model replica and, on the head `darkgpu up` starts, in every "
         "process of it (a cluster started otherwise takes it from its nodes' environment): "
-        "the ingress replica answers HTTP itself (no proxy hop), deployments call each other "
-        "over gRPC, user code runs on the replica's event loop "
+        "deployments call each other over gRPC, user code runs on the replica's event loop, "
+        "request logs are buffered (Serve's Python proxy still takes HTTP) "
         "(bench/serving_overhead.py --serve-modes).",
     )
     # The basic pool's gateway, as the ingress reaches it (`PoolSettings.url`, `.token`).

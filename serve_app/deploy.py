@@ -53,8 +53,10 @@ class DeployFailed(RuntimeError):
 def _run(app: Application, name: str, route_prefix: str, host: str, port: int) -> None:
     # The HTTP proxy runs on the head only: provider nodes serve model replicas, never HTTP
     # (and nodes sharing one host, as in tests, would fight over its port). In Serve's
-    # throughput-optimized mode (`Settings.serve_throughput_optimized`) there is no proxy:
-    # the ingress replica, on a control node, answers on this port itself.
+    # throughput-optimized mode (`Settings.serve_throughput_optimized`) the proxy still takes
+    # this port (each ingress replica also listens on a port of its own, 30000 and up, which
+    # nothing here calls). Serve's HAProxy ingress, which would take this port and hand each
+    # request to those servers, cannot run the platform on Ray 2.60 (bench/serving_overhead.py).
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     serve.run_many(
         [serve.RunTarget(app, name=name, route_prefix=route_prefix)],
