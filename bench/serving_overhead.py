@@ -19,9 +19,12 @@ requests/s. Prints a table, then the ratios of the platform to the other two.
 environment (Ray 2.56+: user code on the replica's own event loop, gRPC between deployments,
 direct ingress, request logs buffered, GC frozen after start-up); and `haproxy`, that with
 `RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy in place of Serve's Python proxy, handing each request
-to the ingress replica's own HTTP server; bare Serve LLM only: `NOT_FOR_THE_PLATFORM` says
-why). Rows are per mode; the ratios set each platform row against vLLM and every bare Serve
-LLM row (`platform+throughput ÷ serve-llm+throughput`, `platform ÷ serve-llm+haproxy`, …).
+to the ingress replica's own HTTP server); and `direct-streaming`, that with Serve LLM's
+`RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` (Ray 2.60: the LLMServer replica is itself the HTTP
+ingress, HAProxy asking an `LLMRouter` deployment which replica takes each request: no
+OpenAiIngress hop). The last two for bare Serve LLM only (`NOT_FOR_THE_PLATFORM` says why).
+Rows are per mode; the ratios set each platform row against vLLM and every bare Serve LLM row
+(`platform+throughput ÷ serve-llm+throughput`, `platform ÷ serve-llm+haproxy`, …).
 
 `--servers platform` measures the platform alone. Each server stops only its own processes:
 the bare Serve LLM app's Ray cluster is its driver's descendants (never `ray stop`, which
@@ -301,6 +304,11 @@ SERVE_MODES: dict[str, dict[str, str]] = {
     "default": {},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "direct-streaming": {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+    },
 }
 
 
@@ -310,6 +318,7 @@ NOT_FOR_THE_PLATFORM = {
     "ingress deployment, routed by HTTP or not (each model's application is its LLMServer "
     "deployment, routed by serve_app.router), and HAProxy adds no X-Forwarded-For (every "
     "client would have its address to the sign-up and sign-in throttles)",
+    "direct-streaming": "for the reasons of haproxy",
 }
 
 
