@@ -25,12 +25,14 @@ NODE = ClusterNode("a" * 56, True, {"darkgpu.io/provider-id": "p1"}, {"CPU": 4.0
 # what the pool answers next, by path: (status, body); and what it was asked to drain
 answers: dict[str, tuple[int, bytes]] = {}
 drained: list[object] = []
+peers: list[object] = []  # each request's client address and port
 
 
 async def answer(request: Request) -> Response:
     if not credential_matches(request.headers.get("authorization"), credential_digest(TOKEN)):
         return JSONResponse({"error": {"message": "no"}}, status_code=401)
     path = request.path_params["path"]
+    peers.append(request.client)
     if path == "drain":
         drained.append(json.loads(await request.body()))
     status, body = answers[path]
@@ -61,6 +63,17 @@ def test_the_pools_nodes_are_read_and_each_parsed_on_its_own(pool: PoolAdmin) ->
     ]
     answers["nodes"] = (200, json.dumps({"nodes": [good, *bad]}).encode())
     assert pool.nodes() == [NODE]
+
+
+def test_calls_share_one_kept_alive_connection(pool: PoolAdmin) -> None:
+    """The supply reconciler and the billing actor call every second: a client (and an SSL
+    context, loaded from the CA bundle) made per call was most of their idle CPU."""
+    answers["nodes"] = (200, b'{"nodes": []}')
+    pool.nodes()
+    peers.clear()
+    for _ in range(3):
+        pool.nodes()
+    assert len(peers) == 3 and len(set(peers)) == 1
 
 
 @pytest.mark.parametrize(
