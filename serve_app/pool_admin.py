@@ -90,9 +90,6 @@ class PoolAdmin:
                 parts.append(part)
         return b"".join(parts)
 
-    def close(self) -> None:
-        self._client.close()
-
 
 def pool_admins(settings: Settings) -> dict[TrustTier, PoolAdmin]:
     """Every trust tier's pool, as the control plane's threads call it."""
