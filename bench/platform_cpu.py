@@ -33,9 +33,8 @@ def reading() -> Reading:
     out: Reading = {}
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
-            times = proc.cpu_times()
             line = " ".join(proc.info["cmdline"] or []) or proc.info["name"]
-            out[proc.pid] = (times.user + times.system, line[:90])
+            out[proc.pid] = (bench.cpu_seconds(proc), line[:90])
         except psutil.Error:
             continue
     return out
@@ -59,11 +58,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="at c=1; 4x at c=16")
     parser.add_argument("--top", type=int, default=18, help="processes listed per reading")
     args = parser.parse_args()
-    from cluster.local_model import ensure_local_model
-
     with tempfile.TemporaryDirectory(prefix="darkgpu-bench-") as tmp:
-        ensure_local_model(Path(tmp) / "models", "tiny-llama")
-        with bench.platform(Path(tmp) / "platform", 8103) as (base, key):
+        with bench.platform(Path(tmp), 8103) as (base, key):
             url = f"{base}/v1/chat/completions"
             asyncio.run(bench._run(url, 8, 4, 8, False, key))  # warm up
             time.sleep(5)

@@ -300,15 +300,13 @@ def vllm_alone(model_dir: Path, port: int, context: int = 256) -> Iterator[str]:
         proc.wait(60)
 
 
+THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY = {**THROUGHPUT, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 SERVE_MODES: dict[str, dict[str, str]] = {
     "default": {},
-    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    "direct-streaming": {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
-    },
+    "throughput": THROUGHPUT,
+    "haproxy": HAPROXY,
+    "direct-streaming": {**HAPROXY, "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"},
 }
 
 
