@@ -175,12 +175,6 @@ class LocalCluster:
             command += ["--temp-dir", str(self.user.ray_temp_dir)]
         env = self.process_env()
         env.pop("RAY_ADDRESS")
-        # Serve's HTTP server (its proxy, or the ingress replica in throughput-optimized
-        # mode) is uvicorn, which by default takes the client's address from
-        # X-Forwarded-For when the peer is loopback: a local client could then be anyone to
-        # the sign-up throttles. The platform decides whom to believe (Settings.trusted_proxies),
-        # so uvicorn believes nobody. Ray's processes on this node inherit it.
-        env["FORWARDED_ALLOW_IPS"] = ""
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL,
                        **self.process_options())  # fmt: skip
 

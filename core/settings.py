@@ -55,7 +55,8 @@ class PoolSettings(BaseModel):
     metrics_port: int = Field(description="Prometheus metrics of the pool's head (Serve, vLLM).")
     http_host: str = Field(
         default="127.0.0.1",
-        description="Where the pool's gateway listens: an address the control plane reaches.",
+        description="Where the pool's gateway listens (its own HTTP server, with `http_port`): "
+        "an address the control plane reaches.",
     )
     http_port: int
     node_ip: str = Field(
@@ -207,9 +208,10 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     # The supply pools: a Ray cluster per trust tier, which providers' nodes of that tier join
-    # (never the control plane's); each head runs its pool's gateway (serve_app.pool) behind
-    # Serve's proxy. These flat `pool_*` settings are the basic pool's (`PoolSettings` says
-    # what each means); `verified_pool` holds the verified pool's.
+    # (never the control plane's); each head runs its pool's gateway (serve_app.pool), which
+    # answers HTTP itself on the pool's http_host:http_port. These flat `pool_*` settings are
+    # the basic pool's (`PoolSettings` says what each means); `verified_pool` holds the
+    # verified pool's.
     pool_ray_port: int = 6383
     pool_dashboard_port: int = 8266
     pool_metrics_port: int = 8081

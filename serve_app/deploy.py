@@ -50,14 +50,12 @@ class DeployFailed(RuntimeError):
     """Serve gave the application up (a replica's constructor failed, and so on)."""
 
 
-def _run(app: Application, name: str, route_prefix: str, host: str, port: int) -> None:
-    # The HTTP proxy runs on the head only: provider nodes serve model replicas, never HTTP
-    # (and nodes sharing one host, as in tests, would fight over its port). In Serve's
-    # throughput-optimized mode (`Settings.serve_throughput_optimized`) the proxy still takes
-    # this port (each ingress replica also listens on a port of its own, 30000 and up, which
-    # nothing here calls). Serve's HAProxy ingress, which would take this port and hand each
-    # request to those servers, cannot run the platform on Ray 2.60 (bench/serving_overhead.py).
-    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+def _run(app: Application, name: str, route_prefix: str) -> None:
+    # No Serve HTTP proxy: the platform's ingress and each pool's gateway answer HTTP on
+    # servers of their own (`serve_app.replica_http`: a proxy cost ~5 ms of CPU per request,
+    # and the platform had one in each plane). Serve's own direct ingress, which its
+    # throughput-optimized mode turns on, needs a proxy location, so it stays off too.
+    serve.start(proxy_location="Disabled")
     serve.run_many(
         [serve.RunTarget(app, name=name, route_prefix=route_prefix)],
         wait_for_applications_running=False,
@@ -90,12 +88,12 @@ def deploy(
     note: Note = lambda line: None,
     poll_s: float = 0.5,
 ) -> None:
-    """Connect to the control plane's cluster, start Serve's HTTP proxy, and run the
-    platform's application until it is ready, telling `note` each time a deployment's
-    replicas change state. Ready: the ingress says every warm model of the supply plan has a
-    replica online in the pool (`Ingress.readyz`)."""
+    """Connect to the control plane's cluster and run the platform's application (its
+    ingress listens on `http_host`:`http_port`) until it is ready, telling `note` each time
+    a deployment's replicas change state. Ready: the ingress says every warm model of the
+    supply plan has a replica online in the pool (`Ingress.readyz`)."""
     _connect(address)
-    _run(build_app(settings.as_args()), APP_NAME, "/", settings.http_host, settings.http_port)
+    _run(build_app(settings.as_args()), APP_NAME, "/")
     progress = _Progress(note)
     ready_url = f"http://{settings.http_host}:{settings.http_port}/readyz"
     while True:
@@ -109,28 +107,23 @@ def deploy(
 
 class PoolDeployment(TypedDict):
     """What the pool's deploy process deploys: the gateway's arguments
-    (`serve_app.pool.pool_arguments`) and where Serve's proxy listens in the pool."""
+    (`serve_app.pool.pool_arguments`, where it listens among them)."""
 
     arguments: dict[str, Any]
-    host: str
-    port: int
 
 
 def pool_deployment(settings: Settings, tier: TrustTier = TrustTier.basic) -> PoolDeployment:
     """A tier's pool's deployment, as `darkgpu up` runs it there."""
-    own = settings.pools[tier]
-    return {"arguments": pool_arguments(settings.as_args(), tier), "host": own.http_host,
-            "port": own.http_port}  # fmt: skip
+    return {"arguments": pool_arguments(settings.as_args(), tier)}
 
 
 def deploy_pool(
     deployment: PoolDeployment, address: str, progress: _Progress, poll_s: float = 0.5
 ) -> str:
-    """Connect to the pool's cluster, start its Serve proxy and run its gateway until it
-    runs; the pool head's node id."""
+    """Connect to the pool's cluster and run its gateway until it runs; the pool head's node
+    id."""
     _connect(address)
-    pool = bind_pool_app(deployment["arguments"])
-    _run(pool, POOL_APP_NAME, POOL_ROUTE_PREFIX, deployment["host"], int(deployment["port"]))
+    _run(bind_pool_app(deployment["arguments"]), POOL_APP_NAME, POOL_ROUTE_PREFIX)
     while True:
         apps = progress.tell(_in_pool)
         if POOL_APP_NAME in apps and apps[POOL_APP_NAME].status == ApplicationStatus.RUNNING:

@@ -29,9 +29,10 @@ credits and usage) is answered by the accounts deployment: this app only forward
 that streams tokens.
 
 The HTTP app is built per replica by `serve_app.http_app.create_app`, once `__init__` has made
-the connections: Serve's late-bound ingress (`@serve.ingress()` with no app) calls the
-replica's `__serve_build_asgi_app__`, which returns a fresh app holding the shared routes and
-this replica's own (`routes`). No module-level app exists for a replica to change.
+the connections: a fresh app holding the shared routes and this replica's own (`routes`),
+which the replica serves on the platform's port itself (`serve_app.replica_http`: no Serve
+proxy in front, every ingress replica on the port). No module-level app exists for a replica
+to change.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ from serve_app.provider_policy import (
     rank,
 )
 from serve_app.recount import Delivered, Ending, RunningCount, billed, echoed_prompts
+from serve_app.replica_http import ReplicaHttpServer
 from serve_app.replica_stats import RegistryTerms, ReplicaDirectory
 from serve_app.router import Allowed, InFlight
 from serve_app.schemas import decode_json, parse_chat, parse_completion, require_model
@@ -215,15 +217,27 @@ class Ingress:
             self._services.admission,
             checkpoint_tokens=self._services.settings.checkpoint_tokens,
         )
+        # the platform's front door: this replica's own HTTP server (`serve_app.replica_http`;
+        # the control plane's cluster runs no Serve proxy), its port shared by every replica
+        self._http = ReplicaHttpServer(self.app(), settings.http_host, settings.http_port)
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        """This replica's app: Serve calls it once, after `__init__`."""
+    def app(self) -> FastAPI:
+        """This replica's app (a fresh one each call; the constructor serves one)."""
         return create_app(
             self._services,
             self.routes(),
             max_context_tokens=max(m.context_length for m in self._catalog.models),
             forward=self._accounts.handle.remote,
         )
+
+    def check_health(self) -> None:
+        """Serve replaces the replica whose front door closed."""
+        if not self._http.serving:
+            raise RuntimeError("the ingress's HTTP server is not serving")
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown: stop taking requests, finish those in flight."""
+        await self._http.stop()
 
     def routes(self) -> APIRouter:
         """The ingress's own routes, answered by this replica's methods."""
@@ -616,15 +630,14 @@ class Ingress:
         )
 
 
-# Serve's decorators applied by call, not with `@`, so that `serve_app.ingress.Ingress` stays
+# Serve's decorator applied by call, not with `@`, so that `serve_app.ingress.Ingress` stays
 # the class itself: Ray then pickles it by reference and a replica runs its methods with this
 # module's globals. Pickled by value (a decorated class is not importable under its name),
 # a method's globals hold only the names its code uses, and FastAPI, resolving the routes'
 # postponed annotations there, would take `request: Request` for a query parameter.
-# `serve.ingress()` with no app: the app comes from `__serve_build_asgi_app__`.
 INGRESS = serve.deployment(
     name="ingress",
     max_ongoing_requests=1000,
     # on the operator's nodes only: provider nodes are not trusted with API keys
     ray_actor_options={"label_selector": CONTROL_SELECTOR},
-)(serve.ingress()(Ingress))
+)(Ingress)

@@ -44,6 +44,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from cluster.catalog import Catalog, load_catalog
 from cluster.nodes import cluster_nodes
@@ -75,6 +76,7 @@ from serve_app.pool_protocol import (
     replicas_body,
 )
 from serve_app.pool_replicas import PoolReplicas
+from serve_app.replica_http import ReplicaHttpServer
 from serve_app.router import ALLOWED_HEADERS, REPLICAS_HEADER
 
 POOL_APP_NAME = "pool"
@@ -95,7 +97,13 @@ def _event(item: Any) -> str:
 
 
 class PoolGateway:
-    def __init__(self, catalog: Catalog, credential_sha256: str, settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        credential_sha256: str,
+        settings: dict[str, Any],
+        http: tuple[str, int] | None = None,
+    ) -> None:
         self._models = {m.id: m for m in catalog.models}
         self._applier = ModelApplier(catalog, Settings(**model_settings(settings)))
         self._digest = credential_sha256
@@ -112,6 +120,29 @@ class PoolGateway:
             ("POST", DRAIN_PATH): self._drain,
             ("PUT", MODELS_PATH): self._put_models,
         }
+        # the pool's front door: this replica's own HTTP server (`serve_app.replica_http`;
+        # the pool's cluster runs no Serve proxy). None: reached only through a handle (tests)
+        self._http = None if http is None else ReplicaHttpServer(self._asgi, *http)
+
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The gateway as an ASGI app: everything under `/pool`; nothing else is here."""
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == POOL_ROUTE_PREFIX or path.startswith(POOL_ROUTE_PREFIX + "/"):
+            response = await self(Request(scope, receive))
+        else:
+            response = error_response(NotFound("Not found: the pool answers under /pool only."))
+        await response(scope, receive, send)
+
+    def check_health(self) -> None:
+        """Serve replaces the replica whose front door closed."""
+        if self._http is not None and not self._http.serving:
+            raise RuntimeError("the gateway's HTTP server is not serving")
+
+    async def __del__(self) -> None:
+        if self._http is not None:
+            await self._http.stop()
 
     def _handle(self, model_id: str) -> DeploymentHandle[Any]:
         """The model application's handle (deployed after this replica started, maybe:
@@ -236,11 +267,14 @@ def pool_arguments(
 ) -> dict[str, Any]:
     """What a tier's pool's gateway is bound with, as JSON (it crosses to the pool's own
     deploy process, run as the pool's user: `cluster.pool_user`): the catalog, the pool's
-    credential's SHA-256, and only what the model replicas' configs are made of. Nothing
-    secret of the control plane: it reaches Serve's checkpoint of the pool (test_pool_app)."""
+    credential's SHA-256, only what the model replicas' configs are made of, and where the
+    gateway listens (the pool's `http_host`, `http_port`). Nothing secret of the control
+    plane: it reaches Serve's checkpoint of the pool (test_pool_app)."""
     settings = Settings(**(args or {}))
     models_dir = str(settings.resolved_local_models_dir)  # the pool reads no data directory
+    own = settings.pools[tier]
     return {
+        "http": [own.http_host, own.http_port],
         "catalog": load_catalog(settings.models_file).model_dump(mode="json"),
         "credential_sha256": credential_digest(pools(settings)[tier].credential()),
         "settings": model_settings(
@@ -254,6 +288,7 @@ def bind_pool_app(arguments: dict[str, Any]) -> Application:
         Catalog.model_validate(arguments["catalog"]),
         str(arguments["credential_sha256"]),
         dict(arguments["settings"]),
+        (str(arguments["http"][0]), int(arguments["http"][1])),
     )
 
 

@@ -18,14 +18,9 @@ allowance.
 
 The client is the socket peer. `X-Forwarded-For` is believed only when the peer is one of the
 configured proxies (`Settings.trusted_proxies`, addresses or networks; none by default): then
-the client is the rightmost address in it that is not itself a trusted proxy. Note that on
-the platform the peer is what Serve's HTTP server (uvicorn, in Serve's HTTP proxy) puts in
-the ASGI scope, and uvicorn applies `X-Forwarded-For` from loopback peers (its
-`forwarded_allow_ips`, `FORWARDED_ALLOW_IPS`, defaults to 127.0.0.1 and ::1): a client on
-the head machine can name its own address; remote ones cannot. Behind Serve's HAProxy
-ingress the peer would be HAProxy, which adds no `X-Forwarded-For` in Ray 2.60's
-configuration of it: every client would have HAProxy's address here, and share its allowance
-(one reason the platform does not run behind it).
+the client is the rightmost address in it that is not itself a trusted proxy. The peer is
+what the ingress's own HTTP server (uvicorn, `serve_app.replica_http`) puts in the ASGI
+scope, its own `X-Forwarded-For` handling off: no client, local or not, names its address.
 """
 
 from __future__ import annotations
