@@ -30,10 +30,11 @@ Rows are per mode; the ratios set each platform row against vLLM and every bare 
 the bare Serve LLM app's Ray cluster is its driver's descendants (never `ray stop`, which
 would end every Ray cluster on the machine), the platform's is ended by `darkgpu down`.
 `--profile DIR` samples with py-spy, during each c=16 non-streaming run,
-the platform's processes (the ingress replica, the HTTP proxy, the pool's gateway, the model
-replica's Serve wrapper and the billing meter, found among this cluster's raylet's children) into
-`DIR/<mode>/`, and the bare Serve LLM app's (its OpenAI ingress replica and its model
-replica, found among its driver's descendants) into `DIR/<mode>/serve-llm/`. For each process
+the platform's processes (the ingress replica, the pool's gateway, the model replica's Serve
+wrapper and the billing meter, found among this cluster's raylet's children; the platform runs
+no Serve proxy: `serve_app.replica_http`) into `DIR/<mode>/`, and the bare Serve LLM app's (its
+HTTP proxy, its OpenAI ingress replica and its model replica, found among its driver's
+descendants) into `DIR/<mode>/serve-llm/`. For each process
 it writes its samples (`<name>.txt`, py-spy's raw format: one stack and its count a line),
 their top 25 frames by self and by inclusive share of the samples (`<name>.top.txt`), and
 every process's CPU seconds over the run (`cpu_seconds.json`).
@@ -312,10 +313,10 @@ SERVE_MODES: dict[str, dict[str, str]] = {
 
 # Why the platform is not measured in a mode: what Ray 2.60 refuses or loses there.
 NOT_FOR_THE_PLATFORM = {
-    "haproxy": "since under HAProxy Serve refuses a custom request router on an application's "
-    "ingress deployment, routed by HTTP or not (each model's application is its LLMServer "
-    "deployment, routed by serve_app.router), and HAProxy adds no X-Forwarded-For (every "
-    "client would have its address to the sign-up and sign-in throttles)",
+    "haproxy": "since it runs no Serve proxy for HAProxy to replace (its ingress and its pools' "
+    "gateways answer HTTP themselves: serve_app.replica_http), and under HAProxy Serve refuses "
+    "a custom request router on an application's ingress deployment, routed by HTTP or not "
+    "(each model's application is its LLMServer deployment, routed by serve_app.router)",
     "direct-streaming": "for the reasons of haproxy",
 }
 
@@ -374,13 +375,13 @@ PLATFORM_POOL_RAY_PORT = 6397  # the supply pool's cluster (the gateway, the mod
 # The platform's processes worth a profile, by what their command line holds.
 PROFILED = {
     "ingress": "ServeReplica:darkgpu:ingress",
-    "proxy": "ProxyActor",
     "pool-gateway": "ServeReplica:pool:pool-gateway",
     "model-replica": "ServeReplica:model-",
     "billing-meter": "ServeReplica:darkgpu:billing-meter",
 }
 # The bare Serve LLM app's (`build_openai_app`, in Serve's `default` application).
 SERVE_LLM_PROFILED = {
+    "proxy": "ProxyActor",
     "ingress": "ServeReplica:default:OpenAiIngress",
     "model-replica": "ServeReplica:default:LLMServer",
 }

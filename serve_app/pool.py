@@ -23,8 +23,9 @@ a request the ingress decides and lists in its headers (from the registry and th
 bindings, which stay in the control plane); the router keeps only those.
 
 The pool is a Ray cluster of its own (`darkgpu up` starts its head: `cluster.local`), which
-providers' nodes join, and never the control plane's: its Serve proxy answers only `/pool`,
-on `pool_http_port`. A provider's node can run code anywhere in the pool (Ray trusts every
+providers' nodes join, and never the control plane's: the gateway answers HTTP itself
+(`serve_app.replica_http`; the pool runs no Serve proxy), only under `/pool`, on
+`pool_http_port`. A provider's node can run code anywhere in the pool (Ray trusts every
 node of a cluster) and read everything the pool holds: nothing of the control plane's
 (docs/security.md).
 """

@@ -13,7 +13,8 @@ proxy (`proxy_location: Disabled`). This module is that server: uvicorn, on the 
 event loop, as Serve's own direct ingress runs it (`ray.serve._private.http_util`), but bound
 with `SO_REUSEPORT`, so that several replicas of one deployment on a host share the port (the
 kernel spreads connections among them) and a replacement binds while the replica it replaces
-drains. Linux keeps a port's `SO_REUSEPORT` group to one user: a pool's head, run as a user of
+drains (Serve's proxy binds its port so too: `SERVE_SOCKET_REUSE_PORT_ENABLED`, on by default).
+Linux keeps a port's `SO_REUSEPORT` group to one user: a pool's head, run as a user of
 its own (`Settings.pool_user`), cannot join the control plane's port. (Serve's own direct
 ingress takes a port from a range, one per replica, without `SO_REUSEPORT`: a fixed front
 door cannot be one of those, and a replacement could not start while its predecessor drains.)
@@ -38,7 +39,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 logger = logging.getLogger("darkgpu.replica_http")
-KEEP_ALIVE_S = 90  # above the callers' pools' idle expiry (httpx: 5 s), so they close first
+KEEP_ALIVE_S = 90  # Serve's proxy's (DEFAULT_UVICORN_KEEP_ALIVE_TIMEOUT_S)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

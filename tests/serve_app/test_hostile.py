@@ -229,11 +229,11 @@ def test_shapes_whose_worst_case_cannot_be_held_are_refused_before_inference(pla
     assert _get(platform, key, "/credits")["balance_nusd"] == 10**9  # nothing reserved or billed
 
 
-def test_signups_from_one_address_are_throttled_through_serves_proxy(platform):
+def test_signups_from_one_address_are_throttled_at_the_ingress(platform):
     """Sign-ups per client IP (5 an hour by default) end in a 429 before any password is
-    hashed: the replica sees the client's own address through Serve's proxy, whatever
+    hashed: the ingress's own server sees the client's socket address, whatever
     X-Forwarded-For it claims (uvicorn believes it from loopback peers unless told not to:
-    `darkgpu up` tells it)."""
+    `serve_app.replica_http` tells it)."""
     r = admin_client(platform.env, "state")  # throttles: not money
     answers = []
     try:

@@ -28,7 +28,7 @@ BODY = {"model": LOCAL, "messages": [{"role": "user", "content": "hi"}], "max_to
 
 @pytest.fixture(scope="module")
 def pool_url(platform) -> str:
-    """The pool's gateway: its own Ray cluster's Serve proxy, not the public API's."""
+    """The pool's gateway: its own server, in its own Ray cluster, not the public API's."""
     return f"http://127.0.0.1:{platform.env['DARKGPU_POOL_HTTP_PORT']}/pool"
 
 
@@ -38,8 +38,8 @@ def pool_token(platform) -> str:
 
 
 def test_the_public_api_does_not_reach_the_pool(platform, pool_token: str) -> None:
-    """The pool is another Ray cluster with a Serve proxy of its own: the public API's
-    port has no `/pool` (before, the pool's gateway was an app of the same Serve)."""
+    """The pool is another Ray cluster whose gateway answers on a port of its own: the
+    public API's port has no `/pool` (before, the pool's gateway was an app of the same Serve)."""
     auth = {"authorization": f"Bearer {pool_token}"}
     public = platform.api_url.removesuffix("/v1") + "/pool"
     for path in ("replicas", "nodes"):
