@@ -29,7 +29,14 @@ class BillingLoop:
     Stripe, which may be slow or away for minutes, and metering must not wait on it; so do
     the low-balance emails (`billing.low_balance`, every `alerts_every_s`), which wait on the
     SMTP server. Plain Python, run in a thread of the `billing-meter` deployment
-    (serve_app.app)."""
+    (serve_app.app).
+
+    After a batch smaller than `max_batch` it waits `linger_s` before reading again, so that
+    under steady traffic the ledger takes usage in batches rather than a row or two at a time:
+    a batch's transaction costs the same statements whatever its size (test_meter), and at
+    c=16 the meter spent 2.4 ms of CPU per request, on the cores that serve them (issue 13).
+    The ledger lags the stream by that much more; balances, holds and caps live in Redis and
+    do not wait for it."""
 
     def __init__(
         self,
@@ -39,6 +46,7 @@ class BillingLoop:
         consumer: str = "meter-1",
         max_batch: int = 500,
         block_ms: int = 1000,
+        linger_s: float = 0.25,
         reap_every_s: float | None = None,
         payouts_every_s: float = 300.0,
         alerts_every_s: float = 60.0,
@@ -54,6 +62,7 @@ class BillingLoop:
         self.meter = UsageMeter(self.engine, self.redis, consumer=consumer, on_recorded=on_recorded)
         self.max_batch = max_batch
         self.block_ms = block_ms
+        self.linger_s = linger_s
         # expired holds are billed their last checkpoint this long after expiring, at most
         self.reap_every_s = settings.reap_every_s if reap_every_s is None else reap_every_s
         self.payouts_every_s = payouts_every_s
@@ -80,7 +89,10 @@ class BillingLoop:
                 break
             iterations += 1
             try:
-                handled += self.step()
+                batch = self.step()
+                handled += batch
+                if 0 < batch < self.max_batch:  # the next batch fills meanwhile
+                    self._stop.wait(self.linger_s)
                 if time.monotonic() - last_reap >= self.reap_every_s:
                     self.meter.reap()
                     for chore in self.chores:
