@@ -77,7 +77,7 @@ from serve_app.pool_protocol import (
     replicas_body,
 )
 from serve_app.pool_replicas import PoolReplicas
-from serve_app.replica_http import ReplicaHttpServer
+from serve_app.replica_http import ReplicaHttpServer, stop_serving
 from serve_app.router import ALLOWED_HEADERS, REPLICAS_HEADER
 
 POOL_APP_NAME = "pool"
@@ -141,9 +141,9 @@ class PoolGateway:
         if self._http is not None and not self._http.serving:
             raise RuntimeError("the gateway's HTTP server is not serving")
 
-    async def __del__(self) -> None:
-        if self._http is not None:
-            await self._http.stop()
+    def __del__(self) -> Awaitable[None] | None:
+        """Serve's graceful shutdown awaits what it returns (`serve_app.ingress.Ingress`'s)."""
+        return stop_serving(self)
 
     def _handle(self, model_id: str) -> DeploymentHandle[Any]:
         """The model application's handle (deployed after this replica started, maybe:

@@ -33,7 +33,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -100,3 +101,12 @@ class ReplicaHttpServer:
         """Stop taking connections, let the requests in flight finish, then return."""
         self._server.should_exit = True
         await asyncio.wait({self._task})
+
+
+def stop_serving(replica: Any) -> Awaitable[None] | None:
+    """A replica's `__del__`: its server's `stop`, once (its `_http` then None), for Serve's
+    graceful shutdown to await; None when there is nothing to stop (already stopped, never
+    started, or the object only collected)."""
+    http: ReplicaHttpServer | None = getattr(replica, "_http", None)
+    replica._http = None
+    return None if http is None else http.stop()

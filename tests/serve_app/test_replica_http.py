@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from serve_app.replica_http import ReplicaHttpServer, listening_socket
+from serve_app.replica_http import ReplicaHttpServer, listening_socket, stop_serving
 
 Handler = Callable[[Request], Awaitable[dict[str, Any]]]
 
@@ -109,3 +109,24 @@ def test_a_port_held_without_reuse_is_not_taken() -> None:
         other.listen()
         with pytest.raises(OSError):
             listening_socket("127.0.0.1", other.getsockname()[1]).close()
+
+
+async def test_a_replicas_destructor_stops_its_server_once() -> None:
+    """Serve awaits what `__del__` returns; Python calls it again when it collects the object,
+    and on objects never started (a coroutine function would leave coroutines unawaited)."""
+
+    class Replica:
+        def __init__(self, port: int) -> None:
+            self._http: ReplicaHttpServer | None = ReplicaHttpServer(
+                asgi(named("a")), "127.0.0.1", port
+            )
+
+    port = free_port()
+    replica = Replica(port)
+    server = replica._http
+    stopping = stop_serving(replica)
+    assert stopping is not None and server is not None
+    await stopping
+    assert not server.serving
+    assert stop_serving(replica) is None  # collected later: nothing left to stop
+    assert stop_serving(object.__new__(Replica)) is None  # never constructed
