@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -79,7 +79,7 @@ from serve_app.provider_policy import (
     rank,
 )
 from serve_app.recount import Delivered, Ending, RunningCount, billed, echoed_prompts
-from serve_app.replica_http import ReplicaHttpServer, stop_serving
+from serve_app.replica_http import ReplicaHttpServer, ServesHttp
 from serve_app.replica_stats import RegistryTerms, ReplicaDirectory
 from serve_app.router import Allowed, InFlight
 from serve_app.schemas import decode_json, parse_chat, parse_completion, require_model
@@ -170,7 +170,7 @@ class Call:
         return headers
 
 
-class Ingress:
+class Ingress(ServesHttp):
     """One ingress replica: its connections, and the methods its routes call (`routes`).
     Serve runs it as `INGRESS` (below)."""
 
@@ -219,9 +219,7 @@ class Ingress:
         )
         # the platform's front door: this replica's own HTTP server (`serve_app.replica_http`;
         # the control plane's cluster runs no Serve proxy), its port shared by every replica
-        self._http: ReplicaHttpServer | None = ReplicaHttpServer(
-            self.app(), settings.http_host, settings.http_port
-        )
+        self._http = ReplicaHttpServer(self.app(), settings.http_host, settings.http_port)
 
     def app(self) -> FastAPI:
         """This replica's app (a fresh one each call; the constructor serves one)."""
@@ -231,18 +229,6 @@ class Ingress:
             max_context_tokens=max(m.context_length for m in self._catalog.models),
             forward=self._accounts.handle.remote,
         )
-
-    def check_health(self) -> None:
-        """Serve replaces the replica whose front door closed."""
-        if self._http is None or not self._http.serving:
-            raise RuntimeError("the ingress's HTTP server is not serving")
-
-    def __del__(self) -> Awaitable[None] | None:
-        """Serve's graceful shutdown calls it and awaits what it returns: the server stopping
-        (no new request, those in flight finished). Python calls it too, when it collects
-        the object: nothing to stop by then (a coroutine function would leave a coroutine
-        never awaited)."""
-        return stop_serving(self)
 
     def routes(self) -> APIRouter:
         """The ingress's own routes, answered by this replica's methods."""

@@ -77,7 +77,7 @@ from serve_app.pool_protocol import (
     replicas_body,
 )
 from serve_app.pool_replicas import PoolReplicas
-from serve_app.replica_http import ReplicaHttpServer, stop_serving
+from serve_app.replica_http import ReplicaHttpServer, ServesHttp
 from serve_app.router import ALLOWED_HEADERS, REPLICAS_HEADER
 
 POOL_APP_NAME = "pool"
@@ -97,13 +97,13 @@ def _event(item: Any) -> str:
     return str(item)
 
 
-class PoolGateway:
+class PoolGateway(ServesHttp):
     def __init__(
         self,
         catalog: Catalog,
         credential_sha256: str,
         settings: dict[str, Any],
-        http: tuple[str, int] | None = None,
+        http: tuple[str, int],
     ) -> None:
         self._models = {m.id: m for m in catalog.models}
         self._applier = ModelApplier(catalog, Settings(**model_settings(settings)))
@@ -122,8 +122,8 @@ class PoolGateway:
             ("PUT", MODELS_PATH): self._put_models,
         }
         # the pool's front door: this replica's own HTTP server (`serve_app.replica_http`;
-        # the pool's cluster runs no Serve proxy). None: reached only through a handle (tests)
-        self._http = None if http is None else ReplicaHttpServer(self._asgi, *http)
+        # the pool's cluster runs no Serve proxy)
+        self._http = ReplicaHttpServer(self._asgi, *http)
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The gateway as an ASGI app: everything under `/pool`; nothing else is here."""
@@ -135,15 +135,6 @@ class PoolGateway:
         else:
             response = error_response(NotFound("Not found: the pool answers under /pool only."))
         await response(scope, receive, send)
-
-    def check_health(self) -> None:
-        """Serve replaces the replica whose front door closed."""
-        if self._http is not None and not self._http.serving:
-            raise RuntimeError("the gateway's HTTP server is not serving")
-
-    def __del__(self) -> Awaitable[None] | None:
-        """Serve's graceful shutdown awaits what it returns (`serve_app.ingress.Ingress`'s)."""
-        return stop_serving(self)
 
     def _handle(self, model_id: str) -> DeploymentHandle[Any]:
         """The model application's handle (deployed after this replica started, maybe:
@@ -273,11 +264,11 @@ def pool_arguments(
     plane: it reaches Serve's checkpoint of the pool (test_pool_app)."""
     settings = Settings(**(args or {}))
     models_dir = str(settings.resolved_local_models_dir)  # the pool reads no data directory
-    own = settings.pools[tier]
+    pool = pools(settings)[tier]
     return {
-        "http": [own.http_host, own.http_port],
+        "http": [pool.settings.http_host, pool.settings.http_port],
         "catalog": load_catalog(settings.models_file).model_dump(mode="json"),
-        "credential_sha256": credential_digest(pools(settings)[tier].credential()),
+        "credential_sha256": credential_digest(pool.credential()),
         "settings": model_settings(
             {**settings.model_dump(mode="json"), "local_models_dir": models_dir}
         ),

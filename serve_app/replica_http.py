@@ -34,7 +34,6 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Iterator
-from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -71,7 +70,6 @@ class ReplicaHttpServer:
 
     def __init__(self, app: ASGIApp, host: str, port: int, *, grace_s: int = 15) -> None:
         self._sock = listening_socket(host, port)
-        self.port = int(self._sock.getsockname()[1])
         config = uvicorn.Config(
             app,
             interface="asgi3",
@@ -103,10 +101,20 @@ class ReplicaHttpServer:
         await asyncio.wait({self._task})
 
 
-def stop_serving(replica: Any) -> Awaitable[None] | None:
-    """A replica's `__del__`: its server's `stop`, once (its `_http` then None), for Serve's
-    graceful shutdown to await; None when there is nothing to stop (already stopped, never
-    started, or the object only collected)."""
-    http: ReplicaHttpServer | None = getattr(replica, "_http", None)
-    replica._http = None
-    return None if http is None else http.stop()
+class ServesHttp:
+    """A deployment whose replica serves HTTP itself (`_http`, set by its constructor): Serve
+    replaces the replica whose server stopped (`check_health`), and its graceful shutdown
+    calls `__del__` and awaits what it returns: the server's `stop`, once. Python calls
+    `__del__` too when it collects the object, and finds nothing left to stop (an `async def
+    __del__` would leave a coroutine never awaited there)."""
+
+    _http: ReplicaHttpServer | None
+
+    def check_health(self) -> None:
+        if self._http is None or not self._http.serving:
+            raise RuntimeError(f"{type(self).__name__}'s HTTP server is not serving")
+
+    def __del__(self) -> Awaitable[None] | None:
+        http: ReplicaHttpServer | None = getattr(self, "_http", None)
+        self._http = None
+        return None if http is None else http.stop()

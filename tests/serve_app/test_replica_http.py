@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from serve_app.replica_http import ReplicaHttpServer, listening_socket, stop_serving
+from serve_app.replica_http import ReplicaHttpServer, ServesHttp, listening_socket
 
 Handler = Callable[[Request], Awaitable[dict[str, Any]]]
 
@@ -113,20 +113,22 @@ def test_a_port_held_without_reuse_is_not_taken() -> None:
 
 async def test_a_replicas_destructor_stops_its_server_once() -> None:
     """Serve awaits what `__del__` returns; Python calls it again when it collects the object,
-    and on objects never started (a coroutine function would leave coroutines unawaited)."""
+    and on objects never started (a coroutine function would leave coroutines unawaited).
+    Health fails once the server stopped: Serve then replaces the replica."""
 
-    class Replica:
+    class Replica(ServesHttp):
         def __init__(self, port: int) -> None:
-            self._http: ReplicaHttpServer | None = ReplicaHttpServer(
-                asgi(named("a")), "127.0.0.1", port
-            )
+            self._http = ReplicaHttpServer(asgi(named("a")), "127.0.0.1", port)
 
     port = free_port()
     replica = Replica(port)
     server = replica._http
-    stopping = stop_serving(replica)
+    replica.check_health()
+    stopping = replica.__del__()
     assert stopping is not None and server is not None
     await stopping
     assert not server.serving
-    assert stop_serving(replica) is None  # collected later: nothing left to stop
-    assert stop_serving(object.__new__(Replica)) is None  # never constructed
+    with pytest.raises(RuntimeError, match="not serving"):
+        replica.check_health()
+    assert replica.__del__() is None  # collected later: nothing left to stop
+    assert object.__new__(Replica).__del__() is None  # never constructed
