@@ -103,6 +103,9 @@ class SupplyView:
                 *_, raw, loads = await pipe.execute()
             self._plan = Plan.from_json(raw) if raw else None
             self._load_s = {**floats(loads), **measured}
+            # a model that left the plan before a replica ran ended its warming unmeasured
+            planned = self._plan.models if self._plan is not None else {}
+            self._warming = {m: at for m, at in self._warming.items() if m in planned}
         except Exception as exc:  # noqa: BLE001 - keep the last reading; report again next turn
             logger.warning("reading the supply plan failed: %r", exc)
             self._asked = {**asked, **self._asked}

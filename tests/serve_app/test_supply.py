@@ -261,6 +261,34 @@ def test_the_ingress_reads_the_plan_reports_demand_and_measures_the_load(r: redi
     asyncio.run(main())
 
 
+def test_a_warming_that_ended_with_the_model_removed_measures_nothing(r: redis.Redis) -> None:
+    """A model told warming, then removed from the plan before any replica ran (its provider
+    left): its next warming counts down from the measured load again, not from the first, and
+    its eventual load is measured from the warming that brought it (never a load time of the
+    whole interval, which every ingress's Retry-After would then repeat)."""
+
+    async def main() -> None:
+        client = aredis.Redis.from_url(billing.REDIS_URL)
+        view = SupplyView(client, default_load_s=60, ttl_s=0.0)
+        try:
+            r.set(redis_keys.SUPPLY_PLAN, Plan({"m": ModelSupply(1, 1)}, local=False).to_json())
+            await settled(view)
+            assert view.retry_after_s("m") == 60
+            r.set(redis_keys.SUPPLY_PLAN, Plan({}, local=False).to_json())  # it went away
+            await settled(view)
+            await asyncio.sleep(1.2)
+            r.set(redis_keys.SUPPLY_PLAN, Plan({"m": ModelSupply(1, 1)}, local=False).to_json())
+            await settled(view)
+            assert view.retry_after_s("m") == 60  # a new warming (was: 59, since the first)
+            view.online("m")
+            await settled(view)
+            assert float(r.hget(redis_keys.SUPPLY_LOAD_S, "m")) < 1
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 def test_refused_requests_cannot_buy_gpus(r: redis.Redis) -> None:
     """A caller with a valid key sends a thousand requests for a model that has no replica
     (each refused 503 model_warming, at no cost): they count as one request of demand, not a
