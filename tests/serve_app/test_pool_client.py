@@ -239,9 +239,10 @@ async def test_a_replica_list_asked_with_a_wrong_credential_is_refused(pool_url:
 async def test_a_pool_call_writes_no_log_line(
     pool_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """httpx logs every request at INFO, and a Serve replica's logging keeps INFO: one JSON
-    line per generation and per replica-list poll, written by Ray's handler (issue 13: 2% of
-    the ingress's CPU at c=16). Its failures still reach the log, as the client's errors."""
+    """An HTTP client that logs every request at INFO (httpx did) writes, through a Serve
+    replica's logging (which keeps INFO), one JSON line per generation and per replica-list
+    poll with Ray's handler (issue 13: 2% of the ingress's CPU at c=16). Its failures still
+    reach the log, as the client's errors."""
     with caplog.at_level(logging.INFO):
         await open_(pool_url, "whole", headers={"x-darkgpu-replicas": "r1"})
         client = PoolClient(pool_url, TOKEN, read_timeout_s=30)
@@ -250,5 +251,7 @@ async def test_a_pool_call_writes_no_log_line(
         finally:
             await client.aclose()
     assert [
-        r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "httpcore"))
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith(("httpx", "httpcore", "aiohttp"))
     ] == []
