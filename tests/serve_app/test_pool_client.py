@@ -35,6 +35,7 @@ from tests.http_server import serving
 
 TOKEN = "pool-secret"
 SERVED = ServedBy("p1", "basic", "r1").header()
+TEXT_EVENTS = 'data: {"text": "héllo wörld ✓ 🤖"}\n\ndata: [DONE]\n\n'
 seen: list[dict[str, str]] = []
 
 
@@ -76,12 +77,17 @@ async def behave(request: Request) -> Response:
         for i in range(0, len(text), 7):
             yield text[i : i + 7]
 
+    async def bytewise() -> AsyncIterator[bytes]:  # cut inside each character's bytes too
+        for byte in TEXT_EVENTS.encode():
+            yield bytes([byte])
+            await asyncio.sleep(0.005)  # each byte sent on its own
+
     async def endless() -> AsyncIterator[bytes]:  # one event that never ends (well: twice the cap)
         for _ in range(2 * pool_client.MAX_EVENT_BYTES // 65536):
             yield b"x" * 65536
             await asyncio.sleep(0)
 
-    body = cut() if how == "stream" else endless()
+    body = cut() if how == "stream" else bytewise() if how == "stream-utf8" else endless()
     return StreamingResponse(body, media_type="text/event-stream", headers=said)
 
 
@@ -134,6 +140,11 @@ async def test_a_stream_cut_anywhere_arrives_as_whole_events(pool_url: str) -> N
     _, events = await open_(pool_url, "stream", stream=True)
     assert "".join(events) == 'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
     assert all(e.endswith("\n\n") for e in events)
+
+
+async def test_a_stream_cut_inside_characters_arrives_as_the_same_text(pool_url: str) -> None:
+    _, events = await open_(pool_url, "stream-utf8", stream=True)
+    assert "".join(events) == TEXT_EVENTS
 
 
 async def test_the_engines_refusal_is_told_as_its_own(pool_url: str) -> None:
