@@ -524,7 +524,7 @@ class Ingress(ServesHttp):
             yield sse(InternalError("The stream was interrupted."))
             yield "data: [DONE]\n\n"
         finally:
-            answer.close_soon()  # the pool lets the engine's request go, if it still runs
+            answer.close()  # the pool lets the engine's request go, if it still runs
             # what was processed and sent, up to the last chunk: as the final usage chunk
             # told the client, or else counted at settlement (`_recount`)
             call.usage = relay.billed or relay.usage
@@ -537,7 +537,7 @@ class Ingress(ServesHttp):
         byte): stop the engine and settle here, billing nothing, since nothing was sent."""
         if call.relayed:
             return
-        answer.close_soon()
+        answer.close()
         call.status = 499
         self._finish(call)
 

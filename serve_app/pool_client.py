@@ -87,7 +87,7 @@ class PoolAnswer:
     def events(self) -> AsyncIterator[str]:
         return _events(self.response)
 
-    def close_soon(self) -> None:
+    def close(self) -> None:
         """Let the pool go: closing a connection still answering cancels the engine's
         request there (one whose answer was read whole went back to the pool already)."""
         self.response.close()
