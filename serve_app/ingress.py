@@ -65,7 +65,7 @@ from serve_app.http_app import create_app
 from serve_app.metrics import IngressMetrics
 from serve_app.models import model_source
 from serve_app.node_bindings import NodeBindings
-from serve_app.pool_client import PoolAnswer, PoolClient
+from serve_app.pool_client import NotTaken, PoolAnswer, PoolClient
 from serve_app.provider_policy import (
     DEMOTE_STRIKES,
     NoCandidate,
@@ -99,7 +99,9 @@ INLINE_COUNT_BYTES = 16 * 1024
 # 4096 characters 5.8 ms).
 INLINE_RECOUNT_CHARS = 1024
 # A request whose allowed replicas went away or stay full (or whose new replica the ingress had
-# not seen yet) waits this long for a replica, then is routed again on a fresh reading.
+# not seen yet) waits this long for one to take it, then is routed again on a fresh reading.
+# Once taken, it is not timed here: the engine answers as long as it takes (the pool's read
+# timeout bounds each wait for its next bytes), and is never sent twice.
 ROUTE_ATTEMPT_S = 3.0
 ROUTE_ATTEMPTS = 10
 NO_PROVIDER = ""
@@ -479,7 +481,7 @@ class Ingress(ServesHttp):
                 return await self._pools[ranked.pool].open(
                     sent.model_id, sent.endpoint, sent.body, sent.stream, headers, ROUTE_ATTEMPT_S
                 )
-            except TimeoutError:  # no listed replica took it: routed again, a 503 after the last
+            except NotTaken:  # no listed replica took it: routed again, a 503 after the last
                 logger.warning(
                     "no allowed replica took a request in %.0f s (attempt %d; replicas %s); "
                     "routing it again",

@@ -65,8 +65,10 @@ from serve_app.pool_protocol import (
     MODEL_HEADER,
     MODELS_PATH,
     NODES_PATH,
+    NOT_TAKEN_HEADER,
     REPLICAS_PATH,
     SERVED_BY_HEADER,
+    TAKE_WITHIN_HEADER,
     ServedBy,
     credential_digest,
     credential_matches,
@@ -74,6 +76,7 @@ from serve_app.pool_protocol import (
     nodes_body,
     parse_drain,
     parse_models,
+    parse_take_within,
     replicas_body,
 )
 from serve_app.pool_replicas import PoolReplicas
@@ -168,12 +171,15 @@ class PoolGateway(ServesHttp):
             )
         headers = {name: request.headers[name] for name in ALLOWED_HEADERS
                    if name in request.headers}  # fmt: skip
+        take_within = parse_take_within(request.headers.get(TAKE_WITHIN_HEADER))
         info = RawRequestInfo(headers=headers)
         body = (await request.body()).decode()
         stream = getattr(self._handle(model_id), endpoint).remote(body, info)
+        taking = asyncio.timeout(take_within)
         try:
-            served_by = await stream.__anext__()
-            first = await stream.__anext__()
+            async with taking:  # a replica takes it: it starts on it, and says who it is
+                served_by = await anext(stream)
+            first = await anext(stream)  # the engine's first item: as long as it takes
         except (BackPressureError, RayError) as exc:
             stream.cancel()
             logger.warning("model call failed: %s", exc)
@@ -183,6 +189,11 @@ class PoolGateway(ServesHttp):
             ) from None
         except BaseException:  # the ingress left (cancelled) before a replica answered
             stream.cancel()
+            if taking.expired():  # none of the listed replicas took it: the ingress routes again
+                raise Unavailable(
+                    "No listed replica took the request in time.",
+                    headers={NOT_TAKEN_HEADER: "1", "Retry-After": str(RETRY_AFTER_S)},
+                ) from None
             raise
         item = first[0] if isinstance(first, list) and first else first
         if not isinstance(served_by, ServedBy):

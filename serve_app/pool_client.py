@@ -27,8 +27,11 @@ from serve_app.pool_protocol import (
     ENGINE_ERROR_HEADER,
     MAX_LIST_BYTES,
     MODEL_HEADER,
+    NOT_TAKEN_HEADER,
     REPLICAS_PATH,
     SERVED_BY_HEADER,
+    TAKE_WITHIN_HEADER,
+    TAKE_WITHIN_S,
     PoolListing,
     ServedBy,
     parse_replicas,
@@ -40,6 +43,10 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
 logger = logging.getLogger("darkgpu.ingress")
+
+
+class NotTaken(Exception):  # noqa: N818 - what happened, not a failure of the pool
+    """None of the replicas the request listed took it in time (gone, or full)."""
 
 
 def unavailable(reason: str) -> Unavailable:
@@ -119,20 +126,23 @@ class PoolClient:
         body: str,
         stream: bool,
         headers: dict[str, str] | None = None,
-        timeout_s: float | None = None,
+        take_within_s: float = TAKE_WITHIN_S,
     ) -> PoolAnswer:
-        """Send a request and wait until a replica took it (at most `timeout_s`:
-        TimeoutError, and the pool is let go). An engine's refusal raises its error; any other
-        refusal of the pool, a 503."""
-        sent = self._client().post(
-            f"{self._url}/{endpoint}",
-            data=body.encode(),
-            headers={MODEL_HEADER: model_id, "content-type": "application/json", **(headers or {})},
-        )
+        """Send a request; a replica listed in `headers` has `take_within_s` to take it, else
+        `NotTaken` (the ingress routes it again). Then the engine's answer, as long as it
+        takes (each read at most the read timeout). An engine's refusal raises its error; any
+        other refusal of the pool, a 503."""
+        sent = {MODEL_HEADER: model_id, TAKE_WITHIN_HEADER: f"{take_within_s:g}",
+                "content-type": "application/json", **(headers or {})}  # fmt: skip
         try:
-            response = await asyncio.wait_for(sent, timeout_s)
+            response = await self._client().post(
+                f"{self._url}/{endpoint}", data=body.encode(), headers=sent
+            )
         except aiohttp.ClientError as exc:  # its read timeout too (a TimeoutError as well)
             raise unavailable(f"{type(exc).__name__}: {exc}") from None
+        if response.status == 503 and response.headers.get(NOT_TAKEN_HEADER):
+            response.close()
+            raise NotTaken
         try:
             return await self._answer(response, stream)
         except aiohttp.ClientError as exc:  # the body cut or stalled (read timeout)

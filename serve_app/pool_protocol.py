@@ -10,6 +10,13 @@ the catalog model in `x-darkgpu-model`, the body the engine's request as JSON (t
 validated it and set the limits it reserved), and what the request router may use in the
 router's own headers (`serve_app.router.Allowed`: `x-darkgpu-replicas`, …).
 
+How long a replica may take to take the request: `x-darkgpu-take-within` (seconds, at most
+`MAX_TAKE_WITHIN_S`; `TAKE_WITHIN_S` when absent). A replica takes a request when it starts
+on it (the first thing it yields says who it is); one that none of the listed replicas took
+in time (gone, or full) is given back: 503 with `x-darkgpu-not-taken: 1`, and the ingress
+routes it again on a fresh reading. From then on the gateway waits for the engine as long
+as it takes: a long answer is not a request nobody took.
+
 The answer: once a replica took the request and the engine's first item came, status 200 with
 the replica's provider in `x-darkgpu-served-by` (JSON: `ServedBy`), and as body the whole
 answer (JSON) or the stream's server-sent events as the engine wrote them. An error the engine
@@ -61,6 +68,10 @@ ENDPOINTS = frozenset({"chat", "completions"})
 MODEL_HEADER = "x-darkgpu-model"
 SERVED_BY_HEADER = "x-darkgpu-served-by"
 ENGINE_ERROR_HEADER = "x-darkgpu-engine-error"
+TAKE_WITHIN_HEADER = "x-darkgpu-take-within"
+NOT_TAKEN_HEADER = "x-darkgpu-not-taken"
+TAKE_WITHIN_S = 3.0
+MAX_TAKE_WITHIN_S = 60.0
 REPLICAS_PATH = "replicas"
 NODES_PATH = "nodes"
 DRAIN_PATH = "drain"
@@ -289,6 +300,22 @@ def parse_models(raw: bytes, catalog_ids: Collection[str]) -> dict[str, ModelSup
             )
         out[model] = ModelSupply(low, high)  # type: ignore[arg-type]
     return out
+
+
+def parse_take_within(value: str | None) -> float:
+    """The seconds a replica has to take a request (`TAKE_WITHIN_HEADER`)."""
+    if value is None:
+        return TAKE_WITHIN_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TAKE_WITHIN_S:  # NaN too
+        raise InvalidRequest(
+            f"{TAKE_WITHIN_HEADER} must be a number of seconds above 0, at most "
+            f"{MAX_TAKE_WITHIN_S:g}."
+        )
+    return seconds
 
 
 def credential_digest(credential: str) -> str:

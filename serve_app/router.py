@@ -17,9 +17,10 @@ router keeps only the listed replicas, draining ones in a later rank: a replica'
 from its provider's machine and a node's labels are its own claim, so neither gets a replica
 in. A replica the ingress has not seen yet (a drained node's replacement) takes requests once
 its stats reach the ingress (within a second); should none of the listed fit any more, Serve
-waits for candidates and the ingress's routing timeout routes the request again on a fresh
-reading. Providers with recent usage strikes (billing.strikes) come in the headers too
-(`x-darkgpu-demoted`): their replicas rank after every other that fits.
+waits for candidates until the time the ingress gave a replica to take it runs out: the
+gateway gives it back, and the ingress routes it again on a fresh reading. Providers with
+recent usage strikes (billing.strikes) come in the headers too (`x-darkgpu-demoted`): their
+replicas rank after every other that fits.
 
 Load is not taken on a replica's word: it runs on its provider's machine, and one that reports
 `ongoing: 0` would draw the traffic. The router counts the requests it has sent to each replica

@@ -52,6 +52,13 @@ class Probe:
         self._availability = ReplicaAvailability(
             {"m": (serve.get_replica_context().app_name, "Gate"), "late": (LATE_APP, "Late")}
         )
+        self._late: Any = None
+
+    async def call_late(self) -> str:
+        """Through a handle got once and kept, as the pool's gateway keeps one per model."""
+        if self._late is None:
+            self._late = serve.get_deployment_handle("Late", LATE_APP)
+        return str(await self._late.remote())
 
     async def online(self) -> list[str]:
         return sorted(await self._availability.online())
@@ -127,5 +134,21 @@ def test_a_model_application_deployed_later_comes_online_and_goes_with_it(
 ) -> None:
     serve.run(Late.bind(), name=LATE_APP, route_prefix=None)
     wait_for(lambda: probed.online() == ["late", "m"])
+    assert probed.probe.call_late.remote().result(timeout_s=30) == "ok"
     serve.delete(LATE_APP)
     wait_for(lambda: probed.online() == ["m"])
+
+
+def test_a_model_application_deleted_and_deployed_again_comes_online_and_is_served(
+    probed: Probed,
+) -> None:
+    """As a model whose last provider left, deployed again when another joins: online again,
+    and a handle kept from before (the pool gateway keeps one per model) reaches it."""
+    serve.run(Late.bind(), name=LATE_APP, route_prefix=None)
+    wait_for(lambda: probed.online() == ["late", "m"])
+    assert probed.probe.call_late.remote().result(timeout_s=30) == "ok"
+    serve.delete(LATE_APP)
+    wait_for(lambda: probed.online() == ["m"])
+    serve.run(Late.bind(), name=LATE_APP, route_prefix=None)
+    wait_for(lambda: probed.online() == ["late", "m"])
+    assert probed.probe.call_late.remote().result(timeout_s=30) == "ok"

@@ -15,7 +15,9 @@ import pytest
 from core.settings import ENV_PREFIX
 from serve_app.pool_protocol import (
     MODEL_HEADER,
+    NOT_TAKEN_HEADER,
     SERVED_BY_HEADER,
+    TAKE_WITHIN_HEADER,
     ServedBy,
     parse_nodes,
     parse_replicas,
@@ -91,6 +93,35 @@ def test_with_the_credential_the_pool_lists_its_replicas_and_serves_those_listed
     unlisted = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
                           headers={**auth, MODEL_HEADER: LOCAL})  # fmt: skip
     assert unlisted.status_code == 400, unlisted.text  # the router would take it nowhere
+
+
+def test_a_replica_has_the_time_given_to_take_a_request_then_all_the_engine_needs(
+    pool_url: str, pool_token: str
+) -> None:
+    """A request that none of its listed replicas takes in the time the ingress gives
+    (`x-darkgpu-take-within`) is given back, 503 with `x-darkgpu-not-taken`, for the ingress
+    to route again; one a replica took is answered however long its engine takes. (Before,
+    the ingress's routing timeout covered the whole wait for the answer's first bytes: a
+    whole answer slower than 3 s was cut and generated again, ten times, then refused.)"""
+    auth = {"authorization": f"Bearer {pool_token}", MODEL_HEADER: LOCAL}
+    listing = parse_replicas(httpx.get(f"{pool_url}/replicas", headers=auth, timeout=30).content)
+    local = [r.replica_id for r in listing.replicas if r.model == LOCAL]
+    nobody = {**auth, "x-darkgpu-replicas": "no-such-replica", TAKE_WITHIN_HEADER: "0.5"}
+    given_back = httpx.post(f"{pool_url}/chat", json=BODY, headers=nobody, timeout=30)
+    assert given_back.status_code == 503, given_back.text
+    assert given_back.headers[NOT_TAKEN_HEADER] == "1"
+    assert SERVED_BY_HEADER not in given_back.headers
+    # 200 tokens take the tiny model's engine 0.5 s or more, 50 times what it is given here
+    taken = {**auth, "x-darkgpu-replicas": local[0], TAKE_WITHIN_HEADER: "0.01"}
+    long = {**BODY, "max_tokens": 200, "ignore_eos": True}
+    answer = httpx.post(f"{pool_url}/chat", json=long, headers=taken, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 200
+    for bad in ("0", "-1", "nan", "inf", "61", "soon", ""):
+        refused = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
+                             headers={**taken, TAKE_WITHIN_HEADER: bad})  # fmt: skip
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["type"] == "invalid_request"
 
 
 def test_a_consumer_cannot_steer_the_pools_router(platform) -> None:

@@ -19,12 +19,14 @@ from starlette.routing import Route
 from kernel.errors import DarkGpuError, InvalidRequest, Unavailable
 from serve_app import pool_client
 from serve_app.pool_admin import PoolAdmin
-from serve_app.pool_client import PoolClient
+from serve_app.pool_client import NotTaken, PoolClient
 from serve_app.pool_protocol import (
     ENGINE_ERROR_HEADER,
     MAX_LIST_BYTES,
     MODEL_HEADER,
+    NOT_TAKEN_HEADER,
     SERVED_BY_HEADER,
+    TAKE_WITHIN_HEADER,
     PoolListing,
     PoolReplica,
     ServedBy,
@@ -59,9 +61,11 @@ async def behave(request: Request) -> Response:
         return JSONResponse([1, 2], headers=said)
     if how == "huge":
         return Response(b" " * (pool_client.MAX_ANSWER_BYTES + 1), headers=said)
-    if how == "slow":
-        await asyncio.sleep(5)
-        return JSONResponse({}, headers=said)
+    if how == "slow":  # taken at once; the engine's answer comes a second later
+        await asyncio.sleep(1)
+        return JSONResponse({"choices": []}, headers=said)
+    if how == "not-taken":
+        return JSONResponse({"error": {}}, status_code=503, headers={NOT_TAKEN_HEADER: "1"})
     if how == "stalled":  # headers, then a body that stops coming
 
         async def stall() -> AsyncIterator[bytes]:
@@ -175,9 +179,17 @@ async def test_an_event_that_never_ends_is_cut_off(pool_url: str) -> None:
         await open_(pool_url, "endless", stream=True)
 
 
-async def test_no_replica_in_time_is_a_timeout_the_ingress_routes_again(pool_url: str) -> None:
-    with pytest.raises(TimeoutError):
-        await open_(pool_url, "slow", timeout_s=0.2)
+async def test_a_request_no_replica_took_is_given_back_to_route_again(pool_url: str) -> None:
+    with pytest.raises(NotTaken):
+        await open_(pool_url, "not-taken", take_within_s=0.25)
+    assert seen[-1][TAKE_WITHIN_HEADER] == "0.25"  # what the pool's gateway waits for
+
+
+async def test_an_answer_slower_than_the_time_to_take_it_is_waited_for(pool_url: str) -> None:
+    """The time to take a request is the gateway's to keep; once a replica took it, the
+    engine's answer takes what it takes (before, the ingress cut it and sent it again)."""
+    answer, _ = await open_(pool_url, "slow", take_within_s=0.2)
+    assert answer.whole == {"choices": []}
 
 
 async def test_a_pool_that_is_not_there_is_a_503() -> None:
