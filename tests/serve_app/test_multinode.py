@@ -930,6 +930,20 @@ def _stop_p6_ray() -> None:
     end([p.pid for p in psutil.process_iter() if ours in cmdline(p)])
 
 
+def _serve_said(cluster: Cluster, *needles: str) -> list[str]:
+    """The lines of the Serve logs, the pool's head's and the control plane's (the ingress's),
+    that say any of `needles`: what a failure message shows of why."""
+    control = session_of(int(PORTS["RAY_PORT"])) or "none"
+    roots = [
+        _pool_user().ray_temp_dir / cluster.session,
+        Path(tempfile.gettempdir()) / "ray" / control,
+    ]
+    logs = sorted(f for root in roots for f in (root / "logs" / "serve").glob("*.log"))
+    return [f"{f.name}: {line.strip()[:300]}" for f in logs
+            for line in f.read_text(errors="replace").splitlines()
+            if any(needle in line for needle in needles)]  # fmt: skip
+
+
 def _agent(provider: str) -> PlatformClient:
     return PlatformClient(API_ROOT, TOKENS[provider])
 
@@ -1023,7 +1037,13 @@ def test_a_provider_in_a_network_of_its_own_reaches_nothing_of_the_control_plane
     refusals: list[tuple[str, int] | None] = []  # said in order when it gives up
     served = wait_for(lambda: refusals.append(_b_refused(client)) or refusals[-1] is None,
                       timeout_s=400, every_s=2)  # fmt: skip
-    assert served, str([(refused, len(list(run))) for refused, run in groupby(refusals)])
+    said = ("replicas running", "took a request", "model call failed", "pool's answer")
+    assert served, "\n".join(
+        [
+            str([(refused, len(list(run))) for refused, run in groupby(refusals)]),
+            *_serve_said(cluster, *said)[-40:],
+        ]  # fmt: skip
+    )
     answers = [client.chat.completions.create(model=MODEL_B, messages=MSG, max_tokens=8,
                                               extra_body=EXACT) for _ in range(3)]  # fmt: skip
     assert [a.usage.completion_tokens for a in answers if a.usage] == [8, 8, 8]
