@@ -9,7 +9,8 @@
 
 Beside each wall-clock figure, the CPU it cost: this process's CPU per operation or row, and
 Redis's own time per script call (INFO commandstats: every client's calls, so give it a Redis
-of its own for that column). On a shared machine the wall clock measures the neighbours too.
+of its own for that column), and a local PostgreSQL server's own CPU per row flushed (every
+process of it: give it a server of its own for that column). On a shared machine the wall clock measures the neighbours too.
 The pair rate is 1 / (1/admit ops/s + 1/settle ops/s).
 
 The serving path with billing on versus off is measured by `bench/serving_overhead.py`.
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import psutil
 import redis
 from redis.asyncio import connection as aconnection
 from sqlalchemy import Engine, func, select, text
@@ -92,6 +94,7 @@ class FlushResult:
     rows: int
     rows_per_s: float
     cpu_us: float  # the meter's own CPU per row (SQLite's work included; PostgreSQL's not)
+    server_cpu_us: float | None = None  # PostgreSQL's processes' CPU per row (a local server)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -230,16 +233,32 @@ def bench_flush(
     pipe.execute()
     meter = UsageMeter(engine, r, consumer=f"bench-{tag}")
     meter.ensure_group()
+    postgres = label == "PostgreSQL"
+    server = postgres_cpu() if postgres else {}
     started, cpu = time.perf_counter(), time.process_time()
     handled = meter.drain_all(batch)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    after = postgres_cpu() if postgres else {}
+    server_s = sum(t - server.get(pid, 0.0) for pid, t in after.items())
     with Session(engine) as session:
         rows = session.scalar(
             select(func.count()).where(UsageEvent.request_id.like(f"flush-{tag}-%"))
         )
     if handled != events or rows != events or r.xlen(rk.DEAD_STREAM):
         raise RuntimeError(f"{label}: drained {handled}, recorded {rows} of {events}")
-    return FlushResult(label, batch, events, events / wall, cpu * 1e6 / events)
+    server_us = server_s * 1e6 / events if postgres and after else None
+    return FlushResult(label, batch, events, events / wall, cpu * 1e6 / events, server_us)
+
+
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds so far of each process of the PostgreSQL server on this machine (its
+    backends, WAL writer, checkpointer: a remote server's shows nothing here)."""
+    seconds = {}
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if proc.info["name"] in ("postgres", "postmaster") and times is not None:
+            seconds[proc.pid] = times.user + times.system
+    return seconds
 
 
 def postgres_engine() -> tuple[Engine, Engine, str] | None:
@@ -307,10 +326,12 @@ def print_tables(ops: list[OpResult], flushes: list[FlushResult], redis_url: str
             ratio = rates[f"{mode}, hiredis"] / rates[f"{mode}, python"]
             print(f"{mode}: hiredis / python pairs/s = {ratio:.2f}x")
     print("\n### Usage meter: ledger rows flushed from the stream into SQL\n")
-    print("| database | batch | rows | rows/s | meter CPU µs/row |")
-    print("|---|---:|---:|---:|---:|")
+    print("| database | batch | rows | rows/s | meter CPU µs/row | server CPU µs/row |")
+    print("|---|---:|---:|---:|---:|---:|")
     for f in flushes:
-        print(f"| {f.database} | {f.batch} | {f.rows} | {f.rows_per_s:,.0f} | {f.cpu_us:.0f} |")
+        server = "" if f.server_cpu_us is None else f"{f.server_cpu_us:.0f}"
+        print(f"| {f.database} | {f.batch} | {f.rows} | {f.rows_per_s:,.0f} | {f.cpu_us:.0f} "
+              f"| {server} |")  # fmt: skip
 
 
 def main() -> None:

@@ -223,6 +223,11 @@ class Ingress(ServesHttp):
         # the control plane's cluster runs no Serve proxy), its port shared by every replica
         self._http = ReplicaHttpServer(self.app(), settings.http_host, settings.http_port)
 
+    async def let_go(self) -> None:
+        """Once no request is in flight: the pools' connections."""
+        for client in self._pools.values():
+            await client.aclose()
+
     def app(self) -> FastAPI:
         """This replica's app (a fresh one each call; the constructor serves one)."""
         return create_app(

@@ -104,9 +104,9 @@ class ReplicaHttpServer:
 class ServesHttp:
     """A deployment whose replica serves HTTP itself (`_http`, set by its constructor): Serve
     replaces the replica whose server stopped (`check_health`), and its graceful shutdown
-    calls `__del__` and awaits what it returns: the server's `stop`, once. Python calls
-    `__del__` too when it collects the object, and finds nothing left to stop (an `async def
-    __del__` would leave a coroutine never awaited there)."""
+    calls `__del__` and awaits what it returns: the server's `stop`, then `let_go`, once.
+    Python calls `__del__` too when it collects the object, and finds nothing left to stop (an
+    `async def __del__` would leave a coroutine never awaited there)."""
 
     _http: ReplicaHttpServer | None
 
@@ -117,4 +117,11 @@ class ServesHttp:
     def __del__(self) -> Awaitable[None] | None:
         http: ReplicaHttpServer | None = getattr(self, "_http", None)
         self._http = None
-        return None if http is None else http.stop()
+        return None if http is None else self._shut_down(http)
+
+    async def _shut_down(self, http: ReplicaHttpServer) -> None:
+        await http.stop()
+        await self.let_go()
+
+    async def let_go(self) -> None:
+        """What the replica lets go once its server stopped (its clients' connections)."""

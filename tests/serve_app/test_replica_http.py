@@ -114,11 +114,17 @@ def test_a_port_held_without_reuse_is_not_taken() -> None:
 async def test_a_replicas_destructor_stops_its_server_once() -> None:
     """Serve awaits what `__del__` returns; Python calls it again when it collects the object,
     and on objects never started (a coroutine function would leave coroutines unawaited).
-    Health fails once the server stopped: Serve then replaces the replica."""
+    Health fails once the server stopped: Serve then replaces the replica. The replica lets
+    go of what it holds (its clients' connections) once its server stopped, once."""
+    serving_when_let_go: list[bool] = []
 
     class Replica(ServesHttp):
         def __init__(self, port: int) -> None:
             self._http = ReplicaHttpServer(asgi(named("a")), "127.0.0.1", port)
+            self._server = self._http
+
+        async def let_go(self) -> None:
+            serving_when_let_go.append(self._server.serving)
 
     port = free_port()
     replica = Replica(port)
@@ -128,7 +134,9 @@ async def test_a_replicas_destructor_stops_its_server_once() -> None:
     assert stopping is not None and server is not None
     await stopping
     assert not server.serving
+    assert serving_when_let_go == [False]
     with pytest.raises(RuntimeError, match="not serving"):
         replica.check_health()
     assert replica.__del__() is None  # collected later: nothing left to stop
     assert object.__new__(Replica).__del__() is None  # never constructed
+    assert serving_when_let_go == [False]
