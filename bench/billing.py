@@ -10,7 +10,8 @@
 Beside each wall-clock figure, the CPU it cost: this process's CPU per operation or row, and
 Redis's own time per script call (INFO commandstats: every client's calls, so give it a Redis
 of its own for that column), and a local PostgreSQL server's own CPU per row flushed (every
-process of it: give it a server of its own for that column). On a shared machine the wall clock measures the neighbours too.
+process of it: give it a server of its own for that column). On a shared machine the wall
+clock measures the neighbours too.
 The pair rate is 1 / (1/admit ops/s + 1/settle ops/s).
 
 The serving path with billing on versus off is measured by `bench/serving_overhead.py`.
