@@ -66,6 +66,7 @@ from serve_app.metrics import IngressMetrics
 from serve_app.models import model_source
 from serve_app.node_bindings import NodeBindings
 from serve_app.pool_client import NotTaken, PoolAnswer, PoolClient
+from serve_app.pool_protocol import TAKE_WITHIN_S
 from serve_app.provider_policy import (
     DEMOTE_STRIKES,
     NoCandidate,
@@ -102,7 +103,7 @@ INLINE_RECOUNT_CHARS = 1024
 # not seen yet) waits this long for one to take it, then is routed again on a fresh reading.
 # Once taken, it is not timed here: the engine answers as long as it takes (the pool's read
 # timeout bounds each wait for its next bytes), and is never sent twice.
-ROUTE_ATTEMPT_S = 3.0
+ROUTE_ATTEMPT_S = TAKE_WITHIN_S  # the pool's gateway's own default for it
 ROUTE_ATTEMPTS = 10
 NO_PROVIDER = ""
 logger = logging.getLogger("darkgpu.ingress")

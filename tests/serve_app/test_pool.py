@@ -132,9 +132,11 @@ def test_a_replica_has_the_time_given_to_take_a_request_then_all_the_engine_need
 def test_a_consumer_cannot_steer_the_pools_router(platform) -> None:
     """The router's headers reach the pool only as the ingress wrote them: a consumer's own
     (here allowing a replica that does not exist, which would leave the request unrouted
-    and answered 503 after the routing attempts) are not passed on."""
+    and answered 503 after the routing attempts, and no time to take it, which the pool
+    would refuse) are not passed on."""
     _, key = platform.new_key(usd="1")
-    steer = {"x-darkgpu-replicas": "no-such-replica", "x-darkgpu-demoted": "local"}
+    steer = {"x-darkgpu-replicas": "no-such-replica", "x-darkgpu-demoted": "local",
+             TAKE_WITHIN_HEADER: "0"}  # fmt: skip
     client = openai.OpenAI(base_url=platform.api_url, api_key=key, default_headers=steer,
                            max_retries=0, timeout=60)  # fmt: skip
     answer = client.chat.completions.create(model=LOCAL, messages=BODY["messages"], max_tokens=2)
