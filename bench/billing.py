@@ -3,7 +3,14 @@
 1. admission and settlement round trips (one Lua script each): operations per second and
    p50/p99 latency, sequentially and with 16 concurrent callers, with each reply parser
    (`--parsers`: hiredis's C parser, redis-py's default where hiredis is installed as the
-   platform installs it, and redis-py's pure-Python one), and the ratios between them;
+   platform installs it, and redis-py's pure-Python one), and the ratios between them; then
+   open loop at each offered rate of `--rates` (pairs per second: each request admitted at its
+   own moment, t0 + i / rate, whatever the earlier ones are doing, then settled), from each
+   number of client processes of `--processes` (each one stands for an ingress replica and
+   offers its share of the rate): latency counted from that moment, so a client that falls
+   behind shows it (a closed loop of 16 callers measures only its own queue: its latency is
+   16 / its throughput). Every client process freezes its startup heap as Serve does a
+   replica's;
 2. the usage meter: ledger rows per second flushed from the Redis stream into SQLite and
    into PostgreSQL, at batch sizes 100 and 500.
 
@@ -21,19 +28,23 @@ holds any key) and flushes it at the end; PostgreSQL gets a schema of its own, d
 the end; SQLite a temporary file.
 
     .venv/bin/python bench/billing.py [--requests 2000] [--events 5000] [--batches 100,500]
-                                      [--parsers hiredis,python]
+                                      [--parsers hiredis,python] [--rates 2000,5000]
+                                      [--processes 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -147,12 +158,149 @@ async def timed_phase(
     )
 
 
+async def admit_one(adm: Admission, key: str, rid: str) -> None:
+    result = await adm.admit(
+        api_key=key,
+        request_id=rid,
+        model=MODEL,
+        prompt_tokens=50,
+        max_tokens=200,
+        customer_tag="bench",
+    )
+    assert isinstance(result, Admitted), result
+
+
+async def settle_one(adm: Admission, rid: str) -> None:
+    assert await adm.settle(
+        request_id=rid, prompt_tokens=50, completion_tokens=120, provider_id="bench"
+    )
+
+
+def freeze_heap() -> None:
+    """As Serve does at the end of a replica's start (`RAY_SERVE_FREEZE_GC_ON_STARTUP`, on by
+    default): collections skip the startup heap. Unfrozen, one took 76 ms in this bench, and
+    an open loop piled up behind it."""
+    gc.collect()
+    gc.freeze()
+
+
+@dataclass
+class Share:
+    admit_s: list[float]  # from each request's due moment
+    settle_s: list[float]  # from its admission's return
+    cpu_s: float
+    ended_at: float  # wall clock
+
+
+def offered_share(redis_url: str, key: str, rate: float, ids: list[str], start_at: float) -> Share:
+    """One client process's share of an offered rate, open loop (a process stands for one
+    ingress replica): request i is admitted at start_at + i / rate, by a task of its own started
+    by a timer whether or not the earlier ones are done, then settled."""
+    freeze_heap()
+    return asyncio.run(_offered_share(redis_url, key, rate, ids, start_at))
+
+
+async def _offered_share(
+    redis_url: str, key: str, rate: float, ids: list[str], start_at: float
+) -> Share:
+    loop = asyncio.get_running_loop()
+    client = connect(redis_url)
+    adm = Admission(client, load_plans(DEFAULT_PLANS_FILE))
+    share = Share([], [], 0.0, 0.0)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pair(rid: str, due: float) -> None:
+        await admit_one(adm, key, rid)
+        admitted = loop.time()
+        await settle_one(adm, rid)
+        share.admit_s.append(admitted - due)
+        share.settle_s.append(loop.time() - admitted)
+
+    def launch(rid: str, due: float) -> None:
+        task = loop.create_task(pair(rid, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        warm = iter([f"{ids[0]}-warm-{i}" for i in range(256)])  # its connections opened first
+
+        async def warm_up() -> None:
+            for rid in warm:
+                await admit_one(adm, key, rid)
+                await settle_one(adm, rid)
+
+        await asyncio.gather(*(warm_up() for _ in range(16)))
+        t0 = loop.time() + (start_at - time.time())
+        cpu = time.process_time()
+        for i, rid in enumerate(ids):
+            loop.call_at(t0 + i / rate, launch, rid, t0 + i / rate)
+        await asyncio.sleep(max(0.0, t0 + len(ids) / rate - loop.time()))
+        while tasks:
+            await asyncio.gather(*tasks)
+        share.cpu_s = time.process_time() - cpu
+        share.ended_at = time.time()
+    finally:
+        await client.aclose()
+    return share
+
+
+def offered_phase(
+    rate: int, processes: int, key: str, requests: int, redis_url: str, r: redis.Redis
+) -> list[OpResult]:
+    """`requests` pairs offered at `rate` per second in all, by `processes` client processes
+    at rate / processes each (interleaved: together, one every 1 / rate seconds)."""
+    shares = [
+        [f"bench-o{rate}x{processes}-{i}" for i in range(p, requests, processes)]
+        for p in range(processes)
+    ]
+    calls, usec = script_calls(r)
+    start_at = time.time() + 10  # the processes start, import and warm up meanwhile
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        done = list(pool.map(
+            offered_share,
+            [redis_url] * processes,
+            [key] * processes,
+            [rate / processes] * processes,
+            shares,
+            [start_at + p / rate for p in range(processes)],
+        ))  # fmt: skip
+    if max(s.ended_at for s in done) < start_at:
+        raise RuntimeError("the client processes started after the offered load was due")
+    wall = max(s.ended_at for s in done) - start_at
+    cpu_us = sum(s.cpu_s for s in done) * 1e6 / requests / 2  # the pair's, shared evenly
+    calls_after, usec_after = script_calls(r)
+    redis_us = (usec_after - usec) / max(calls_after - calls, 1)  # warm-ups included
+    mode = f"offered {rate:,} pairs/s, {processes} process{'es' if processes > 1 else ''}"
+    return [
+        OpResult(
+            mode,
+            op,
+            requests,
+            requests / wall,
+            pct(latencies, 0.5) * 1000,
+            pct(latencies, 0.99) * 1000,
+            cpu_us,
+            redis_us,
+        )
+        for op, latencies in (
+            ("admit", [x for s in done for x in s.admit_s]),
+            ("settle", [x for s in done for x in s.settle_s]),
+        )
+    ]
+
+
 # redis-py's reply parsers for the asyncio client (private names: this bench only)
 PARSERS = {"hiredis": aconnection._AsyncHiredisParser, "python": aconnection._AsyncRESP3Parser}
 
 
 async def bench_admission(
-    r: redis.Redis, redis_url: str, requests: int, parsers: list[str]
+    r: redis.Redis,
+    redis_url: str,
+    requests: int,
+    parsers: list[str],
+    rates: list[int],
+    processes: list[int],
 ) -> list[OpResult]:
     plans = load_plans(DEFAULT_PLANS_FILE)
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,23 +313,7 @@ async def bench_admission(
         engine.dispose()
     assert key is not None
     clients = {name: connect(redis_url, parser_class=PARSERS[name]) for name in parsers}
-
-    async def admit(adm: Admission, rid: str) -> None:
-        result = await adm.admit(
-            api_key=key,
-            request_id=rid,
-            model=MODEL,
-            prompt_tokens=50,
-            max_tokens=200,
-            customer_tag="bench",
-        )
-        assert isinstance(result, Admitted), result
-
-    async def settle(adm: Admission, rid: str) -> None:
-        assert await adm.settle(
-            request_id=rid, prompt_tokens=50, completion_tokens=120, provider_id="bench"
-        )
-
+    freeze_heap()
     results = []
     try:
         for mode, concurrency in (("sequential", 1), ("concurrency 16", 16)):
@@ -189,13 +321,15 @@ async def bench_admission(
                 adm = Admission(client, plans)
                 label = f"{mode}, {name}"
                 ids = [f"bench-{mode[0]}-{name}-{i}" for i in range(requests)]
-                results.append(await timed_phase(
-                    "admit", label, ids, concurrency, partial(admit, adm), r))  # fmt: skip
-                results.append(await timed_phase(
-                    "settle", label, ids, concurrency, partial(settle, adm), r))  # fmt: skip
+                admit, settle = partial(admit_one, adm, key), partial(settle_one, adm)
+                results.append(await timed_phase("admit", label, ids, concurrency, admit, r))
+                results.append(await timed_phase("settle", label, ids, concurrency, settle, r))
     finally:
         for client in clients.values():
             await client.aclose()
+    for rate in rates:
+        for n in processes:
+            results += offered_phase(rate, n, key, requests, redis_url, r)
     return results
 
 
@@ -318,6 +452,10 @@ def print_tables(ops: list[OpResult], flushes: list[FlushResult], redis_url: str
     rates = {}
     for mode in dict.fromkeys(o.mode for o in pairs):
         admit, settle = (o for o in pairs if o.mode == mode)
+        if mode.startswith("offered"):  # both at the rate the pairs were served
+            print(f"\n{mode}: served {admit.ops_per_s:,.0f} pairs/s, p99 admit "
+                  f"{admit.p99_ms:.3f} ms, settle {settle.p99_ms:.3f} ms")  # fmt: skip
+            continue
         rates[mode] = 1 / (1 / admit.ops_per_s + 1 / settle.ops_per_s)
         cpu = admit.client_cpu_us + settle.client_cpu_us
         print(f"\n{mode}: {rates[mode]:,.0f} admission + settlement pairs/s, "
@@ -342,6 +480,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--batches", default="100,500")
     parser.add_argument("--parsers", default="hiredis,python", help="of: hiredis, python")
+    parser.add_argument("--rates", default="2000,5000", help="offered pairs/s, open loop")
+    parser.add_argument("--processes", default="1,2", help="client processes offering a rate")
     args = parser.parse_args()
     parsers = args.parsers.split(",")
     if not set(parsers) <= set(PARSERS):
@@ -352,7 +492,11 @@ def main() -> None:
     if r.dbsize():
         sys.exit(f"{args.redis_url} holds keys; the benchmark needs an empty Redis database")
     try:
-        ops = asyncio.run(bench_admission(r, args.redis_url, args.requests, parsers))
+        rates = [int(x) for x in args.rates.split(",") if x]
+        processes = [int(x) for x in args.processes.split(",")]
+        ops = asyncio.run(
+            bench_admission(r, args.redis_url, args.requests, parsers, rates, processes)
+        )
         template = event_template(r)
         flushes = bench_flushes(r, template, args.events, batches)
     finally:
