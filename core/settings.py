@@ -250,6 +250,12 @@ class Settings(BaseSettings):
     pool_read_timeout_s: float = Field(
         default=300.0, gt=0, description="Longest wait for the pool's next bytes of an answer."
     )
+    # How long a replica that took a request has to give its first item: a stream's first
+    # event within the base, a whole answer within the base and its max_tokens at the floor
+    # rate. Past it the replica stalled: the request is routed again without it
+    # (serve_app.pool_protocol). Sized for an overloaded honest engine, never to be reached.
+    pool_answer_base_s: float = Field(default=60.0, gt=0)
+    pool_answer_floor_tokens_per_s: float = Field(default=2.0, gt=0)
     # Model deployments.
     max_ongoing_requests: int = 64
     min_replicas: int = Field(default=1, ge=1, description="Replicas each model keeps up.")

@@ -65,7 +65,7 @@ from serve_app.http_app import create_app
 from serve_app.metrics import IngressMetrics
 from serve_app.models import model_source
 from serve_app.node_bindings import NodeBindings
-from serve_app.pool_client import NotTaken, PoolAnswer, PoolClient
+from serve_app.pool_client import NotTaken, PoolAnswer, PoolClient, Stalled
 from serve_app.pool_protocol import TAKE_WITHIN_S
 from serve_app.provider_policy import (
     DEMOTE_STRIKES,
@@ -101,10 +101,12 @@ INLINE_COUNT_BYTES = 16 * 1024
 INLINE_RECOUNT_CHARS = 1024
 # A request whose allowed replicas went away or stay full (or whose new replica the ingress had
 # not seen yet) waits this long for one to take it, then is routed again on a fresh reading.
-# Once taken, it is not timed here: the engine answers as long as it takes (the pool's read
-# timeout bounds each wait for its next bytes), and is never sent twice.
+# Once taken, the engine's first item has the time the request needs (`_answer_within`); the
+# pool's read timeout bounds each wait for its next bytes. A request is sent again only when
+# nothing came of it: none took it, or the one that took it stalled (and was cancelled).
 ROUTE_ATTEMPT_S = TAKE_WITHIN_S  # the pool's gateway's own default for it
 ROUTE_ATTEMPTS = 10
+MAX_STALLS = 2  # replicas that took a request and gave nothing, before it is refused
 NO_PROVIDER = ""
 logger = logging.getLogger("darkgpu.ingress")
 
@@ -144,6 +146,7 @@ class Sent:
     endpoint: str
     body: str
     stream: bool
+    answer_within_s: float  # for its first item once a replica took it: past it, it stalled
 
 
 @dataclass
@@ -349,15 +352,17 @@ class Ingress(ServesHttp):
                 raise no_candidate_error(ranked, RETRY_AFTER_S)
             highest = ranked.highest
             reserve = (highest.input_nusd_per_token, highest.output_nusd_per_token)
-            call.admitted, call.prompt_counted = await self._admit(
+            call.admitted, call.prompt_counted, completions = await self._admit(
                 request, model, parsed, reserve, len(raw)
             )
             self._holds.track(call.request_id)  # until `_finish`
             self._supply.asked(model.id)  # demand keeps the model warm
             if not await self._directory.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
+            stream = bool(parsed.stream)
+            within = self._answer_within(stream, call.admitted.max_tokens * completions)
             sent = Sent(model.id, call.endpoint, parsed.model_dump_json(exclude_unset=True),
-                        bool(parsed.stream))  # fmt: skip
+                        stream, within)  # fmt: skip
             answer = await self._routed(sent, model, requirements, catalog, ranked)
             served_by = answer.served_by
             call.provider_id = served_by.provider_id
@@ -433,10 +438,11 @@ class Ingress(ServesHttp):
         parsed: Any,
         price: tuple[int, int] | None = None,
         body_bytes: int = 0,
-    ) -> tuple[Admitted, int]:
+    ) -> tuple[Admitted, int, int]:
         """Reserve the request's worst case: every prompt's tokens as the engine renders them,
         and max_tokens for each completion (prompts x n); the engine then gets at most the
-        max_tokens granted, per completion. Templating and tokenizing a large body run in a
+        max_tokens granted, per completion. Returns the admission, the prompt tokens and the
+        completions. Templating and tokenizing a large body run in a
         thread; a small one (well under a millisecond) inline, since a thread's hand-offs of the
         GIL cost more than that (measured: ~15 ms at c=1 in bench/serving_overhead.py)."""
         counter = await self._counter(model)
@@ -457,7 +463,18 @@ class Ingress(ServesHttp):
             request, model, sum(prompts), wanted, price, completions=completions
         )
         setattr(parsed, limit_field, admitted.max_tokens)
-        return admitted, sum(prompts)
+        return admitted, sum(prompts), completions
+
+    def _answer_within(self, stream: bool, completion_tokens: int) -> float:
+        """How long the replica that takes a request has to give its first item: a stream's
+        first event within the base, a whole answer within the base and every completion
+        token it may hold at the floor rate. A replica that gives nothing in that time stalled
+        (its provider's engine is the provider's to hold back): it is cut and the request
+        routed again without it, so that no replica holds a request for the connection's
+        read timeout (`pool_read_timeout_s`, which still bounds every read)."""
+        settings = self._services.settings
+        tokens = 0 if stream else completion_tokens
+        return settings.pool_answer_base_s + tokens / settings.pool_answer_floor_tokens_per_s
 
     async def _routed(
         self,
@@ -469,9 +486,12 @@ class Ingress(ServesHttp):
     ) -> PoolAnswer:
         """Send a request to the pool of its best candidate, with the replicas there that may
         take it; when none of them takes it in time (gone, or full), route it again on a fresh
-        reading of the replicas (never above the price reserved)."""
+        reading of the replicas (never above the price reserved). A replica that took it and
+        then stalled (`Sent.answer_within_s`) is left out from then on; after `MAX_STALLS`
+        stalls, or when no other replica may take it, a 503."""
         limit = ranked.highest
         capped = Requirements(requirements.trust_tier, limit)  # never above the reservation
+        stalled: set[str] = set()
         for attempt in range(ROUTE_ATTEMPTS):
             registry = await self._directory.registry()
             demoted = frozenset(
@@ -485,22 +505,37 @@ class Ingress(ServesHttp):
             self._in_flight.sent(first)  # counted from dispatch until the pool answers
             try:
                 return await self._pools[ranked.pool].open(
-                    sent.model_id, sent.endpoint, sent.body, sent.stream, headers, ROUTE_ATTEMPT_S
-                )
+                    sent.model_id, sent.endpoint, sent.body, sent.stream, headers,
+                    ROUTE_ATTEMPT_S, sent.answer_within_s,
+                )  # fmt: skip
             except NotTaken:  # no listed replica took it: routed again, a 503 after the last
                 logger.warning(
                     "no allowed replica took a request in %.0f s (attempt %d; replicas %s); "
                     "routing it again",
                     ROUTE_ATTEMPT_S, attempt + 1, ranked.replica_ids,
                 )  # fmt: skip
-                replicas = await self._directory.refresh(model.id)
-                again = rank(replicas, capped, catalog, model.id)
-                if isinstance(again, Ranked):
-                    ranked = again
+            except Stalled as exc:  # it took it and gave nothing: never again for this request
+                stalled.add(exc.served_by.replica)
+                logger.warning(
+                    "replica %s of provider %s took a request and gave nothing in %.0f s; %s",
+                    exc.served_by.replica, exc.served_by.provider_id, sent.answer_within_s,
+                    "refusing it" if len(stalled) >= MAX_STALLS else "routing it again",
+                )  # fmt: skip
+                if len(stalled) >= MAX_STALLS:
+                    break
             finally:
                 self._in_flight.completed(first)
+            replicas = await self._directory.refresh(model.id)
+            again = rank([r for r in replicas if r.replica_id not in stalled],
+                         capped, catalog, model.id)  # fmt: skip
+            if isinstance(again, Ranked):
+                ranked = again
+            elif stalled:  # the only replicas that could take it stalled
+                break
         raise Unavailable(
-            "No allowed provider took the request in time; retry shortly.",
+            "No allowed provider answered the request in time; retry shortly."
+            if stalled
+            else "No allowed provider took the request in time; retry shortly.",
             code="no_provider_online",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )

@@ -59,6 +59,7 @@ from serve_app.errors import error_response
 from serve_app.models import deployment_name, model_app_name
 from serve_app.pool_models import ModelApplier, model_settings
 from serve_app.pool_protocol import (
+    ANSWER_WITHIN_HEADER,
     DRAIN_PATH,
     ENDPOINTS,
     ENGINE_ERROR_HEADER,
@@ -68,12 +69,14 @@ from serve_app.pool_protocol import (
     NOT_TAKEN_HEADER,
     REPLICAS_PATH,
     SERVED_BY_HEADER,
+    STALLED_HEADER,
     TAKE_WITHIN_HEADER,
     ServedBy,
     credential_digest,
     credential_matches,
     engine_error_body,
     nodes_body,
+    parse_answer_within,
     parse_drain,
     parse_models,
     parse_take_within,
@@ -172,14 +175,17 @@ class PoolGateway(ServesHttp):
         headers = {name: request.headers[name] for name in ALLOWED_HEADERS
                    if name in request.headers}  # fmt: skip
         take_within = parse_take_within(request.headers.get(TAKE_WITHIN_HEADER))
+        answer_within = parse_answer_within(request.headers.get(ANSWER_WITHIN_HEADER))
         info = RawRequestInfo(headers=headers)
         body = (await request.body()).decode()
         stream = getattr(self._handle(model_id), endpoint).remote(body, info)
-        taking = asyncio.timeout(take_within)
+        taking, answering = asyncio.timeout(take_within), asyncio.timeout(answer_within)
+        served_by: Any = None
         try:
             async with taking:  # a replica takes it: it starts on it, and says who it is
                 served_by = await anext(stream)
-            first = await anext(stream)  # the engine's first item: as long as it takes
+            async with answering:  # the engine's first item: as long as the ingress allows
+                first = await anext(stream)
         except (BackPressureError, RayError) as exc:
             stream.cancel()
             logger.warning("model call failed: %s", exc)
@@ -194,6 +200,16 @@ class PoolGateway(ServesHttp):
                     "No listed replica took the request in time.",
                     headers={NOT_TAKEN_HEADER: "1", "Retry-After": str(RETRY_AFTER_S)},
                 ) from None
+            if answering.expired() and isinstance(served_by, ServedBy):  # it took it, then stalled
+                logger.warning(
+                    "replica %s of provider %s took a request and gave nothing in %g s",
+                    served_by.replica, served_by.provider_id, answer_within,
+                )  # fmt: skip
+                raise Unavailable(
+                    "The replica that took the request gave nothing in time.",
+                    headers={STALLED_HEADER: "1", SERVED_BY_HEADER: served_by.header(),
+                             "Retry-After": str(RETRY_AFTER_S)},
+                ) from None  # fmt: skip
             raise
         item = first[0] if isinstance(first, list) and first else first
         if not isinstance(served_by, ServedBy):

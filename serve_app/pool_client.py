@@ -24,12 +24,14 @@ import aiohttp
 from kernel.errors import Unavailable
 from serve_app.errors import engine_error
 from serve_app.pool_protocol import (
+    ANSWER_WITHIN_HEADER,
     ENGINE_ERROR_HEADER,
     MAX_LIST_BYTES,
     MODEL_HEADER,
     NOT_TAKEN_HEADER,
     REPLICAS_PATH,
     SERVED_BY_HEADER,
+    STALLED_HEADER,
     TAKE_WITHIN_HEADER,
     TAKE_WITHIN_S,
     PoolListing,
@@ -47,6 +49,14 @@ logger = logging.getLogger("darkgpu.ingress")
 
 class NotTaken(Exception):  # noqa: N818 - what happened, not a failure of the pool
     """None of the replicas the request listed took it in time (gone, or full)."""
+
+
+class Stalled(Exception):  # noqa: N818 - what a replica did, not a failure of the pool
+    """The replica that took the request gave nothing in the time it was given."""
+
+    def __init__(self, served_by: ServedBy) -> None:
+        super().__init__(f"replica {served_by.replica} of {served_by.provider_id} stalled")
+        self.served_by = served_by
 
 
 def unavailable(reason: str) -> Unavailable:
@@ -127,13 +137,17 @@ class PoolClient:
         stream: bool,
         headers: dict[str, str] | None = None,
         take_within_s: float = TAKE_WITHIN_S,
+        answer_within_s: float | None = None,
     ) -> PoolAnswer:
         """Send a request; a replica listed in `headers` has `take_within_s` to take it, else
-        `NotTaken` (the ingress routes it again). Then the engine's answer, as long as it
-        takes (each read at most the read timeout). An engine's refusal raises its error; any
-        other refusal of the pool, a 503."""
+        `NotTaken` (the ingress routes it again). Then the engine's first item (the whole
+        answer, or a stream's first event) within `answer_within_s` once taken, else
+        `Stalled`; none: as long as it takes (each read at most the read timeout). An
+        engine's refusal raises its error; any other refusal of the pool, a 503."""
         sent = {MODEL_HEADER: model_id, TAKE_WITHIN_HEADER: f"{take_within_s:g}",
                 "content-type": "application/json", **(headers or {})}  # fmt: skip
+        if answer_within_s is not None:
+            sent[ANSWER_WITHIN_HEADER] = f"{answer_within_s:g}"
         try:
             response = await self._client().post(
                 f"{self._url}/{endpoint}", data=body.encode(), headers=sent
@@ -143,6 +157,13 @@ class PoolClient:
         if response.status == 503 and response.headers.get(NOT_TAKEN_HEADER):
             response.close()
             raise NotTaken
+        if response.status == 503 and response.headers.get(STALLED_HEADER):
+            response.close()
+            try:
+                stalled = ServedBy.from_header(response.headers.get(SERVED_BY_HEADER))
+            except ValueError as exc:
+                raise unavailable(str(exc)) from None
+            raise Stalled(stalled)
         try:
             return await self._answer(response, stream)
         except aiohttp.ClientError as exc:  # the body cut or stalled (read timeout)

@@ -14,8 +14,14 @@ How long a replica may take to take the request: `x-darkgpu-take-within` (second
 `MAX_TAKE_WITHIN_S`; `TAKE_WITHIN_S` when absent). A replica takes a request when it starts
 on it (the first thing it yields says who it is); one that none of the listed replicas took
 in time (gone, or full) is given back: 503 with `x-darkgpu-not-taken: 1`, and the ingress
-routes it again on a fresh reading. From then on the gateway waits for the engine as long
-as it takes: a long answer is not a request nobody took.
+routes it again on a fresh reading. From then on the gateway waits for the engine's first
+item (the whole answer of a request that does not stream, the first event of one that does)
+at most `x-darkgpu-answer-within` seconds, if the ingress gives it (above 0, at most
+`MAX_ANSWER_WITHIN_S`; the ingress sizes it by what it asked for: a long answer is not a
+stalled one). A replica that took the request and then gave nothing in that time stalled,
+whatever it is doing (a provider's engine is the provider's): the gateway cancels it and
+answers 503 with `x-darkgpu-stalled: 1` and who took it (`x-darkgpu-served-by`); the ingress
+routes the request again, without that replica.
 
 The answer: once a replica took the request and the engine's first item came, status 200 with
 the replica's provider in `x-darkgpu-served-by` (JSON: `ServedBy`), and as body the whole
@@ -72,6 +78,9 @@ TAKE_WITHIN_HEADER = "x-darkgpu-take-within"
 NOT_TAKEN_HEADER = "x-darkgpu-not-taken"
 TAKE_WITHIN_S = 3.0
 MAX_TAKE_WITHIN_S = 60.0
+ANSWER_WITHIN_HEADER = "x-darkgpu-answer-within"
+STALLED_HEADER = "x-darkgpu-stalled"
+MAX_ANSWER_WITHIN_S = 86_400.0
 REPLICAS_PATH = "replicas"
 NODES_PATH = "nodes"
 DRAIN_PATH = "drain"
@@ -306,15 +315,24 @@ def parse_take_within(value: str | None) -> float:
     """The seconds a replica has to take a request (`TAKE_WITHIN_HEADER`)."""
     if value is None:
         return TAKE_WITHIN_S
+    return _seconds(value, TAKE_WITHIN_HEADER, MAX_TAKE_WITHIN_S)
+
+
+def parse_answer_within(value: str | None) -> float | None:
+    """The seconds a replica that took a request has to give its engine's first item
+    (`ANSWER_WITHIN_HEADER`); None: no bound but the connection's."""
+    if value is None:
+        return None
+    return _seconds(value, ANSWER_WITHIN_HEADER, MAX_ANSWER_WITHIN_S)
+
+
+def _seconds(value: str, header: str, most: float) -> float:
     try:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds <= MAX_TAKE_WITHIN_S:  # NaN too
-        raise InvalidRequest(
-            f"{TAKE_WITHIN_HEADER} must be a number of seconds above 0, at most "
-            f"{MAX_TAKE_WITHIN_S:g}."
-        )
+    if not 0 < seconds <= most:  # NaN too
+        raise InvalidRequest(f"{header} must be a number of seconds above 0, at most {most:g}.")
     return seconds
 
 

@@ -14,9 +14,11 @@ import pytest
 
 from core.settings import ENV_PREFIX
 from serve_app.pool_protocol import (
+    ANSWER_WITHIN_HEADER,
     MODEL_HEADER,
     NOT_TAKEN_HEADER,
     SERVED_BY_HEADER,
+    STALLED_HEADER,
     TAKE_WITHIN_HEADER,
     ServedBy,
     parse_nodes,
@@ -129,14 +131,44 @@ def test_a_replica_has_the_time_given_to_take_a_request_then_all_the_engine_need
         assert refused.json()["error"]["type"] == "invalid_request"
 
 
+def test_a_replica_that_took_a_request_and_gave_nothing_in_time_is_cut_and_named(
+    pool_url: str, pool_token: str
+) -> None:
+    """A replica that took a request has the time the ingress gives it
+    (`x-darkgpu-answer-within`) for its engine's first item: here 0.05 s for a whole answer of
+    200 tokens (0.5 s or more of engine). The gateway cuts it and answers 503
+    `x-darkgpu-stalled`, naming who took it, for the ingress to route the request around it.
+    (Before, nothing bounded it but the ingress's read timeout, 300 s: a provider's engine
+    could hold a consumer's whole answer that long.) Given the time, the same answer comes."""
+    auth = {"authorization": f"Bearer {pool_token}", MODEL_HEADER: LOCAL}
+    listing = parse_replicas(httpx.get(f"{pool_url}/replicas", headers=auth, timeout=30).content)
+    local = [r.replica_id for r in listing.replicas if r.model == LOCAL]
+    long = {**BODY, "max_tokens": 200, "ignore_eos": True}
+    taken = {**auth, "x-darkgpu-replicas": local[0], TAKE_WITHIN_HEADER: "30"}
+    cut = httpx.post(f"{pool_url}/chat", json=long, timeout=120,
+                     headers={**taken, ANSWER_WITHIN_HEADER: "0.05"})  # fmt: skip
+    assert cut.status_code == 503, cut.text
+    assert cut.headers[STALLED_HEADER] == "1"
+    assert ServedBy.from_header(cut.headers[SERVED_BY_HEADER]).replica == local[0]
+    answer = httpx.post(f"{pool_url}/chat", json=long, timeout=120,
+                        headers={**taken, ANSWER_WITHIN_HEADER: "100"})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 200
+    for bad in ("0", "-1", "nan", "inf", "86401", "soon", ""):
+        refused = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
+                             headers={**taken, ANSWER_WITHIN_HEADER: bad})  # fmt: skip
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["type"] == "invalid_request"
+
+
 def test_a_consumer_cannot_steer_the_pools_router(platform) -> None:
     """The router's headers reach the pool only as the ingress wrote them: a consumer's own
     (here allowing a replica that does not exist, which would leave the request unrouted
-    and answered 503 after the routing attempts, and no time to take it, which the pool
-    would refuse) are not passed on."""
+    and answered 503 after the routing attempts, and no time to take it or answer it,
+    which the pool would refuse) are not passed on."""
     _, key = platform.new_key(usd="1")
     steer = {"x-darkgpu-replicas": "no-such-replica", "x-darkgpu-demoted": "local",
-             TAKE_WITHIN_HEADER: "0"}  # fmt: skip
+             TAKE_WITHIN_HEADER: "0", ANSWER_WITHIN_HEADER: "0"}  # fmt: skip
     client = openai.OpenAI(base_url=platform.api_url, api_key=key, default_headers=steer,
                            max_retries=0, timeout=60)  # fmt: skip
     answer = client.chat.completions.create(model=LOCAL, messages=BODY["messages"], max_tokens=2)

@@ -19,13 +19,15 @@ from starlette.routing import Route
 from kernel.errors import DarkGpuError, InvalidRequest, Unavailable
 from serve_app import pool_client
 from serve_app.pool_admin import PoolAdmin
-from serve_app.pool_client import NotTaken, PoolClient
+from serve_app.pool_client import NotTaken, PoolClient, Stalled
 from serve_app.pool_protocol import (
+    ANSWER_WITHIN_HEADER,
     ENGINE_ERROR_HEADER,
     MAX_LIST_BYTES,
     MODEL_HEADER,
     NOT_TAKEN_HEADER,
     SERVED_BY_HEADER,
+    STALLED_HEADER,
     TAKE_WITHIN_HEADER,
     PoolListing,
     PoolReplica,
@@ -66,6 +68,11 @@ async def behave(request: Request) -> Response:
         return JSONResponse({"choices": []}, headers=said)
     if how == "not-taken":
         return JSONResponse({"error": {}}, status_code=503, headers={NOT_TAKEN_HEADER: "1"})
+    if how == "taken-then-stalled":  # what the gateway answers when it cut a stalled replica
+        return JSONResponse({"error": {}}, status_code=503, headers={**said, STALLED_HEADER: "1"})
+    if how == "stalled-bad-served-by":
+        bad = {SERVED_BY_HEADER: '{"provider_id": 7}', STALLED_HEADER: "1"}
+        return JSONResponse({"error": {}}, status_code=503, headers=bad)
     if how == "stalled":  # headers, then a body that stops coming
 
         async def stall() -> AsyncIterator[bytes]:
@@ -183,6 +190,20 @@ async def test_a_request_no_replica_took_is_given_back_to_route_again(pool_url: 
     with pytest.raises(NotTaken):
         await open_(pool_url, "not-taken", take_within_s=0.25)
     assert seen[-1][TAKE_WITHIN_HEADER] == "0.25"  # what the pool's gateway waits for
+
+
+async def test_a_replica_that_took_the_request_and_stalled_is_named_to_route_around(
+    pool_url: str,
+) -> None:
+    with pytest.raises(Stalled) as stalled:
+        await open_(pool_url, "taken-then-stalled", answer_within_s=12.5)
+    assert seen[-1][ANSWER_WITHIN_HEADER] == "12.5"  # what the pool's gateway waits for
+    assert stalled.value.served_by == ServedBy("p1", "basic", "r1")
+    # a stall the pool cannot say who made is the pool's refusal
+    with pytest.raises(Unavailable):
+        await open_(pool_url, "stalled-bad-served-by", answer_within_s=1)
+    await open_(pool_url, "whole")
+    assert ANSWER_WITHIN_HEADER not in seen[-1]  # none given: none sent
 
 
 async def test_an_answer_slower_than_the_time_to_take_it_is_waited_for(pool_url: str) -> None:

@@ -10,6 +10,9 @@ from cluster.nodes import ClusterNode
 from cluster.supply import ModelSupply
 from kernel.errors import InvalidRequest
 from serve_app.pool_protocol import (
+    MAX_ANSWER_WITHIN_S,
+    MAX_TAKE_WITHIN_S,
+    TAKE_WITHIN_S,
     PoolListing,
     PoolReplica,
     ServedBy,
@@ -18,10 +21,12 @@ from serve_app.pool_protocol import (
     drain_body,
     models_body,
     nodes_body,
+    parse_answer_within,
     parse_drain,
     parse_models,
     parse_nodes,
     parse_replicas,
+    parse_take_within,
     replicas_body,
     split_events,
 )
@@ -138,3 +143,21 @@ def test_a_supply_plan_names_catalog_models_with_sane_bounds() -> None:
             parse_models(json.dumps({"models": bad}).encode(), {"m", "n"})
     with pytest.raises(InvalidRequest):
         parse_models(b"not json", {"m"})
+
+
+def test_the_times_a_replica_is_given_are_seconds_within_bounds() -> None:
+    """What the ingress gives a replica to take a request, and to give its first item once
+    it took it: a number of seconds above 0 and within the protocol's bound, else a 400."""
+    assert parse_take_within(None) == TAKE_WITHIN_S
+    assert parse_take_within("0.25") == 0.25
+    assert parse_answer_within(None) is None  # no bound but the connection's
+    assert parse_answer_within("12.5") == 12.5
+    assert parse_answer_within(f"{MAX_ANSWER_WITHIN_S:g}") == MAX_ANSWER_WITHIN_S
+    for bad in ("0", "-1", "nan", "inf", "-inf", "1e400", "soon", "", " ", "0x10"):
+        for parse in (parse_take_within, parse_answer_within):
+            with pytest.raises(InvalidRequest):
+                parse(bad)
+    with pytest.raises(InvalidRequest):
+        parse_take_within(f"{MAX_TAKE_WITHIN_S + 1:g}")
+    with pytest.raises(InvalidRequest):
+        parse_answer_within(f"{MAX_ANSWER_WITHIN_S + 1:g}")
