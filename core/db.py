@@ -40,17 +40,19 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def _postgres_setup(engine: Engine) -> None:
-    """PostgreSQL's JIT compilation off for the platform's sessions. The server compiles a
-    query's expressions to machine code once the planner's cost estimate passes
-    `jit_above_cost`: worth it for an analytical scan, a loss for the short indexed reads the
-    platform makes, whose estimates can pass it when the table's statistics are skewed
-    (bench/history.py, 10 million usage rows: 70 ms of a payout's 87 ms were compiling a plan
-    that read 1,166 rows)."""
+    """PostgreSQL's JIT compilation and parallel workers off for the platform's sessions.
+    Both pay once the planner's cost estimate passes a threshold (`jit_above_cost`,
+    `parallel_setup_cost`): worth it for an analytical scan, a loss for the short indexed reads
+    the platform makes, whose estimates can pass them when the table's statistics are skewed.
+    bench/history.py, 10 million usage rows, the payout due for a week (a plan that read 1,166
+    rows): 70 ms of 87 were compiling it; then, with JIT off, 6.5 ms of which 0.8 ms were the
+    work of each of three processes and the rest starting two workers and gathering them."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         with dbapi_conn.cursor() as cur:
             cur.execute("SET jit = off")
+            cur.execute("SET max_parallel_workers_per_gather = 0")
         dbapi_conn.commit()
 
 

@@ -137,13 +137,16 @@ def test_moments_read_back_aware_utc_and_naive_ones_are_refused(engine: Engine) 
             session.add(Account(email="naive@example.com", plan="free", created_at=datetime.now()))
 
 
-def test_postgres_sessions_run_without_jit() -> None:
+def test_postgres_sessions_run_without_jit_or_parallel_workers() -> None:
     """Every session of the platform's PostgreSQL engine, pooled or new, has JIT compilation
-    off (core.db: a compiled plan cost a short indexed read 70 ms in bench/history.py)."""
+    and parallel workers off (core.db: a compiled plan cost a short indexed read 70 ms in
+    bench/history.py, and once compiled, two workers took it from 0.8 to 6.5 ms)."""
     engine = make_engine(POSTGRES_URL)
     try:
         with engine.connect() as first, engine.connect() as second:
-            assert first.exec_driver_sql("SHOW jit").scalar() == "off"
-            assert second.exec_driver_sql("SHOW jit").scalar() == "off"
+            for session in (first, second):
+                assert session.exec_driver_sql("SHOW jit").scalar() == "off"
+                workers = session.exec_driver_sql("SHOW max_parallel_workers_per_gather")
+                assert workers.scalar() == "0"
     finally:
         engine.dispose()
