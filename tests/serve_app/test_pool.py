@@ -97,6 +97,17 @@ def test_with_the_credential_the_pool_lists_its_replicas_and_serves_those_listed
     assert unlisted.status_code == 400, unlisted.text  # the router would take it nowhere
 
 
+def refuses_bad_seconds(
+    pool_url: str, headers: dict[str, str], header: str, above_most: str
+) -> None:
+    """Each value of `header` that is not a number of seconds within its bounds is a 400."""
+    for bad in ("0", "-1", "nan", "inf", above_most, "soon", ""):
+        refused = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
+                             headers={**headers, header: bad})  # fmt: skip
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["type"] == "invalid_request"
+
+
 def test_a_replica_has_the_time_given_to_take_a_request_then_all_the_engine_needs(
     pool_url: str, pool_token: str
 ) -> None:
@@ -124,11 +135,7 @@ def test_a_replica_has_the_time_given_to_take_a_request_then_all_the_engine_need
             break
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] == 200
-    for bad in ("0", "-1", "nan", "inf", "61", "soon", ""):
-        refused = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
-                             headers={**taken, TAKE_WITHIN_HEADER: bad})  # fmt: skip
-        assert refused.status_code == 400, (bad, refused.text)
-        assert refused.json()["error"]["type"] == "invalid_request"
+    refuses_bad_seconds(pool_url, taken, TAKE_WITHIN_HEADER, above_most="61")
 
 
 def test_a_replica_that_took_a_request_and_gave_nothing_in_time_is_cut_and_named(
@@ -154,11 +161,7 @@ def test_a_replica_that_took_a_request_and_gave_nothing_in_time_is_cut_and_named
                         headers={**taken, ANSWER_WITHIN_HEADER: "100"})  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] == 200
-    for bad in ("0", "-1", "nan", "inf", "86401", "soon", ""):
-        refused = httpx.post(f"{pool_url}/chat", json=BODY, timeout=30,
-                             headers={**taken, ANSWER_WITHIN_HEADER: bad})  # fmt: skip
-        assert refused.status_code == 400, (bad, refused.text)
-        assert refused.json()["error"]["type"] == "invalid_request"
+    refuses_bad_seconds(pool_url, taken, ANSWER_WITHIN_HEADER, above_most="86401")
 
 
 def test_a_consumer_cannot_steer_the_pools_router(platform) -> None:
