@@ -442,9 +442,9 @@ class Ingress(ServesHttp):
         """Reserve the request's worst case: every prompt's tokens as the engine renders them,
         and max_tokens for each completion (prompts x n); the engine then gets at most the
         max_tokens granted, per completion. Returns the admission, the prompt tokens and the
-        completions. Templating and tokenizing a large body run in a
-        thread; a small one (well under a millisecond) inline, since a thread's hand-offs of the
-        GIL cost more than that (measured: ~15 ms at c=1 in bench/serving_overhead.py)."""
+        completions. Templating and tokenizing a large body run in a thread; a small one (well
+        under a millisecond) inline, since a thread's hand-offs of the GIL cost more than that
+        (measured: ~15 ms at c=1 in bench/serving_overhead.py)."""
         counter = await self._counter(model)
         count: Callable[[Any], list[int]] = (
             (lambda chat: [counter.chat(chat)])
