@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from billing import accounts as svc  # noqa: E402
 from billing.admission import Admission, Admitted, connect  # noqa: E402
 from billing.meter import UsageMeter  # noqa: E402
-from billing.plans import load_plans  # noqa: E402
+from billing.plans import Plans, load_plans  # noqa: E402
 from billing.verify import verify_ledger  # noqa: E402
 from cluster.catalog import CatalogModel  # noqa: E402
 from core.db import make_engine, migrate  # noqa: E402
@@ -156,6 +156,21 @@ async def timed_phase(
         cpu * 1e6 / len(ids),
         (usec_after - usec) / max(calls_after - calls, 1),
     )
+
+
+def paid_key(r: redis.Redis, plans: Plans) -> str:
+    """The API key of a paid account of its own, with $10,000 of credit and no request rate
+    to speak of, as Redis holds it for admission (its SQL rows in a temporary SQLite file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/accounts.db")
+        migrate(engine)
+        account = svc.create_account(engine, r, plans, email="bench@example.com", plan="paid")
+        svc.grant_credits(engine, r, account_id=account.id, amount_nusd=10_000 * USD)
+        svc.set_limits(engine, r, account_id=account.id, requests_per_minute=10**9)
+        key = svc.create_key(engine, r, account_id=account.id).key
+        engine.dispose()
+    assert key is not None
+    return key
 
 
 async def admit_one(adm: Admission, key: str, rid: str) -> None:
@@ -303,15 +318,7 @@ async def bench_admission(
     processes: list[int],
 ) -> list[OpResult]:
     plans = load_plans(DEFAULT_PLANS_FILE)
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = make_engine(f"sqlite:///{tmp}/accounts.db")
-        migrate(engine)
-        account = svc.create_account(engine, r, plans, email="bench@example.com", plan="paid")
-        svc.grant_credits(engine, r, account_id=account.id, amount_nusd=10_000 * USD)
-        svc.set_limits(engine, r, account_id=account.id, requests_per_minute=10**9)
-        key = svc.create_key(engine, r, account_id=account.id).key
-        engine.dispose()
-    assert key is not None
+    key = paid_key(r, plans)
     clients = {name: connect(redis_url, parser_class=PARSERS[name]) for name in parsers}
     freeze_heap()
     results = []

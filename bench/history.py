@@ -59,7 +59,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -73,11 +72,10 @@ from sqlalchemy import Connection, Engine, event, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from billing import accounts as svc  # noqa: E402
+from bench.billing import admit_one, paid_key, settle_one  # noqa: E402
 from billing import earnings, key_usage, rebuild, reconcile, reports  # noqa: E402
-from billing.admission import Admission, Admitted, connect  # noqa: E402
+from billing.admission import Admission, connect  # noqa: E402
 from billing.plans import Plans, load_plans  # noqa: E402
-from cluster.catalog import CatalogModel  # noqa: E402
 from core.db import make_engine, migrate  # noqa: E402
 from core.settings import DEFAULT_PLANS_FILE  # noqa: E402
 from kernel.money import NANO_PER_USD as USD  # noqa: E402
@@ -93,18 +91,6 @@ PROBE = 1  # the account whose month is read: one in ten present rows
 BALANCE = 1_000 * USD  # every customer's balance once built
 CHUNK = 1_000_000  # rows per INSERT … SELECT
 BULK_TABLES = ("usage_events", "ledger_transfers", "ledger_entries")
-MODEL = CatalogModel.model_validate(
-    {
-        "id": "bench-model",
-        "source": "local:bench",
-        "input_usd_per_1m": "1",
-        "output_usd_per_1m": "2",
-        "min_vram_gb": 0,
-        "context_length": 4096,
-        "quantization": "bf16",
-        "class": "local",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -439,18 +425,11 @@ def measured(clock: Clock, r: redis.Redis, plans: Plans, provider: str) -> dict[
 
 
 async def admission_pairs(redis_url: str, pairs: int) -> list[float]:
-    """Seconds per admission + settlement pair, sequential, on an account of its own."""
+    """Seconds per admission + settlement pair, sequential, on an account of its own (as
+    bench/billing.py admits and settles)."""
     plans = load_plans(DEFAULT_PLANS_FILE)
     r = redis.Redis.from_url(redis_url)
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = make_engine(f"sqlite:///{tmp}/accounts.db")
-        migrate(engine)
-        account = svc.create_account(engine, r, plans, email="bench@example.com", plan="paid")
-        svc.grant_credits(engine, r, account_id=account.id, amount_nusd=10_000 * USD)
-        svc.set_limits(engine, r, account_id=account.id, requests_per_minute=10**9)
-        key = svc.create_key(engine, r, account_id=account.id).key
-        engine.dispose()
-    assert key is not None
+    key = paid_key(r, plans)
     client = connect(redis_url)
     adm = Admission(client, plans)
     times = []
@@ -458,18 +437,8 @@ async def admission_pairs(redis_url: str, pairs: int) -> list[float]:
         for i in range(pairs):
             rid = f"hist-{uuid.uuid4().hex[:8]}-{i}"
             started = time.perf_counter()
-            admitted = await adm.admit(
-                api_key=key,
-                request_id=rid,
-                model=MODEL,
-                prompt_tokens=50,
-                max_tokens=200,
-                customer_tag="bench",
-            )
-            assert isinstance(admitted, Admitted), admitted
-            assert await adm.settle(
-                request_id=rid, prompt_tokens=50, completion_tokens=120, provider_id="bench"
-            )
+            await admit_one(adm, key, rid)
+            await settle_one(adm, rid)
             times.append(time.perf_counter() - started)
     finally:
         await client.aclose()
