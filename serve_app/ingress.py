@@ -55,6 +55,7 @@ from billing.admission import Admitted, connect
 from cluster.catalog import Catalog, CatalogModel
 from cluster.pools import pools
 from cluster.registry import provider_terms
+from core.settings import Settings
 from kernel.errors import DarkGpuError, InternalError, Unavailable
 from kernel.labels import CONTROL_SELECTOR
 from serve_app.account_tiers import AccountTiers
@@ -66,7 +67,7 @@ from serve_app.metrics import IngressMetrics
 from serve_app.models import model_source
 from serve_app.node_bindings import NodeBindings
 from serve_app.pool_client import NotTaken, PoolAnswer, PoolClient, Stalled
-from serve_app.pool_protocol import TAKE_WITHIN_S
+from serve_app.pool_protocol import MAX_ANSWER_WITHIN_S, TAKE_WITHIN_S
 from serve_app.provider_policy import (
     DEMOTE_STRIKES,
     NoCandidate,
@@ -101,7 +102,7 @@ INLINE_COUNT_BYTES = 16 * 1024
 INLINE_RECOUNT_CHARS = 1024
 # A request whose allowed replicas went away or stay full (or whose new replica the ingress had
 # not seen yet) waits this long for one to take it, then is routed again on a fresh reading.
-# Once taken, the engine's first item has the time the request needs (`_answer_within`); the
+# Once taken, the engine's first item has the time the request needs (`answer_within_s`); the
 # pool's read timeout bounds each wait for its next bytes. A request is sent again only when
 # nothing came of it: none took it, or the one that took it stalled (and was cancelled).
 ROUTE_ATTEMPT_S = TAKE_WITHIN_S  # the pool's gateway's own default for it
@@ -136,6 +137,19 @@ def allowed_headers(ranked: Ranked, demoted: frozenset[str] = frozenset()) -> di
     and the providers to try last (recent usage strikes)."""
     demoted = demoted | {c.replica.provider_id for c in ranked.candidates if c.replica.demoted}
     return Allowed(tuple(ranked.replica_ids), frozenset(demoted)).headers()
+
+
+def answer_within_s(settings: Settings, stream: bool, completion_tokens: int) -> float:
+    """How long the replica that takes a request has to give its first item: a stream's first
+    event within the base, a whole answer within the base and every completion token it may
+    hold at the floor rate (at most the protocol's bound, which the pool would refuse past). A
+    replica that gives nothing in that time stalled (its provider's engine is the provider's
+    to hold back): it is cut and the request routed again without it, so that no replica
+    holds a request for the connection's read timeout (`pool_read_timeout_s`, which still
+    bounds every read)."""
+    tokens = 0 if stream else completion_tokens
+    wait = settings.pool_answer_base_s + tokens / settings.pool_answer_floor_tokens_per_s
+    return min(wait, MAX_ANSWER_WITHIN_S)
 
 
 @dataclass(frozen=True)
@@ -360,7 +374,9 @@ class Ingress(ServesHttp):
             if not await self._directory.is_online(model.id):
                 raise no_replica(model.id, RETRY_AFTER_S)
             stream = bool(parsed.stream)
-            within = self._answer_within(stream, call.admitted.max_tokens * completions)
+            within = answer_within_s(
+                self._services.settings, stream, call.admitted.max_tokens * completions
+            )
             sent = Sent(model.id, call.endpoint, parsed.model_dump_json(exclude_unset=True),
                         stream, within)  # fmt: skip
             answer = await self._routed(sent, model, requirements, catalog, ranked)
@@ -465,17 +481,6 @@ class Ingress(ServesHttp):
         setattr(parsed, limit_field, admitted.max_tokens)
         return admitted, sum(prompts), completions
 
-    def _answer_within(self, stream: bool, completion_tokens: int) -> float:
-        """How long the replica that takes a request has to give its first item: a stream's
-        first event within the base, a whole answer within the base and every completion
-        token it may hold at the floor rate. A replica that gives nothing in that time stalled
-        (its provider's engine is the provider's to hold back): it is cut and the request
-        routed again without it, so that no replica holds a request for the connection's
-        read timeout (`pool_read_timeout_s`, which still bounds every read)."""
-        settings = self._services.settings
-        tokens = 0 if stream else completion_tokens
-        return settings.pool_answer_base_s + tokens / settings.pool_answer_floor_tokens_per_s
-
     async def _routed(
         self,
         sent: Sent,
@@ -487,7 +492,7 @@ class Ingress(ServesHttp):
         """Send a request to the pool of its best candidate, with the replicas there that may
         take it; when none of them takes it in time (gone, or full), route it again on a fresh
         reading of the replicas (never above the price reserved). A replica that took it and
-        then stalled (`Sent.answer_within_s`) is left out from then on; after `MAX_STALLS`
+        then stalled (`answer_within_s`) is left out from then on; after `MAX_STALLS`
         stalls, or when no other replica may take it, a 503."""
         limit = ranked.highest
         capped = Requirements(requirements.trust_tier, limit)  # never above the reservation

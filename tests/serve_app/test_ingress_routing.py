@@ -1,7 +1,8 @@
 """The ingress's routing around a replica that took a request and gave nothing
-(`Ingress._routed`), against a pool over real HTTP that plays hostile providers: the request
-goes to another replica, never back to one that stalled on it, and after two stalls it is
-refused, nothing having been delivered (so nothing billed)."""
+(`Ingress._routed`, given the time `answer_within_s`), against a pool over real HTTP that
+plays hostile providers: the request goes to another replica, never back to one that stalled
+on it, and after two stalls it is refused, nothing having been delivered (so nothing billed).
+"""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cluster.catalog import CatalogModel
+from core.settings import Settings
 from kernel.errors import Unavailable
 from kernel.labels import TrustTier
-from serve_app.ingress import MAX_STALLS, Ingress, Sent
+from serve_app.ingress import MAX_STALLS, Ingress, Sent, answer_within_s
 from serve_app.pool_client import PoolClient
 from serve_app.pool_protocol import (
     ANSWER_WITHIN_HEADER,
+    MAX_ANSWER_WITHIN_S,
     MODEL_HEADER,
     SERVED_BY_HEADER,
     STALLED_HEADER,
     PoolReplica,
     ServedBy,
+    parse_answer_within,
     replicas_body,
 )
 from serve_app.provider_policy import Price, Ranked, Requirements, rank
@@ -129,3 +133,16 @@ async def test_a_request_every_replica_stalls_on_is_refused_after_two(pool_url: 
     assert "answered" in str(refused.value)
     assert len(took) == MAX_STALLS  # each to another replica
     assert len({replica for replica, _ in took}) == MAX_STALLS
+
+
+def test_the_time_to_answer_grows_with_what_was_asked_and_stays_within_the_protocol() -> None:
+    """A stream's first event has the base; a whole answer the base and its tokens at the floor
+    rate; a request asking for more tokens than the protocol's bound allows at that rate gets
+    the bound, which the pool's gateway takes (past it the gateway refuses the header: an
+    honest request of many completions would be refused)."""
+    settings = Settings(pool_answer_base_s=60, pool_answer_floor_tokens_per_s=2)
+    assert answer_within_s(settings, True, 1_000) == 60
+    assert answer_within_s(settings, False, 1_000) == 560
+    huge = answer_within_s(settings, False, 128 * 1024 * 16)  # 16 completions of 128k tokens
+    assert huge == MAX_ANSWER_WITHIN_S
+    assert parse_answer_within(f"{huge:g}") == MAX_ANSWER_WITHIN_S
